@@ -1,0 +1,6 @@
+//! Sources and sinks, one module each.
+//!
+//! - [`http`]: the HTTP ingest source's request handling (body decoding, record
+//!   parsing, key and event-time extraction). The axum wiring lives in the binary.
+
+pub mod http;

@@ -116,6 +116,9 @@ pub struct TokenConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LakeConfig {
+    /// Land streams in the lake at all (false: log only, e.g. to measure ingest alone).
+    #[serde(default = "yes")]
+    pub enabled: bool,
     /// Commit at least this often when there is data.
     #[serde(default = "default_flush_interval", deserialize_with = "de_dur")]
     pub flush_interval: Duration,

@@ -1,0 +1,807 @@
+//! Delta Lake tables of the lake: one table per landed stream / pipeline output, under a lake
+//! root.
+//!
+//! Everything table-format related is delegated to `deltalake` (delta-rs): Parquet writing with
+//! statistics, the `_delta_log` commit protocol (put-if-absent of the next version's JSON, so a
+//! commit is atomic: a process killed at any instant leaves either the whole commit — data files
+//! + txn actions — visible or nothing), checkpoints and log cleanup. This module adds what Sluice
+//! needs on top:
+//!
+//! * exactly-once bookkeeping: every append carries `SetTransaction` (txn) actions
+//!   `(app_id, version)` in the same commit, and [`LakeTable::txn_version`] reads them back;
+//! * schema evolution of appended batches (new columns and new nested struct fields) — see
+//!   [`conform`](self::conform) for why batches are conformed before deltalake sees them;
+//! * checkpoints every `delta.checkpointInterval` commits (100) written after the commit, never
+//!   failing it, and expired-log cleanup only when a checkpoint was written (deltalake's
+//!   post-commit hook would otherwise list the whole `_delta_log` on every commit).
+//!
+//! A lake root is a local directory path or a URL (`file://…`, later `s3://…`): everything below
+//! goes through deltalake's URL-based log stores, so another object store is a configuration
+//! change (registering its deltalake storage handler), not a code change.
+
+mod conform;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use deltalake::arrow::array::{Array, AsArray, RecordBatch};
+use deltalake::arrow::datatypes::{DataType, Schema, SchemaRef};
+use deltalake::datafusion::common::ScalarValue;
+use deltalake::datafusion::logical_expr::{
+    cast, ColumnarValue, Expr, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
+use deltalake::datafusion::prelude::{ident, lit, SessionContext};
+use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::{StructType, Transaction};
+use deltalake::logstore::object_store::path::Path as ObjectPath;
+use deltalake::logstore::LogStoreRef;
+use deltalake::operations::write::SchemaMode;
+use deltalake::parquet::basic::{Compression, ZstdLevel};
+use deltalake::parquet::file::properties::{EnabledStatistics, WriterProperties};
+use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::table::config::TablePropertiesExt as _;
+use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+use url::Url;
+
+/// Table properties every Sluice table is created with.
+///
+/// * `delta.checkpointInterval`: a checkpoint every 100 commits, so opening a table replays at
+///   most ~100 JSON commits after the newest checkpoint (the Delta default, made explicit).
+/// * `delta.logRetentionDuration`: commit JSONs older than this (and older than a checkpoint) are
+///   deleted when a checkpoint is written. Time travel is not a Sluice feature, and the default
+///   30 days would leave ~2.6 million files in `_delta_log` at one commit per second — listing
+///   them (which every open/refresh/query does on a local file system) would dominate.
+pub const TABLE_PROPERTIES: &[(&str, &str)] = &[
+    ("delta.checkpointInterval", "100"),
+    ("delta.logRetentionDuration", "interval 1 days"),
+];
+
+/// Errors of lake tables; every message names the table (or the lake root).
+#[derive(thiserror::Error, Debug)]
+pub enum LakeError {
+    /// The table name cannot be used as a directory name under the lake root.
+    #[error("invalid lake table name `{0}`: use letters, digits, `_`, `-` and `.` (not first)")]
+    InvalidName(String),
+    /// The lake root or table location cannot be used.
+    #[error("lake table `{table}`: invalid location `{location}`: {message}")]
+    InvalidLocation {
+        table: String,
+        location: String,
+        message: String,
+    },
+    /// The lake root cannot be listed.
+    #[error("lake root `{root}`: {message}")]
+    Root { root: String, message: String },
+    /// A batch cannot be stored in the table (type conflict with an existing column, a value
+    /// that does not fit, a null in a non-nullable column). Nothing was written.
+    #[error("lake table `{table}`: {message}")]
+    Schema { table: String, message: String },
+    /// An argument is inconsistent with the table (e.g. unknown partition column).
+    #[error("lake table `{table}`: {message}")]
+    Invalid { table: String, message: String },
+    /// deltalake (storage, log, Parquet) failed.
+    #[error("lake table `{table}`: {source}")]
+    Delta {
+        table: String,
+        #[source]
+        source: DeltaTableError,
+    },
+}
+
+impl LakeError {
+    fn delta(table: &str) -> impl FnOnce(DeltaTableError) -> LakeError + '_ {
+        move |source| LakeError::Delta {
+            table: table.to_string(),
+            source,
+        }
+    }
+}
+
+/// Whether `name` can be a table (directory) name under a lake root: 1-255 of `[A-Za-z0-9_.-]`,
+/// not starting with `.`. Rejects anything that could escape the root (`/`, `..`).
+pub fn is_valid_table_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// A lake root: a local directory or an object-store URL.
+#[derive(Debug, Clone)]
+enum Root {
+    Local(PathBuf),
+    Url(Url),
+}
+
+impl Root {
+    fn parse(root: &str) -> Result<Root, LakeError> {
+        match Url::parse(root) {
+            // One-letter "schemes" are Windows drive letters (C:\lake).
+            Ok(url) if url.scheme().len() > 1 => {
+                if url.scheme() == "file" {
+                    let path = url.to_file_path().map_err(|_| LakeError::Root {
+                        root: root.to_string(),
+                        message: "not a local file path".into(),
+                    })?;
+                    Ok(Root::Local(path))
+                } else {
+                    Ok(Root::Url(url))
+                }
+            }
+            _ => Ok(Root::Local(PathBuf::from(root))),
+        }
+    }
+
+    /// The table's location as a string deltalake accepts (local path or URL).
+    fn table_location(&self, name: &str) -> String {
+        match self {
+            Root::Local(dir) => dir.join(name).to_string_lossy().into_owned(),
+            Root::Url(url) => format!("{}/{}", url.as_str().trim_end_matches('/'), name),
+        }
+    }
+}
+
+fn check_name(name: &str) -> Result<(), LakeError> {
+    if is_valid_table_name(name) {
+        Ok(())
+    } else {
+        Err(LakeError::InvalidName(name.to_string()))
+    }
+}
+
+/// Where `<root>/<name>` lives, if it may be a Delta table: `(location, url)`. For local roots
+/// `None` unless `<root>/<name>/_delta_log` is a directory; for object stores the caller finds
+/// out when loading (deltalake's `NotATable`).
+async fn locate(root: &str, name: &str) -> Result<Option<(String, Url)>, LakeError> {
+    let root = Root::parse(root)?;
+    let location = root.table_location(name);
+    if let Root::Local(dir) = &root {
+        // Cheap negative answer without building a log store (which insists the path exists).
+        let log_dir = dir.join(name).join("_delta_log");
+        match tokio::fs::metadata(&log_dir).await {
+            Ok(meta) if meta.is_dir() => {}
+            _ => return Ok(None),
+        }
+    }
+    let url = deltalake::ensure_table_uri(&location).map_err(|e| LakeError::InvalidLocation {
+        table: name.to_string(),
+        location: location.clone(),
+        message: e.to_string(),
+    })?;
+    Ok(Some((location, url)))
+}
+
+/// The deltalake log store of `<root>/<name>`, for readers that load their own snapshots (the
+/// query engine). `None` if the name is not a valid table name or (local roots) there is no
+/// `_delta_log`; for object-store roots, loading a snapshot reports `NotATable` instead.
+pub async fn table_log_store(root: &str, name: &str) -> Result<Option<LogStoreRef>, LakeError> {
+    if !is_valid_table_name(name) {
+        return Ok(None);
+    }
+    let Some((_, url)) = locate(root, name).await? else {
+        return Ok(None);
+    };
+    let store = DeltaTableBuilder::from_url(url)
+        .and_then(|b| b.build_storage())
+        .map_err(LakeError::delta(name))?;
+    Ok(Some(store))
+}
+
+/// Per-table file statistics from the Delta log (no data is read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TableFileStats {
+    /// Sum of `numRecords` of the files' statistics; `None` if a file has no statistics.
+    pub num_rows: Option<u64>,
+    /// Number of active data files.
+    pub num_files: u64,
+    /// Total size of the active data files in bytes.
+    pub size_bytes: u64,
+}
+
+/// One Delta table of the lake, loaded at some version. Not shared: one writer owns it.
+pub struct LakeTable {
+    name: String,
+    location: String,
+    table: DeltaTable,
+    /// Latest txn version per app id at the loaded version (see [`LakeTable::txn_version`]).
+    txns: HashMap<String, i64>,
+}
+
+impl std::fmt::Debug for LakeTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LakeTable")
+            .field("name", &self.name)
+            .field("location", &self.location)
+            .field("version", &self.version())
+            .finish()
+    }
+}
+
+impl LakeTable {
+    /// Opens `<root>/<name>` if it is a Delta table, else `None`.
+    pub async fn open(root: &str, name: &str) -> Result<Option<LakeTable>, LakeError> {
+        check_name(name)?;
+        let Some((location, url)) = locate(root, name).await? else {
+            return Ok(None);
+        };
+        let mut table = DeltaTableBuilder::from_url(url)
+            .map_err(LakeError::delta(name))?
+            .build()
+            .map_err(LakeError::delta(name))?;
+        match table.load().await {
+            Ok(()) => {}
+            // An empty or missing _delta_log (e.g. creation interrupted before version 0).
+            Err(DeltaTableError::NotATable(_)) => return Ok(None),
+            Err(e) => return Err(LakeError::delta(name)(e)),
+        }
+        let txns = read_txns(&table).await.map_err(LakeError::delta(name))?;
+        Ok(Some(LakeTable {
+            name: name.to_string(),
+            location,
+            table,
+            txns,
+        }))
+    }
+
+    /// Creates the table with this Arrow schema and partition columns (or opens it if it
+    /// exists; then `schema` and `partition_columns` are not checked against it).
+    pub async fn create(
+        root: &str,
+        name: &str,
+        schema: &Schema,
+        partition_columns: &[String],
+    ) -> Result<LakeTable, LakeError> {
+        if let Some(table) = Self::open(root, name).await? {
+            return Ok(table);
+        }
+        for pc in partition_columns {
+            if schema.field_with_name(pc).is_err() {
+                return Err(LakeError::Invalid {
+                    table: name.to_string(),
+                    message: format!("partition column `{pc}` is not in the schema"),
+                });
+            }
+        }
+        let location = Root::parse(root)?.table_location(name);
+        // Creates the directory for local paths.
+        let url = deltalake::ensure_table_uri(&location).map_err(|e| LakeError::InvalidLocation {
+            table: name.to_string(),
+            location: location.clone(),
+            message: e.to_string(),
+        })?;
+        let struct_type: StructType =
+            schema.try_into_kernel().map_err(|e| LakeError::Schema {
+                table: name.to_string(),
+                message: format!("schema cannot be stored in Delta: {e}"),
+            })?;
+        let table = DeltaTableBuilder::from_url(url)
+            .map_err(LakeError::delta(name))?
+            .build()
+            .map_err(LakeError::delta(name))?;
+        let created = table
+            .create()
+            .with_table_name(name)
+            .with_columns(struct_type.fields().cloned())
+            .with_partition_columns(partition_columns.iter().cloned())
+            .with_configuration(TABLE_PROPERTIES.iter().map(|(k, v)| (*k, Some(*v))))
+            .with_save_mode(SaveMode::ErrorIfExists)
+            .await;
+        match created {
+            Ok(table) => Ok(LakeTable {
+                name: name.to_string(),
+                location,
+                table,
+                txns: HashMap::new(),
+            }),
+            Err(e) => {
+                // Lost a race with another creator (version 0 is put-if-absent): use its table.
+                if let Some(table) = Self::open(root, name).await? {
+                    return Ok(table);
+                }
+                Err(LakeError::delta(name)(e))
+            }
+        }
+    }
+
+    /// The table name (its directory under the lake root).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The loaded table version.
+    pub fn version(&self) -> i64 {
+        self.table.version().map(|v| v as i64).unwrap_or(-1)
+    }
+
+    /// The table's current schema (data + partition columns, in table order) as Arrow.
+    pub fn arrow_schema(&self) -> SchemaRef {
+        match self.table.snapshot() {
+            Ok(state) => state.snapshot().arrow_schema(),
+            Err(_) => Arc::new(Schema::empty()),
+        }
+    }
+
+    /// The table's partition columns.
+    pub fn partition_columns(&self) -> Vec<String> {
+        match self.table.snapshot() {
+            Ok(state) => state.metadata().partition_columns().to_vec(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// The Delta transaction identifier version (txn action / SetTransaction) recorded for this
+    /// app id at the loaded version; `None` if never written.
+    ///
+    /// Txn actions never expire in Sluice tables (`delta.setTransactionRetentionDuration` is not
+    /// set), and they survive overwrites and checkpoints.
+    pub fn txn_version(&self, app_id: &str) -> Option<i64> {
+        self.txns.get(app_id).copied()
+    }
+
+    /// All txn versions at the loaded version, by app id.
+    pub fn txn_versions(&self) -> &HashMap<String, i64> {
+        &self.txns
+    }
+
+    /// Row/file/byte counts from the add actions of the loaded version (no data is read).
+    pub fn file_stats(&self) -> TableFileStats {
+        let Ok(state) = self.table.snapshot() else {
+            return TableFileStats::default();
+        };
+        let mut stats = TableFileStats {
+            num_rows: Some(0),
+            ..Default::default()
+        };
+        for file in state.log_data().iter() {
+            stats.num_files += 1;
+            stats.size_bytes += file.size().max(0) as u64;
+            stats.num_rows = match (stats.num_rows, file.num_records()) {
+                (Some(total), Some(n)) => Some(total + n as u64),
+                _ => None,
+            };
+        }
+        stats
+    }
+
+    /// The underlying deltalake table (for operations this module does not wrap).
+    pub fn delta_table(&self) -> &DeltaTable {
+        &self.table
+    }
+
+    /// Appends `batches` in ONE Delta commit together with a SetTransaction action
+    /// `(app_id, version)` for every entry of `txns`; returns the new table version.
+    ///
+    /// Batches may differ in schema from the table and from each other: new columns and new
+    /// nested struct fields are added to the table schema (nullable; existing rows read null)
+    /// in the same commit; columns the batch lacks are written as null; values are cast to the
+    /// table's column types where that is lossless (Int32 -> Int64, Int64 -> Float64, ...). A
+    /// type that cannot be stored (e.g. Float64 into an Int64 column — see
+    /// [`LakeTable::rewrite_with_schema`]) fails with [`LakeError::Schema`] naming the column,
+    /// and nothing is written.
+    ///
+    /// With no rows but some txns, a commit with only the txn actions is made. Parquet files are
+    /// zstd(3)-compressed with page-level statistics; Delta file statistics (min/max/nulls/
+    /// numRecords) are recorded for pruning.
+    ///
+    /// If the commit's outcome is unknown (an error after the commit file may have been
+    /// written), the table is reloaded and, if all `txns` are recorded, the append counts as
+    /// committed.
+    pub async fn append(
+        &mut self,
+        batches: Vec<RecordBatch>,
+        txns: &[(String, i64)],
+    ) -> Result<i64, LakeError> {
+        let batches: Vec<RecordBatch> = batches.into_iter().filter(|b| b.num_rows() > 0).collect();
+        if batches.is_empty() && txns.is_empty() {
+            return Ok(self.version());
+        }
+        let batches = self.conform(batches)?;
+        let before = self.version();
+
+        let result = if batches.is_empty() {
+            self.commit_txns_only(txns).await
+        } else {
+            self.table
+                .clone()
+                .write(batches)
+                .with_save_mode(SaveMode::Append)
+                .with_schema_mode(SchemaMode::Merge)
+                .with_writer_properties(writer_properties())
+                .with_commit_properties(commit_properties(txns))
+                .await
+        };
+        self.finish_commit(result, before, txns).await
+    }
+
+    /// Rewrites the whole table with `new_schema` (used to widen Int64 columns to Float64,
+    /// possibly nested): all rows are read, converted to `new_schema` (by column name; columns
+    /// missing from the table become null, table columns missing from `new_schema` are dropped)
+    /// and written back in one overwrite commit that also carries `txns`. Existing txn versions
+    /// survive (txn actions are table-level state, not tied to files). Rows are streamed, not
+    /// collected in memory. Partitioning is kept.
+    pub async fn rewrite_with_schema(
+        &mut self,
+        new_schema: SchemaRef,
+        txns: &[(String, i64)],
+    ) -> Result<i64, LakeError> {
+        let name = self.name.clone();
+        let partition_columns = self.partition_columns();
+        for pc in &partition_columns {
+            if new_schema.field_with_name(pc).is_err() {
+                return Err(LakeError::Invalid {
+                    table: name,
+                    message: format!("rewrite schema lacks partition column `{pc}`"),
+                });
+            }
+        }
+        let ctx = SessionContext::new();
+        self.table
+            .update_datafusion_session(&ctx.state())
+            .map_err(LakeError::delta(&name))?;
+        let provider = self
+            .table
+            .table_provider()
+            .await
+            .map_err(|e| LakeError::delta(&name)(e.into()))?;
+        let df = ctx
+            .read_table(provider)
+            .map_err(|e| LakeError::delta(&name)(e.into()))?;
+        let current = df.schema().as_arrow().clone();
+        let mut exprs: Vec<Expr> = Vec::with_capacity(new_schema.fields().len());
+        for field in new_schema.fields() {
+            let expr = match current.field_with_name(field.name()) {
+                Ok(f) if f.data_type() == field.data_type() => ident(field.name()),
+                Ok(_) => Expr::ScalarFunction(deltalake::datafusion::logical_expr::expr::ScalarFunction::new_udf(
+                    Arc::new(ScalarUDF::new_from_impl(ConformUdf::new(field.data_type().clone(), field.name()))),
+                    vec![ident(field.name())],
+                )),
+                Err(_) => cast(lit(ScalarValue::Null), field.data_type().clone()),
+            };
+            exprs.push(expr.alias(field.name()));
+        }
+        let plan = df
+            .select(exprs)
+            .map_err(|e| LakeError::delta(&name)(e.into()))?
+            .into_unoptimized_plan();
+
+        let before = self.version();
+        let result = self
+            .table
+            .clone()
+            .write(Vec::new())
+            .with_input_plan(plan)
+            .with_save_mode(SaveMode::Overwrite)
+            .with_schema_mode(SchemaMode::Overwrite)
+            .with_partition_columns(partition_columns)
+            .with_writer_properties(writer_properties())
+            .with_commit_properties(commit_properties(txns))
+            .await;
+        self.finish_commit(result, before, txns).await
+    }
+
+    /// Reloads the latest version from storage.
+    pub async fn refresh(&mut self) -> Result<(), LakeError> {
+        let before = self.version();
+        self.table
+            .update_incremental(None)
+            .await
+            .map_err(LakeError::delta(&self.name))?;
+        if self.version() != before {
+            self.txns = read_txns(&self.table)
+                .await
+                .map_err(LakeError::delta(&self.name))?;
+        }
+        Ok(())
+    }
+
+    /// Conforms `batches` to one schema: the table schema merged with theirs.
+    fn conform(&self, batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>, LakeError> {
+        let schema_err = |e: conform::ConformError| LakeError::Schema {
+            table: self.name.clone(),
+            message: e.to_string(),
+        };
+        let table_schema = self.arrow_schema();
+        let mut target = table_schema.as_ref().clone();
+        for batch in &batches {
+            if batch.schema().as_ref() != &target {
+                target = conform::merge_schema(&target, &batch.schema()).map_err(schema_err)?;
+            }
+        }
+        let target = Arc::new(target);
+        batches
+            .iter()
+            .map(|b| conform::conform_batch(b, &target))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(schema_err)
+    }
+
+    /// A commit with only txn actions (the batches had no rows).
+    async fn commit_txns_only(&self, txns: &[(String, i64)]) -> Result<DeltaTable, DeltaTableError> {
+        let state = self.table.snapshot()?;
+        let partition_columns = state.metadata().partition_columns().to_vec();
+        let operation = DeltaOperation::Write {
+            mode: SaveMode::Append,
+            partition_by: (!partition_columns.is_empty()).then_some(partition_columns),
+            predicate: None,
+        };
+        let finalized = CommitBuilder::from(commit_properties(txns))
+            .with_actions(Vec::new())
+            .build(Some(state), self.table.log_store(), operation)
+            .await?;
+        let mut table = self.table.clone();
+        table.update_incremental(Some(finalized.version())).await?;
+        Ok(table)
+    }
+
+    /// Installs the result of a commit attempt; on error, checks whether the commit landed.
+    async fn finish_commit(
+        &mut self,
+        result: Result<DeltaTable, DeltaTableError>,
+        before: i64,
+        txns: &[(String, i64)],
+    ) -> Result<i64, LakeError> {
+        match result {
+            Ok(table) => {
+                self.table = table;
+                let version = self.version();
+                if version == before + 1 {
+                    for (app_id, v) in txns {
+                        self.txns.insert(app_id.clone(), *v);
+                    }
+                } else {
+                    // Other writers committed in between (deltalake resolved the conflict).
+                    self.txns = read_txns(&self.table)
+                        .await
+                        .map_err(LakeError::delta(&self.name))?;
+                }
+                self.after_commit().await;
+                Ok(version)
+            }
+            Err(err) => {
+                if !txns.is_empty() && self.refresh().await.is_ok() && self.version() > before {
+                    let landed = txns
+                        .iter()
+                        .all(|(app_id, v)| self.txn_version(app_id) == Some(*v));
+                    if landed {
+                        tracing::warn!(table = %self.name, version = self.version(), error = %err,
+                            "commit reported an error but its txn actions are in the table; treating it as committed");
+                        self.after_commit().await;
+                        return Ok(self.version());
+                    }
+                }
+                Err(LakeError::delta(&self.name)(err))
+            }
+        }
+    }
+
+    /// Writes a checkpoint when the new version completes a checkpoint interval, then cleans up
+    /// expired log files. Failures are logged, never returned: the commit already succeeded and
+    /// the next interval retries.
+    async fn after_commit(&mut self) {
+        let Ok(state) = self.table.snapshot() else {
+            return;
+        };
+        let version = state.version();
+        let interval = state.table_config().checkpoint_interval().get();
+        let cleanup = state.table_config().enable_expired_log_cleanup();
+        if (version + 1) % interval != 0 {
+            return;
+        }
+        if let Err(e) = deltalake::checkpoints::create_checkpoint(&self.table, None).await {
+            tracing::warn!(table = %self.name, version, error = %e, "writing Delta checkpoint failed");
+            return;
+        }
+        if cleanup {
+            if let Err(e) = deltalake::checkpoints::cleanup_metadata(&self.table, None).await {
+                tracing::warn!(table = %self.name, version, error = %e, "cleaning up expired Delta log files failed");
+            }
+        }
+    }
+}
+
+/// Parquet settings of every data file Sluice writes.
+fn writer_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
+        // Page statistics include the column-chunk statistics deltalake turns into the add
+        // action's min/max/nullCount, plus the page index DataFusion prunes pages with.
+        .set_statistics_enabled(EnabledStatistics::Page)
+        .set_created_by(format!("sluice {} (delta-rs)", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+/// Commit properties: the txn actions; checkpoint and log cleanup are done by
+/// [`LakeTable::after_commit`] instead of deltalake's post-commit hook (whose failure would fail
+/// an already-landed commit, and whose log cleanup lists `_delta_log` on every commit).
+fn commit_properties(txns: &[(String, i64)]) -> CommitProperties {
+    CommitProperties::default()
+        .with_application_transactions(
+            txns.iter()
+                .map(|(app_id, version)| Transaction::new(app_id, *version))
+                .collect(),
+        )
+        .with_create_checkpoint(false)
+        .with_cleanup_expired_logs(Some(false))
+}
+
+/// Reads the latest txn version of every app id at the table's loaded version.
+///
+/// deltalake only offers a per-app-id lookup (`transaction_version`, async, a log replay each
+/// call), and the kernel's "all app ids" scanner is crate-private, so this replays the txn
+/// column of the log segment (checkpoint + later commits) once through the kernel's
+/// internal-api log reader. Commits are read newest first, then the checkpoint, so the first
+/// txn seen per app id is the latest.
+async fn read_txns(table: &DeltaTable) -> Result<HashMap<String, i64>, DeltaTableError> {
+    let version = table.version().ok_or(DeltaTableError::NotInitialized)?;
+    let log_store: LogStoreRef = table.log_store();
+    let engine = log_store.engine(None);
+    let mut root = log_store.table_root_url();
+    if !root.path().ends_with('/') {
+        root.set_path(&format!("{}/", root.path()));
+    }
+    let scan = move || -> Result<HashMap<String, i64>, delta_kernel::Error> {
+        let snapshot = delta_kernel::Snapshot::builder_for(root)
+            .at_version(version)
+            .build(engine.as_ref())?;
+        let mut txns: HashMap<String, i64> = HashMap::new();
+        let batches = snapshot
+            .log_segment()
+            .read_actions(engine.as_ref(), delta_kernel::actions::LOG_TXN_SCHEMA.clone())?;
+        for batch in batches {
+            let data =
+                delta_kernel::engine::arrow_data::ArrowEngineData::try_from_engine_data(batch?.actions)?;
+            let rb = data.record_batch();
+            let Some(txn) = rb.column_by_name("txn") else {
+                continue;
+            };
+            let txn = txn.as_struct();
+            let (Some(app_ids), Some(versions)) =
+                (txn.column_by_name("appId"), txn.column_by_name("version"))
+            else {
+                continue;
+            };
+            let versions = versions.as_primitive::<deltalake::arrow::datatypes::Int64Type>();
+            let app_id_at = |i: usize| -> Option<String> {
+                match app_ids.data_type() {
+                    DataType::Utf8 => Some(app_ids.as_string::<i32>().value(i).to_string()),
+                    DataType::LargeUtf8 => Some(app_ids.as_string::<i64>().value(i).to_string()),
+                    DataType::Utf8View => Some(app_ids.as_string_view().value(i).to_string()),
+                    _ => None,
+                }
+            };
+            for i in 0..txn.len() {
+                if txn.is_null(i) || app_ids.is_null(i) || versions.is_null(i) {
+                    continue;
+                }
+                if let Some(app_id) = app_id_at(i) {
+                    txns.entry(app_id).or_insert(versions.value(i));
+                }
+            }
+        }
+        Ok(txns)
+    };
+    tokio::task::spawn_blocking(scan)
+        .await
+        .map_err(|e| DeltaTableError::Generic(format!("reading txn actions: {e}")))?
+        .map_err(|e| DeltaTableError::Generic(format!("reading txn actions: {e}")))
+}
+
+/// Names of the Delta tables directly under `root` (directories with a `_delta_log`), sorted.
+/// A root that does not exist yet has no tables.
+pub async fn list_tables(root: &str) -> Result<Vec<String>, LakeError> {
+    let root_err = |message: String| LakeError::Root {
+        root: root.to_string(),
+        message,
+    };
+    let mut names = Vec::new();
+    match Root::parse(root)? {
+        Root::Local(dir) => {
+            let mut entries = match tokio::fs::read_dir(&dir).await {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(names),
+                Err(e) => return Err(root_err(e.to_string())),
+            };
+            while let Some(entry) = entries.next_entry().await.map_err(|e| root_err(e.to_string()))? {
+                let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                    continue;
+                };
+                if !is_valid_table_name(&name) {
+                    continue;
+                }
+                if tokio::fs::metadata(entry.path().join("_delta_log"))
+                    .await
+                    .map(|m| m.is_dir())
+                    .unwrap_or(false)
+                {
+                    names.push(name);
+                }
+            }
+        }
+        Root::Url(url) => {
+            let store = DeltaTableBuilder::from_url(url)
+                .and_then(|b| b.build_storage())
+                .map_err(|e| root_err(e.to_string()))?
+                .object_store(None);
+            let listing = store
+                .list_with_delimiter(None)
+                .await
+                .map_err(|e| root_err(e.to_string()))?;
+            for prefix in listing.common_prefixes {
+                let Some(name) = prefix.filename().map(str::to_string) else {
+                    continue;
+                };
+                if !is_valid_table_name(&name) {
+                    continue;
+                }
+                let log = ObjectPath::from(format!("{name}/_delta_log"));
+                let entries = store
+                    .list_with_delimiter(Some(&log))
+                    .await
+                    .map_err(|e| root_err(e.to_string()))?;
+                if !entries.objects.is_empty() {
+                    names.push(name);
+                }
+            }
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// `sluice_conform(column)`: converts a column to a target type with the same rules as appends
+/// (by field name, nested; missing fields null; lossless casts such as Int64 -> Float64). Used
+/// by [`LakeTable::rewrite_with_schema`], where Arrow's cast cannot add struct fields.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct ConformUdf {
+    target: DataType,
+    column: String,
+    signature: Signature,
+}
+
+impl ConformUdf {
+    fn new(target: DataType, column: &str) -> Self {
+        ConformUdf {
+            target,
+            column: column.to_string(),
+            signature: Signature::any(1, Volatility::Immutable),
+        }
+    }
+}
+
+impl ScalarUDFImpl for ConformUdf {
+    fn name(&self) -> &str {
+        "sluice_conform"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(
+        &self,
+        _arg_types: &[DataType],
+    ) -> deltalake::datafusion::common::Result<DataType> {
+        Ok(self.target.clone())
+    }
+
+    fn invoke_with_args(
+        &self,
+        args: ScalarFunctionArgs,
+    ) -> deltalake::datafusion::common::Result<ColumnarValue> {
+        let rows = args.number_rows;
+        let Some(arg) = args.args.into_iter().next() else {
+            return Err(deltalake::datafusion::error::DataFusionError::Plan(
+                "sluice_conform takes one argument".into(),
+            ));
+        };
+        let array = arg.into_array(rows)?;
+        let out = conform::conform_array(&array, &self.target, &self.column).map_err(|e| {
+            deltalake::datafusion::error::DataFusionError::Execution(e.to_string())
+        })?;
+        Ok(ColumnarValue::Array(out))
+    }
+}

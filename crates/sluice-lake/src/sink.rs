@@ -1,0 +1,357 @@
+//! The lake sink: lands one stream of the log in its Delta table, exactly once.
+//!
+//! The protocol (hand-written: it is the product's exactly-once guarantee):
+//! - Every commit to the stream's table carries, for each log partition it covers, a
+//!   Delta transaction identifier `sluice:<stream>:<partition>` whose version is the last
+//!   log offset included. Data and offsets become visible in one atomic commit.
+//! - On start the sink reads those versions and resumes each partition right after its
+//!   version: a crash before a commit re-lands the same records, a crash after it skips
+//!   them. Nothing is lost, nothing is landed twice.
+//! - Records that cannot be stored (a type conflict, say) go to `<stream>__dlq` first, in
+//!   a commit carrying the same identifiers. If the process dies between the dead-letter
+//!   commit and the main commit, the restart re-reads from the main table's versions and
+//!   skips dead letters at or below the dead-letter table's versions.
+//! - Only durable (fsync'd) log records are read, so a recovered log never re-uses an
+//!   offset that the lake has seen.
+//! - After a commit the sink commits the log consumer offset `lake`, which lets retention
+//!   delete what is landed and only that.
+
+use crate::convert::{self, ConvertOptions, InputRecord};
+use crate::delta::LakeTable;
+use arrow_array::{new_null_array, RecordBatch};
+use arrow_schema::{DataType, Field, Schema};
+use sluice_log::{Partition, Stream, StoredRecord};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// The log consumer name of the lake sink.
+pub const CONSUMER: &str = "lake";
+
+/// How a stream lands.
+#[derive(Debug, Clone)]
+pub struct SinkOptions {
+    pub lake_root: String,
+    pub flush_interval: Duration,
+    pub flush_bytes: u64,
+    pub date_column: String,
+    pub partition_by: Vec<String>,
+}
+
+/// Live state of a sink, shared with the HTTP API and metrics.
+#[derive(Debug)]
+pub struct SinkStatus {
+    /// Per log partition: the next offset to land (everything before it is in the lake).
+    pub landed: Vec<AtomicU64>,
+    pub rows: AtomicU64,
+    pub dead_letters: AtomicU64,
+    pub commits: AtomicU64,
+    pub last_error: parking_lot::Mutex<Option<String>>,
+}
+
+impl SinkStatus {
+    pub fn new(partitions: usize) -> SinkStatus {
+        SinkStatus {
+            landed: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
+            rows: AtomicU64::new(0),
+            dead_letters: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
+            last_error: parking_lot::Mutex::new(None),
+        }
+    }
+
+    pub fn landed(&self, partition: usize) -> u64 {
+        self.landed.get(partition).map_or(0, |a| a.load(Ordering::Acquire))
+    }
+}
+
+/// The transaction identifier of one log partition of a stream.
+pub fn app_id(stream: &str, partition: u32) -> String {
+    format!("sluice:{stream}:{partition}")
+}
+
+/// Lands one stream. Run with [`LakeSink::run`] on its own task.
+pub struct LakeSink {
+    stream: Arc<Stream>,
+    opts: SinkOptions,
+    status: Arc<SinkStatus>,
+}
+
+struct State {
+    main: Option<LakeTable>,
+    dlq: Option<LakeTable>,
+    /// Next offset to read per partition (speculative, ahead of what is landed).
+    next: Vec<u64>,
+    /// Dead letters at or below these offsets are already in the dead-letter table.
+    dlq_done: Vec<i64>,
+}
+
+impl LakeSink {
+    pub fn new(stream: Arc<Stream>, opts: SinkOptions) -> LakeSink {
+        let status = Arc::new(SinkStatus::new(stream.partitions().len()));
+        LakeSink { stream, opts, status }
+    }
+
+    pub fn status(&self) -> Arc<SinkStatus> {
+        self.status.clone()
+    }
+
+    fn table_name(&self) -> &str {
+        self.stream.name()
+    }
+
+    fn dlq_name(&self) -> String {
+        format!("{}{}", self.stream.name(), sluice_core::DLQ_SUFFIX)
+    }
+
+    fn partition_columns(&self) -> Vec<String> {
+        let mut cols = vec![self.opts.date_column.clone()];
+        cols.extend(self.opts.partition_by.iter().cloned());
+        cols
+    }
+
+    /// Lands records until `shutdown` turns true; then lands everything durable in the
+    /// log at that moment and returns.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(100);
+        let mut state = None;
+        loop {
+            let stopping = *shutdown.borrow();
+            let st = match state.as_mut() {
+                Some(st) => st,
+                None => match self.init().await {
+                    Ok(st) => state.insert(st),
+                    Err(e) => {
+                        self.fail(&e);
+                        if stopping {
+                            return;
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
+                },
+            };
+            let records = match self.collect(st, &mut shutdown).await {
+                Ok(r) => r,
+                Err(e) => {
+                    self.fail(&e);
+                    state = None;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            };
+            if records.is_empty() {
+                if stopping {
+                    return;
+                }
+                continue;
+            }
+            match self.land(st, records).await {
+                Ok(()) => {
+                    backoff = Duration::from_millis(100);
+                    *self.status.last_error.lock() = None;
+                }
+                Err(e) => {
+                    self.fail(&e);
+                    // Re-read positions from the lake: what committed stays, the rest is read again.
+                    state = None;
+                    if stopping && backoff > Duration::from_secs(5) {
+                        return;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    fn fail(&self, e: &anyhow::Error) {
+        tracing::error!(stream = self.stream.name(), error = format!("{e:#}"), "lake sink");
+        metrics::counter!("sluice_lake_errors_total", "stream" => self.stream.name().to_string()).increment(1);
+        *self.status.last_error.lock() = Some(format!("{e:#}"));
+    }
+
+    async fn init(&self) -> anyhow::Result<State> {
+        let root = &self.opts.lake_root;
+        let main = LakeTable::open(root, self.table_name()).await?;
+        let dlq = LakeTable::open(root, &self.dlq_name()).await?;
+        let mut next = Vec::new();
+        let mut dlq_done = Vec::new();
+        for p in self.stream.partitions() {
+            let app = app_id(self.stream.name(), p.id());
+            let landed = main.as_ref().and_then(|t| t.txn_version(&app));
+            let mut n = landed.map_or(p.log_start_offset(), |v| v as u64 + 1);
+            if n < p.log_start_offset() {
+                tracing::warn!(stream = self.stream.name(), partition = p.id(), "log starts after the lake's position");
+                n = p.log_start_offset();
+            }
+            if n > p.next_offset() {
+                anyhow::bail!(
+                    "table {} has landed partition {} up to offset {} but the log ends at {}: the log directory does not belong to this lake",
+                    self.table_name(),
+                    p.id(),
+                    n - 1,
+                    p.next_offset()
+                );
+            }
+            p.commit_offset(CONSUMER, n)?;
+            self.status.landed[p.id() as usize].store(n, Ordering::Release);
+            next.push(n);
+            dlq_done.push(dlq.as_ref().and_then(|t| t.txn_version(&app)).unwrap_or(-1));
+        }
+        Ok(State { main, dlq, next, dlq_done })
+    }
+
+    /// Reads durable records until flush_bytes are buffered or flush_interval has passed
+    /// since the first one arrived (or, when stopping, until the log is drained).
+    async fn collect(&self, st: &mut State, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<Vec<(u32, StoredRecord)>> {
+        let parts = self.stream.partitions();
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        let mut deadline: Option<Instant> = None;
+        loop {
+            let mut got = false;
+            for p in parts {
+                let i = p.id() as usize;
+                if bytes >= self.opts.flush_bytes || st.next[i] >= p.high_watermark() {
+                    continue;
+                }
+                let budget = (self.opts.flush_bytes - bytes).clamp(64 << 10, 8 << 20) as usize;
+                let recs = p.read(st.next[i], budget)?;
+                if let Some(last) = recs.last() {
+                    st.next[i] = last.offset + 1;
+                    got = true;
+                }
+                for r in recs {
+                    bytes += r.value.len() as u64;
+                    out.push((p.id(), r));
+                }
+            }
+            if !out.is_empty() && deadline.is_none() {
+                deadline = Some(Instant::now() + self.opts.flush_interval);
+            }
+            let stopping = *shutdown.borrow();
+            if bytes >= self.opts.flush_bytes || deadline.is_some_and(|d| Instant::now() >= d) || (stopping && !got) {
+                return Ok(out);
+            }
+            if got {
+                continue;
+            }
+            let wait = deadline.map_or(Duration::from_millis(500), |d| d.saturating_duration_since(Instant::now()));
+            let waits = parts.iter().map(|p| Box::pin(p.wait_for(st.next[p.id() as usize], wait)));
+            tokio::select! {
+                _ = futures::future::select_all(waits) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    async fn land(&self, st: &mut State, records: Vec<(u32, StoredRecord)>) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let mut last: Vec<Option<u64>> = vec![None; st.next.len()];
+        for (p, r) in &records {
+            last[*p as usize] = Some(r.offset);
+        }
+        let txns: Vec<(String, i64)> = last
+            .iter()
+            .enumerate()
+            .filter_map(|(p, o)| o.map(|o| (app_id(self.stream.name(), p as u32), o as i64)))
+            .collect();
+        let table_schema = st.main.as_ref().map(|t| t.arrow_schema());
+        let copts = ConvertOptions { date_column: self.opts.date_column.clone(), partition_by: self.opts.partition_by.clone() };
+        let count = records.len();
+        let mut converted = tokio::task::spawn_blocking(move || {
+            let inputs: Vec<InputRecord> = records
+                .iter()
+                .map(|(p, r)| InputRecord { partition: *p, offset: r.offset, timestamp_ms: r.timestamp_ms, value: &r.value })
+                .collect();
+            convert::convert(table_schema.as_deref(), &inputs, &copts)
+        })
+        .await?;
+        add_missing_partition_columns(&mut converted, &self.opts.partition_by)?;
+
+        let rejects: Vec<_> = converted
+            .rejects
+            .into_iter()
+            .filter(|r| r.offset as i64 > st.dlq_done[r.partition as usize])
+            .collect();
+        if !rejects.is_empty() {
+            let batch = convert::rejects_to_batch(&rejects, &self.opts.date_column);
+            let dlq = match st.dlq.as_mut() {
+                Some(t) => t,
+                None => {
+                    let t = LakeTable::create(&self.opts.lake_root, &self.dlq_name(), &batch.schema(), &[self.opts.date_column.clone()]).await?;
+                    st.dlq.insert(t)
+                }
+            };
+            dlq.append(vec![batch], &txns).await?;
+            for (app, v) in &txns {
+                if let Some(p) = app.rsplit(':').next().and_then(|p| p.parse::<usize>().ok()) {
+                    st.dlq_done[p] = *v;
+                }
+            }
+            self.status.dead_letters.fetch_add(rejects.len() as u64, Ordering::Relaxed);
+            metrics::counter!("sluice_dlq_records_total", "stream" => self.stream.name().to_string()).increment(rejects.len() as u64);
+        }
+
+        let rows: usize = converted.batches.iter().map(|b| b.num_rows()).sum();
+        let main = match st.main.as_mut() {
+            Some(t) => {
+                if !converted.widened.is_empty() {
+                    tracing::info!(table = self.table_name(), columns = ?converted.widened, "widening columns to double: rewriting table");
+                    t.rewrite_with_schema(converted.schema.clone(), &[]).await?;
+                }
+                t
+            }
+            None => {
+                let t = LakeTable::create(&self.opts.lake_root, self.table_name(), &converted.schema, &self.partition_columns()).await?;
+                st.main.insert(t)
+            }
+        };
+        main.append(converted.batches, &txns).await?;
+
+        for (p, o) in last.iter().enumerate() {
+            if let Some(o) = o {
+                let partition: &Arc<Partition> = &self.stream.partitions()[p];
+                partition.commit_offset(CONSUMER, o + 1)?;
+                self.status.landed[p].store(o + 1, Ordering::Release);
+            }
+        }
+        self.status.rows.fetch_add(rows as u64, Ordering::Relaxed);
+        self.status.commits.fetch_add(1, Ordering::Relaxed);
+        let name = self.stream.name().to_string();
+        metrics::counter!("sluice_lake_rows_total", "table" => name.clone()).increment(rows as u64);
+        metrics::counter!("sluice_lake_commits_total", "table" => name.clone()).increment(1);
+        metrics::histogram!("sluice_lake_commit_seconds", "table" => name).record(started.elapsed().as_secs_f64());
+        tracing::debug!(table = self.table_name(), records = count, rows, "landed");
+        Ok(())
+    }
+}
+
+/// A table's partition columns must exist from its first commit; a `partition_by` field no
+/// record has carried yet becomes a nullable string column.
+fn add_missing_partition_columns(c: &mut convert::Converted, partition_by: &[String]) -> anyhow::Result<()> {
+    let missing: Vec<&String> = partition_by.iter().filter(|f| c.schema.field_with_name(f).is_err()).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mut fields: Vec<Field> = c.schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    for m in &missing {
+        fields.push(Field::new(m.as_str(), DataType::Utf8, true));
+    }
+    let schema = Arc::new(Schema::new_with_metadata(fields, c.schema.metadata().clone()));
+    let mut batches = Vec::with_capacity(c.batches.len());
+    for b in &c.batches {
+        let mut cols = b.columns().to_vec();
+        for _ in &missing {
+            cols.push(new_null_array(&DataType::Utf8, b.num_rows()));
+        }
+        batches.push(RecordBatch::try_new(schema.clone(), cols)?);
+    }
+    c.schema = schema;
+    c.batches = batches;
+    Ok(())
+}

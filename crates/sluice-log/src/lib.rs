@@ -1,0 +1,423 @@
+//! `sluice-log`: Sluice's embedded, segmented, durable log.
+//!
+//! A [`Log`] is a directory holding named [`Stream`]s; each stream has a fixed number of
+//! [`Partition`]s; each partition is an append-only sequence of records with
+//! consecutive offsets, stored in segment files of CRC-checked batches.
+//!
+//! The on-disk format is Sluice's own and hand-written by design: the log (its recovery
+//! rules, group commit and the acknowledgement contract built on them) is part of the
+//! product, not a dependency. See [`format`] for the batch layout.
+//!
+//! ```text
+//! <dir>/<stream>/meta.json                          partitions + retention (written atomically)
+//! <dir>/<stream>/<partition>/<20-digit base>.log    segment: a sequence of batches
+//! <dir>/<stream>/<partition>/<20-digit base>.idx    sparse offset index of a sealed segment
+//! <dir>/<stream>/<partition>/consumers/<name>.offset  committed consumer offset (text)
+//! ```
+//!
+//! Contract:
+//! - [`Partition::append`] writes a batch (not durable, not visible);
+//!   [`Partition::sync`] fsyncs (group commit: concurrent callers share one fdatasync)
+//!   and then makes the records visible to readers. Acknowledge only after `sync`.
+//! - [`Log::open`] recovers every stream: the active segment is scanned with CRC checks;
+//!   a torn tail is truncated (it was never acknowledged); a bad batch followed by valid
+//!   batches is kept in place and reported as [`LogError::Corrupt`] by reads reaching it.
+//! - A segment is fsync'd when it is sealed (rolled), so sealed segments are complete.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), sluice_log::LogError> {
+//! use sluice_log::{Log, LogConfig, Record, StreamOptions};
+//! let log = Log::open(std::path::Path::new("/tmp/sluice-log"), LogConfig::default())?;
+//! let events = log.create_stream("events", StreamOptions { partitions: 4, ..Default::default() })?;
+//! let p = events.partition(0).unwrap();
+//! let a = p.append(&[Record::new(bytes::Bytes::from_static(b"{\"a\":1}"), 0)])?;
+//! p.sync(&a).await?; // durable: acknowledge now
+//! let recs = p.read(0, 1 << 20)?;
+//! assert_eq!(recs[0].offset, 0);
+//! # Ok(()) }
+//! ```
+
+pub mod format;
+mod partition;
+mod segment;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+pub use partition::{Appended, Partition, SegmentInfo};
+use partition::Retention;
+
+/// Log-wide settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogConfig {
+    /// A segment rolls when appending a batch would take it past this size. Default 64 MiB.
+    pub segment_bytes: u64,
+    /// One sparse index entry per about this many bytes of batches. Default 4096.
+    pub index_interval_bytes: u32,
+    /// zstd level for batch payloads (a batch is stored uncompressed when zstd does not
+    /// shrink it). Default 1.
+    pub zstd_level: i32,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { segment_bytes: 64 << 20, index_interval_bytes: 4096, zstd_level: 1 }
+    }
+}
+
+/// Settings of one stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamOptions {
+    /// Number of partitions (>= 1). Fixed once the stream exists.
+    pub partitions: u32,
+    /// Per-partition size limit enforced by [`Partition::apply_retention`].
+    pub retention_bytes: Option<u64>,
+    /// Age limit (by record timestamp) enforced by [`Partition::apply_retention`].
+    pub retention_ms: Option<u64>,
+}
+
+impl Default for StreamOptions {
+    fn default() -> Self {
+        StreamOptions { partitions: 1, retention_bytes: None, retention_ms: None }
+    }
+}
+
+/// One record as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub key: Option<Bytes>,
+    pub value: Bytes,
+    pub timestamp_ms: i64,
+}
+
+impl Record {
+    /// A record without key.
+    pub fn new(value: Bytes, timestamp_ms: i64) -> Record {
+        Record { key: None, value, timestamp_ms }
+    }
+    /// A keyed record.
+    pub fn with_key(key: Bytes, value: Bytes, timestamp_ms: i64) -> Record {
+        Record { key: Some(key), value, timestamp_ms }
+    }
+}
+
+/// One record as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRecord {
+    pub offset: u64,
+    pub key: Option<Bytes>,
+    pub value: Bytes,
+    pub timestamp_ms: i64,
+}
+
+/// Errors of the log. Messages name the stream, partition or file concerned.
+#[derive(thiserror::Error, Debug)]
+pub enum LogError {
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("corrupt batch at offset {offset} in segment {}", segment.display())]
+    Corrupt { segment: PathBuf, offset: u64 },
+    #[error("offset {offset} is out of range for stream {stream:?} partition {partition}: the log starts at offset {log_start}")]
+    OffsetOutOfRange { stream: String, partition: u32, offset: u64, log_start: u64 },
+    #[error("invalid name: {0}")]
+    InvalidName(String),
+    #[error("stream {stream:?} partition {partition}: {message}")]
+    InvalidArgument { stream: String, partition: u32, message: String },
+    #[error("stream {stream:?} partition {partition}: batch of {bytes} bytes exceeds the limit of {limit} bytes")]
+    BatchTooLarge { stream: String, partition: u32, bytes: u64, limit: u64 },
+    #[error("stream {stream:?} partition {partition} stopped accepting writes after an fsync failure; restart to recover")]
+    Failed { stream: String, partition: u32 },
+    #[error("bad stream metadata {}: {message}", path.display())]
+    Metadata { path: PathBuf, message: String },
+}
+
+pub(crate) fn io_err(op: &'static str, path: &Path, source: io::Error) -> LogError {
+    LogError::Io { op, path: path.to_path_buf(), source }
+}
+
+/// fsync a directory so that entries created/renamed in it are durable.
+pub(crate) fn fsync_dir(dir: &Path) -> Result<(), LogError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_err("fsync directory", dir, e))
+}
+
+/// Writes a file atomically and durably: tmp file + fsync + rename + fsync dir.
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), LogError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = File::create(&tmp).map_err(|e| io_err("create", &tmp, e))?;
+    f.write_all(data).map_err(|e| io_err("write", &tmp, e))?;
+    f.sync_all().map_err(|e| io_err("fsync", &tmp, e))?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(|e| io_err("rename to", path, e))?;
+    if let Some(dir) = path.parent() {
+        fsync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// Checks a stream name against `^[a-z0-9_][a-z0-9_-]{0,99}$`.
+pub fn validate_stream_name(name: &str) -> Result<(), LogError> {
+    let b = name.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 100
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit() || b[0] == b'_')
+        && b.iter().all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' || c == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(LogError::InvalidName(format!(
+            "stream name {name:?} must match ^[a-z0-9_][a-z0-9_-]{{0,99}}$"
+        )))
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Meta {
+    format_version: u32,
+    partitions: u32,
+    retention_bytes: Option<u64>,
+    retention_ms: Option<u64>,
+}
+
+/// The embedded log: a directory of streams. Share it as `Arc<Log>`.
+pub struct Log {
+    dir: PathBuf,
+    cfg: LogConfig,
+    streams: RwLock<BTreeMap<String, Arc<Stream>>>,
+    create_lock: Mutex<()>,
+}
+
+impl std::fmt::Debug for Log {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Log").field("dir", &self.dir).field("cfg", &self.cfg).finish()
+    }
+}
+
+impl Log {
+    /// Opens the log in `dir` (creating it), recovering every stream found under it.
+    pub fn open(dir: &Path, cfg: LogConfig) -> Result<Log, LogError> {
+        fs::create_dir_all(dir).map_err(|e| io_err("create log directory", dir, e))?;
+        let mut streams = BTreeMap::new();
+        for entry in fs::read_dir(dir).map_err(|e| io_err("list log directory", dir, e))? {
+            let entry = entry.map_err(|e| io_err("list log directory", dir, e))?;
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else { continue };
+            if validate_stream_name(&name).is_err() || !entry.path().is_dir() {
+                continue;
+            }
+            let meta_path = entry.path().join("meta.json");
+            if !meta_path.exists() {
+                tracing::warn!(dir = %entry.path().display(), "directory without meta.json ignored (incomplete stream creation?)");
+                continue;
+            }
+            let stream = Stream::open(&entry.path(), &name, cfg, None)?;
+            streams.insert(name, Arc::new(stream));
+        }
+        Ok(Log { dir: dir.to_path_buf(), cfg, streams: RwLock::new(streams), create_lock: Mutex::new(()) })
+    }
+
+    /// The log's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The log's configuration.
+    pub fn config(&self) -> LogConfig {
+        self.cfg
+    }
+
+    /// Creates a stream, or returns the existing one of that name. An existing stream keeps
+    /// its partition count; its retention settings are updated to `opts` (and persisted).
+    pub fn create_stream(&self, name: &str, opts: StreamOptions) -> Result<Arc<Stream>, LogError> {
+        validate_stream_name(name)?;
+        if opts.partitions == 0 {
+            return Err(LogError::InvalidArgument {
+                stream: name.to_string(),
+                partition: 0,
+                message: "a stream needs at least one partition".into(),
+            });
+        }
+        let _g = self.create_lock.lock();
+        if let Some(s) = self.streams.read().get(name).cloned() {
+            s.set_retention(opts.retention_bytes, opts.retention_ms)?;
+            return Ok(s);
+        }
+        let sdir = self.dir.join(name);
+        let stream = Stream::open(&sdir, name, self.cfg, Some(opts))?;
+        fsync_dir(&self.dir)?;
+        let stream = Arc::new(stream);
+        self.streams.write().insert(name.to_string(), stream.clone());
+        Ok(stream)
+    }
+
+    /// The stream of that name.
+    pub fn stream(&self, name: &str) -> Option<Arc<Stream>> {
+        self.streams.read().get(name).cloned()
+    }
+
+    /// All streams, sorted by name.
+    pub fn streams(&self) -> Vec<Arc<Stream>> {
+        self.streams.read().values().cloned().collect()
+    }
+}
+
+/// A named, partitioned stream.
+pub struct Stream {
+    name: String,
+    dir: PathBuf,
+    partitions: Vec<Arc<Partition>>,
+    retention: Arc<RwLock<Retention>>,
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream").field("name", &self.name).field("partitions", &self.partitions.len()).finish()
+    }
+}
+
+impl Stream {
+    /// Opens the stream in `dir`. With `create`, a missing meta.json is written (after the
+    /// partitions exist); otherwise meta.json must exist.
+    fn open(dir: &Path, name: &str, cfg: LogConfig, create: Option<StreamOptions>) -> Result<Stream, LogError> {
+        let meta_path = dir.join("meta.json");
+        let meta = match fs::read(&meta_path) {
+            Ok(data) => {
+                let m: Meta = serde_json::from_slice(&data)
+                    .map_err(|e| LogError::Metadata { path: meta_path.clone(), message: e.to_string() })?;
+                if m.partitions == 0 {
+                    return Err(LogError::Metadata { path: meta_path, message: "partitions must be >= 1".into() });
+                }
+                Some(m)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err("read", &meta_path, e)),
+        };
+        let (meta, write_meta) = match (meta, create) {
+            (Some(m), Some(o)) => {
+                let changed = m.retention_bytes != o.retention_bytes || m.retention_ms != o.retention_ms;
+                let m = Meta { retention_bytes: o.retention_bytes, retention_ms: o.retention_ms, ..m };
+                (m, changed)
+            }
+            (Some(m), None) => (m, false),
+            (None, Some(o)) => (
+                Meta {
+                    format_version: 1,
+                    partitions: o.partitions,
+                    retention_bytes: o.retention_bytes,
+                    retention_ms: o.retention_ms,
+                },
+                true,
+            ),
+            (None, None) => {
+                return Err(LogError::Metadata { path: meta_path, message: "missing".into() });
+            }
+        };
+        fs::create_dir_all(dir).map_err(|e| io_err("create stream directory", dir, e))?;
+        let retention = Arc::new(RwLock::new(Retention { bytes: meta.retention_bytes, ms: meta.retention_ms }));
+        let mut partitions = Vec::with_capacity(meta.partitions as usize);
+        for p in 0..meta.partitions {
+            let pdir = dir.join(p.to_string());
+            partitions.push(Arc::new(Partition::open(pdir, p, name, cfg, retention.clone())?));
+        }
+        if write_meta {
+            write_meta_file(&meta_path, &meta)?;
+        }
+        Ok(Stream { name: name.to_string(), dir: dir.to_path_buf(), partitions, retention })
+    }
+
+    fn set_retention(&self, bytes: Option<u64>, ms: Option<u64>) -> Result<(), LogError> {
+        let new = Retention { bytes, ms };
+        if *self.retention.read() == new {
+            return Ok(());
+        }
+        let meta = Meta {
+            format_version: 1,
+            partitions: self.partitions.len() as u32,
+            retention_bytes: bytes,
+            retention_ms: ms,
+        };
+        write_meta_file(&self.dir.join("meta.json"), &meta)?;
+        *self.retention.write() = new;
+        Ok(())
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The stream's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The stream's current options.
+    pub fn options(&self) -> StreamOptions {
+        let r = *self.retention.read();
+        StreamOptions { partitions: self.partitions.len() as u32, retention_bytes: r.bytes, retention_ms: r.ms }
+    }
+
+    pub fn partitions(&self) -> &[Arc<Partition>] {
+        &self.partitions
+    }
+
+    pub fn partition(&self, p: u32) -> Option<&Arc<Partition>> {
+        self.partitions.get(p as usize)
+    }
+
+    /// The partition records with this key go to (stable across restarts and versions:
+    /// CRC32 of the key modulo the partition count).
+    pub fn partition_for_key(&self, key: &[u8]) -> u32 {
+        crc32fast::hash(key) % (self.partitions.len().max(1) as u32)
+    }
+
+    /// Applies retention to every partition; returns the bytes deleted.
+    pub fn apply_retention(&self, now_ms: i64) -> Result<u64, LogError> {
+        let mut total = 0;
+        for p in &self.partitions {
+            total += p.apply_retention(now_ms)?;
+        }
+        Ok(total)
+    }
+}
+
+fn write_meta_file(path: &Path, meta: &Meta) -> Result<(), LogError> {
+    let mut data = serde_json::to_vec_pretty(meta)
+        .map_err(|e| LogError::Metadata { path: path.to_path_buf(), message: e.to_string() })?;
+    data.push(b'\n');
+    write_atomic(path, &data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_names() {
+        for ok in ["a", "events", "_x", "0abc", "a-b_c", &"a".repeat(100)] {
+            assert!(validate_stream_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-a", "A", "a.b", "a/b", "..", "é", &"a".repeat(101), "a b"] {
+            assert!(matches!(validate_stream_name(bad), Err(LogError::InvalidName(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn log_is_send_sync() {
+        fn is<T: Send + Sync>() {}
+        is::<Log>();
+        is::<Stream>();
+        is::<Partition>();
+    }
+}

@@ -1,0 +1,72 @@
+//! `sluice`: one binary that captures events, keeps them in a durable log and lands them
+//! exactly-once in Delta Lake tables you can query with SQL.
+
+mod auth;
+mod ingest;
+mod metrics_setup;
+mod query_cli;
+mod send;
+mod server;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "Events over HTTP into a durable log, landed exactly-once in Delta Lake, queryable with SQL")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start the server (HTTP ingest, log, lake landing, query).
+    Up {
+        /// Config file (sluice.yaml). Without it: 127.0.0.1:7878, data in ./sluice-data.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config file without starting anything.
+    Check {
+        #[arg(short, long, default_value = "sluice.yaml")]
+        config: PathBuf,
+    },
+    /// Send NDJSON from a file (or - for stdin) to a stream, in batches.
+    Send(send::SendArgs),
+    /// Run SQL over the lake tables.
+    Query(query_cli::QueryArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Check { config } => match sluice_core::config::load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                Ok(())
+            }
+            Err(e) => Err(anyhow::anyhow!("{e}")),
+        },
+        Cmd::Up { config } => {
+            let cfg = match config {
+                Some(path) => sluice_core::config::load(&path).map_err(|e| anyhow::anyhow!("{e}")),
+                None => Ok(sluice_core::Config::default()),
+            };
+            cfg.and_then(|cfg| runtime().block_on(server::run(cfg)))
+        }
+        Cmd::Send(args) => runtime().block_on(send::run(args)),
+        Cmd::Query(args) => runtime().block_on(query_cli::run(args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
+}

@@ -1,0 +1,391 @@
+//! `sluice up`: the HTTP server and the tasks behind it (lake sinks, retention, gauges).
+
+use crate::auth::{Auth, Denied};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
+use sluice_core::Config;
+use sluice_lake::sink::{LakeSink, SinkOptions, SinkStatus};
+use sluice_log::{Log, LogConfig, Stream, StreamOptions};
+use sluice_query::{render, OutputFormat, QueryEngine};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+/// Everything a request handler needs.
+pub struct App {
+    pub cfg: Config,
+    pub auth: Auth,
+    pub log: Arc<Log>,
+    pub query: QueryEngine,
+    pub inflight: Arc<Semaphore>,
+    pub round_robin: AtomicU64,
+    pub shutting_down: AtomicBool,
+    sinks: parking_lot::Mutex<HashMap<String, Arc<SinkStatus>>>,
+    sink_tasks: parking_lot::Mutex<Vec<JoinHandle<()>>>,
+    stop_sinks: watch::Sender<bool>,
+    metrics: PrometheusHandle,
+}
+
+/// A JSON error body `{"error": "..."}` with an optional Retry-After (seconds).
+pub fn error_response(status: StatusCode, message: &str, retry_after: Option<u64>) -> Response {
+    let mut r = (status, axum::Json(serde_json::json!({ "error": message }))).into_response();
+    if let Some(s) = retry_after {
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+    }
+    r
+}
+
+impl App {
+    pub fn denied(&self, d: Denied) -> Response {
+        match d {
+            Denied::Unauthenticated(m) => {
+                let mut r = error_response(StatusCode::UNAUTHORIZED, m, None);
+                r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                r
+            }
+            Denied::Forbidden(m) => error_response(StatusCode::FORBIDDEN, &m, None),
+        }
+    }
+
+    pub fn internal(&self, message: String) -> Response {
+        tracing::error!(error = message, "internal error");
+        error_response(StatusCode::INTERNAL_SERVER_ERROR, &message, None)
+    }
+
+    /// The log stream to write to, created (with its lake sink) on first write when allowed.
+    pub fn stream_for_write(&self, name: &str) -> Result<Arc<Stream>, Response> {
+        if let Some(s) = self.log.stream(name) {
+            return Ok(s);
+        }
+        if !self.cfg.auto_create_streams && !self.cfg.streams.contains_key(name) {
+            return Err(error_response(StatusCode::NOT_FOUND, &format!("unknown stream {name:?} (auto_create_streams is off)"), None));
+        }
+        sluice_core::validate_stream_name(name).map_err(|m| error_response(StatusCode::BAD_REQUEST, &m, None))?;
+        let s = self.open_stream(name).map_err(|e| self.internal(format!("create stream {name}: {e:#}")))?;
+        Ok(s)
+    }
+
+    fn open_stream(&self, name: &str) -> anyhow::Result<Arc<Stream>> {
+        let sc = self.cfg.stream(name);
+        let stream = self.log.create_stream(
+            name,
+            StreamOptions { partitions: sc.partitions, retention_bytes: sc.retention.bytes, retention_ms: sc.retention.time.map(|d| d.as_millis() as u64) },
+        )?;
+        self.ensure_sink(&stream);
+        Ok(stream)
+    }
+
+    fn ensure_sink(&self, stream: &Arc<Stream>) {
+        if !self.cfg.lake.enabled {
+            return;
+        }
+        let mut sinks = self.sinks.lock();
+        if sinks.contains_key(stream.name()) {
+            return;
+        }
+        let sc = self.cfg.stream(stream.name());
+        let sink = LakeSink::new(
+            stream.clone(),
+            SinkOptions {
+                lake_root: self.cfg.lake_root(),
+                flush_interval: self.cfg.lake.flush_interval,
+                flush_bytes: self.cfg.lake.flush_bytes,
+                date_column: self.cfg.lake.date_column.clone(),
+                partition_by: sc.partition_by.clone(),
+            },
+        );
+        sinks.insert(stream.name().to_string(), sink.status());
+        let rx = self.stop_sinks.subscribe();
+        self.sink_tasks.lock().push(tokio::spawn(sink.run(rx)));
+    }
+
+    fn sink_status(&self, stream: &str) -> Option<Arc<SinkStatus>> {
+        self.sinks.lock().get(stream).cloned()
+    }
+
+    /// 429 when a partition's log is over its size limit; 503 when the lake is too far behind.
+    pub fn check_backpressure(&self, stream: &Stream) -> Result<(), Response> {
+        let limits = &self.cfg.limits;
+        let status = self.sink_status(stream.name());
+        let mut behind = 0u64;
+        for p in stream.partitions() {
+            if p.size_bytes() > limits.max_log_bytes {
+                return Err(error_response(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    &format!("log of stream {:?} partition {} is over limits.max_log_bytes ({} bytes)", stream.name(), p.id(), limits.max_log_bytes),
+                    Some(5),
+                ));
+            }
+            let landed = status.as_ref().map_or(0, |s| s.landed(p.id() as usize));
+            behind += p.bytes_after(landed);
+        }
+        if self.cfg.lake.enabled && behind > limits.max_lake_lag_bytes {
+            return Err(error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("the lake is {behind} bytes behind stream {:?} (limits.max_lake_lag_bytes = {})", stream.name(), limits.max_lake_lag_bytes),
+                Some(2),
+            ));
+        }
+        Ok(())
+    }
+}
+
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    init_tracing();
+    let metrics = crate::metrics_setup::install()?;
+    let auth = Auth::new(&cfg.tokens)?;
+    std::fs::create_dir_all(&cfg.data_dir)?;
+    let lock = std::fs::File::create(cfg.data_dir.join("sluice.lock"))?;
+    lock.try_lock().map_err(|_| anyhow::anyhow!("{} is in use by another sluice process", cfg.data_dir.display()))?;
+    let lake_root = cfg.lake_root();
+    if !lake_root.contains("://") {
+        std::fs::create_dir_all(&lake_root)?;
+    }
+    let log = Arc::new(Log::open(&cfg.data_dir.join("log"), LogConfig { segment_bytes: cfg.log.segment_bytes, zstd_level: cfg.log.zstd_level, ..LogConfig::default() })?);
+    let listener = tokio::net::TcpListener::bind(&cfg.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+    let (stop_sinks, _) = watch::channel(false);
+    let app = Arc::new(App {
+        query: QueryEngine::new(&lake_root),
+        inflight: Arc::new(Semaphore::new(cfg.limits.max_inflight_bytes.min(u32::MAX as u64) as usize)),
+        round_robin: AtomicU64::new(0),
+        shutting_down: AtomicBool::new(false),
+        sinks: Default::default(),
+        sink_tasks: Default::default(),
+        stop_sinks,
+        metrics,
+        auth,
+        log,
+        cfg,
+    });
+    for name in app.cfg.streams.keys() {
+        app.open_stream(name)?;
+    }
+    for s in app.log.streams() {
+        app.ensure_sink(&s);
+    }
+    let housekeeping = tokio::spawn(housekeeping(app.clone()));
+
+    let router = Router::new()
+        .route("/v1/streams/{stream}/events", post(crate::ingest::post_events))
+        .route("/v1/streams", get(list_streams))
+        .route("/v1/tables", get(list_tables))
+        .route("/v1/query", post(query))
+        .route("/metrics", get(metrics_endpoint))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .layer(DefaultBodyLimit::max(app.cfg.limits.max_body_bytes as usize))
+        .with_state(app.clone());
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, data_dir = %app.cfg.data_dir.display(), lake_root = %app.cfg.lake_root(), "sluice is up");
+    println!("sluice listening on http://{addr}");
+
+    let app2 = app.clone();
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: no new requests; landing what is acknowledged");
+            app2.shutting_down.store(true, Ordering::Release);
+        })
+        .await?;
+
+    // Everything acknowledged is durable in the log; land it before exiting.
+    housekeeping.abort();
+    let _ = app.stop_sinks.send(true);
+    let tasks: Vec<_> = std::mem::take(&mut *app.sink_tasks.lock());
+    if tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(tasks)).await.is_err() {
+        tracing::warn!("lake sinks did not finish in 30s; the rest lands at the next start");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("SLUICE_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        let _ = builder.json().try_init();
+    } else {
+        let _ = builder.try_init();
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Retention every 30 s, gauges every second.
+async fn housekeeping(app: Arc<App>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut n = 0u64;
+    loop {
+        tick.tick().await;
+        n += 1;
+        for s in app.log.streams() {
+            let status = app.sink_status(s.name());
+            let (mut end, mut lag, mut bytes) = (0u64, 0u64, 0u64);
+            for p in s.partitions() {
+                let hw = p.high_watermark();
+                end += hw;
+                lag += hw.saturating_sub(status.as_ref().map_or(0, |st| st.landed(p.id() as usize)));
+                bytes += p.size_bytes();
+            }
+            let name = s.name().to_string();
+            metrics::gauge!("sluice_log_end_offset", "stream" => name.clone()).set(end as f64);
+            metrics::gauge!("sluice_lake_lag_records", "stream" => name.clone()).set(lag as f64);
+            metrics::gauge!("sluice_log_bytes", "stream" => name).set(bytes as f64);
+            if n % 30 == 0 {
+                let s2 = s.clone();
+                let res = tokio::task::spawn_blocking(move || s2.apply_retention(sluice_core::time::now_ms())).await;
+                match res {
+                    Ok(Ok(freed)) if freed > 0 => tracing::info!(stream = s.name(), freed, "retention"),
+                    Ok(Err(e)) => tracing::warn!(stream = s.name(), error = %e, "retention"),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct PartitionInfo {
+    partition: u32,
+    log_start_offset: u64,
+    log_end_offset: u64,
+    landed_offset: u64,
+    lag: u64,
+    size_bytes: u64,
+}
+
+#[derive(Serialize)]
+struct StreamInfo {
+    name: String,
+    partitions: Vec<PartitionInfo>,
+    log_end_offset: u64,
+    landed_offset: u64,
+    lag: u64,
+    size_bytes: u64,
+    key_field: Option<String>,
+    event_time_field: Option<String>,
+    partition_by: Vec<String>,
+    lake_rows_written: u64,
+    dead_letters: u64,
+    lake_error: Option<String>,
+}
+
+async fn list_streams(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let token = match app.auth.token(&headers) {
+        Ok(t) => t,
+        Err(d) => return app.denied(d),
+    };
+    let mut out = Vec::new();
+    for s in app.log.streams() {
+        if token.is_some_and(|t| !t.can_read(s.name())) {
+            continue;
+        }
+        let status = app.sink_status(s.name());
+        let partitions: Vec<PartitionInfo> = s
+            .partitions()
+            .iter()
+            .map(|p| {
+                let end = p.high_watermark();
+                let landed = status.as_ref().map_or(0, |st| st.landed(p.id() as usize));
+                PartitionInfo { partition: p.id(), log_start_offset: p.log_start_offset(), log_end_offset: end, landed_offset: landed, lag: end.saturating_sub(landed), size_bytes: p.size_bytes() }
+            })
+            .collect();
+        let sc = app.cfg.stream(s.name());
+        out.push(StreamInfo {
+            name: s.name().to_string(),
+            log_end_offset: partitions.iter().map(|p| p.log_end_offset).sum(),
+            landed_offset: partitions.iter().map(|p| p.landed_offset).sum(),
+            lag: partitions.iter().map(|p| p.lag).sum(),
+            size_bytes: partitions.iter().map(|p| p.size_bytes).sum(),
+            partitions,
+            key_field: sc.key_field.clone(),
+            event_time_field: sc.event_time_field.clone(),
+            partition_by: sc.partition_by.clone(),
+            lake_rows_written: status.as_ref().map_or(0, |s| s.rows.load(Ordering::Relaxed)),
+            dead_letters: status.as_ref().map_or(0, |s| s.dead_letters.load(Ordering::Relaxed)),
+            lake_error: status.as_ref().and_then(|s| s.last_error.lock().clone()),
+        });
+    }
+    axum::Json(serde_json::json!({ "streams": out })).into_response()
+}
+
+async fn list_tables(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let token = match app.auth.token(&headers) {
+        Ok(t) => t,
+        Err(d) => return app.denied(d),
+    };
+    match app.query.tables().await {
+        Ok(tables) => {
+            let tables: Vec<_> = tables.into_iter().filter(|t| token.is_none_or(|tok| tok.can_read(&t.name))).collect();
+            axum::Json(serde_json::json!({ "tables": tables })).into_response()
+        }
+        Err(e) => app.internal(e.to_string()),
+    }
+}
+
+/// `POST /v1/query`: the SQL as the body (text), or JSON `{"sql": "..."}`. The result format
+/// follows `Accept`: JSON array of rows (default), CSV, NDJSON or Arrow IPC stream.
+async fn query(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let token = match app.auth.token(&headers) {
+        Ok(t) => t,
+        Err(d) => return app.denied(d),
+    };
+    let text = String::from_utf8_lossy(&body);
+    let is_json = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/json"));
+    let sql = if is_json {
+        match serde_json::from_slice::<serde_json::Value>(&body).ok().and_then(|v| v.get("sql").and_then(|s| s.as_str()).map(String::from)) {
+            Some(s) => s,
+            None => return error_response(StatusCode::BAD_REQUEST, "expected a JSON body {\"sql\": \"...\"}", None),
+        }
+    } else {
+        text.into_owned()
+    };
+    if let Some(tok) = token {
+        match app.query.referenced_tables(&sql) {
+            Ok(tables) => {
+                if let Some(t) = tables.iter().find(|t| !tok.can_read(t)) {
+                    return app.denied(Denied::Forbidden(format!("token may not read {t:?}")));
+                }
+            }
+            Err(e) => return error_response(StatusCode::BAD_REQUEST, &e.to_string(), None),
+        }
+    }
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let fmt = if accept.contains("text/csv") {
+        OutputFormat::Csv
+    } else if accept.contains("application/vnd.apache.arrow.stream") {
+        OutputFormat::ArrowIpc
+    } else if accept.contains("application/x-ndjson") {
+        OutputFormat::NdJson
+    } else {
+        OutputFormat::Json
+    };
+    match app.query.sql(&sql).await {
+        Ok(result) => match render(&result, fmt) {
+            Ok(bytes) => ([(header::CONTENT_TYPE, fmt.content_type())], bytes).into_response(),
+            Err(e) => app.internal(e.to_string()),
+        },
+        Err(e) if e.is_user_error() => error_response(StatusCode::BAD_REQUEST, &e.to_string(), None),
+        Err(e) => app.internal(e.to_string()),
+    }
+}
+
+async fn metrics_endpoint(State(app): State<Arc<App>>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render()).into_response()
+}

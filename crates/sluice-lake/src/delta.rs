@@ -36,7 +36,8 @@ use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{StructType, Transaction};
 use deltalake::logstore::object_store::path::Path as ObjectPath;
-use deltalake::logstore::LogStoreRef;
+use deltalake::logstore::object_store::ObjectStore as _;
+use deltalake::logstore::{LogStore as _, LogStoreRef};
 use deltalake::operations::write::SchemaMode;
 use deltalake::parquet::basic::{Compression, ZstdLevel};
 use deltalake::parquet::file::properties::{EnabledStatistics, WriterProperties};
@@ -639,7 +640,7 @@ async fn read_txns(table: &DeltaTable) -> Result<HashMap<String, i64>, DeltaTabl
     let version = table.version().ok_or(DeltaTableError::NotInitialized)?;
     let log_store: LogStoreRef = table.log_store();
     let engine = log_store.engine(None);
-    let mut root = log_store.table_root_url();
+    let mut root = log_store.config().location().clone();
     if !root.path().ends_with('/') {
         root.set_path(&format!("{}/", root.path()));
     }

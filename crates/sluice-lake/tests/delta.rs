@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use deltalake::arrow::array::{
-    Array, ArrayRef, AsArray, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
+    ArrayRef, AsArray, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
     StructArray,
 };
 use deltalake::arrow::compute::concat_batches;

@@ -5,11 +5,11 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
 use deltalake::datafusion::catalog::{SchemaProvider, TableProvider};
-use deltalake::datafusion::datasource::TableType;
+use deltalake::datafusion::logical_expr::TableType;
 use deltalake::datafusion::error::{DataFusionError, Result as DFResult};
 use deltalake::delta_datafusion::TableProviderBuilder;
 use deltalake::kernel::Snapshot;
-use deltalake::logstore::LogStoreRef;
+use deltalake::logstore::{LogStore as _, LogStoreRef};
 use deltalake::DeltaTableError;
 use sluice_lake::delta::{list_tables, table_log_store, LakeError};
 

@@ -23,7 +23,8 @@ use std::sync::Arc;
 
 use deltalake::arrow::array::RecordBatch;
 use deltalake::arrow::datatypes::SchemaRef;
-use deltalake::datafusion::execution::context::{SQLOptions, SessionConfig, SessionContext};
+use deltalake::datafusion::execution::context::SQLOptions;
+use deltalake::datafusion::prelude::{SessionConfig, SessionContext};
 use deltalake::datafusion::sql::parser::Statement as DFStatement;
 use deltalake::datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use futures::StreamExt as _;
@@ -110,6 +111,25 @@ impl QueryEngine {
         QueryEngine {
             inner: Arc::new(Inner { ctx, schema }),
         }
+    }
+
+    /// The lake tables a statement reads (CTE names excluded), for read-scope checks.
+    /// `information_schema` views count as the table `information_schema`.
+    pub fn referenced_tables(&self, sql: &str) -> Result<Vec<String>, QueryError> {
+        let state = self.inner.ctx.state();
+        let dialect = state.config().options().sql_parser.dialect;
+        let statement = state.sql_to_statement(sql, &dialect)?;
+        let references = state.resolve_table_references(&statement)?;
+        let mut names: Vec<String> = references
+            .iter()
+            .map(|r| match r.schema() {
+                Some("information_schema") => "information_schema".to_string(),
+                _ => r.table().to_string(),
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
     }
 
     /// Runs one SQL statement. Only read-only statements (SELECT / WITH / EXPLAIN / SHOW /

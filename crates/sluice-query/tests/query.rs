@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use deltalake::arrow::array::{
-    Array, ArrayRef, AsArray, Int32Array, Int64Array, RecordBatch, StringArray, StructArray,
+    ArrayRef, AsArray, Int32Array, Int64Array, RecordBatch, StringArray, StructArray,
 };
 use deltalake::arrow::datatypes::{DataType, Field, Int64Type, Schema};
 use sluice_lake::delta::LakeTable;

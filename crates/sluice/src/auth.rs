@@ -57,13 +57,6 @@ impl Auth {
             _ => Ok(()),
         }
     }
-
-    pub fn check_read(&self, headers: &HeaderMap, table: &str) -> Result<(), Denied> {
-        match self.token(headers)? {
-            Some(t) if !t.can_read(table) => Err(Denied::Forbidden(format!("token may not read {table:?}"))),
-            _ => Ok(()),
-        }
-    }
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

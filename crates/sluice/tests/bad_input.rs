@@ -87,7 +87,7 @@ async fn tokens_enforce_write_and_read_scopes() {
     assert_eq!(s.scalar("SELECT count(*) FROM \"app-events\"").await, 5.0);
     let r = s.client.get(s.url("/v1/streams")).send().await.unwrap();
     assert_eq!(r.status(), 401);
-    let st: serde_json::Value = s.client.get(s.url("/v1/streams")).bearer_auth("reader-secret-1").send().await.unwrap().json().await.unwrap();
+    let st: serde_json::Value = serde_json::from_str(&s.client.get(s.url("/v1/streams")).bearer_auth("reader-secret-1").send().await.unwrap().text().await.unwrap()).unwrap();
     assert_eq!(st["streams"].as_array().unwrap().len(), 1);
     let _ = s.stop();
 }

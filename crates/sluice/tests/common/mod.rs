@@ -154,7 +154,7 @@ impl Server {
 
     pub async fn streams(&self) -> Value {
         let r = self.auth(self.client.get(self.url("/v1/streams"))).send().await.unwrap();
-        r.json().await.unwrap()
+        serde_json::from_str(&r.text().await.unwrap()).unwrap()
     }
 
     pub async fn stream_info(&self, name: &str) -> Option<Value> {

@@ -1,0 +1,101 @@
+//! Throughput of `convert` on the reference workload. Ignored by default (tests never
+//! assert timings); run with
+//! `cargo test --release -p sluice-lake --test convert_bench -- --ignored --nocapture`.
+//! Uses `$SLUICE_EVENTS` (an NDJSON file) if set, else runs `../shared/bench/gen_events.py`.
+
+use std::time::Instant;
+
+use sluice_lake::convert::{convert, ConvertOptions, InputRecord};
+
+fn events() -> Vec<u8> {
+    if let Ok(path) = std::env::var("SLUICE_EVENTS") {
+        return std::fs::read(path).expect("read $SLUICE_EVENTS");
+    }
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/bench/gen_events.py"
+    );
+    let out = std::process::Command::new("python3")
+        .args([script, "--count", "100000"])
+        .output()
+        .expect("run gen_events.py");
+    assert!(out.status.success(), "gen_events.py failed");
+    out.stdout
+}
+
+/// CPU time of this thread in seconds (Linux), to report rates unaffected by other load.
+fn thread_cpu() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: f64 = s.split_whitespace().next()?.parse().ok()?;
+    Some(ns / 1e9)
+}
+
+#[test]
+#[ignore]
+fn convert_throughput() {
+    let data = events();
+    let lines: Vec<&[u8]> = data
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
+    let records: Vec<InputRecord> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, v)| InputRecord {
+            partition: (i % 4) as u32,
+            offset: i as u64,
+            timestamp_ms: 1_772_323_200_000 + i as i64 * 1700,
+            value: v,
+        })
+        .collect();
+    let bytes: usize = lines.iter().map(|l| l.len()).sum();
+    let opts = ConvertOptions {
+        partition_by: vec!["region".into()],
+        ..Default::default()
+    };
+
+    // New table: the schema is inferred along the way.
+    let (t, c0) = (Instant::now(), thread_cpu());
+    let first = convert(None, &records, &opts);
+    let cold = t.elapsed().as_secs_f64();
+    let cold_cpu = thread_cpu().zip(c0).map(|(a, b)| a - b);
+    assert!(first.rejects.is_empty(), "{:?}", &first.rejects[..1]);
+    assert_eq!(first.num_rows(), records.len());
+
+    // Steady state: the table schema is known; commits of 10k records.
+    let (mut best, mut best_cpu) = (f64::MAX, f64::MAX);
+    for _ in 0..3 {
+        let (t, c0) = (Instant::now(), thread_cpu());
+        let mut rows = 0;
+        for chunk in records.chunks(10_000) {
+            let c = convert(Some(&first.schema), chunk, &opts);
+            rows += c.num_rows();
+        }
+        assert_eq!(rows, records.len());
+        best = best.min(t.elapsed().as_secs_f64());
+        if let Some(c) = thread_cpu().zip(c0).map(|(a, b)| a - b) {
+            best_cpu = best_cpu.min(c);
+        }
+    }
+    let n = records.len() as f64;
+    println!(
+        "records: {} ({:.0} bytes avg)",
+        records.len(),
+        bytes as f64 / n
+    );
+    let mb = bytes as f64 / 1e6;
+    println!("| case | records/s (wall) | MB/s (wall) | records/s per CPU-second |");
+    println!("|---|---|---|---|");
+    println!(
+        "| new table, 1 call | {:.0} | {:.1} | {:.0} |",
+        n / cold,
+        mb / cold,
+        n / cold_cpu.unwrap_or(f64::NAN)
+    );
+    println!(
+        "| known schema, 10k/call | {:.0} | {:.1} | {:.0} |",
+        n / best,
+        mb / best,
+        n / best_cpu
+    );
+}

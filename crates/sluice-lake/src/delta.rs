@@ -10,7 +10,7 @@
 //! * exactly-once bookkeeping: every append carries `SetTransaction` (txn) actions
 //!   `(app_id, version)` in the same commit, and [`LakeTable::txn_version`] reads them back;
 //! * schema evolution of appended batches (new columns and new nested struct fields) — see
-//!   [`conform`](self::conform) for why batches are conformed before deltalake sees them;
+//!   the `conform` submodule for why batches are conformed before deltalake sees them;
 //! * checkpoints every `delta.checkpointInterval` commits (100) written after the commit, never
 //!   failing it, and expired-log cleanup only when a checkpoint was written (deltalake's
 //!   post-commit hook would otherwise list the whole `_delta_log` on every commit).
@@ -269,16 +269,16 @@ impl LakeTable {
         }
         let location = Root::parse(root)?.table_location(name);
         // Creates the directory for local paths.
-        let url = deltalake::ensure_table_uri(&location).map_err(|e| LakeError::InvalidLocation {
-            table: name.to_string(),
-            location: location.clone(),
-            message: e.to_string(),
-        })?;
-        let struct_type: StructType =
-            schema.try_into_kernel().map_err(|e| LakeError::Schema {
+        let url =
+            deltalake::ensure_table_uri(&location).map_err(|e| LakeError::InvalidLocation {
                 table: name.to_string(),
-                message: format!("schema cannot be stored in Delta: {e}"),
+                location: location.clone(),
+                message: e.to_string(),
             })?;
+        let struct_type: StructType = schema.try_into_kernel().map_err(|e| LakeError::Schema {
+            table: name.to_string(),
+            message: format!("schema cannot be stored in Delta: {e}"),
+        })?;
         let table = DeltaTableBuilder::from_url(url)
             .map_err(LakeError::delta(name))?
             .build()
@@ -456,10 +456,15 @@ impl LakeTable {
         for field in new_schema.fields() {
             let expr = match current.field_with_name(field.name()) {
                 Ok(f) if f.data_type() == field.data_type() => ident(field.name()),
-                Ok(_) => Expr::ScalarFunction(deltalake::datafusion::logical_expr::expr::ScalarFunction::new_udf(
-                    Arc::new(ScalarUDF::new_from_impl(ConformUdf::new(field.data_type().clone(), field.name()))),
-                    vec![ident(field.name())],
-                )),
+                Ok(_) => Expr::ScalarFunction(
+                    deltalake::datafusion::logical_expr::expr::ScalarFunction::new_udf(
+                        Arc::new(ScalarUDF::new_from_impl(ConformUdf::new(
+                            field.data_type().clone(),
+                            field.name(),
+                        ))),
+                        vec![ident(field.name())],
+                    ),
+                ),
                 Err(_) => cast(lit(ScalarValue::Null), field.data_type().clone()),
             };
             exprs.push(expr.alias(field.name()));
@@ -521,7 +526,10 @@ impl LakeTable {
     }
 
     /// A commit with only txn actions (the batches had no rows).
-    async fn commit_txns_only(&self, txns: &[(String, i64)]) -> Result<DeltaTable, DeltaTableError> {
+    async fn commit_txns_only(
+        &self,
+        txns: &[(String, i64)],
+    ) -> Result<DeltaTable, DeltaTableError> {
         let state = self.table.snapshot()?;
         let partition_columns = state.metadata().partition_columns().to_vec();
         let operation = DeltaOperation::Write {
@@ -649,12 +657,14 @@ async fn read_txns(table: &DeltaTable) -> Result<HashMap<String, i64>, DeltaTabl
             .at_version(version)
             .build(engine.as_ref())?;
         let mut txns: HashMap<String, i64> = HashMap::new();
-        let batches = snapshot
-            .log_segment()
-            .read_actions(engine.as_ref(), delta_kernel::actions::LOG_TXN_SCHEMA.clone())?;
+        let batches = snapshot.log_segment().read_actions(
+            engine.as_ref(),
+            delta_kernel::actions::LOG_TXN_SCHEMA.clone(),
+        )?;
         for batch in batches {
-            let data =
-                delta_kernel::engine::arrow_data::ArrowEngineData::try_from_engine_data(batch?.actions)?;
+            let data = delta_kernel::engine::arrow_data::ArrowEngineData::try_from_engine_data(
+                batch?.actions,
+            )?;
             let rb = data.record_batch();
             let Some(txn) = rb.column_by_name("txn") else {
                 continue;
@@ -706,7 +716,11 @@ pub async fn list_tables(root: &str) -> Result<Vec<String>, LakeError> {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(names),
                 Err(e) => return Err(root_err(e.to_string())),
             };
-            while let Some(entry) = entries.next_entry().await.map_err(|e| root_err(e.to_string()))? {
+            while let Some(entry) = entries
+                .next_entry()
+                .await
+                .map_err(|e| root_err(e.to_string()))?
+            {
                 let Some(name) = entry.file_name().to_str().map(str::to_string) else {
                     continue;
                 };
@@ -800,9 +814,8 @@ impl ScalarUDFImpl for ConformUdf {
             ));
         };
         let array = arg.into_array(rows)?;
-        let out = conform::conform_array(&array, &self.target, &self.column).map_err(|e| {
-            deltalake::datafusion::error::DataFusionError::Execution(e.to_string())
-        })?;
+        let out = conform::conform_array(&array, &self.target, &self.column)
+            .map_err(|e| deltalake::datafusion::error::DataFusionError::Execution(e.to_string()))?;
         Ok(ColumnarValue::Array(out))
     }
 }

@@ -260,7 +260,7 @@ impl LakeSink {
             .enumerate()
             .filter_map(|(p, o)| o.map(|o| (app_id(self.stream.name(), p as u32), o as i64)))
             .collect();
-        let table_schema = st.main.as_ref().map(|t| t.arrow_schema());
+        let table_schema = st.main.as_ref().map(|t| logical_schema(&t.arrow_schema()));
         let copts = ConvertOptions { date_column: self.opts.date_column.clone(), partition_by: self.opts.partition_by.clone() };
         let count = records.len();
         let mut converted = tokio::task::spawn_blocking(move || {
@@ -329,6 +329,20 @@ impl LakeSink {
         tracing::debug!(table = self.table_name(), records = count, rows, "landed");
         Ok(())
     }
+}
+
+/// The table schema as the converter should produce it: deltalake reports partition
+/// columns dictionary-encoded, the data we write carries their plain value type.
+fn logical_schema(schema: &Schema) -> Arc<Schema> {
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|f| match f.data_type() {
+            DataType::Dictionary(_, value) => f.as_ref().clone().with_data_type(value.as_ref().clone()),
+            _ => f.as_ref().clone(),
+        })
+        .collect();
+    Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()))
 }
 
 /// A table's partition columns must exist from its first commit; a `partition_by` field no

@@ -4,11 +4,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use deltalake::arrow::array::{
-    ArrayRef, AsArray, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
-    StructArray,
+    ArrayRef, AsArray, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray, StructArray,
 };
 use deltalake::arrow::compute::concat_batches;
-use deltalake::arrow::datatypes::{DataType, Field, Fields, Float64Type, Int64Type, Schema, SchemaRef};
+use deltalake::arrow::datatypes::{
+    DataType, Field, Fields, Float64Type, Int64Type, Schema, SchemaRef,
+};
 use deltalake::datafusion::prelude::SessionContext;
 use sluice_lake::delta::{list_tables, LakeError, LakeTable};
 
@@ -105,7 +106,10 @@ async fn create_append_reopen_reads_txns_back() {
         .unwrap();
     assert_eq!(v1, 1);
     let v2 = table
-        .append(vec![base_batch(&[4, 5], 0)], &[("sluice:events:0".into(), 4)])
+        .append(
+            vec![base_batch(&[4, 5], 0)],
+            &[("sluice:events:0".into(), 4)],
+        )
         .await
         .unwrap();
     assert_eq!(v2, 2);
@@ -114,7 +118,10 @@ async fn create_append_reopen_reads_txns_back() {
 
     // The txn actions are in the same commit file as the data.
     let commit1 = log_file(&dir.path().join("events"), 1);
-    assert!(commit1.contains(r#""txn":{"appId":"sluice:events:0","version":2"#), "{commit1}");
+    assert!(
+        commit1.contains(r#""txn":{"appId":"sluice:events:0","version":2"#),
+        "{commit1}"
+    );
     assert!(commit1.contains(r#""add":"#), "{commit1}");
 
     // A commit with no rows still records the txns.
@@ -127,7 +134,9 @@ async fn create_append_reopen_reads_txns_back() {
     assert_eq!(table.append(vec![], &[]).await.unwrap(), 3);
 
     // Creating again opens the existing table.
-    let again = LakeTable::create(&root, "events", &base_schema(), &[]).await.unwrap();
+    let again = LakeTable::create(&root, "events", &base_schema(), &[])
+        .await
+        .unwrap();
     assert_eq!(again.version(), 3);
 
     let reopened = LakeTable::open(&root, "events").await.unwrap().unwrap();
@@ -143,7 +152,12 @@ async fn create_append_reopen_reads_txns_back() {
     assert_eq!(i64s(&rows, "id"), (1..=5).map(Some).collect::<Vec<_>>());
 
     // Parquet files are zstd-compressed and carry column statistics.
-    let file = reopened.delta_table().get_file_uris().unwrap().next().unwrap();
+    let file = reopened
+        .delta_table()
+        .get_file_uris()
+        .unwrap()
+        .next()
+        .unwrap();
     let path = url::Url::parse(&file)
         .ok()
         .and_then(|u| u.to_file_path().ok())
@@ -155,13 +169,19 @@ async fn create_append_reopen_reads_txns_back() {
     use deltalake::parquet::file::reader::FileReader as _;
     let column = reader.metadata().row_group(0).column(0);
     assert!(
-        matches!(column.compression(), deltalake::parquet::basic::Compression::ZSTD(_)),
+        matches!(
+            column.compression(),
+            deltalake::parquet::basic::Compression::ZSTD(_)
+        ),
         "{:?}",
         column.compression()
     );
     assert!(column.statistics().is_some());
     // Delta file statistics for pruning.
-    assert!(commit1.contains(r#"\"minValues\""#) || commit1.contains("minValues"), "{commit1}");
+    assert!(
+        commit1.contains(r#"\"minValues\""#) || commit1.contains("minValues"),
+        "{commit1}"
+    );
 
     // Another process appending is seen after refresh.
     let mut writer2 = LakeTable::open(&root, "events").await.unwrap().unwrap();
@@ -175,7 +195,9 @@ async fn create_append_reopen_reads_txns_back() {
     assert_eq!(table.txn_version("sluice:events:1"), Some(10));
 
     std::fs::create_dir_all(dir.path().join("not_a_table")).unwrap();
-    LakeTable::create(&root, "b_table", &base_schema(), &[]).await.unwrap();
+    LakeTable::create(&root, "b_table", &base_schema(), &[])
+        .await
+        .unwrap();
     assert_eq!(list_tables(&root).await.unwrap(), vec!["b_table", "events"]);
     assert!(list_tables(dir.path().join("missing").to_str().unwrap())
         .await
@@ -199,7 +221,9 @@ async fn schema_merge_adds_column_and_nested_field() {
         Field::new("id", DataType::Int64, false),
         Field::new("payload", payload_type(false), true),
     ]);
-    let mut table = LakeTable::create(&root, "evolve", &schema, &[]).await.unwrap();
+    let mut table = LakeTable::create(&root, "evolve", &schema, &[])
+        .await
+        .unwrap();
 
     let old = RecordBatch::try_new(
         Arc::new(schema.clone()),
@@ -305,14 +329,21 @@ async fn schema_merge_adds_column_and_nested_field() {
     )
     .unwrap();
     let mut table = reopened;
-    let err = table.append(vec![bad], &[("app".into(), 3)]).await.unwrap_err();
+    let err = table
+        .append(vec![bad], &[("app".into(), 3)])
+        .await
+        .unwrap_err();
     assert!(matches!(err, LakeError::Schema { .. }), "{err:?}");
     let msg = err.to_string();
     assert!(msg.contains("evolve") && msg.contains("payload.a"), "{msg}");
     assert_eq!(table.version(), 2);
     assert_eq!(table.txn_version("app"), Some(2));
     assert_eq!(
-        LakeTable::open(&root, "evolve").await.unwrap().unwrap().version(),
+        LakeTable::open(&root, "evolve")
+            .await
+            .unwrap()
+            .unwrap()
+            .version(),
         2
     );
 }
@@ -382,7 +413,12 @@ async fn partitioned_table_writes_hive_directories() {
     let rows = read_all(&reopened, "v").await;
     assert_eq!(
         strings(rows.column_by_name("region").unwrap()),
-        vec![Some("eu".into()), Some("us".into()), Some("eu".into()), Some("ap".into())]
+        vec![
+            Some("eu".into()),
+            Some("us".into()),
+            Some("eu".into()),
+            Some("ap".into())
+        ]
     );
     assert_eq!(
         strings(rows.column_by_name("note").unwrap()),
@@ -466,8 +502,14 @@ async fn rewrite_with_schema_widens_int_to_float_keeping_values_and_txns() {
         .unwrap();
     assert_eq!(v, 2);
     let schema = table.arrow_schema();
-    assert_eq!(schema.field_with_name("v").unwrap().data_type(), &DataType::Float64);
-    assert_eq!(schema.field_with_name("s").unwrap().data_type(), &nested(DataType::Float64));
+    assert_eq!(
+        schema.field_with_name("v").unwrap().data_type(),
+        &DataType::Float64
+    );
+    assert_eq!(
+        schema.field_with_name("s").unwrap().data_type(),
+        &nested(DataType::Float64)
+    );
     assert_eq!(table.partition_columns(), vec!["_partition".to_string()]);
 
     table
@@ -514,13 +556,18 @@ async fn rewrite_with_schema_widens_int_to_float_keeping_values_and_txns() {
 async fn many_appends_write_checkpoints_and_reopen_correctly() {
     let dir = tempfile::tempdir().unwrap();
     let root = root(&dir);
-    let mut table = LakeTable::create(&root, "busy", &base_schema(), &[]).await.unwrap();
+    let mut table = LakeTable::create(&root, "busy", &base_schema(), &[])
+        .await
+        .unwrap();
     for i in 0..105i64 {
         let mut txns = vec![("busy:0".to_string(), i)];
         if i == 3 {
             txns.push(("early".to_string(), 42));
         }
-        let v = table.append(vec![base_batch(&[i], 0)], &txns).await.unwrap();
+        let v = table
+            .append(vec![base_batch(&[i], 0)], &txns)
+            .await
+            .unwrap();
         assert_eq!(v, i + 1);
     }
     let log = dir.path().join("busy/_delta_log");
@@ -559,7 +606,9 @@ async fn many_appends_write_checkpoints_and_reopen_correctly() {
 async fn works_on_a_current_thread_runtime() {
     let dir = tempfile::tempdir().unwrap();
     let root = root(&dir);
-    let mut table = LakeTable::create(&root, "ct", &base_schema(), &[]).await.unwrap();
+    let mut table = LakeTable::create(&root, "ct", &base_schema(), &[])
+        .await
+        .unwrap();
     table
         .append(vec![base_batch(&[1], 0)], &[("ct".into(), 1)])
         .await

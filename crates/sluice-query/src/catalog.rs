@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
 use deltalake::datafusion::catalog::{SchemaProvider, TableProvider};
-use deltalake::datafusion::logical_expr::TableType;
 use deltalake::datafusion::error::{DataFusionError, Result as DFResult};
+use deltalake::datafusion::logical_expr::TableType;
 use deltalake::delta_datafusion::TableProviderBuilder;
 use deltalake::kernel::Snapshot;
 use deltalake::logstore::{LogStore as _, LogStoreRef};
@@ -68,7 +68,10 @@ impl LakeSchema {
     }
 
     /// The latest snapshot of `name`, or `None` if there is no such Delta table.
-    async fn latest(&self, name: &str) -> Result<Option<(LogStoreRef, Arc<Snapshot>)>, DeltaTableError> {
+    async fn latest(
+        &self,
+        name: &str,
+    ) -> Result<Option<(LogStoreRef, Arc<Snapshot>)>, DeltaTableError> {
         let cached = self.cache.lock().ok().and_then(|c| c.get(name).cloned());
         let cached = match cached {
             Some(c) => c,
@@ -128,13 +131,12 @@ impl SchemaProvider for LakeSchema {
     }
 
     async fn table(&self, name: &str) -> DFResult<Option<Arc<dyn TableProvider>>> {
-        let Some((log_store, snapshot)) = self
-            .latest(name)
-            .await
-            .map_err(|e| DataFusionError::External(Box::new(LakeError::Delta {
+        let Some((log_store, snapshot)) = self.latest(name).await.map_err(|e| {
+            DataFusionError::External(Box::new(LakeError::Delta {
                 table: name.to_string(),
                 source: e,
-            })))?
+            }))
+        })?
         else {
             return Ok(None);
         };

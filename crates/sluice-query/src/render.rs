@@ -6,7 +6,9 @@ use std::sync::Arc;
 use deltalake::arrow::array::{Array, ArrayRef, RecordBatch, StringBuilder};
 use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use deltalake::arrow::error::ArrowError;
-use deltalake::arrow::json::writer::{JsonArray, LineDelimited, WriterBuilder as JsonWriterBuilder};
+use deltalake::arrow::json::writer::{
+    JsonArray, LineDelimited, WriterBuilder as JsonWriterBuilder,
+};
 use deltalake::arrow::json::LineDelimitedWriter;
 
 use crate::{QueryError, QueryResult};
@@ -112,7 +114,9 @@ pub fn render(result: &QueryResult, fmt: OutputFormat) -> Result<Vec<u8>, QueryE
                     .map_err(err)?;
             }
             for batch in &result.batches {
-                writer.write(&csv_batch(batch, &schema).map_err(err)?).map_err(err)?;
+                writer
+                    .write(&csv_batch(batch, &schema).map_err(err)?)
+                    .map_err(err)?;
             }
             Ok(writer.into_inner())
         }
@@ -190,7 +194,11 @@ fn csv_batch(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, Arr
 /// batch written as NDJSON gives one `{"v":<value>}` line per row.
 fn nested_to_json(column: &ArrayRef) -> Result<ArrayRef, ArrowError> {
     let batch = RecordBatch::try_new(
-        Arc::new(Schema::new(vec![Field::new("v", column.data_type().clone(), true)])),
+        Arc::new(Schema::new(vec![Field::new(
+            "v",
+            column.data_type().clone(),
+            true,
+        )])),
         vec![column.clone()],
     )?;
     let mut writer = LineDelimitedWriter::new(Vec::new());
@@ -206,7 +214,10 @@ fn nested_to_json(column: &ArrayRef) -> Result<ArrayRef, ArrowError> {
             out.append_null();
             continue;
         }
-        match line.strip_prefix("{\"v\":").and_then(|l| l.strip_suffix('}')) {
+        match line
+            .strip_prefix("{\"v\":")
+            .and_then(|l| l.strip_suffix('}'))
+        {
             Some(value) => out.append_value(value),
             None => out.append_null(),
         }

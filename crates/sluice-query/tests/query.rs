@@ -24,9 +24,15 @@ fn events(rows: &[(&str, i64, &str)], first_offset: i64) -> RecordBatch {
     RecordBatch::try_new(
         Arc::new(events_schema()),
         vec![
-            Arc::new(StringArray::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())),
-            Arc::new(Int64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
-            Arc::new(StringArray::from(rows.iter().map(|r| r.2).collect::<Vec<_>>())),
+            Arc::new(StringArray::from(
+                rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+            )),
+            Arc::new(Int64Array::from(
+                rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+            )),
+            Arc::new(StringArray::from(
+                rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+            )),
             Arc::new(Int32Array::from(vec![0; rows.len()])),
             Arc::new(Int64Array::from(
                 (first_offset..first_offset + rows.len() as i64).collect::<Vec<_>>(),
@@ -45,19 +51,27 @@ async fn lake() -> (tempfile::TempDir, String) {
         .await
         .unwrap();
     t.append(
-        vec![events(&[("click", 1, "eu"), ("view", 2, "us"), ("click", 3, "ap")], 0)],
+        vec![events(
+            &[("click", 1, "eu"), ("view", 2, "us"), ("click", 3, "ap")],
+            0,
+        )],
         &[("q:events:0".into(), 2)],
     )
     .await
     .unwrap();
     t.append(
-        vec![events(&[("click", 4, "eu"), ("view", 5, "us"), ("buy", 6, "ap")], 3)],
+        vec![events(
+            &[("click", 4, "eu"), ("view", 5, "us"), ("buy", 6, "ap")],
+            3,
+        )],
         &[("q:events:0".into(), 5)],
     )
     .await
     .unwrap();
 
-    let mut logs = LakeTable::create(&root, "logs", &events_schema(), &[]).await.unwrap();
+    let mut logs = LakeTable::create(&root, "logs", &events_schema(), &[])
+        .await
+        .unwrap();
     for i in 0..3 {
         let rows: Vec<(&str, i64, &str)> = (0..10).map(|j| ("log", i * 10 + j, "eu")).collect();
         logs.append(vec![events(&rows, i * 10)], &[]).await.unwrap();
@@ -118,10 +132,16 @@ async fn aggregates_and_group_by() {
     assert_eq!(r.num_rows(), 3, "{}", text(&r));
     let r = engine.sql("SHOW TABLES").await.unwrap();
     let shown = text(&r);
-    assert!(shown.contains("events") && shown.contains("logs"), "{shown}");
+    assert!(
+        shown.contains("events") && shown.contains("logs"),
+        "{shown}"
+    );
     let r = engine.sql("DESCRIBE events").await.unwrap();
     let described = text(&r);
-    assert!(described.contains("_offset") && described.contains("region"), "{described}");
+    assert!(
+        described.contains("_offset") && described.contains("region"),
+        "{described}"
+    );
 }
 
 /// `count_files_scanned` of deltalake's scan node in an EXPLAIN ANALYZE.
@@ -208,7 +228,10 @@ async fn output_formats() {
 
     let csv = String::from_utf8(render(&r, OutputFormat::Csv).unwrap()).unwrap();
     let csv_lines: Vec<&str> = csv.lines().collect();
-    assert_eq!(csv_lines, vec!["kind,n,region,_offset", "view,2,us,1", "view,5,us,4"]);
+    assert_eq!(
+        csv_lines,
+        vec!["kind,n,region,_offset", "view,2,us,1", "view,5,us,4"]
+    );
 
     let ipc = render(&r, OutputFormat::ArrowIpc).unwrap();
     let reader =
@@ -220,7 +243,10 @@ async fn output_formats() {
     assert_eq!(batches[0].column(1).as_primitive::<Int64Type>().value(1), 5);
 
     let table = text(&r);
-    assert!(table.contains("| kind") && table.contains("| view"), "{table}");
+    assert!(
+        table.contains("| kind") && table.contains("| view"),
+        "{table}"
+    );
 
     // Empty results still have a shape.
     let empty = engine
@@ -250,7 +276,11 @@ async fn output_formats() {
         serde_json::from_slice(&render(&r, OutputFormat::Json).unwrap()).unwrap();
     assert_eq!(json[0]["s"], serde_json::json!({"a": 2, "b": "view"}));
     let csv = String::from_utf8(render(&r, OutputFormat::Csv).unwrap()).unwrap();
-    assert_eq!(csv.lines().nth(1).unwrap(), r#""{""a"":2,""b"":""view""}""#, "{csv}");
+    assert_eq!(
+        csv.lines().nth(1).unwrap(),
+        r#""{""a"":2,""b"":""view""}""#,
+        "{csv}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -271,7 +301,10 @@ async fn bad_sql_is_a_user_error_naming_the_problem() {
         assert!(err.to_string().contains(needle), "{sql}: {err}");
     }
     // Quoted names cannot escape the lake root.
-    let err = engine.sql(r#"SELECT * FROM "../events""#).await.unwrap_err();
+    let err = engine
+        .sql(r#"SELECT * FROM "../events""#)
+        .await
+        .unwrap_err();
     assert!(err.is_user_error(), "{err:?}");
 }
 
@@ -297,7 +330,10 @@ async fn only_read_only_statements_run() {
     let r = engine.sql("SELECT count(*) FROM events").await.unwrap();
     assert_eq!(i64_at(&r, 0, 0), 6);
     assert!(!std::path::Path::new("/tmp/sluice-copy-test.csv").exists());
-    let r = engine.sql("EXPLAIN SELECT count(*) FROM events").await.unwrap();
+    let r = engine
+        .sql("EXPLAIN SELECT count(*) FROM events")
+        .await
+        .unwrap();
     assert!(r.num_rows() > 0);
 }
 
@@ -321,7 +357,9 @@ async fn freshness_an_append_is_visible_to_the_next_query() {
     }
 
     // A table created after the engine is queryable at once, and listed.
-    let mut fresh = LakeTable::create(&root, "fresh", &events_schema(), &[]).await.unwrap();
+    let mut fresh = LakeTable::create(&root, "fresh", &events_schema(), &[])
+        .await
+        .unwrap();
     fresh
         .append(vec![events(&[("new", 1, "us")], 0)], &[])
         .await
@@ -350,10 +388,16 @@ async fn freshness_an_append_is_visible_to_the_next_query() {
     )
     .unwrap();
     // `_partition`/`_offset` are non-nullable: a batch without them is rejected...
-    assert!(writer.append(vec![batch.clone()], &[]).await.is_err());
+    let err = writer.append(vec![batch.clone()], &[]).await.unwrap_err();
+    assert!(err.to_string().contains("`_partition`"), "{err}");
     // ...so add them.
     let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
-    let mut fields: Vec<Field> = batch.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut fields: Vec<Field> = batch
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
     fields.push(Field::new("_partition", DataType::Int32, false));
     fields.push(Field::new("_offset", DataType::Int64, false));
     fields.push(Field::new("region", DataType::Utf8, true));
@@ -396,5 +440,8 @@ async fn tables_reports_metadata_without_scanning() {
     let none = QueryEngine::new(empty.path().join("nothing-yet").to_str().unwrap());
     assert!(none.tables().await.unwrap().is_empty());
     let err = none.sql("SELECT * FROM events").await.unwrap_err();
-    assert!(err.is_user_error() && err.to_string().contains("events"), "{err}");
+    assert!(
+        err.is_user_error() && err.to_string().contains("events"),
+        "{err}"
+    );
 }

@@ -227,34 +227,36 @@ async fn shutdown_signal() {
     }
 }
 
-/// Retention every 30 s, gauges every second.
+/// Log and lag gauges, computed when /metrics is read.
+fn update_gauges(app: &App) {
+    for s in app.log.streams() {
+        let status = app.sink_status(s.name());
+        let (mut end, mut lag, mut bytes) = (0u64, 0u64, 0u64);
+        for p in s.partitions() {
+            let hw = p.high_watermark();
+            end += hw;
+            lag += hw.saturating_sub(status.as_ref().map_or(0, |st| st.landed(p.id() as usize)));
+            bytes += p.size_bytes();
+        }
+        let name = s.name().to_string();
+        metrics::gauge!("sluice_log_end_offset", "stream" => name.clone()).set(end as f64);
+        metrics::gauge!("sluice_lake_lag_records", "stream" => name.clone()).set(lag as f64);
+        metrics::gauge!("sluice_log_bytes", "stream" => name).set(bytes as f64);
+    }
+}
+
+/// Retention every 30 s.
 async fn housekeeping(app: Arc<App>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut n = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
     loop {
         tick.tick().await;
-        n += 1;
         for s in app.log.streams() {
-            let status = app.sink_status(s.name());
-            let (mut end, mut lag, mut bytes) = (0u64, 0u64, 0u64);
-            for p in s.partitions() {
-                let hw = p.high_watermark();
-                end += hw;
-                lag += hw.saturating_sub(status.as_ref().map_or(0, |st| st.landed(p.id() as usize)));
-                bytes += p.size_bytes();
-            }
-            let name = s.name().to_string();
-            metrics::gauge!("sluice_log_end_offset", "stream" => name.clone()).set(end as f64);
-            metrics::gauge!("sluice_lake_lag_records", "stream" => name.clone()).set(lag as f64);
-            metrics::gauge!("sluice_log_bytes", "stream" => name).set(bytes as f64);
-            if n % 30 == 0 {
-                let s2 = s.clone();
-                let res = tokio::task::spawn_blocking(move || s2.apply_retention(sluice_core::time::now_ms())).await;
-                match res {
-                    Ok(Ok(freed)) if freed > 0 => tracing::info!(stream = s.name(), freed, "retention"),
-                    Ok(Err(e)) => tracing::warn!(stream = s.name(), error = %e, "retention"),
-                    _ => {}
-                }
+            let s2 = s.clone();
+            let res = tokio::task::spawn_blocking(move || s2.apply_retention(sluice_core::time::now_ms())).await;
+            match res {
+                Ok(Ok(freed)) if freed > 0 => tracing::info!(stream = s.name(), freed, "retention"),
+                Ok(Err(e)) => tracing::warn!(stream = s.name(), error = %e, "retention"),
+                _ => {}
             }
         }
     }
@@ -387,5 +389,6 @@ async fn query(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body
 }
 
 async fn metrics_endpoint(State(app): State<Arc<App>>) -> Response {
+    update_gauges(&app);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render()).into_response()
 }

@@ -99,7 +99,7 @@ async fn lake_far_behind_is_503_and_full_log_is_429() {
     let mut status = 200;
     let mut sent = 0;
     while status == 200 && sent < 200 {
-        let (st, _) = s.post("slow", events(sent * 1000, 1000)).await;
+        let (st, _) = s.post("slow", noisy_events(sent * 1000, 1000)).await;
         status = st;
         sent += 1;
     }
@@ -114,7 +114,7 @@ async fn lake_far_behind_is_503_and_full_log_is_429() {
     let mut status = 200;
     let mut sent = 0;
     while status == 200 && sent < 400 {
-        status = s.post("full", events(sent * 1000, 1000)).await.0;
+        status = s.post("full", noisy_events(sent * 1000, 1000)).await.0;
         sent += 1;
     }
     assert_eq!(status, 429, "expected 429 once the log is over 1MiB");
@@ -139,4 +139,14 @@ fn config_errors_name_file_line_key_and_stop_before_start() {
     let (code, out, _) = cli(&["check", "-c", path.to_str().unwrap()]);
     assert_eq!(code, 0);
     assert!(out.contains("ok"));
+}
+
+/// Events with 64 random hex characters each, so the log cannot compress them away.
+fn noisy_events(start: usize, n: usize) -> String {
+    (start..start + n)
+        .map(|i| {
+            let noise: String = (0..64).map(|_| fastrand::alphanumeric()).collect();
+            format!("{{\"event_id\":\"e{i}\",\"noise\":\"{noise}\"}}\n")
+        })
+        .collect()
 }

@@ -24,7 +24,7 @@ async fn send_land_query_exact_counts_and_sums() {
     assert_eq!(s.scalar("SELECT sum(amount) AS s FROM events").await, expected_sum as f64);
     assert_eq!(s.scalar("SELECT count(DISTINCT event_id) AS n FROM events").await, 1011.0);
     // nested fields are structs, event dates partition the table
-    assert_eq!(s.scalar("SELECT count(*) AS n FROM events WHERE user.tier = 'gold'").await, 1010.0);
+    assert_eq!(s.scalar("SELECT count(*) AS n FROM events WHERE account.tier = 'gold'").await, 1010.0);
     assert_eq!(s.scalar("SELECT count(*) AS n FROM events WHERE event_date = '2026-01-02'").await, 337.0);
     assert!(s.lake().join("events").join("event_date=2026-01-02").is_dir());
 

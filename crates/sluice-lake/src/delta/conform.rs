@@ -106,6 +106,10 @@ fn implicit_cast_ok(from: &DataType, to: &DataType) -> bool {
     if from == to || matches!(from, Null) {
         return true;
     }
+    // Partition columns are read back dictionary-encoded; their values are the value type.
+    if let Dictionary(_, value) = from {
+        return implicit_cast_ok(value, to);
+    }
     let string = |t: &DataType| matches!(t, Utf8 | LargeUtf8 | Utf8View);
     let binary = |t: &DataType| matches!(t, Binary | LargeBinary | BinaryView);
     let int_rank = |t: &DataType| match t {
@@ -192,7 +196,10 @@ fn merge_field(table: &Field, incoming: &Field, path: &str) -> Result<Field, Con
 
 /// Converts `batch` to exactly `target` (see [`merge_schema`]): columns by name, missing ones
 /// null, values cast to the target types.
-pub(crate) fn conform_batch(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBatch, ConformError> {
+pub(crate) fn conform_batch(
+    batch: &RecordBatch,
+    target: &SchemaRef,
+) -> Result<RecordBatch, ConformError> {
     if batch.schema().as_ref() == target.as_ref() {
         return Ok(batch.clone());
     }
@@ -202,26 +209,23 @@ pub(crate) fn conform_batch(batch: &RecordBatch, target: &SchemaRef) -> Result<R
         .iter()
         .map(|f| match batch.column_by_name(f.name()) {
             Some(col) => conform_array(col, f.data_type(), f.name()),
+            None if !f.is_nullable() => Err(ConformError::Arrow {
+                column: f.name().clone(),
+                message: "the column is not nullable but missing from the new data".into(),
+            }),
             None => Ok(new_null_array(f.data_type(), rows)),
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // Errors here name the field themselves ("Column 'x' is declared as non-nullable but
+    // contains null values").
     RecordBatch::try_new_with_options(
         target.clone(),
         columns,
         &RecordBatchOptions::new().with_row_count(Some(rows)),
     )
     .map_err(|e| ConformError::Arrow {
-        column: String::new(),
+        column: "*".into(),
         message: e.to_string(),
-    })
-    .map_err(|e| match e {
-        // RecordBatch errors name the field themselves ("Column 'x' is declared as non-nullable
-        // but contains null values").
-        ConformError::Arrow { message, .. } => ConformError::Arrow {
-            column: "(batch)".into(),
-            message,
-        },
-        other => other,
     })
 }
 
@@ -329,7 +333,14 @@ mod tests {
             Field::new("s", st(vec![Field::new("x", DataType::Int64, true)]), true),
         ]);
         let incoming = Schema::new(vec![
-            Field::new("s", st(vec![Field::new("y", DataType::Utf8View, false), Field::new("x", DataType::Int32, false)]), false),
+            Field::new(
+                "s",
+                st(vec![
+                    Field::new("y", DataType::Utf8View, false),
+                    Field::new("x", DataType::Int32, false),
+                ]),
+                false,
+            ),
             Field::new("b", DataType::UInt64, false),
             Field::new("n", DataType::Null, true),
         ]);
@@ -339,15 +350,26 @@ mod tests {
         assert_eq!(merged.field(0), table.field(0));
         assert_eq!(
             merged.field(1).data_type(),
-            &st(vec![Field::new("x", DataType::Int64, true), Field::new("y", DataType::Utf8, true)])
+            &st(vec![
+                Field::new("x", DataType::Int64, true),
+                Field::new("y", DataType::Utf8, true)
+            ])
         );
         assert_eq!(merged.field(2), &Field::new("b", DataType::Int64, true));
     }
 
     #[test]
     fn merge_rejects_float_into_int_and_names_column() {
-        let table = Schema::new(vec![Field::new("s", st(vec![Field::new("v", DataType::Int64, true)]), true)]);
-        let incoming = Schema::new(vec![Field::new("s", st(vec![Field::new("v", DataType::Float64, true)]), true)]);
+        let table = Schema::new(vec![Field::new(
+            "s",
+            st(vec![Field::new("v", DataType::Int64, true)]),
+            true,
+        )]);
+        let incoming = Schema::new(vec![Field::new(
+            "s",
+            st(vec![Field::new("v", DataType::Float64, true)]),
+            true,
+        )]);
         let err = merge_schema(&table, &incoming).unwrap_err();
         assert!(err.to_string().contains("`s.v`"), "{err}");
     }
@@ -355,7 +377,14 @@ mod tests {
     #[test]
     fn conform_fills_missing_nested_and_casts() {
         let target: SchemaRef = Arc::new(Schema::new(vec![
-            Field::new("s", st(vec![Field::new("x", DataType::Float64, true), Field::new("y", DataType::Utf8, true)]), true),
+            Field::new(
+                "s",
+                st(vec![
+                    Field::new("x", DataType::Float64, true),
+                    Field::new("y", DataType::Utf8, true),
+                ]),
+                true,
+            ),
             Field::new("z", DataType::Int64, true),
         ]));
         let s = StructArray::from(vec![(

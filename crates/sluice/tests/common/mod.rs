@@ -193,7 +193,7 @@ pub fn events(start: usize, n: usize) -> String {
     (start..start + n)
         .map(|i| {
             format!(
-                "{{\"event_id\":\"e{i}\",\"ts\":\"2026-01-{:02}T10:00:00.000Z\",\"region\":\"{}\",\"amount\":{},\"user\":{{\"id\":{},\"tier\":\"gold\"}},\"tags\":[\"a\",\"b\"]}}\n",
+                "{{\"event_id\":\"e{i}\",\"ts\":\"2026-01-{:02}T10:00:00.000Z\",\"region\":\"{}\",\"amount\":{},\"account\":{{\"id\":{},\"tier\":\"gold\"}},\"tags\":[\"a\",\"b\"]}}\n",
                 1 + i % 3,
                 ["madrid", "berlin", "paris"][i % 3],
                 i,

@@ -272,6 +272,7 @@ impl LakeSink {
         })
         .await?;
         add_missing_partition_columns(&mut converted, &self.opts.partition_by)?;
+        let converted_at = Instant::now();
 
         let rejects: Vec<_> = converted
             .rejects
@@ -326,7 +327,14 @@ impl LakeSink {
         metrics::counter!("sluice_lake_rows_total", "table" => name.clone()).increment(rows as u64);
         metrics::counter!("sluice_lake_commits_total", "table" => name.clone()).increment(1);
         metrics::histogram!("sluice_lake_commit_seconds", "table" => name).record(started.elapsed().as_secs_f64());
-        tracing::debug!(table = self.table_name(), records = count, rows, "landed");
+        tracing::debug!(
+            table = self.table_name(),
+            records = count,
+            rows,
+            convert_ms = (converted_at - started).as_millis() as u64,
+            commit_ms = converted_at.elapsed().as_millis() as u64,
+            "landed"
+        );
         Ok(())
     }
 }

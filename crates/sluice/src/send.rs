@@ -68,7 +68,7 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
     let reader = std::thread::spawn(move || -> anyhow::Result<()> {
         let mut r = BufReader::with_capacity(1 << 20, input);
         let mut buf = Vec::with_capacity(batch_bytes + 4096);
-        let (mut n, mut line_no, mut consumed) = (0usize, 0u64, 0u64);
+        let (mut n, mut consumed) = (0usize, 0u64);
         let mut line = Vec::new();
         loop {
             line.clear();
@@ -76,7 +76,6 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
             if read == 0 {
                 break;
             }
-            line_no += 1;
             consumed += read as u64;
             if line.iter().all(|b| b.is_ascii_whitespace()) {
                 continue;
@@ -93,7 +92,6 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
                 (n, consumed) = (0, 0);
             }
         }
-        let _ = line_no;
         if n > 0 {
             let _ = tx.blocking_send((buf, n, consumed));
         }

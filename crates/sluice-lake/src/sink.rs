@@ -19,7 +19,7 @@
 use crate::convert::{self, ConvertOptions, InputRecord};
 use crate::delta::LakeTable;
 use arrow_array::{new_null_array, RecordBatch};
-use arrow_schema::{DataType, Field, Schema};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use sluice_log::{Partition, Stream, StoredRecord};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -78,13 +78,21 @@ pub struct LakeSink {
     status: Arc<SinkStatus>,
 }
 
-struct State {
+/// What the commit stage owns.
+struct Writer {
     main: Option<LakeTable>,
     dlq: Option<LakeTable>,
-    /// Next offset to read per partition (speculative, ahead of what is landed).
-    next: Vec<u64>,
     /// Dead letters at or below these offsets are already in the dead-letter table.
     dlq_done: Vec<i64>,
+}
+
+/// One flush, converted and ready to commit.
+struct Prepared {
+    converted: convert::Converted,
+    /// Per partition, the last offset in this flush.
+    last: Vec<Option<u64>>,
+    records: usize,
+    started: Instant,
 }
 
 impl LakeSink {
@@ -113,15 +121,24 @@ impl LakeSink {
 
     /// Lands records until `shutdown` turns true; then lands everything durable in the
     /// log at that moment and returns.
+    ///
+    /// Two stages overlap: while one flush is committed, the next is read and converted
+    /// (against the schema the table will have after that commit). Any error drops both
+    /// and restarts from the positions recorded in the lake.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(100);
-        let mut state = None;
+        let mut state: Option<(Vec<u64>, Writer)> = None;
+        let mut pending: Option<Prepared> = None;
         loop {
             let stopping = *shutdown.borrow();
-            let st = match state.as_mut() {
-                Some(st) => st,
+            let (next, writer) = match state.as_mut() {
+                Some((n, w)) => (n, w),
                 None => match self.init().await {
-                    Ok(st) => state.insert(st),
+                    Ok(st) => {
+                        pending = None;
+                        let (n, w) = state.insert(st);
+                        (n, w)
+                    }
                     Err(e) => {
                         self.fail(&e);
                         if stopping {
@@ -133,31 +150,53 @@ impl LakeSink {
                     }
                 },
             };
-            let records = match self.collect(st, &mut shutdown).await {
-                Ok(r) => r,
-                Err(e) => {
-                    self.fail(&e);
-                    state = None;
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                    continue;
+            let result: anyhow::Result<bool> = match pending.take() {
+                None => {
+                    // Nothing in flight: read and convert one flush.
+                    match self.collect(next, &mut shutdown).await {
+                        Ok(recs) if recs.is_empty() => Ok(!stopping),
+                        Ok(recs) => {
+                            let schema = writer.main.as_ref().map(|t| logical_schema(&t.arrow_schema()));
+                            self.prepare(recs, schema).await.map(|p| {
+                                pending = Some(p);
+                                true
+                            })
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                Some(p) => {
+                    let schema_after = p.converted.schema.clone();
+                    let (me, shutdown) = (&self, &mut shutdown);
+                    let ahead = async move {
+                        let recs = me.collect(next, shutdown).await?;
+                        if recs.is_empty() {
+                            return Ok(None);
+                        }
+                        me.prepare(recs, Some(schema_after)).await.map(Some)
+                    };
+                    let (committed, ahead) = tokio::join!(self.commit(writer, p), ahead);
+                    match (committed, ahead) {
+                        (Ok(()), Ok(p2)) => {
+                            let more = p2.is_some();
+                            pending = p2;
+                            Ok(more || !stopping)
+                        }
+                        (Err(e), _) | (_, Err(e)) => Err(e),
+                    }
                 }
             };
-            if records.is_empty() {
-                if stopping {
-                    return;
-                }
-                continue;
-            }
-            match self.land(st, records).await {
-                Ok(()) => {
+            match result {
+                Ok(true) => {
                     backoff = Duration::from_millis(100);
                     *self.status.last_error.lock() = None;
                 }
+                Ok(false) => return,
                 Err(e) => {
                     self.fail(&e);
                     // Re-read positions from the lake: what committed stays, the rest is read again.
                     state = None;
+                    pending = None;
                     if stopping && backoff > Duration::from_secs(5) {
                         return;
                     }
@@ -174,7 +213,7 @@ impl LakeSink {
         *self.status.last_error.lock() = Some(format!("{e:#}"));
     }
 
-    async fn init(&self) -> anyhow::Result<State> {
+    async fn init(&self) -> anyhow::Result<(Vec<u64>, Writer)> {
         let root = &self.opts.lake_root;
         let main = LakeTable::open(root, self.table_name()).await?;
         let dlq = LakeTable::open(root, &self.dlq_name()).await?;
@@ -202,12 +241,12 @@ impl LakeSink {
             next.push(n);
             dlq_done.push(dlq.as_ref().and_then(|t| t.txn_version(&app)).unwrap_or(-1));
         }
-        Ok(State { main, dlq, next, dlq_done })
+        Ok((next, Writer { main, dlq, dlq_done }))
     }
 
     /// Reads durable records until flush_bytes are buffered or flush_interval has passed
     /// since the first one arrived (or, when stopping, until the log is drained).
-    async fn collect(&self, st: &mut State, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<Vec<(u32, StoredRecord)>> {
+    async fn collect(&self, next: &mut [u64], shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<Vec<(u32, StoredRecord)>> {
         let parts = self.stream.partitions();
         let mut out = Vec::new();
         let mut bytes = 0u64;
@@ -216,13 +255,13 @@ impl LakeSink {
             let mut got = false;
             for p in parts {
                 let i = p.id() as usize;
-                if bytes >= self.opts.flush_bytes || st.next[i] >= p.high_watermark() {
+                if bytes >= self.opts.flush_bytes || next[i] >= p.high_watermark() {
                     continue;
                 }
                 let budget = (self.opts.flush_bytes - bytes).clamp(64 << 10, 8 << 20) as usize;
-                let recs = p.read(st.next[i], budget)?;
+                let recs = p.read(next[i], budget)?;
                 if let Some(last) = recs.last() {
-                    st.next[i] = last.offset + 1;
+                    next[i] = last.offset + 1;
                     got = true;
                 }
                 for r in recs {
@@ -241,7 +280,7 @@ impl LakeSink {
                 continue;
             }
             let wait = deadline.map_or(Duration::from_millis(500), |d| d.saturating_duration_since(Instant::now()));
-            let waits = parts.iter().map(|p| Box::pin(p.wait_for(st.next[p.id() as usize], wait)));
+            let waits = parts.iter().map(|p| Box::pin(p.wait_for(next[p.id() as usize], wait)));
             tokio::select! {
                 _ = futures::future::select_all(waits) => {}
                 _ = shutdown.changed() => {}
@@ -249,18 +288,13 @@ impl LakeSink {
         }
     }
 
-    async fn land(&self, st: &mut State, records: Vec<(u32, StoredRecord)>) -> anyhow::Result<()> {
+    /// Converts one flush (CPU work, on the blocking pool).
+    async fn prepare(&self, records: Vec<(u32, StoredRecord)>, table_schema: Option<SchemaRef>) -> anyhow::Result<Prepared> {
         let started = Instant::now();
-        let mut last: Vec<Option<u64>> = vec![None; st.next.len()];
+        let mut last: Vec<Option<u64>> = vec![None; self.stream.partitions().len()];
         for (p, r) in &records {
             last[*p as usize] = Some(r.offset);
         }
-        let txns: Vec<(String, i64)> = last
-            .iter()
-            .enumerate()
-            .filter_map(|(p, o)| o.map(|o| (app_id(self.stream.name(), p as u32), o as i64)))
-            .collect();
-        let table_schema = st.main.as_ref().map(|t| logical_schema(&t.arrow_schema()));
         let copts = ConvertOptions { date_column: self.opts.date_column.clone(), partition_by: self.opts.partition_by.clone() };
         let count = records.len();
         let mut converted = tokio::task::spawn_blocking(move || {
@@ -272,26 +306,38 @@ impl LakeSink {
         })
         .await?;
         add_missing_partition_columns(&mut converted, &self.opts.partition_by)?;
-        let converted_at = Instant::now();
+        Ok(Prepared { converted, last, records: count, started })
+    }
+
+    /// Commits one converted flush: dead letters first, then the rows, each commit
+    /// carrying the flush's offsets; then the log consumer offset.
+    async fn commit(&self, w: &mut Writer, p: Prepared) -> anyhow::Result<()> {
+        let commit_started = Instant::now();
+        let Prepared { converted, last, records: count, started } = p;
+        let txns: Vec<(String, i64)> = last
+            .iter()
+            .enumerate()
+            .filter_map(|(p, o)| o.map(|o| (app_id(self.stream.name(), p as u32), o as i64)))
+            .collect();
 
         let rejects: Vec<_> = converted
             .rejects
             .into_iter()
-            .filter(|r| r.offset as i64 > st.dlq_done[r.partition as usize])
+            .filter(|r| r.offset as i64 > w.dlq_done[r.partition as usize])
             .collect();
         if !rejects.is_empty() {
             let batch = convert::rejects_to_batch(&rejects, &self.opts.date_column);
-            let dlq = match st.dlq.as_mut() {
+            let dlq = match w.dlq.as_mut() {
                 Some(t) => t,
                 None => {
                     let t = LakeTable::create(&self.opts.lake_root, &self.dlq_name(), &batch.schema(), &[self.opts.date_column.clone()]).await?;
-                    st.dlq.insert(t)
+                    w.dlq.insert(t)
                 }
             };
             dlq.append(vec![batch], &txns).await?;
-            for (app, v) in &txns {
-                if let Some(p) = app.rsplit(':').next().and_then(|p| p.parse::<usize>().ok()) {
-                    st.dlq_done[p] = *v;
+            for (p, o) in last.iter().enumerate() {
+                if let Some(o) = o {
+                    w.dlq_done[p] = *o as i64;
                 }
             }
             self.status.dead_letters.fetch_add(rejects.len() as u64, Ordering::Relaxed);
@@ -299,7 +345,7 @@ impl LakeSink {
         }
 
         let rows: usize = converted.batches.iter().map(|b| b.num_rows()).sum();
-        let main = match st.main.as_mut() {
+        let main = match w.main.as_mut() {
             Some(t) => {
                 if !converted.widened.is_empty() {
                     tracing::info!(table = self.table_name(), columns = ?converted.widened, "widening columns to double: rewriting table");
@@ -309,7 +355,7 @@ impl LakeSink {
             }
             None => {
                 let t = LakeTable::create(&self.opts.lake_root, self.table_name(), &converted.schema, &self.partition_columns()).await?;
-                st.main.insert(t)
+                w.main.insert(t)
             }
         };
         main.append(converted.batches, &txns).await?;
@@ -326,13 +372,13 @@ impl LakeSink {
         let name = self.stream.name().to_string();
         metrics::counter!("sluice_lake_rows_total", "table" => name.clone()).increment(rows as u64);
         metrics::counter!("sluice_lake_commits_total", "table" => name.clone()).increment(1);
-        metrics::histogram!("sluice_lake_commit_seconds", "table" => name).record(started.elapsed().as_secs_f64());
+        metrics::histogram!("sluice_lake_commit_seconds", "table" => name).record(commit_started.elapsed().as_secs_f64());
         tracing::debug!(
             table = self.table_name(),
             records = count,
             rows,
-            convert_ms = (converted_at - started).as_millis() as u64,
-            commit_ms = converted_at.elapsed().as_millis() as u64,
+            convert_ms = (commit_started - started).as_millis() as u64,
+            commit_ms = commit_started.elapsed().as_millis() as u64,
             "landed"
         );
         Ok(())

@@ -3,4 +3,5 @@
 
 pub mod convert;
 pub mod delta;
+pub mod durable_store;
 pub mod sink;

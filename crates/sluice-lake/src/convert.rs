@@ -224,6 +224,51 @@ pub fn convert(
     out
 }
 
+/// [`convert`] on up to `threads` threads: the records are cut into contiguous chunks that
+/// are converted at once, each from `table_schema`. When every chunk ends with the same
+/// schema (the steady state: no evolution, or the same evolution everywhere) the chunks'
+/// batches and rejects are concatenated in order; the result equals [`convert`]'s, because a
+/// chunk's records were checked against a prefix of that schema's evolution, and evolution
+/// only adds columns and widens Int64 to Float64 (so no decision can differ). Otherwise
+/// (chunks evolved differently) the records are converted again on one thread.
+pub fn convert_parallel(
+    table_schema: Option<&Schema>,
+    records: &[InputRecord],
+    opts: &ConvertOptions,
+    threads: usize,
+) -> Converted {
+    let threads = threads.min(records.len()).max(1);
+    if threads == 1 {
+        return convert(table_schema, records, opts);
+    }
+    let per = records.len().div_ceil(threads);
+    let parts: Vec<Converted> = std::thread::scope(|scope| {
+        let handles: Vec<_> = records
+            .chunks(per)
+            .map(|chunk| scope.spawn(move || convert(table_schema, chunk, opts)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    if parts.iter().any(|p| p.schema != parts[0].schema) {
+        return convert(table_schema, records, opts);
+    }
+    let mut parts = parts.into_iter();
+    let mut out = parts.next().expect("threads >= 2 chunks");
+    for p in parts {
+        out.batches.extend(p.batches);
+        out.rejects.extend(p.rejects);
+        for w in p.widened {
+            if !out.widened.contains(&w) {
+                out.widened.push(w);
+            }
+        }
+    }
+    out
+}
+
 fn make_reject(r: &InputRecord, reason: String) -> Reject {
     Reject {
         partition: r.partition,

@@ -288,7 +288,7 @@ impl LakeSink {
         }
     }
 
-    /// Converts one flush (CPU work, on the blocking pool).
+    /// Converts one flush (CPU work, on the blocking pool, split over the cores).
     async fn prepare(&self, records: Vec<(u32, StoredRecord)>, table_schema: Option<SchemaRef>) -> anyhow::Result<Prepared> {
         let started = Instant::now();
         let mut last: Vec<Option<u64>> = vec![None; self.stream.partitions().len()];
@@ -302,7 +302,7 @@ impl LakeSink {
                 .iter()
                 .map(|(p, r)| InputRecord { partition: *p, offset: r.offset, timestamp_ms: r.timestamp_ms, value: &r.value })
                 .collect();
-            convert::convert(table_schema.as_deref(), &inputs, &copts)
+            convert::convert_parallel(table_schema.as_deref(), &inputs, &copts, convert_threads(inputs.len()))
         })
         .await?;
         add_missing_partition_columns(&mut converted, &self.opts.partition_by)?;
@@ -383,6 +383,13 @@ impl LakeSink {
         );
         Ok(())
     }
+}
+
+/// Threads to convert one flush on: one per core, each with at least 16k records (below
+/// that, starting threads costs more than it saves).
+fn convert_threads(records: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cores.min(records / 16_384).max(1)
 }
 
 /// The table schema as the converter should produce it: deltalake reports partition

@@ -99,3 +99,148 @@ fn convert_throughput() {
         n / best_cpu
     );
 }
+
+/// What the Parquet settings cost on the converted reference workload, and what deltalake's
+/// write path adds on top of plain Parquet encoding. Ignored by default; run with
+/// `cargo test --workspace --test convert_bench -- --ignored --nocapture parquet`.
+#[test]
+#[ignore]
+fn parquet_write_costs() {
+    use deltalake::parquet::arrow::ArrowWriter;
+    use deltalake::parquet::basic::{Compression, ZstdLevel};
+    use deltalake::parquet::file::properties::{EnabledStatistics, WriterProperties};
+
+    let data = events();
+    let lines: Vec<&[u8]> = data
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
+    let records: Vec<InputRecord> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, v)| InputRecord {
+            partition: (i % 4) as u32,
+            offset: i as u64,
+            timestamp_ms: 1_772_323_200_000 + i as i64 * 1700,
+            value: v,
+        })
+        .collect();
+    let opts = ConvertOptions::default();
+    let converted = convert(None, &records, &opts);
+    let n = records.len() as f64;
+    println!("| parquet settings | records/s per CPU-second | bytes/record |");
+    println!("|---|---|---|");
+    let cases: Vec<(&str, WriterProperties)> = vec![
+        (
+            "zstd(3), page stats, dictionary (current)",
+            WriterProperties::builder()
+                .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap()))
+                .set_statistics_enabled(EnabledStatistics::Page)
+                .build(),
+        ),
+        (
+            "zstd(1), page stats, dictionary",
+            WriterProperties::builder()
+                .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap()))
+                .set_statistics_enabled(EnabledStatistics::Page)
+                .build(),
+        ),
+        (
+            "zstd(1), chunk stats, dictionary",
+            WriterProperties::builder()
+                .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap()))
+                .set_statistics_enabled(EnabledStatistics::Chunk)
+                .build(),
+        ),
+        (
+            "zstd(1), page stats, no dictionary",
+            WriterProperties::builder()
+                .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap()))
+                .set_statistics_enabled(EnabledStatistics::Page)
+                .set_dictionary_enabled(false)
+                .build(),
+        ),
+        (
+            "zstd(1), page stats, dictionary up to 64 KiB",
+            WriterProperties::builder()
+                .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap()))
+                .set_statistics_enabled(EnabledStatistics::Page)
+                .set_dictionary_page_size_limit(64 << 10)
+                .build(),
+        ),
+        (
+            "zstd(3), page stats, dictionary up to 64 KiB",
+            WriterProperties::builder()
+                .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap()))
+                .set_statistics_enabled(EnabledStatistics::Page)
+                .set_dictionary_page_size_limit(64 << 10)
+                .build(),
+        ),
+        (
+            "zstd(1), page stats, dictionary up to 16 KiB",
+            WriterProperties::builder()
+                .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap()))
+                .set_statistics_enabled(EnabledStatistics::Page)
+                .set_dictionary_page_size_limit(16 << 10)
+                .build(),
+        ),
+        (
+            "zstd(3), page stats, dictionary up to 16 KiB",
+            WriterProperties::builder()
+                .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap()))
+                .set_statistics_enabled(EnabledStatistics::Page)
+                .set_dictionary_page_size_limit(16 << 10)
+                .build(),
+        ),
+        (
+            "zstd(3), page stats, dictionary up to 4 KiB",
+            WriterProperties::builder()
+                .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap()))
+                .set_statistics_enabled(EnabledStatistics::Page)
+                .set_dictionary_page_size_limit(4 << 10)
+                .build(),
+        ),
+        (
+            "uncompressed, page stats, dictionary",
+            WriterProperties::builder()
+                .set_compression(Compression::UNCOMPRESSED)
+                .set_statistics_enabled(EnabledStatistics::Page)
+                .build(),
+        ),
+    ];
+    for (name, props) in cases {
+        let c0 = thread_cpu();
+        let mut out = Vec::new();
+        let mut w = ArrowWriter::try_new(&mut out, converted.schema.clone(), Some(props)).unwrap();
+        for b in &converted.batches {
+            w.write(b).unwrap();
+        }
+        w.close().unwrap();
+        let cpu = thread_cpu().zip(c0).map(|(a, b)| a - b).unwrap_or(f64::NAN);
+        println!("| {name} | {:.0} | {:.1} |", n / cpu, out.len() as f64 / n);
+    }
+
+    // The whole LakeTable::append (deltalake's write path: partitioning by date, Parquet,
+    // statistics, commit), wall time on a multi-threaded runtime.
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_str().unwrap().to_string();
+    rt.block_on(async {
+        let mut t = sluice_lake::delta::LakeTable::create(
+            &root,
+            "t",
+            &converted.schema,
+            &[opts.date_column.clone()],
+        )
+        .await
+        .unwrap();
+        for round in 0..3 {
+            let start = Instant::now();
+            t.append(converted.batches.clone(), &[("b:t:0".into(), round)])
+                .await
+                .unwrap();
+            let s = start.elapsed().as_secs_f64();
+            println!("LakeTable::append of {n} records: {:.3}s wall = {:.0} records/s", s, n / s);
+        }
+    });
+}

@@ -8,7 +8,7 @@ use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_schema::DataType;
 use proptest::prelude::*;
 use serde_json::{Map, Number, Value};
-use sluice_lake::convert::{convert, ConvertOptions, Converted, InputRecord};
+use sluice_lake::convert::{convert, convert_parallel, ConvertOptions, Converted, InputRecord};
 
 // ---------- generators ----------
 
@@ -307,6 +307,48 @@ proptest! {
         for w in &c2.widened {
             prop_assert_eq!(w.as_str(), "b");
             prop_assert_eq!(c1.schema.field_with_name("b").unwrap().data_type(), &DataType::Int64);
+        }
+    }
+
+    #[test]
+    fn parallel_conversion_equals_sequential(
+        first in prop::collection::vec(typed_record(), 1..10),
+        second in prop::collection::vec(any_record(), 1..16),
+        threads in 2usize..4,
+    ) {
+        // Against no table and against a known one; records that fit the table (chunks
+        // merged), typed and arbitrary records (chunks evolve differently: the fallback).
+        let c1 = run(&first, None)?;
+        let cases = [
+            (&first, Some(c1.schema.as_ref())),
+            (&first, None),
+            (&second, None),
+            (&second, Some(c1.schema.as_ref())),
+        ];
+        for (records, table) in cases {
+            let texts: Vec<String> = records.iter().map(|r| serde_json::to_string(r).unwrap()).collect();
+            let inputs: Vec<InputRecord> = texts
+                .iter()
+                .enumerate()
+                .map(|(i, t)| InputRecord { partition: 0, offset: i as u64, timestamp_ms: 0, value: t.as_bytes() })
+                .collect();
+            let seq = convert(table, &inputs, &ConvertOptions::default());
+            let par = convert_parallel(table, &inputs, &ConvertOptions::default(), threads);
+            prop_assert_eq!(&par.schema, &seq.schema);
+            prop_assert_eq!(&par.rejects, &seq.rejects);
+            let mut w1 = par.widened.clone();
+            let mut w2 = seq.widened.clone();
+            w1.sort();
+            w2.sort();
+            prop_assert_eq!(w1, w2);
+            let cat = |c: &Converted| {
+                if c.batches.is_empty() {
+                    None
+                } else {
+                    Some(deltalake::arrow::compute::concat_batches(&c.schema, &c.batches).unwrap())
+                }
+            };
+            prop_assert_eq!(cat(&par), cat(&seq));
         }
     }
 

@@ -149,6 +149,14 @@ pub struct Limits {
     /// Log bytes per stream not yet landed in the lake (503 above).
     #[serde(default = "default_max_lag", deserialize_with = "de_size")]
     pub max_lake_lag_bytes: u64,
+    /// Memory one query may use for its operators (sorts, joins, aggregates); a query that
+    /// needs more fails with an error instead of growing the process.
+    #[serde(default = "default_query_memory", deserialize_with = "de_size")]
+    pub max_query_memory_bytes: u64,
+    /// Largest result `POST /v1/query` returns (Arrow in-memory size; 400 above, add a
+    /// LIMIT or aggregate).
+    #[serde(default = "default_query_result", deserialize_with = "de_size")]
+    pub max_query_result_bytes: u64,
 }
 
 /// The embedded log.
@@ -204,6 +212,12 @@ fn default_max_log() -> u64 {
 }
 fn default_max_lag() -> u64 {
     4 << 30
+}
+fn default_query_memory() -> u64 {
+    256 << 20
+}
+fn default_query_result() -> u64 {
+    64 << 20
 }
 fn default_segment() -> u64 {
     128 << 20
@@ -344,6 +358,8 @@ fn validate(cfg: &Config) -> Result<(), Invalid> {
         ("max_inflight_bytes", l.max_inflight_bytes, 1024),
         ("max_log_bytes", l.max_log_bytes, 1 << 20),
         ("max_lake_lag_bytes", l.max_lake_lag_bytes, 1 << 20),
+        ("max_query_memory_bytes", l.max_query_memory_bytes, 1 << 20),
+        ("max_query_result_bytes", l.max_query_result_bytes, 1024),
     ] {
         if v < min {
             return Err((p(&["limits", k]), format!("must be at least {min} bytes")));
@@ -431,6 +447,11 @@ impl TokenConfig {
     /// May this token write to `stream`?
     pub fn can_write(&self, stream: &str) -> bool {
         Self::allows(&self.write, stream)
+    }
+
+    /// May this token read every table (read scope `*`)?
+    pub fn can_read_all(&self) -> bool {
+        self.read.iter().any(|p| p == "*")
     }
 
     /// May this token read `table` (a stream's table or its `__dlq`)?

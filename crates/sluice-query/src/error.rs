@@ -22,6 +22,9 @@ pub enum QueryError {
     /// Listing or loading lake tables failed.
     #[error(transparent)]
     Lake(#[from] LakeError),
+    /// The result is larger than the engine's result limit.
+    #[error("the query result is larger than {limit} bytes (limits.max_query_result_bytes): add a LIMIT, filter or aggregate")]
+    ResultTooLarge { limit: usize },
     /// The result cannot be encoded in the requested format.
     #[error("cannot render the result as {format}: {message}")]
     Render {
@@ -33,7 +36,10 @@ pub enum QueryError {
 impl QueryError {
     /// Whether the error is the query's fault (report as 400, not 500).
     pub fn is_user_error(&self) -> bool {
-        matches!(self, QueryError::NotReadOnly(_) | QueryError::User(_))
+        matches!(
+            self,
+            QueryError::NotReadOnly(_) | QueryError::User(_) | QueryError::ResultTooLarge { .. }
+        )
     }
 
     /// Classifies a DataFusion error, keeping its message.
@@ -62,7 +68,9 @@ fn is_user_error(err: &DataFusionError) -> bool {
         | DataFusionError::SchemaError(..)
         // Runtime errors of functions on the query's values (invalid argument, unparsable
         // timestamp, ...). I/O and storage failures arrive as other variants.
-        | DataFusionError::Execution(_) => true,
+        | DataFusionError::Execution(_)
+        // The query needs more memory than limits.max_query_memory_bytes.
+        | DataFusionError::ResourcesExhausted(_) => true,
         DataFusionError::ArrowError(e, _) => matches!(
             e.as_ref(),
             ArrowError::DivideByZero

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use deltalake::arrow::array::RecordBatch;
 use deltalake::arrow::datatypes::SchemaRef;
 use deltalake::datafusion::execution::context::SQLOptions;
+use deltalake::datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use deltalake::datafusion::prelude::{SessionConfig, SessionContext};
 use deltalake::datafusion::sql::parser::Statement as DFStatement;
 use deltalake::datafusion::sql::sqlparser::ast::Statement as SqlStatement;
@@ -81,6 +82,18 @@ pub struct QueryEngine {
 struct Inner {
     ctx: SessionContext,
     schema: Arc<LakeSchema>,
+    limits: QueryLimits,
+}
+
+/// Bounds on what one query may use. The default is unbounded (the CLI); the server sets both.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueryLimits {
+    /// Memory for operators (sorts, joins, aggregates) per engine; a query needing more fails
+    /// with a "resources exhausted" error (a user error) instead of growing the process.
+    pub memory_bytes: Option<usize>,
+    /// Largest result [`QueryEngine::sql`] collects (Arrow in-memory size), else
+    /// [`QueryError::ResultTooLarge`].
+    pub result_bytes: Option<usize>,
 }
 
 impl std::fmt::Debug for QueryEngine {
@@ -95,10 +108,22 @@ impl QueryEngine {
     /// An engine over the Delta tables under `lake_root` (a local directory or URL). Nothing is
     /// read until a query runs.
     pub fn new(lake_root: &str) -> QueryEngine {
+        Self::with_limits(lake_root, QueryLimits::default())
+    }
+
+    /// An engine whose queries are bounded by `limits`.
+    pub fn with_limits(lake_root: &str, limits: QueryLimits) -> QueryEngine {
         let config = SessionConfig::new()
             .with_information_schema(true)
             .with_default_catalog_and_schema("lake", "public");
-        let ctx = SessionContext::new_with_config(config);
+        let mut runtime = RuntimeEnvBuilder::new();
+        if let Some(bytes) = limits.memory_bytes {
+            runtime = runtime.with_memory_limit(bytes, 1.0);
+        }
+        let ctx = match runtime.build_arc() {
+            Ok(runtime) => SessionContext::new_with_config_rt(config, runtime),
+            Err(_) => SessionContext::new_with_config(config),
+        };
         let schema = Arc::new(LakeSchema::new(lake_root));
         let catalog = Arc::new(deltalake::datafusion::catalog::MemoryCatalogProvider::new());
         // Registering into a fresh in-memory catalog cannot fail.
@@ -109,7 +134,7 @@ impl QueryEngine {
         );
         ctx.register_catalog("lake", catalog);
         QueryEngine {
-            inner: Arc::new(Inner { ctx, schema }),
+            inner: Arc::new(Inner { ctx, schema, limits }),
         }
     }
 
@@ -161,7 +186,19 @@ impl QueryEngine {
             .map_err(|e| QueryError::NotReadOnly(e.to_string()))?;
         let df = ctx.execute_logical_plan(plan).await?;
         let df_schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-        let batches = df.collect().await?;
+        let mut stream = df.execute_stream().await?;
+        let mut batches = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(batch) = stream.next().await {
+            let batch = batch?;
+            bytes += batch.get_array_memory_size();
+            if let Some(limit) = self.inner.limits.result_bytes {
+                if bytes > limit {
+                    return Err(QueryError::ResultTooLarge { limit });
+                }
+            }
+            batches.push(batch);
+        }
         let schema = batches.first().map(|b| b.schema()).unwrap_or(df_schema);
         Ok(QueryResult { schema, batches })
     }

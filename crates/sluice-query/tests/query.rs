@@ -445,3 +445,26 @@ async fn tables_reports_metadata_without_scanning() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn result_limit_rejects_large_results_as_user_errors() {
+    let (_dir, root) = lake().await;
+    let engine = sluice_query::QueryEngine::with_limits(
+        &root,
+        sluice_query::QueryLimits {
+            memory_bytes: Some(64 << 20),
+            result_bytes: Some(600),
+        },
+    );
+    // A small result passes.
+    let r = engine.sql("SELECT count(*) FROM events").await.unwrap();
+    assert_eq!(r.num_rows(), 1);
+    // A cross join of 6×6×6 rows of strings does not.
+    let err = engine
+        .sql("SELECT a.kind, b.kind, c.kind FROM events a, events b, events c")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, QueryError::ResultTooLarge { limit: 600 }), "{err}");
+    assert!(err.is_user_error());
+    assert!(err.to_string().contains("max_query_result_bytes"), "{err}");
+}

@@ -11,7 +11,7 @@ use serde::Serialize;
 use sluice_core::Config;
 use sluice_lake::sink::{LakeSink, SinkOptions, SinkStatus};
 use sluice_log::{Log, LogConfig, Stream, StreamOptions};
-use sluice_query::{render, OutputFormat, QueryEngine};
+use sluice_query::{render, OutputFormat, QueryEngine, QueryLimits};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -153,7 +153,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&cfg.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
     let (stop_sinks, _) = watch::channel(false);
     let app = Arc::new(App {
-        query: QueryEngine::new(&lake_root),
+        query: QueryEngine::with_limits(
+            &lake_root,
+            QueryLimits {
+                memory_bytes: Some(cfg.limits.max_query_memory_bytes as usize),
+                result_bytes: Some(cfg.limits.max_query_result_bytes as usize),
+            },
+        ),
         inflight: Arc::new(Semaphore::new(cfg.limits.max_inflight_bytes.min(u32::MAX as u64) as usize)),
         round_robin: AtomicU64::new(0),
         shutting_down: AtomicBool::new(false),
@@ -361,7 +367,12 @@ async fn query(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body
     if let Some(tok) = token {
         match app.query.referenced_tables(&sql) {
             Ok(tables) => {
-                if let Some(t) = tables.iter().find(|t| !tok.can_read(t)) {
+                // information_schema (SHOW TABLES, SHOW COLUMNS, ...) lists every table, so only a
+                // token that may read everything may query it.
+                if tables.iter().any(|t| t == "information_schema") && !tok.can_read_all() {
+                    return app.denied(Denied::Forbidden("the catalog (information_schema, SHOW) needs read scope '*'".into()));
+                }
+                if let Some(t) = tables.iter().find(|t| *t != "information_schema" && !tok.can_read(t)) {
                     return app.denied(Denied::Forbidden(format!("token may not read {t:?}")));
                 }
             }

@@ -85,6 +85,13 @@ async fn tokens_enforce_write_and_read_scopes() {
     s.wait_landed("app-events").await;
     s.token = Some("reader-secret-1".into());
     assert_eq!(s.scalar("SELECT count(*) FROM \"app-events\"").await, 5.0);
+    // The catalog lists every table: only a token that may read everything sees it.
+    for sql in ["SHOW TABLES", "SELECT table_name FROM information_schema.tables", "SHOW COLUMNS FROM \"app-events\""] {
+        let r = s.client.post(s.url("/v1/query")).bearer_auth("reader-secret-1").body(sql).send().await.unwrap();
+        assert_eq!(r.status(), 403, "{sql}: {}", r.text().await.unwrap());
+        let r = s.client.post(s.url("/v1/query")).bearer_auth("admin-secret-1").body(sql).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{sql}: {}", r.text().await.unwrap());
+    }
     let r = s.client.get(s.url("/v1/streams")).send().await.unwrap();
     assert_eq!(r.status(), 401);
     let st: serde_json::Value = serde_json::from_str(&s.client.get(s.url("/v1/streams")).bearer_auth("reader-secret-1").send().await.unwrap().text().await.unwrap()).unwrap();

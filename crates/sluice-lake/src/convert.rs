@@ -230,7 +230,9 @@ pub fn convert(
 /// batches and rejects are concatenated in order; the result equals [`convert`]'s, because a
 /// chunk's records were checked against a prefix of that schema's evolution, and evolution
 /// only adds columns and widens Int64 to Float64 (so no decision can differ). Otherwise
-/// (chunks evolved differently) the records are converted again on one thread.
+/// (chunks evolved differently) the records are converted again on one thread. Without a
+/// table schema (a new table) chunks would infer columns in different orders and always fall
+/// back, so that case runs on one thread from the start.
 pub fn convert_parallel(
     table_schema: Option<&Schema>,
     records: &[InputRecord],
@@ -238,7 +240,7 @@ pub fn convert_parallel(
     threads: usize,
 ) -> Converted {
     let threads = threads.min(records.len()).max(1);
-    if threads == 1 {
+    if threads == 1 || table_schema.is_none() {
         return convert(table_schema, records, opts);
     }
     let per = records.len().div_ceil(threads);

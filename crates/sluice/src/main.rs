@@ -39,6 +39,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    tune_malloc();
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Check { config } => match sluice_core::config::load(&config) {
@@ -69,4 +70,19 @@ fn main() -> ExitCode {
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
+}
+
+/// glibc malloc, tuned before any thread starts. The lake sink allocates and frees tens of
+/// MiB per flush on several threads; by default glibc gives each thread its own arena (up to
+/// 8 per core) and raises its mmap threshold after every large free, so freed flushes stayed
+/// in the heap: the 1M-event bulk benchmark peaked at ~560 MiB RSS. Two arenas and a fixed
+/// 1 MiB mmap threshold (large buffers are mapped and returned on free) brought it to ~400
+/// MiB at the same throughput (mimalloc was measured too: faster by a little, no smaller).
+fn tune_malloc() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
 }

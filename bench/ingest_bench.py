@@ -229,8 +229,15 @@ def main():
     md.append("")
     text = "\n".join(md)
     print(text)
+    # Keep the hand-written analysis (everything from the marker on) across reruns.
+    marker = "<!-- analysis: kept by bench/ingest_bench.py across runs -->"
+    kept = ""
+    if os.path.exists(a.out):
+        old = open(a.out).read()
+        if marker in old:
+            kept = "\n" + old[old.index(marker):]
     with open(a.out, "w") as f:
-        f.write(text + "\n")
+        f.write(text + "\n" + kept)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -93,6 +93,8 @@ struct Prepared {
     last: Vec<Option<u64>>,
     records: usize,
     started: Instant,
+    /// Wall time of the conversion itself.
+    convert_time: Duration,
 }
 
 impl LakeSink {
@@ -274,6 +276,7 @@ impl LakeSink {
             }
             let stopping = *shutdown.borrow();
             if bytes >= self.opts.flush_bytes || deadline.is_some_and(|d| Instant::now() >= d) || (stopping && !got) {
+                tracing::trace!(table = self.table_name(), records = out.len(), bytes, "collected");
                 return Ok(out);
             }
             if got {
@@ -306,14 +309,14 @@ impl LakeSink {
         })
         .await?;
         add_missing_partition_columns(&mut converted, &self.opts.partition_by)?;
-        Ok(Prepared { converted, last, records: count, started })
+        Ok(Prepared { converted, last, records: count, started, convert_time: started.elapsed() })
     }
 
     /// Commits one converted flush: dead letters first, then the rows, each commit
     /// carrying the flush's offsets; then the log consumer offset.
     async fn commit(&self, w: &mut Writer, p: Prepared) -> anyhow::Result<()> {
         let commit_started = Instant::now();
-        let Prepared { converted, last, records: count, started } = p;
+        let Prepared { converted, last, records: count, started, convert_time } = p;
         let txns: Vec<(String, i64)> = last
             .iter()
             .enumerate()
@@ -377,7 +380,8 @@ impl LakeSink {
             table = self.table_name(),
             records = count,
             rows,
-            convert_ms = (commit_started - started).as_millis() as u64,
+            convert_ms = convert_time.as_millis() as u64,
+            waited_ms = (commit_started - started - convert_time).as_millis() as u64,
             commit_ms = commit_started.elapsed().as_millis() as u64,
             "landed"
         );

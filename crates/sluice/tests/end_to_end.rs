@@ -163,8 +163,10 @@ async fn python_deltalake_reads_the_same_table() {
     assert_eq!(s.post("scooters", events(0, 3000)).await.0, 200);
     s.wait_landed("scooters").await;
     let ours = (s.scalar("SELECT count(*) FROM scooters").await, s.scalar("SELECT sum(amount) FROM scooters").await);
+    // os._exit: python deltalake 1.6 with pyarrow 26 sometimes aborts during interpreter
+    // teardown ("terminate called without an active exception"), after the work is done.
     let script = r#"
-import sys
+import os, sys
 try:
     from deltalake import DeltaTable
     import pyarrow.compute as pc
@@ -172,6 +174,8 @@ except ImportError as e:
     sys.exit(f"python deltalake/pyarrow missing ({e}): run scripts/test.sh, which installs them")
 t = DeltaTable(sys.argv[1]).to_pyarrow_table()
 print(t.num_rows, pc.sum(t.column("amount")).as_py())
+sys.stdout.flush()
+os._exit(0)
 "#;
     let out = std::process::Command::new("python3").arg("-c").arg(script).arg(s.lake().join("scooters")).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

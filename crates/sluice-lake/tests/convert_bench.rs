@@ -130,84 +130,39 @@ fn parquet_write_costs() {
     let n = records.len() as f64;
     println!("| parquet settings | records/s per CPU-second | bytes/record |");
     println!("|---|---|---|");
-    let cases: Vec<(&str, WriterProperties)> = vec![
-        (
-            "zstd(3), page stats, dictionary (current)",
-            WriterProperties::builder()
-                .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap()))
-                .set_statistics_enabled(EnabledStatistics::Page)
-                .build(),
-        ),
-        (
-            "zstd(1), page stats, dictionary",
-            WriterProperties::builder()
-                .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap()))
-                .set_statistics_enabled(EnabledStatistics::Page)
-                .build(),
-        ),
-        (
-            "zstd(1), chunk stats, dictionary",
-            WriterProperties::builder()
-                .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap()))
-                .set_statistics_enabled(EnabledStatistics::Chunk)
-                .build(),
-        ),
-        (
-            "zstd(1), page stats, no dictionary",
-            WriterProperties::builder()
-                .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap()))
-                .set_statistics_enabled(EnabledStatistics::Page)
-                .set_dictionary_enabled(false)
-                .build(),
-        ),
-        (
-            "zstd(1), page stats, dictionary up to 64 KiB",
-            WriterProperties::builder()
-                .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap()))
-                .set_statistics_enabled(EnabledStatistics::Page)
-                .set_dictionary_page_size_limit(64 << 10)
-                .build(),
-        ),
-        (
-            "zstd(3), page stats, dictionary up to 64 KiB",
-            WriterProperties::builder()
-                .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap()))
-                .set_statistics_enabled(EnabledStatistics::Page)
-                .set_dictionary_page_size_limit(64 << 10)
-                .build(),
-        ),
-        (
-            "zstd(1), page stats, dictionary up to 16 KiB",
-            WriterProperties::builder()
-                .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap()))
-                .set_statistics_enabled(EnabledStatistics::Page)
-                .set_dictionary_page_size_limit(16 << 10)
-                .build(),
-        ),
-        (
-            "zstd(3), page stats, dictionary up to 16 KiB",
-            WriterProperties::builder()
-                .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap()))
-                .set_statistics_enabled(EnabledStatistics::Page)
-                .set_dictionary_page_size_limit(16 << 10)
-                .build(),
-        ),
-        (
-            "zstd(3), page stats, dictionary up to 4 KiB",
-            WriterProperties::builder()
-                .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap()))
-                .set_statistics_enabled(EnabledStatistics::Page)
-                .set_dictionary_page_size_limit(4 << 10)
-                .build(),
-        ),
-        (
-            "uncompressed, page stats, dictionary",
-            WriterProperties::builder()
-                .set_compression(Compression::UNCOMPRESSED)
-                .set_statistics_enabled(EnabledStatistics::Page)
-                .build(),
-        ),
+    // (zstd level or None for uncompressed, statistics, dictionary page limit or None for no
+    // dictionary); parquet-rs' default dictionary page limit is 1 MiB.
+    let cases: &[(Option<i32>, EnabledStatistics, Option<usize>)] = &[
+        (Some(3), EnabledStatistics::Page, Some(1 << 20)),
+        (Some(1), EnabledStatistics::Page, Some(1 << 20)),
+        (Some(1), EnabledStatistics::Chunk, Some(1 << 20)),
+        (Some(1), EnabledStatistics::Page, None),
+        (Some(1), EnabledStatistics::Page, Some(64 << 10)),
+        (Some(3), EnabledStatistics::Page, Some(64 << 10)),
+        (Some(1), EnabledStatistics::Page, Some(16 << 10)),
+        (Some(3), EnabledStatistics::Page, Some(16 << 10)),
+        (Some(3), EnabledStatistics::Page, Some(4 << 10)),
+        (None, EnabledStatistics::Page, Some(1 << 20)),
     ];
+    let cases = cases.iter().map(|&(level, stats, dict)| {
+        let compression = match level {
+            Some(l) => Compression::ZSTD(ZstdLevel::try_new(l).unwrap()),
+            None => Compression::UNCOMPRESSED,
+        };
+        let mut b = WriterProperties::builder()
+            .set_compression(compression)
+            .set_statistics_enabled(stats)
+            .set_dictionary_enabled(dict.is_some());
+        if let Some(limit) = dict {
+            b = b.set_dictionary_page_size_limit(limit);
+        }
+        let name = format!(
+            "{}, {stats:?} stats, {}",
+            level.map_or("uncompressed".to_string(), |l| format!("zstd({l})")),
+            dict.map_or("no dictionary".to_string(), |d| format!("dictionary pages up to {} KiB", d >> 10))
+        );
+        (name, b.build())
+    });
     for (name, props) in cases {
         let c0 = thread_cpu();
         let mut out = Vec::new();

@@ -381,7 +381,7 @@ impl LakeSink {
             records = count,
             rows,
             convert_ms = convert_time.as_millis() as u64,
-            waited_ms = (commit_started - started - convert_time).as_millis() as u64,
+            waited_ms = (commit_started - started).saturating_sub(convert_time).as_millis() as u64,
             commit_ms = commit_started.elapsed().as_millis() as u64,
             "landed"
         );

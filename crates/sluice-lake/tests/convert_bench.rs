@@ -23,6 +23,20 @@ fn events() -> Vec<u8> {
     out.stdout
 }
 
+/// The NDJSON lines as log records of 4 partitions, 1.7 s apart.
+fn records(data: &[u8]) -> Vec<InputRecord<'_>> {
+    data.split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .enumerate()
+        .map(|(i, v)| InputRecord {
+            partition: (i % 4) as u32,
+            offset: i as u64,
+            timestamp_ms: 1_772_323_200_000 + i as i64 * 1700,
+            value: v,
+        })
+        .collect()
+}
+
 /// CPU time of this thread in seconds (Linux), to report rates unaffected by other load.
 fn thread_cpu() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
@@ -34,21 +48,8 @@ fn thread_cpu() -> Option<f64> {
 #[ignore]
 fn convert_throughput() {
     let data = events();
-    let lines: Vec<&[u8]> = data
-        .split(|b| *b == b'\n')
-        .filter(|l| !l.is_empty())
-        .collect();
-    let records: Vec<InputRecord> = lines
-        .iter()
-        .enumerate()
-        .map(|(i, v)| InputRecord {
-            partition: (i % 4) as u32,
-            offset: i as u64,
-            timestamp_ms: 1_772_323_200_000 + i as i64 * 1700,
-            value: v,
-        })
-        .collect();
-    let bytes: usize = lines.iter().map(|l| l.len()).sum();
+    let records = records(&data);
+    let bytes: usize = records.iter().map(|r| r.value.len()).sum();
     let opts = ConvertOptions {
         partition_by: vec!["region".into()],
         ..Default::default()
@@ -111,20 +112,7 @@ fn parquet_write_costs() {
     use deltalake::parquet::file::properties::{EnabledStatistics, WriterProperties};
 
     let data = events();
-    let lines: Vec<&[u8]> = data
-        .split(|b| *b == b'\n')
-        .filter(|l| !l.is_empty())
-        .collect();
-    let records: Vec<InputRecord> = lines
-        .iter()
-        .enumerate()
-        .map(|(i, v)| InputRecord {
-            partition: (i % 4) as u32,
-            offset: i as u64,
-            timestamp_ms: 1_772_323_200_000 + i as i64 * 1700,
-            value: v,
-        })
-        .collect();
+    let records = records(&data);
     let opts = ConvertOptions::default();
     let converted = convert(None, &records, &opts);
     let n = records.len() as f64;

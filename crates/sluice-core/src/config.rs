@@ -149,7 +149,8 @@ pub struct Limits {
     /// Log bytes per stream not yet landed in the lake (503 above).
     #[serde(default = "default_max_lag", deserialize_with = "de_size")]
     pub max_lake_lag_bytes: u64,
-    /// Memory one query may use for its operators (sorts, joins, aggregates); a query that
+    /// Memory the running queries may use together for their operators (sorts, joins,
+    /// aggregates); they spill to temporary files where they can, and a query that still
     /// needs more fails with an error instead of growing the process.
     #[serde(default = "default_query_memory", deserialize_with = "de_size")]
     pub max_query_memory_bytes: u64,

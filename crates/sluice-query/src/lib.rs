@@ -88,7 +88,8 @@ struct Inner {
 /// Bounds on what one query may use. The default is unbounded (the CLI); the server sets both.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct QueryLimits {
-    /// Memory for operators (sorts, joins, aggregates) per engine; a query needing more fails
+    /// Memory for operators (sorts, joins, aggregates), shared by the engine's running queries
+    /// (they spill where they can); a query needing more fails
     /// with a "resources exhausted" error (a user error) instead of growing the process.
     pub memory_bytes: Option<usize>,
     /// Largest result [`QueryEngine::sql`] collects (Arrow in-memory size), else

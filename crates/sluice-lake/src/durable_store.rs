@@ -81,8 +81,9 @@ impl ObjectStoreFactory for DurableLocalFactory {
 }
 
 /// `LocalFileSystem` whose puts return only once the object and its directory entries are on
-/// stable storage. See the module documentation.
-#[derive(Debug)]
+/// stable storage. See the module documentation. Clones share the inner store and the set of
+/// durable directories.
+#[derive(Debug, Clone)]
 pub struct DurableLocalStore {
     inner: Arc<LocalFileSystem>,
     /// Directories whose own entry in their parent has been fsynced by this process.
@@ -177,10 +178,7 @@ impl ObjectStore for DurableLocalStore {
         let upload = self.inner.put_multipart_opts(location, opts).await?;
         Ok(Box::new(DurableUpload {
             upload,
-            store: DurableLocalStore {
-                inner: self.inner.clone(),
-                durable_dirs: self.durable_dirs.clone(),
-            },
+            store: self.clone(),
             location: location.clone(),
         }))
     }

@@ -192,7 +192,7 @@ impl QueryEngine {
         let mut bytes = 0usize;
         while let Some(batch) = stream.next().await {
             let batch = batch?;
-            bytes += batch.get_array_memory_size();
+            bytes += result_size(&batch);
             if let Some(limit) = self.inner.limits.result_bytes {
                 if bytes > limit {
                     return Err(QueryError::ResultTooLarge { limit });
@@ -297,4 +297,15 @@ fn check_sql_statement(statement: &SqlStatement) -> Result<(), QueryError> {
             Err(QueryError::NotReadOnly(kind.join(" ")))
         }
     }
+}
+
+/// The bytes a result batch holds: the part of each buffer its rows use. (Arrays sliced out of
+/// a larger read, as the Parquet reader hands them out, would count the whole buffer, many
+/// times over, with `get_array_memory_size`.)
+fn result_size(batch: &deltalake::arrow::array::RecordBatch) -> usize {
+    batch
+        .columns()
+        .iter()
+        .map(|c| c.to_data().get_slice_memory_size().unwrap_or_else(|_| c.get_array_memory_size()))
+        .sum()
 }

@@ -55,6 +55,14 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub log: LogSettings,
+    /// Pipelines by name (see [`crate::pipeline`]). A stream that is the source of a
+    /// pipeline lands where its pipelines send it; every other stream lands in the lake
+    /// table of its name.
+    #[serde(default)]
+    pub pipelines: BTreeMap<String, crate::pipeline::PipelineConfig>,
+    /// The file and text this config was read from, for errors found after loading.
+    #[serde(skip)]
+    pub source: Option<(String, String)>,
 }
 
 /// Settings of one stream.
@@ -273,10 +281,9 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
     } else {
         serde_yaml_ng::from_str(text).map_err(|e| yaml_error(file, text, e))?
     };
-    validate(&cfg).map_err(|(path, message)| {
-        let (line, column) = locate(text, &path).unwrap_or((1, 1));
-        ConfigError { file: file.into(), line, column, key: path.join("."), message }
-    })?;
+    let mut cfg = cfg;
+    cfg.source = Some((file.to_string(), text.to_string()));
+    validate(&cfg).map_err(|(path, message)| cfg.error_at(&path, message))?;
     Ok(cfg)
 }
 
@@ -378,10 +385,10 @@ fn validate(cfg: &Config) -> Result<(), Invalid> {
     if !(1..=22).contains(&cfg.log.zstd_level) {
         return Err((p(&["log", "zstd_level"]), "must be between 1 and 22".into()));
     }
-    Ok(())
+    crate::pipeline::validate(&cfg.pipelines, &cfg.streams, &cfg.lake.date_column)
 }
 
-fn is_column_name(s: &str) -> bool {
+pub(crate) fn is_column_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
         && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
@@ -415,6 +422,27 @@ fn validate_stream(s: &StreamConfig) -> Result<(), Invalid> {
 }
 
 impl Config {
+    /// An error about the key at `path` (e.g. `["pipelines", "rides", "steps", "0"]`), with the
+    /// file and line it was written on when the config came from a file.
+    pub fn error_at(&self, path: &[String], message: String) -> ConfigError {
+        let (file, text) = self.source.as_ref().map_or(("<default config>", ""), |(f, t)| (f.as_str(), t.as_str()));
+        let (line, column) = locate(text, path).unwrap_or((1, 1));
+        ConfigError { file: file.into(), line, column, key: path.join("."), message }
+    }
+
+    /// Is this stream the source of a pipeline (and so not landed in its own table)?
+    pub fn is_pipeline_source(&self, stream: &str) -> bool {
+        self.pipelines.values().any(|p| p.from.iter().any(|f| f == stream))
+    }
+
+    /// The pipeline that writes lake table `table`, if any.
+    pub fn pipeline_of_table(&self, table: &str) -> Option<&str> {
+        self.pipelines.iter().find_map(|(name, p)| {
+            let dlq = format!("{name}{}", crate::DLQ_SUFFIX);
+            (p.lake_sinks().any(|(_, t, _)| t == table) || table == dlq).then_some(name.as_str())
+        })
+    }
+
     /// The lake root, defaulting to `<data_dir>/lake`.
     pub fn lake_root(&self) -> String {
         self.lake_root
@@ -586,5 +614,68 @@ mod tests {
     fn bad_yaml_names_line() {
         let e = err("streams:\n  a: [unclosed\n");
         assert!(e.line >= 2, "{e}");
+    }
+
+    const PIPE: &str = "streams:\n  events: {}\n  big: {}\npipelines:\n  rides:\n    from: events\n    steps:\n      - filter: \"kind = 'ride'\"\n      - map:\n          fare_eur: fare_cents / 100.0\n          n: 1\n      - drop: [fare_cents]\n      - route:\n          - to: big_rides\n            when: fare_eur > 100\n          - to: rides\n    to:\n      rides:\n        lake:\n          partition_by: [region]\n      big_rides:\n        stream:\n          stream: big\n";
+
+    #[test]
+    fn pipeline_parses() {
+        use crate::pipeline::*;
+        let c = parse("x", PIPE).unwrap();
+        let p = &c.pipelines["rides"];
+        assert_eq!(p.from, vec!["events"]);
+        assert_eq!(p.steps[0], StepConfig::Filter("kind = 'ride'".into()));
+        assert_eq!(
+            p.steps[1],
+            StepConfig::Map(Fields(vec![("fare_eur".into(), "fare_cents / 100.0".into()), ("n".into(), "1".into())]))
+        );
+        assert_eq!(p.steps[3], StepConfig::Route(vec![
+            RouteConfig { to: "big_rides".into(), when: Some("fare_eur > 100".into()) },
+            RouteConfig { to: "rides".into(), when: None },
+        ]));
+        assert_eq!(p.lake_sinks().map(|(s, t, _)| (s, t)).collect::<Vec<_>>(), vec![("rides", "rides")]);
+        assert_eq!(p.output_streams().collect::<Vec<_>>(), vec!["big"]);
+        assert!(c.is_pipeline_source("events"));
+        assert!(!c.is_pipeline_source("big"));
+        assert_eq!(c.pipeline_of_table("rides"), Some("rides"));
+        assert_eq!(c.pipeline_of_table("rides__dlq"), Some("rides"));
+        assert_eq!(c.pipeline_of_table("events"), None);
+    }
+
+    #[test]
+    fn pipeline_errors_name_line_and_key() {
+        let e = err(&PIPE.replace("from: events", "from: nope"));
+        assert_eq!((e.line, e.key.as_str()), (6, "pipelines.rides.from"), "{e}");
+        assert!(e.message.contains("unknown stream \"nope\""), "{e}");
+        let e = err(&PIPE.replace("- to: rides", "- to: ridez"));
+        assert_eq!((e.line, e.key.as_str()), (13, "pipelines.rides.steps.3"), "{e}");
+        assert!(e.message.contains("unknown sink \"ridez\""), "{e}");
+        let e = err(&PIPE.replace("      - drop: [fare_cents]\n", "").replace("    to:\n", "      - drop: [x]\n    to:\n"));
+        assert!(e.message.contains("route must be the last step"), "{e}");
+        let e = err(&PIPE.replace("stream: big\n", "stream: nope\n"));
+        assert_eq!((e.line, e.key.as_str()), (21, "pipelines.rides.to.big_rides"), "{e}");
+        let e = err(&PIPE.replace("- filter:", "- filtr:"));
+        assert_eq!(e.line, 8, "{e}");
+        let e = err(&PIPE.replace("          n: 1\n", "          fare_eur: 2\n"));
+        assert!(e.to_string().contains("defined twice"), "{e}");
+        let e = err(&PIPE.replace("partition_by: [region]", "partition_by: [Region]"));
+        assert_eq!(e.key, "pipelines.rides.to.rides", "{e}");
+    }
+
+    #[test]
+    fn pipeline_cycles_and_table_clashes_are_rejected() {
+        let cyc = "streams:\n  a: {}\n  b: {}\npipelines:\n  p1:\n    from: a\n    to:\n      out: { stream: { stream: b } }\n  p2:\n    from: b\n    to:\n      back: { stream: { stream: a } }\n";
+        let e = err(cyc);
+        assert!(e.message.contains("cycle"), "{e}");
+        let self_loop = "streams:\n  a: {}\npipelines:\n  p:\n    from: a\n    to:\n      out: { stream: { stream: a } }\n";
+        assert!(err(self_loop).message.contains("cycle"));
+        // A lake sink may not write the table a plain stream lands in.
+        let clash = "streams:\n  a: {}\n  b: {}\npipelines:\n  p:\n    from: a\n    to:\n      b: { lake: {} }\n";
+        let e = err(clash);
+        assert!(e.message.contains("where stream \"b\" lands"), "{e}");
+        // ... but may reuse its own source's name (that stream no longer lands by itself).
+        parse("x", "streams:\n  a: {}\npipelines:\n  p:\n    from: a\n    to:\n      a: { lake: {} }\n").unwrap();
+        let two = "streams:\n  a: {}\npipelines:\n  p:\n    from: a\n    to:\n      t: { lake: {} }\n  q:\n    from: a\n    to:\n      u: { lake: { table: t } }\n";
+        assert!(err(two).message.contains("already written by pipeline \"p\""));
     }
 }

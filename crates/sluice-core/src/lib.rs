@@ -5,6 +5,7 @@
 //! workspace above it.
 
 pub mod config;
+pub mod pipeline;
 pub mod time;
 pub mod units;
 

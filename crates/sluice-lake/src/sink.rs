@@ -20,7 +20,7 @@ use crate::convert::{self, ConvertOptions, InputRecord};
 use crate::delta::LakeTable;
 use arrow_array::{new_null_array, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
-use sluice_log::{Partition, Stream, StoredRecord};
+use sluice_log::{FlushPolicy, Partition, Stream, StoredRecord};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -248,47 +248,14 @@ impl LakeSink {
 
     /// Reads durable records until flush_bytes are buffered or flush_interval has passed
     /// since the first one arrived (or, when stopping, until the log is drained).
-    async fn collect(&self, next: &mut [u64], shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<Vec<(u32, StoredRecord)>> {
-        let parts = self.stream.partitions();
-        let mut out = Vec::new();
-        let mut bytes = 0u64;
-        let mut deadline: Option<Instant> = None;
-        loop {
-            let mut got = false;
-            for p in parts {
-                let i = p.id() as usize;
-                if bytes >= self.opts.flush_bytes || next[i] >= p.high_watermark() {
-                    continue;
-                }
-                let budget = (self.opts.flush_bytes - bytes).clamp(64 << 10, 8 << 20) as usize;
-                let recs = p.read(next[i], budget)?;
-                if let Some(last) = recs.last() {
-                    next[i] = last.offset + 1;
-                    got = true;
-                }
-                for r in recs {
-                    bytes += r.value.len() as u64;
-                    out.push((p.id(), r));
-                }
-            }
-            if !out.is_empty() && deadline.is_none() {
-                deadline = Some(Instant::now() + self.opts.flush_interval);
-            }
-            let stopping = *shutdown.borrow();
-            if bytes >= self.opts.flush_bytes || deadline.is_some_and(|d| Instant::now() >= d) || (stopping && !got) {
-                tracing::trace!(table = self.table_name(), records = out.len(), bytes, "collected");
-                return Ok(out);
-            }
-            if got {
-                continue;
-            }
-            let wait = deadline.map_or(Duration::from_millis(500), |d| d.saturating_duration_since(Instant::now()));
-            let waits = parts.iter().map(|p| Box::pin(p.wait_for(next[p.id() as usize], wait)));
-            tokio::select! {
-                _ = futures::future::select_all(waits) => {}
-                _ = shutdown.changed() => {}
-            }
-        }
+    async fn collect(&self, next: &mut Vec<u64>, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<Vec<(u32, StoredRecord)>> {
+        let policy = FlushPolicy { bytes: self.opts.flush_bytes, interval: self.opts.flush_interval };
+        let mut positions = [std::mem::take(next)];
+        let got = sluice_log::collect(std::slice::from_ref(&self.stream), &mut positions, policy, shutdown).await;
+        *next = std::mem::take(&mut positions[0]);
+        let out: Vec<(u32, StoredRecord)> = got?.into_iter().map(|c| (c.partition, c.record)).collect();
+        tracing::trace!(table = self.table_name(), records = out.len(), "collected");
+        Ok(out)
     }
 
     /// Converts one flush (CPU work, on the blocking pool, split over the cores).

@@ -37,6 +37,7 @@
 //! # Ok(()) }
 //! ```
 
+mod consume;
 pub mod format;
 mod partition;
 mod segment;
@@ -51,6 +52,7 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
+pub use consume::{collect, Collected, FlushPolicy};
 pub use partition::{Appended, Partition, SegmentInfo};
 use partition::Retention;
 

@@ -1,10 +1,16 @@
-//! Declarative pipelines (filter, map, validate, dedup, enrich, route) compiled to a DAG.
+//! Declarative pipelines: records of source streams pass steps (filter, map, select, drop,
+//! route) and land in sinks (lake tables, other streams), exactly-once into the lake.
 //!
-//! Built so far: the vectorized expression steps — [`Filter`] and [`Map`] — compiled from SQL
-//! against an Arrow schema and applied to whole record batches (issue 3). The spec, the DAG,
-//! the other steps and the runtime are not built yet: streams land in the lake directly (see
-//! `sluice_lake::sink`).
+//! - [`check`]: what `sluice check` verifies of a pipeline's SQL.
+//! - [`Filter`] and [`Map`]: SQL expressions compiled by DataFusion for an Arrow schema and
+//!   applied to whole record batches (vectorized).
+//! - [`step`]: steps as they run (compiled per schema, row-by-row fallback on errors).
+//! - [`runtime`]: the running pipeline, its checkpoints and dead letters.
 
+pub mod check;
 mod expr;
+pub mod runtime;
+pub mod step;
 
 pub use expr::{Filter, Map, StepError};
+pub use runtime::{Pipeline, PipelineSpec, PipelineStatus};

@@ -175,3 +175,110 @@ proptest! {
         prop_assert_eq!(offsets(&out), expected);
     }
 }
+
+// ---- steps as the runtime runs them (sluice_pipeline::step) ----
+
+use sluice_core::pipeline::{Fields, RouteConfig, StepConfig};
+use sluice_pipeline::step::{Output, Step};
+
+fn rows(out: Option<Output>) -> RecordBatch {
+    match out {
+        Some(Output::Rows(b)) => b,
+        _ => panic!("expected rows"),
+    }
+}
+
+fn names(b: &RecordBatch) -> Vec<String> {
+    b.schema().fields().iter().map(|f| f.name().clone()).collect()
+}
+
+#[test]
+fn a_failing_row_is_isolated_and_the_rest_goes_on() {
+    let b = batch(&[
+        r#"{"n":"1"}"#,
+        r#"{"n":"x"}"#,
+        r#"{"n":"3"}"#,
+        r#"{"n":"y"}"#,
+    ]);
+    let cfg = StepConfig::Map(Fields(pairs(&[("v", "CAST(n AS INT) * 2")])));
+    let mut step = Step::new(1, &cfg, &[], "event_date");
+    let (out, failures) = step.apply(b);
+    let out = rows(out);
+    assert_eq!(offsets(&out), vec![0, 2]);
+    assert_eq!(failures.iter().map(|f| f.row).collect::<Vec<_>>(), vec![1, 3]);
+    assert!(failures[0].error.contains("map"), "{}", failures[0].error);
+    assert_eq!(step.label, "1:map");
+    assert_eq!(step.stats.failed.load(std::sync::atomic::Ordering::Relaxed), 2);
+    let v = out.column_by_name("v").unwrap();
+    assert_eq!(v.as_primitive::<Int64Type>().values().to_vec(), vec![2, 6]);
+}
+
+#[test]
+fn a_field_no_record_has_yet_reads_null() {
+    let b = rides();
+    let mut f = Step::new(0, &StepConfig::Filter("coupon IS NULL AND kind = 'ride'".into()), &[], "event_date");
+    let (out, failures) = f.apply(b.clone());
+    assert!(failures.is_empty());
+    assert_eq!(offsets(&rows(out)), vec![0, 1, 3, 4]);
+    let mut m = Step::new(0, &StepConfig::Map(Fields(pairs(&[("c", "coupon")]))), &[], "event_date");
+    let (out, failures) = m.apply(b);
+    assert!(failures.is_empty());
+    // The NULL-typed placeholder column is not passed on as data.
+    let out = rows(out);
+    assert_eq!(out.column_by_name("c").unwrap().data_type(), &DataType::Null);
+    assert!(!names(&out).contains(&"coupon".to_string()));
+}
+
+#[test]
+fn map_select_drop_keep_the_system_columns() {
+    let b = rides();
+    let map = StepConfig::Map(Fields(pairs(&[("fare", "fare / 100.0"), ("tier", "rider.tier")])));
+    let out = rows(Step::new(0, &map, &[], "event_date").apply(b.clone()).0);
+    assert_eq!(names(&out), ["kind", "fare", "rider", "city", "tier", "_partition", "_offset", "event_date"]);
+    assert_eq!(out.column_by_name("fare").unwrap().data_type(), &DataType::Float64);
+    let select = StepConfig::Select(Fields(pairs(&[("who", "rider.id")])));
+    let out = rows(Step::new(0, &select, &[], "event_date").apply(b.clone()).0);
+    assert_eq!(names(&out), ["who", "_partition", "_offset", "event_date"]);
+    let drop = StepConfig::Drop(vec!["rider".into(), "city".into(), "_offset".into()]);
+    let out = rows(Step::new(0, &drop, &[], "event_date").apply(b).0);
+    assert_eq!(names(&out), ["kind", "fare", "_partition", "_offset", "event_date"]);
+}
+
+#[test]
+fn route_sends_each_row_to_every_matching_sink() {
+    let b = rides();
+    let cfg = StepConfig::Route(vec![
+        RouteConfig { to: "gold".into(), when: Some("rider.tier = 'gold'".into()) },
+        RouteConfig { to: "big".into(), when: Some("fare > 1000".into()) },
+        RouteConfig { to: "none".into(), when: Some("fare > 1000000".into()) },
+    ]);
+    let sinks = ["all".to_string(), "big".into(), "gold".into(), "none".into()];
+    let mut step = Step::new(0, &cfg, &sinks, "event_date");
+    let (out, failures) = step.apply(b);
+    assert!(failures.is_empty());
+    let Some(Output::Routed(r)) = out else { panic!("expected routed rows") };
+    let got: Vec<(usize, Vec<i64>)> = r.iter().map(|(s, b)| (*s, offsets(b))).collect();
+    assert_eq!(got, vec![(2, vec![0, 3, 4]), (1, vec![0, 3])]);
+    // r2 (basic, 300) and r3 (no tier) went nowhere.
+    assert_eq!(step.stats.filtered.load(std::sync::atomic::Ordering::Relaxed), 2);
+}
+
+#[test]
+fn a_step_that_cannot_compile_fails_every_row() {
+    let b = rides();
+    let mut f = Step::new(0, &StepConfig::Filter("rider.nope = 1".into()), &[], "event_date");
+    let (out, failures) = f.apply(b);
+    assert!(out.is_none());
+    assert_eq!(failures.len(), 5);
+    assert!(failures[0].error.contains("nope"), "{}", failures[0].error);
+}
+
+#[test]
+fn syntax_and_referenced_fields() {
+    use sluice_pipeline::check::{parse_expr, referenced_fields};
+    assert!(parse_expr("a = 1 AND").is_err());
+    let e = parse_expr("a 1").unwrap_err();
+    assert!(e.contains("unexpected"), "{e}");
+    let e = parse_expr(r#"Kind = 'x' AND rider.tier = 'g' AND "Big" > 1 AND lower(c['d']) = 'e'"#).unwrap();
+    assert_eq!(referenced_fields(&e), ["kind", "rider", "Big", "c"]);
+}

@@ -42,16 +42,16 @@ fn main() -> ExitCode {
     tune_malloc();
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Check { config } => match sluice_core::config::load(&config) {
+        Cmd::Check { config } => match load_config(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());
                 Ok(())
             }
-            Err(e) => Err(anyhow::anyhow!("{e}")),
+            Err(e) => Err(e),
         },
         Cmd::Up { config } => {
             let cfg = match config {
-                Some(path) => sluice_core::config::load(&path).map_err(|e| anyhow::anyhow!("{e}")),
+                Some(path) => load_config(&path),
                 None => Ok(sluice_core::Config::default()),
             };
             cfg.and_then(|cfg| runtime().block_on(server::run(cfg)))
@@ -66,6 +66,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Reads and checks a config file, pipelines' SQL included: what `sluice check` reports and
+/// what `sluice up` refuses to start with.
+pub fn load_config(path: &std::path::Path) -> anyhow::Result<sluice_core::Config> {
+    let cfg = sluice_core::config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    sluice_pipeline::check::check_config(&cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(cfg)
 }
 
 fn runtime() -> tokio::runtime::Runtime {

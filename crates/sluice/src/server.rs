@@ -10,7 +10,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use sluice_core::Config;
 use sluice_lake::sink::{LakeSink, SinkOptions, SinkStatus};
-use sluice_log::{Log, LogConfig, Stream, StreamOptions};
+use sluice_log::{FlushPolicy, Log, LogConfig, Stream, StreamOptions};
+use sluice_pipeline::{Pipeline, PipelineSpec, PipelineStatus};
 use sluice_query::{render, OutputFormat, QueryEngine, QueryLimits};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,6 +30,7 @@ pub struct App {
     pub round_robin: AtomicU64,
     pub shutting_down: AtomicBool,
     sinks: parking_lot::Mutex<HashMap<String, Arc<SinkStatus>>>,
+    pipelines: parking_lot::Mutex<Vec<Arc<PipelineStatus>>>,
     sink_tasks: parking_lot::Mutex<Vec<JoinHandle<()>>>,
     stop_sinks: watch::Sender<bool>,
     metrics: PrometheusHandle,
@@ -68,6 +70,13 @@ impl App {
         if !self.cfg.auto_create_streams && !self.cfg.streams.contains_key(name) {
             return Err(error_response(StatusCode::NOT_FOUND, &format!("unknown stream {name:?} (auto_create_streams is off)"), None));
         }
+        if let Some(p) = self.cfg.pipeline_of_table(name) {
+            return Err(error_response(
+                StatusCode::CONFLICT,
+                &format!("{name:?} is a table of pipeline {p:?}; a stream of that name would land in it (declare the stream or choose another name)"),
+                None,
+            ));
+        }
         sluice_core::validate_stream_name(name).map_err(|m| error_response(StatusCode::BAD_REQUEST, &m, None))?;
         let s = self.open_stream(name).map_err(|e| self.internal(format!("create stream {name}: {e:#}")))?;
         Ok(s)
@@ -84,7 +93,8 @@ impl App {
     }
 
     fn ensure_sink(&self, stream: &Arc<Stream>) {
-        if !self.cfg.lake.enabled {
+        // A pipeline's source lands where its pipelines send it.
+        if !self.cfg.lake.enabled || self.cfg.is_pipeline_source(stream.name()) {
             return;
         }
         let mut sinks = self.sinks.lock();
@@ -111,10 +121,57 @@ impl App {
         self.sinks.lock().get(stream).cloned()
     }
 
+    /// Starts every configured pipeline (its streams are open by now).
+    fn start_pipelines(&self) -> anyhow::Result<()> {
+        for (name, p) in &self.cfg.pipelines {
+            let open = |s: &str| self.log.stream(s).ok_or_else(|| anyhow::anyhow!("pipeline {name}: stream {s:?} is not open"));
+            let sources = p.from.iter().map(|s| open(s)).collect::<anyhow::Result<Vec<_>>>()?;
+            let mut outputs = HashMap::new();
+            for s in p.output_streams() {
+                outputs.insert(s.to_string(), open(s)?);
+            }
+            let pipeline = Pipeline::new(PipelineSpec {
+                name: name.clone(),
+                cfg: p.clone(),
+                sources,
+                outputs,
+                lake_root: self.cfg.lake_root(),
+                state_dir: self.cfg.data_dir.join("pipelines").join(name),
+                flush: FlushPolicy { bytes: self.cfg.lake.flush_bytes, interval: self.cfg.lake.flush_interval },
+                date_column: self.cfg.lake.date_column.clone(),
+            });
+            self.pipelines.lock().push(pipeline.status());
+            let rx = self.stop_sinks.subscribe();
+            self.sink_tasks.lock().push(tokio::spawn(pipeline.run(rx)));
+        }
+        Ok(())
+    }
+
+    /// The next offset of a partition not yet processed by whatever consumes the stream: its
+    /// lake sink, or the slowest pipeline reading it. (Log end when nothing consumes it.)
+    fn processed(&self, stream: &Stream, partition: u32) -> u64 {
+        if self.cfg.is_pipeline_source(stream.name()) {
+            let pipelines = self.pipelines.lock();
+            let mut min: Option<u64> = None;
+            for st in pipelines.iter() {
+                for (name, pos) in &st.positions {
+                    if name == stream.name() {
+                        let v = pos.get(partition as usize).map_or(0, |a| a.load(Ordering::Acquire));
+                        min = Some(min.map_or(v, |m| m.min(v)));
+                    }
+                }
+            }
+            return min.unwrap_or(0);
+        }
+        if !self.cfg.lake.enabled {
+            return stream.partition(partition).map_or(0, |p| p.high_watermark());
+        }
+        self.sink_status(stream.name()).map_or(0, |s| s.landed(partition as usize))
+    }
+
     /// 429 when a partition's log is over its size limit; 503 when the lake is too far behind.
     pub fn check_backpressure(&self, stream: &Stream) -> Result<(), Response> {
         let limits = &self.cfg.limits;
-        let status = self.sink_status(stream.name());
         let mut behind = 0u64;
         for p in stream.partitions() {
             if p.size_bytes() > limits.max_log_bytes {
@@ -124,8 +181,7 @@ impl App {
                     Some(5),
                 ));
             }
-            let landed = status.as_ref().map_or(0, |s| s.landed(p.id() as usize));
-            behind += p.bytes_after(landed);
+            behind += p.bytes_after(self.processed(stream, p.id()));
         }
         if self.cfg.lake.enabled && behind > limits.max_lake_lag_bytes {
             return Err(error_response(
@@ -164,6 +220,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         round_robin: AtomicU64::new(0),
         shutting_down: AtomicBool::new(false),
         sinks: Default::default(),
+        pipelines: Default::default(),
         sink_tasks: Default::default(),
         stop_sinks,
         metrics,
@@ -177,12 +234,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     for s in app.log.streams() {
         app.ensure_sink(&s);
     }
+    app.start_pipelines()?;
     let housekeeping = tokio::spawn(housekeeping(app.clone()));
 
     let router = Router::new()
         .route("/v1/streams/{stream}/events", post(crate::ingest::post_events))
         .route("/v1/streams", get(list_streams))
         .route("/v1/tables", get(list_tables))
+        .route("/v1/pipelines", get(list_pipelines))
         .route("/v1/query", post(query))
         .route("/metrics", get(metrics_endpoint))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -206,7 +265,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let _ = app.stop_sinks.send(true);
     let tasks: Vec<_> = std::mem::take(&mut *app.sink_tasks.lock());
     if tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(tasks)).await.is_err() {
-        tracing::warn!("lake sinks did not finish in 30s; the rest lands at the next start");
+        tracing::warn!("lake sinks and pipelines did not finish in 30s; the rest lands at the next start");
     }
     tracing::info!("stopped");
     Ok(())
@@ -236,12 +295,11 @@ async fn shutdown_signal() {
 /// Log and lag gauges, computed when /metrics is read.
 fn update_gauges(app: &App) {
     for s in app.log.streams() {
-        let status = app.sink_status(s.name());
         let (mut end, mut lag, mut bytes) = (0u64, 0u64, 0u64);
         for p in s.partitions() {
             let hw = p.high_watermark();
             end += hw;
-            lag += hw.saturating_sub(status.as_ref().map_or(0, |st| st.landed(p.id() as usize)));
+            lag += hw.saturating_sub(app.processed(&s, p.id()));
             bytes += p.size_bytes();
         }
         let name = s.name().to_string();
@@ -249,6 +307,75 @@ fn update_gauges(app: &App) {
         metrics::gauge!("sluice_lake_lag_records", "stream" => name.clone()).set(lag as f64);
         metrics::gauge!("sluice_log_bytes", "stream" => name).set(bytes as f64);
     }
+    for st in app.pipelines.lock().iter() {
+        let lag = pipeline_lag(&app, st);
+        metrics::gauge!("sluice_pipeline_lag_records", "pipeline" => st.name.clone()).set(lag as f64);
+        for (step, stats) in &st.steps {
+            for (outcome, v) in [("in", &stats.records_in), ("out", &stats.records_out), ("filtered", &stats.filtered), ("failed", &stats.failed)] {
+                metrics::gauge!("sluice_pipeline_step_records", "pipeline" => st.name.clone(), "step" => step.clone(), "outcome" => outcome)
+                    .set(v.load(Ordering::Relaxed) as f64);
+            }
+        }
+    }
+}
+
+/// Records in the pipeline's sources it has not processed yet.
+fn pipeline_lag(app: &App, st: &PipelineStatus) -> u64 {
+    let mut lag = 0;
+    for (name, pos) in &st.positions {
+        if let Some(stream) = app.log.stream(name) {
+            for (p, a) in stream.partitions().iter().zip(pos) {
+                lag += p.high_watermark().saturating_sub(a.load(Ordering::Acquire));
+            }
+        }
+    }
+    lag
+}
+
+/// `GET /v1/pipelines`: each pipeline's sources, position and lag, per-step counters, sinks,
+/// dead letters and last checkpoint.
+async fn list_pipelines(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let token = match app.auth.token(&headers) {
+        Ok(t) => t,
+        Err(d) => return app.denied(d),
+    };
+    if token.is_some_and(|t| !t.can_read_all()) {
+        return app.denied(Denied::Forbidden("listing pipelines needs read scope '*'".into()));
+    }
+    let now = sluice_core::time::now_ms();
+    let out: Vec<serde_json::Value> = app
+        .pipelines
+        .lock()
+        .iter()
+        .map(|st| {
+            let cfg = app.cfg.pipelines.get(&st.name);
+            let last = st.last_checkpoint_ms.load(Ordering::Relaxed);
+            serde_json::json!({
+                "name": st.name,
+                "from": cfg.map(|c| c.from.clone()),
+                "records_in": st.records_in.load(Ordering::Relaxed),
+                "lag": pipeline_lag(&app, st),
+                "dead_letters": st.dead_letters.load(Ordering::Relaxed),
+                "checkpoints": st.checkpoints.load(Ordering::Relaxed),
+                "checkpoint_age_ms": (last > 0).then(|| now.saturating_sub(last)),
+                "positions": st.positions.iter().map(|(s, pos)| serde_json::json!({
+                    "stream": s,
+                    "next_offsets": pos.iter().map(|a| a.load(Ordering::Acquire)).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+                "steps": st.steps.iter().map(|(label, s)| serde_json::json!({
+                    "step": label,
+                    "records_in": s.records_in.load(Ordering::Relaxed),
+                    "records_out": s.records_out.load(Ordering::Relaxed),
+                    "filtered": s.filtered.load(Ordering::Relaxed),
+                    "failed": s.failed.load(Ordering::Relaxed),
+                    "time_ms": s.micros.load(Ordering::Relaxed) / 1000,
+                })).collect::<Vec<_>>(),
+                "sinks": st.sinks.iter().map(|(n, c)| serde_json::json!({ "sink": n, "records": c.load(Ordering::Relaxed) })).collect::<Vec<_>>(),
+                "error": st.last_error.lock().clone(),
+            })
+        })
+        .collect();
+    axum::Json(serde_json::json!({ "pipelines": out })).into_response()
 }
 
 /// Retention every 30 s.
@@ -310,7 +437,7 @@ async fn list_streams(State(app): State<Arc<App>>, headers: HeaderMap) -> Respon
             .iter()
             .map(|p| {
                 let end = p.high_watermark();
-                let landed = status.as_ref().map_or(0, |st| st.landed(p.id() as usize));
+                let landed = app.processed(&s, p.id());
                 PartitionInfo { partition: p.id(), log_start_offset: p.log_start_offset(), log_end_offset: end, landed_offset: landed, lag: end.saturating_sub(landed), size_bytes: p.size_bytes() }
             })
             .collect();

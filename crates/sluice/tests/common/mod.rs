@@ -20,6 +20,8 @@ pub struct Server {
     pub child: Option<Child>,
     pub client: reqwest::Client,
     pub token: Option<String>,
+    /// Extra environment of the process (e.g. fault injection).
+    pub env: Vec<(String, String)>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -45,6 +47,7 @@ impl Server {
             child: None,
             client: reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap(),
             token: None,
+            env: Vec::new(),
             _tmp: None,
         }
     }
@@ -64,6 +67,7 @@ impl Server {
             .args(["up", "-c"])
             .arg(&self.config)
             .env("SLUICE_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -72,6 +76,10 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                // An injected fault may fire while the server starts: start it again.
+                if self.env.iter().any(|(k, _)| k.starts_with("SLUICE_FAULT")) {
+                    return Box::pin(self.spawn()).await;
+                }
                 panic!("sluice exited at start with {status}: {}", self.server_log());
             }
             if let Ok(r) = self.client.get(self.url("/healthz")).send().await {

@@ -1,0 +1,389 @@
+//! `pipelines:` in sluice.yaml: records of `from` streams pass `steps` in order and land in
+//! the `to` sinks.
+//!
+//! ```yaml
+//! pipelines:
+//!   rides:
+//!     from: [events]
+//!     steps:
+//!       - filter: "kind = 'ride'"
+//!       - map: { fare_eur: "fare_cents / 100.0", rider: "user.id" }
+//!       - drop: [fare_cents, user]
+//!       - route:
+//!           - { to: big_rides, when: "fare_eur > 100" }
+//!           - { to: rides }
+//!     to:
+//!       rides: { lake: { partition_by: [region] } }
+//!       big_rides: { stream: { stream: big_rides } }
+//! ```
+//!
+//! This module checks what needs no SQL engine (names, references, the stream graph);
+//! `sluice-pipeline` checks the SQL itself.
+
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// One pipeline.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Source streams (one name or a list). Each must be declared under `streams:`.
+    #[serde(deserialize_with = "one_or_many")]
+    pub from: Vec<String>,
+    /// Steps, applied in order. A `route` step, if any, is the last.
+    #[serde(default)]
+    pub steps: Vec<StepConfig>,
+    /// Sinks by name. Without a `route` step every record goes to every sink.
+    pub to: BTreeMap<String, SinkConfig>,
+}
+
+/// A step. Written as a one-key map: `- filter: "..."`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepConfig {
+    /// Keep records for which this SQL boolean expression is true.
+    Filter(String),
+    /// Add or replace fields, each a SQL expression of the record's fields; other fields stay.
+    Map(Fields),
+    /// Keep exactly these fields, each a SQL expression (`name: name` keeps one as is).
+    Select(Fields),
+    /// Remove these top-level fields.
+    Drop(Vec<String>),
+    /// Send each record to every route whose `when` is true (a route without `when` takes
+    /// every record). Records no route takes are counted as filtered.
+    Route(Vec<RouteConfig>),
+}
+
+impl StepConfig {
+    /// The step's kind, as written in the config.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StepConfig::Filter(_) => "filter",
+            StepConfig::Map(_) => "map",
+            StepConfig::Select(_) => "select",
+            StepConfig::Drop(_) => "drop",
+            StepConfig::Route(_) => "route",
+        }
+    }
+}
+
+/// One route of a `route` step.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Name of a sink under the pipeline's `to`.
+    pub to: String,
+    /// SQL boolean expression; without it the route takes every record.
+    #[serde(default)]
+    pub when: Option<String>,
+}
+
+/// A sink. Written as a one-key map: `{ lake: { ... } }`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SinkConfig {
+    /// A Delta table in the lake, exactly-once.
+    Lake(LakeSinkConfig),
+    /// Another stream of the log (pipelines chain), at-least-once.
+    Stream(StreamSinkConfig),
+}
+
+/// Options of a lake sink.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LakeSinkConfig {
+    /// Table name; default: the sink's name.
+    #[serde(default)]
+    pub table: Option<String>,
+    /// Partition columns after the date column (top-level output fields).
+    #[serde(default)]
+    pub partition_by: Vec<String>,
+}
+
+/// Options of a stream sink.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StreamSinkConfig {
+    /// Target stream; must be declared under `streams:`.
+    pub stream: String,
+}
+
+// Steps and sinks are one-key maps (`- filter: ...`); serde's externally tagged enums
+// would want YAML tags (`!filter`) from serde_yaml_ng, so these are read by hand.
+macro_rules! one_key_enum {
+    ($ty:ident, $what:literal, $($key:literal => $variant:ident($inner:ty)),+ $(,)?) => {
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl<'de> Visitor<'de> for V {
+                    type Value = $ty;
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        write!(f, "a {} written as a one-key map ({})", $what, [$($key),+].join(", "))
+                    }
+                    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<$ty, A::Error> {
+                        let Some(key) = m.next_key::<String>()? else {
+                            return Err(serde::de::Error::custom(format!("an empty map is not a {}", $what)));
+                        };
+                        let value = match key.as_str() {
+                            $($key => $ty::$variant(m.next_value::<$inner>()?),)+
+                            other => {
+                                return Err(serde::de::Error::custom(format!(
+                                    "unknown {} `{other}`, expected one of {}", $what, [$($key),+].join(", ")
+                                )))
+                            }
+                        };
+                        if let Some(extra) = m.next_key::<String>()? {
+                            return Err(serde::de::Error::custom(format!(
+                                "one {} per list item: `{key}` and `{extra}` are in the same item", $what
+                            )));
+                        }
+                        Ok(value)
+                    }
+                }
+                d.deserialize_map(V)
+            }
+        }
+    };
+}
+
+one_key_enum!(StepConfig, "step",
+    "filter" => Filter(String),
+    "map" => Map(Fields),
+    "select" => Select(Fields),
+    "drop" => Drop(Vec<String>),
+    "route" => Route(Vec<RouteConfig>),
+);
+one_key_enum!(SinkConfig, "sink",
+    "lake" => Lake(LakeSinkConfig),
+    "stream" => Stream(StreamSinkConfig),
+);
+
+/// Output fields in the order written: `name: SQL expression`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Fields(pub Vec<(String, String)>);
+
+impl<'de> Deserialize<'de> for Fields {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Fields;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map of output field name to SQL expression")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Fields, A::Error> {
+                let mut out: Vec<(String, String)> = Vec::new();
+                while let Some((k, v)) = m.next_entry::<String, ExprText>()? {
+                    if out.iter().any(|(n, _)| *n == k) {
+                        return Err(serde::de::Error::custom(format!("field `{k}` is defined twice")));
+                    }
+                    out.push((k, v.0));
+                }
+                Ok(Fields(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// A SQL expression; YAML numbers and booleans are taken as their text (`x: 1`).
+struct ExprText(String);
+
+impl<'de> Deserialize<'de> for ExprText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum T {
+            S(String),
+            I(i64),
+            F(f64),
+            B(bool),
+        }
+        Ok(ExprText(match T::deserialize(d)? {
+            T::S(s) => s,
+            T::I(i) => i.to_string(),
+            T::F(f) => f.to_string(),
+            T::B(b) => b.to_string(),
+        }))
+    }
+}
+
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum T {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match T::deserialize(d)? {
+        T::One(s) => vec![s],
+        T::Many(v) => v,
+    })
+}
+
+impl PipelineConfig {
+    /// The lake table of each lake sink: (sink name, table name, options).
+    pub fn lake_sinks(&self) -> impl Iterator<Item = (&str, &str, &LakeSinkConfig)> {
+        self.to.iter().filter_map(|(name, s)| match s {
+            SinkConfig::Lake(l) => Some((name.as_str(), l.table.as_deref().unwrap_or(name), l)),
+            SinkConfig::Stream(_) => None,
+        })
+    }
+
+    /// Streams this pipeline writes to.
+    pub fn output_streams(&self) -> impl Iterator<Item = &str> {
+        self.to.values().filter_map(|s| match s {
+            SinkConfig::Stream(s) => Some(s.stream.as_str()),
+            SinkConfig::Lake(_) => None,
+        })
+    }
+}
+
+/// A config key path and a message.
+pub(crate) type Invalid = (Vec<String>, String);
+
+/// Checks names and references of all pipelines (not their SQL).
+pub(crate) fn validate(
+    pipelines: &BTreeMap<String, PipelineConfig>,
+    streams: &BTreeMap<String, crate::StreamConfig>,
+    date_column: &str,
+) -> Result<(), Invalid> {
+    let at = |name: &str, rest: &[&str]| {
+        let mut p = vec!["pipelines".to_string(), name.to_string()];
+        p.extend(rest.iter().map(|s| s.to_string()));
+        p
+    };
+    let mut tables: BTreeMap<String, String> = BTreeMap::new(); // table -> pipeline
+    for (name, p) in pipelines {
+        crate::validate_stream_name(name)
+            .map_err(|m| (at(name, &[]), m.replace("stream name", "pipeline name")))?;
+        if p.from.is_empty() {
+            return Err((at(name, &["from"]), "needs at least one stream".into()));
+        }
+        for s in &p.from {
+            if !streams.contains_key(s) {
+                return Err((at(name, &["from"]), format!("unknown stream {s:?}: declare it under `streams:`")));
+            }
+        }
+        if p.to.is_empty() {
+            return Err((at(name, &["to"]), "needs at least one sink".into()));
+        }
+        for (i, step) in p.steps.iter().enumerate() {
+            let i_s = i.to_string();
+            let key = at(name, &["steps", &i_s]);
+            match step {
+                StepConfig::Filter(sql) if sql.trim().is_empty() => {
+                    return Err((key, "filter: the expression is empty".into()))
+                }
+                StepConfig::Map(f) | StepConfig::Select(f) => {
+                    if f.0.is_empty() {
+                        return Err((key, format!("{}: needs at least one field", step.kind())));
+                    }
+                    for (field, _) in &f.0 {
+                        if !is_field_name(field) {
+                            return Err((key, format!("{}: {field:?} is not a valid output field name", step.kind())));
+                        }
+                    }
+                }
+                StepConfig::Drop(f) if f.is_empty() => return Err((key, "drop: needs at least one field".into())),
+                StepConfig::Route(routes) => {
+                    if i + 1 != p.steps.len() {
+                        return Err((key, "route must be the last step".into()));
+                    }
+                    if routes.is_empty() {
+                        return Err((key, "route: needs at least one route".into()));
+                    }
+                    for r in routes {
+                        if !p.to.contains_key(&r.to) {
+                            return Err((key, format!("route to unknown sink {:?} (sinks: {})", r.to, names(p.to.keys()))));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (sink, cfg) in &p.to {
+            let key = at(name, &["to", sink]);
+            crate::validate_stream_name(sink).map_err(|m| (key.clone(), m.replace("stream name", "sink name")))?;
+            match cfg {
+                SinkConfig::Lake(l) => {
+                    let table = l.table.as_deref().unwrap_or(sink);
+                    crate::validate_stream_name(table).map_err(|m| (key.clone(), m.replace("stream name", "table name")))?;
+                    if streams.contains_key(table) && !pipelines.values().any(|q| q.from.iter().any(|f| f == table)) {
+                        return Err((key, format!("table {table:?} is where stream {table:?} lands; choose another table name")));
+                    }
+                    if let Some(other) = tables.insert(table.to_string(), name.clone()) {
+                        return Err((key, format!("table {table:?} is already written by pipeline {other:?}")));
+                    }
+                    for c in &l.partition_by {
+                        if !crate::config::is_column_name(c) || c == date_column {
+                            return Err((key, format!("partition_by {c:?} must be a top-level field name of a-z, 0-9, _ (not the date column)")));
+                        }
+                    }
+                }
+                SinkConfig::Stream(s) => {
+                    if !streams.contains_key(&s.stream) {
+                        return Err((key, format!("unknown stream {:?}: declare it under `streams:`", s.stream)));
+                    }
+                }
+            }
+        }
+    }
+    check_cycles(pipelines)
+}
+
+fn names<'a>(it: impl Iterator<Item = &'a String>) -> String {
+    it.map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+fn is_field_name(s: &str) -> bool {
+    !s.is_empty() && !s.starts_with('_') && !s.contains([' ', ',', ';', '{', '}', '(', ')', '\n', '\t', '=', '.'])
+}
+
+/// Streams → pipelines → streams must not loop (a record would circle forever).
+fn check_cycles(pipelines: &BTreeMap<String, PipelineConfig>) -> Result<(), Invalid> {
+    // Edges stream -> stream through a pipeline.
+    let mut edges: BTreeMap<&str, Vec<(&str, &str)>> = BTreeMap::new();
+    for (name, p) in pipelines {
+        for f in &p.from {
+            for out in p.output_streams() {
+                edges.entry(f.as_str()).or_default().push((out, name.as_str()));
+            }
+        }
+    }
+    // Depth-first search from every stream; `path` holds the pipelines taken.
+    fn visit<'a>(
+        s: &'a str,
+        edges: &BTreeMap<&'a str, Vec<(&'a str, &'a str)>>,
+        on_path: &mut Vec<&'a str>,
+        path: &mut Vec<&'a str>,
+        done: &mut BTreeSet<&'a str>,
+    ) -> Option<Vec<&'a str>> {
+        if on_path.contains(&s) {
+            return Some(path.clone());
+        }
+        if !done.insert(s) {
+            return None;
+        }
+        on_path.push(s);
+        for (next, via) in edges.get(s).into_iter().flatten() {
+            path.push(via);
+            if let Some(cycle) = visit(next, edges, on_path, path, done) {
+                return Some(cycle);
+            }
+            path.pop();
+        }
+        on_path.pop();
+        None
+    }
+    let mut done = BTreeSet::new();
+    for s in edges.keys() {
+        let (mut on_path, mut path) = (Vec::new(), Vec::new());
+        if let Some(cycle) = visit(s, &edges, &mut on_path, &mut path, &mut done) {
+            let first = cycle.last().copied().unwrap_or_default();
+            return Err((
+                vec!["pipelines".into(), first.into(), "to".into()],
+                format!("pipelines form a cycle through streams ({}): a record would circle forever", cycle.join(" -> ")),
+            ));
+        }
+    }
+    Ok(())
+}

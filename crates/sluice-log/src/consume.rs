@@ -1,0 +1,97 @@
+//! Reading streams in flushes: what the lake sink and pipelines share.
+
+use crate::{LogError, Stream, StoredRecord};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// One record read by [`collect`]: which of the given streams, which partition.
+#[derive(Debug, Clone)]
+pub struct Collected {
+    pub stream: usize,
+    pub partition: u32,
+    pub record: StoredRecord,
+}
+
+/// When [`collect`] returns.
+#[derive(Debug, Clone, Copy)]
+pub struct FlushPolicy {
+    /// Return once this many value bytes are buffered ...
+    pub bytes: u64,
+    /// ... or this long after the first record arrived.
+    pub interval: Duration,
+}
+
+/// Reads durable records of `streams` from the positions in `next` (`next[s][p]`, advanced
+/// past what is returned) until the policy says flush; when `shutdown` turns true, until
+/// nothing more is durable. Partitions are read in turn so none starves.
+pub async fn collect(
+    streams: &[Arc<Stream>],
+    next: &mut [Vec<u64>],
+    policy: FlushPolicy,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Vec<Collected>, LogError> {
+    let mut out = Vec::new();
+    let mut bytes = 0u64;
+    let mut deadline: Option<Instant> = None;
+    loop {
+        let mut got = false;
+        for (s, stream) in streams.iter().enumerate() {
+            for p in stream.partitions() {
+                let i = p.id() as usize;
+                if bytes >= policy.bytes || next[s][i] >= p.high_watermark() {
+                    continue;
+                }
+                let budget = (policy.bytes - bytes).clamp(64 << 10, 8 << 20) as usize;
+                let recs = p.read(next[s][i], budget)?;
+                if let Some(last) = recs.last() {
+                    next[s][i] = last.offset + 1;
+                    got = true;
+                }
+                for r in recs {
+                    bytes += r.value.len() as u64;
+                    out.push(Collected { stream: s, partition: p.id(), record: r });
+                }
+            }
+        }
+        if !out.is_empty() && deadline.is_none() {
+            deadline = Some(Instant::now() + policy.interval);
+        }
+        let stopping = *shutdown.borrow();
+        if bytes >= policy.bytes || deadline.is_some_and(|d| Instant::now() >= d) || (stopping && !got) {
+            return Ok(out);
+        }
+        if got {
+            continue;
+        }
+        let wait = deadline.map_or(Duration::from_millis(500), |d| d.saturating_duration_since(Instant::now()));
+        let mut waits: Vec<Pin<Box<dyn Future<Output = ()> + Send + '_>>> = Vec::new();
+        for (s, stream) in streams.iter().enumerate() {
+            for p in stream.partitions() {
+                waits.push(Box::pin(p.wait_for(next[s][p.id() as usize], wait)));
+            }
+        }
+        if waits.is_empty() {
+            waits.push(Box::pin(tokio::time::sleep(wait)));
+        }
+        tokio::select! {
+            _ = select_any(waits) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+/// Completes when the first of `futs` does.
+async fn select_any<F: Future<Output = ()> + Unpin>(mut futs: Vec<F>) {
+    std::future::poll_fn(|cx| {
+        for f in futs.iter_mut() {
+            if Pin::new(f).poll(cx).is_ready() {
+                return std::task::Poll::Ready(());
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}

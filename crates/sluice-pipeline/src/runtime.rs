@@ -1,0 +1,829 @@
+//! A running pipeline: reads its source streams in flushes, converts each flush to Arrow,
+//! applies the steps to whole batches and hands the result to its sinks; then checkpoints.
+//!
+//! The checkpoint protocol (hand-written: it is the exactly-once guarantee):
+//! - The pipeline's position in each source partition is the log consumer offset
+//!   `pipeline.<name>`, committed only after every sink has durably accepted the flush.
+//! - Every commit to a lake sink's table (and to `<name>__dlq`) carries, for each source
+//!   partition of the flush, the Delta transaction identifier `sluice:<name>:<stream>:<p>`
+//!   with the last offset included. After a crash the pipeline restarts from its consumer
+//!   offsets; rows at or below a table's identifier are already in that table and are skipped.
+//!   So the lake (and the dead-letter table) get each record exactly once.
+//! - Stream sinks are at-least-once: records of a flush re-run after a crash are appended
+//!   again.
+//! - The source schema the converter inferred is persisted before any commit of the flush
+//!   that evolved it, so a re-run converts (accepts, rejects) exactly as the first run did.
+
+use crate::step::{is_system_column, Output, Step, StepStats};
+use deltalake::arrow::array::{ArrayRef, AsArray, BooleanArray, RecordBatch};
+use deltalake::arrow::compute::filter_record_batch;
+use deltalake::arrow::datatypes::{DataType, Field, Int32Type, Int64Type, Schema, SchemaRef};
+use deltalake::arrow::ipc::{reader::StreamReader, writer::StreamWriter};
+use deltalake::arrow::json::writer::LineDelimitedWriter;
+use sluice_core::pipeline::{PipelineConfig, SinkConfig};
+use sluice_lake::convert::{self, ConvertOptions, InputRecord, OFFSET_COLUMN, PARTITION_COLUMN};
+use sluice_lake::delta::{LakeError, LakeTable};
+use sluice_log::{Collected, FlushPolicy, Record, Stream};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// The log consumer name of a pipeline.
+pub fn consumer_name(pipeline: &str) -> String {
+    format!("pipeline.{pipeline}")
+}
+
+/// The Delta transaction identifier of one source partition of a pipeline.
+pub fn app_id(pipeline: &str, stream: &str, partition: u32) -> String {
+    format!("sluice:{pipeline}:{stream}:{partition}")
+}
+
+/// Everything needed to run one pipeline.
+pub struct PipelineSpec {
+    pub name: String,
+    pub cfg: PipelineConfig,
+    /// The `from` streams, in order.
+    pub sources: Vec<Arc<Stream>>,
+    /// Target streams of stream sinks, by stream name.
+    pub outputs: HashMap<String, Arc<Stream>>,
+    pub lake_root: String,
+    /// Where the pipeline keeps its state (the inferred source schemas).
+    pub state_dir: PathBuf,
+    pub flush: FlushPolicy,
+    pub date_column: String,
+}
+
+/// Live state of a pipeline, for `/v1/pipelines` and `/metrics`.
+#[derive(Debug)]
+pub struct PipelineStatus {
+    pub name: String,
+    /// Per source stream: (name, per partition the next offset to process).
+    pub positions: Vec<(String, Vec<AtomicU64>)>,
+    pub steps: Vec<(String, Arc<StepStats>)>,
+    /// Per sink: (name, records written).
+    pub sinks: Vec<(String, AtomicU64)>,
+    pub records_in: AtomicU64,
+    pub dead_letters: AtomicU64,
+    pub checkpoints: AtomicU64,
+    /// Unix milliseconds of the last checkpoint (0: none yet).
+    pub last_checkpoint_ms: AtomicI64,
+    pub last_error: parking_lot::Mutex<Option<String>>,
+}
+
+/// A record that failed: it goes to `<pipeline>__dlq` with the step and the error.
+struct DeadLetter {
+    stream: usize,
+    partition: u32,
+    offset: u64,
+    timestamp_ms: i64,
+    step: String,
+    error: String,
+    raw: String,
+}
+
+/// What one sink gets from a flush.
+enum SinkData {
+    /// (source stream, rows)
+    Lake(Vec<(usize, RecordBatch)>),
+    /// Per target partition, records in order.
+    Stream(Vec<Vec<Record>>),
+}
+
+/// One flush, processed and ready to write.
+struct Prepared {
+    sinks: Vec<SinkData>,
+    dead: Vec<DeadLetter>,
+    /// Per source stream and partition: (first, last) offset in this flush.
+    range: Vec<Vec<Option<(u64, u64)>>>,
+}
+
+/// What preparing a flush needs and changes: the inferred schemas and the steps' caches.
+struct Prep {
+    schemas: Vec<Option<SchemaRef>>,
+    steps: Vec<Step>,
+}
+
+/// A lake sink's table and what it already holds.
+struct LakeOut {
+    table_name: String,
+    partition_by: Vec<String>,
+    table: Option<LakeTable>,
+    /// Per source stream and partition: the last offset the table holds (-1: none).
+    done: Vec<Vec<i64>>,
+}
+
+enum SinkRt {
+    Lake(LakeOut),
+    Stream(Arc<Stream>),
+}
+
+/// What the commit stage owns.
+struct Writers {
+    sinks: Vec<SinkRt>,
+    dlq: LakeOut,
+}
+
+/// Runs one pipeline. Start it with [`Pipeline::run`] on its own task.
+pub struct Pipeline {
+    spec: PipelineSpec,
+    sink_names: Vec<String>,
+    status: Arc<PipelineStatus>,
+    step_stats: Vec<Arc<StepStats>>,
+}
+
+impl Pipeline {
+    pub fn new(spec: PipelineSpec) -> Pipeline {
+        let sink_names: Vec<String> = spec.cfg.to.keys().cloned().collect();
+        let steps = new_steps(&spec, &sink_names);
+        let step_stats: Vec<Arc<StepStats>> = steps.iter().map(|s| s.stats.clone()).collect();
+        let status = Arc::new(PipelineStatus {
+            name: spec.name.clone(),
+            positions: spec
+                .sources
+                .iter()
+                .map(|s| (s.name().to_string(), s.partitions().iter().map(|_| AtomicU64::new(0)).collect()))
+                .collect(),
+            steps: steps.iter().map(|s| (s.label.clone(), s.stats.clone())).collect(),
+            sinks: sink_names.iter().map(|n| (n.clone(), AtomicU64::new(0))).collect(),
+            records_in: AtomicU64::new(0),
+            dead_letters: AtomicU64::new(0),
+            checkpoints: AtomicU64::new(0),
+            last_checkpoint_ms: AtomicI64::new(0),
+            last_error: parking_lot::Mutex::new(None),
+        });
+        Pipeline { spec, sink_names, status, step_stats }
+    }
+
+    pub fn status(&self) -> Arc<PipelineStatus> {
+        self.status.clone()
+    }
+
+    fn dlq_name(&self) -> String {
+        format!("{}{}", self.spec.name, sluice_core::DLQ_SUFFIX)
+    }
+
+    /// Processes records until `shutdown` turns true; then everything durable at that
+    /// moment, and returns. Like the lake sink, writing one flush overlaps with reading and
+    /// processing the next; any error drops both and restarts from the checkpoint.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(100);
+        let mut state: Option<(Vec<Vec<u64>>, Writers)> = None;
+        let mut prep: Option<Prep> = None;
+        let mut pending: Option<Prepared> = None;
+        loop {
+            let stopping = *shutdown.borrow();
+            if state.is_none() {
+                match self.init().await {
+                    Ok((st, p)) => {
+                        state = Some(st);
+                        prep = Some(p);
+                        pending = None;
+                    }
+                    Err(e) => {
+                        self.fail(&e);
+                        if stopping {
+                            return;
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
+                }
+            }
+            let Some((next, writers)) = state.as_mut() else { continue };
+            let result: anyhow::Result<bool> = match pending.take() {
+                None => match self.read_and_prepare(next, &mut prep, &mut shutdown).await {
+                    Ok(Some(p)) => {
+                        pending = Some(p);
+                        Ok(true)
+                    }
+                    Ok(None) => Ok(!stopping),
+                    Err(e) => Err(e),
+                },
+                Some(p) => {
+                    let (committed, ahead) =
+                        tokio::join!(self.commit(writers, p), self.read_and_prepare(next, &mut prep, &mut shutdown));
+                    match (committed, ahead) {
+                        (Ok(()), Ok(p2)) => {
+                            let more = p2.is_some();
+                            pending = p2;
+                            Ok(more || !stopping)
+                        }
+                        (Err(e), _) | (_, Err(e)) => Err(e),
+                    }
+                }
+            };
+            match result {
+                Ok(true) => {
+                    backoff = Duration::from_millis(100);
+                    *self.status.last_error.lock() = None;
+                }
+                Ok(false) => return,
+                Err(e) => {
+                    self.fail(&e);
+                    state = None;
+                    pending = None;
+                    if stopping && backoff > Duration::from_secs(5) {
+                        return;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    fn fail(&self, e: &anyhow::Error) {
+        tracing::error!(pipeline = self.spec.name, error = format!("{e:#}"), "pipeline");
+        metrics::counter!("sluice_pipeline_errors_total", "pipeline" => self.spec.name.clone()).increment(1);
+        *self.status.last_error.lock() = Some(format!("{e:#}"));
+    }
+
+    /// Reads positions (consumer offsets) and what each table holds; loads the schemas.
+    async fn init(&self) -> anyhow::Result<((Vec<Vec<u64>>, Writers), Prep)> {
+        let consumer = consumer_name(&self.spec.name);
+        let mut next = Vec::new();
+        for (s, stream) in self.spec.sources.iter().enumerate() {
+            let mut v = Vec::new();
+            for p in stream.partitions() {
+                let n = p.committed_offset(&consumer).unwrap_or(0).max(p.log_start_offset()).min(p.next_offset());
+                // Commit at once so retention keeps what this pipeline has not processed.
+                p.commit_offset(&consumer, n)?;
+                self.status.positions[s].1[p.id() as usize].store(n, Ordering::Release);
+                v.push(n);
+            }
+            next.push(v);
+        }
+        let mut sinks = Vec::new();
+        for (name, cfg) in &self.spec.cfg.to {
+            sinks.push(match cfg {
+                SinkConfig::Lake(l) => SinkRt::Lake(
+                    self.open_lake(l.table.clone().unwrap_or_else(|| name.clone()), l.partition_by.clone()).await?,
+                ),
+                SinkConfig::Stream(s) => SinkRt::Stream(
+                    self.spec
+                        .outputs
+                        .get(&s.stream)
+                        .cloned()
+                        .ok_or_else(|| anyhow::anyhow!("sink {name}: stream {:?} is not open", s.stream))?,
+                ),
+            });
+        }
+        let dlq = self.open_lake(self.dlq_name(), Vec::new()).await?;
+        let mut schemas = Vec::new();
+        for s in &self.spec.sources {
+            schemas.push(load_schema(&self.schema_path(s.name()))?);
+        }
+        let prep = Prep { schemas, steps: new_steps(&self.spec, &self.sink_names) };
+        // Counters continue across restarts of the task: reuse the status's step stats.
+        let prep = Prep {
+            steps: prep
+                .steps
+                .into_iter()
+                .zip(&self.step_stats)
+                .map(|(mut s, st)| {
+                    s.stats = st.clone();
+                    s
+                })
+                .collect(),
+            ..prep
+        };
+        Ok(((next, Writers { sinks, dlq }), prep))
+    }
+
+    async fn open_lake(&self, table_name: String, partition_by: Vec<String>) -> anyhow::Result<LakeOut> {
+        let table = LakeTable::open(&self.spec.lake_root, &table_name).await?;
+        let done = self
+            .spec
+            .sources
+            .iter()
+            .map(|s| {
+                s.partitions()
+                    .iter()
+                    .map(|p| {
+                        let app = app_id(&self.spec.name, s.name(), p.id());
+                        table.as_ref().and_then(|t| t.txn_version(&app)).unwrap_or(-1)
+                    })
+                    .collect()
+            })
+            .collect();
+        Ok(LakeOut { table_name, partition_by, table, done })
+    }
+
+    fn schema_path(&self, stream: &str) -> PathBuf {
+        self.spec.state_dir.join(format!("{stream}.schema"))
+    }
+
+    async fn read_and_prepare(
+        &self,
+        next: &mut [Vec<u64>],
+        prep: &mut Option<Prep>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> anyhow::Result<Option<Prepared>> {
+        let records = sluice_log::collect(&self.spec.sources, next, self.spec.flush, shutdown).await?;
+        if records.is_empty() {
+            return Ok(None);
+        }
+        self.status.records_in.fetch_add(records.len() as u64, Ordering::Relaxed);
+        let mut p = prep.take().ok_or_else(|| anyhow::anyhow!("pipeline state lost after an earlier error"))?;
+        let ctx = PrepareCtx {
+            sources: self.spec.sources.iter().map(|s| s.name().to_string()).collect(),
+            schema_paths: self.spec.sources.iter().map(|s| self.schema_path(s.name())).collect(),
+            sinks: self
+                .spec
+                .cfg
+                .to
+                .values()
+                .map(|c| match c {
+                    SinkConfig::Lake(_) => None,
+                    SinkConfig::Stream(s) => Some(self.spec.outputs.get(&s.stream).map_or(1, |t| t.partitions().len())),
+                })
+                .collect(),
+            date_column: self.spec.date_column.clone(),
+        };
+        let (p, prepared) = tokio::task::spawn_blocking(move || {
+            let prepared = prepare(&ctx, &mut p, &records);
+            (p, prepared)
+        })
+        .await?;
+        *prep = Some(p);
+        prepared.map(Some)
+    }
+
+    /// Writes one flush: lake sinks, stream sinks, dead letters; then the checkpoint.
+    async fn commit(&self, w: &mut Writers, p: Prepared) -> anyhow::Result<()> {
+        let Prepared { sinks, mut dead, range } = p;
+        let txns = self.txns(&range);
+        let mut refused = Vec::new();
+        for (i, (rt, data)) in w.sinks.iter_mut().zip(sinks).enumerate() {
+            let written = match (rt, data) {
+                (SinkRt::Lake(out), SinkData::Lake(batches)) => {
+                    let date = self.spec.date_column.clone();
+                    self.write_lake(out, batches, &txns, &date, &mut dead).await?.unwrap_or_else(|| {
+                        refused.push(i);
+                        0
+                    })
+                }
+                (SinkRt::Stream(stream), SinkData::Stream(parts)) => write_stream(stream, parts).await?,
+                _ => anyhow::bail!("sink {} got data of another kind", self.sink_names[i]),
+            };
+            fault_point();
+            self.status.sinks[i].1.fetch_add(written as u64, Ordering::Relaxed);
+            metrics::counter!("sluice_pipeline_sink_records_total", "pipeline" => self.spec.name.clone(), "sink" => self.sink_names[i].clone())
+                .increment(written as u64);
+        }
+        if !dead.is_empty() {
+            let n = self.write_dead_letters(&mut w.dlq, dead, &txns).await?;
+            self.status.dead_letters.fetch_add(n as u64, Ordering::Relaxed);
+            metrics::counter!("sluice_pipeline_dlq_records_total", "pipeline" => self.spec.name.clone()).increment(n as u64);
+        }
+        fault_point();
+        // A table that refused the flush records it as handled now that its dead letters
+        // are committed.
+        for i in refused {
+            if let SinkRt::Lake(out) = &mut w.sinks[i] {
+                if let Some(t) = out.table.as_mut() {
+                    t.append(Vec::new(), &txns).await?;
+                    mark_done(out, &txns, &self.spec.sources, &self.spec.name);
+                }
+            }
+        }
+        let consumer = consumer_name(&self.spec.name);
+        for (s, stream) in self.spec.sources.iter().enumerate() {
+            for (pi, r) in range[s].iter().enumerate() {
+                if let Some((_, last)) = r {
+                    stream.partitions()[pi].commit_offset(&consumer, last + 1)?;
+                    self.status.positions[s].1[pi].store(last + 1, Ordering::Release);
+                }
+            }
+        }
+        self.status.checkpoints.fetch_add(1, Ordering::Relaxed);
+        self.status.last_checkpoint_ms.store(sluice_core::time::now_ms(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn txns(&self, range: &[Vec<Option<(u64, u64)>>]) -> Vec<(String, i64)> {
+        let mut txns = Vec::new();
+        for (s, stream) in self.spec.sources.iter().enumerate() {
+            for (p, r) in range[s].iter().enumerate() {
+                if let Some((_, last)) = r {
+                    txns.push((app_id(&self.spec.name, stream.name(), p as u32), *last as i64));
+                }
+            }
+        }
+        txns
+    }
+
+    /// Appends rows to a lake sink's table, skipping rows it already holds. Returns the rows
+    /// written, or None when the table cannot store them (a type that does not fit): then
+    /// they are added to `dead` and nothing is written.
+    async fn write_lake(
+        &self,
+        out: &mut LakeOut,
+        batches: Vec<(usize, RecordBatch)>,
+        txns: &[(String, i64)],
+        date_column: &str,
+        dead: &mut Vec<DeadLetter>,
+    ) -> anyhow::Result<Option<usize>> {
+        let mut fresh: Vec<(usize, RecordBatch)> = Vec::new();
+        for (s, b) in batches {
+            let b = without_null_columns(&skip_done(&b, &out.done[s])?);
+            if b.num_rows() > 0 {
+                fresh.push((s, b));
+            }
+        }
+        if fresh.is_empty() {
+            return Ok(Some(0));
+        }
+        let rows: usize = fresh.iter().map(|(_, b)| b.num_rows()).sum();
+        if out.table.is_none() {
+            let first = with_partition_columns(&fresh[0].1, &out.partition_by);
+            let mut cols = vec![date_column.to_string()];
+            cols.extend(out.partition_by.iter().cloned());
+            out.table = Some(LakeTable::create(&self.spec.lake_root, &out.table_name, &first.schema(), &cols).await?);
+        }
+        let table = out.table.as_mut().expect("created above");
+        widen_if_needed(table, &fresh).await?;
+        let plain: Vec<RecordBatch> = fresh.iter().map(|(_, b)| with_partition_columns(b, &out.partition_by)).collect();
+        match table.append(plain, txns).await {
+            Ok(_) => {}
+            Err(LakeError::Schema { message, .. }) => {
+                // Nothing was written: these rows cannot go to this table as they are. They
+                // become dead letters; the caller records the flush in this table only after
+                // the dead letters are committed.
+                for (s, b) in &fresh {
+                    for (partition, offset) in positions(b)? {
+                        dead.push(DeadLetter {
+                            stream: *s,
+                            partition,
+                            offset,
+                            timestamp_ms: 0,
+                            step: format!("sink {}", out.table_name),
+                            error: message.clone(),
+                            raw: String::new(),
+                        });
+                    }
+                }
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        mark_done(out, txns, &self.spec.sources, &self.spec.name);
+        Ok(Some(rows))
+    }
+
+    async fn write_dead_letters(&self, dlq: &mut LakeOut, mut dead: Vec<DeadLetter>, txns: &[(String, i64)]) -> anyhow::Result<usize> {
+        dead.retain(|d| d.offset as i64 > dlq.done[d.stream][d.partition as usize]);
+        // Dead letters found at a sink carry no raw text yet: fill it from the log.
+        for d in dead.iter_mut().filter(|d| d.raw.is_empty()) {
+            let p = &self.spec.sources[d.stream].partitions()[d.partition as usize];
+            if let Some(r) = p.read(d.offset, 1)?.into_iter().find(|r| r.offset == d.offset) {
+                d.raw = String::from_utf8_lossy(&r.value).into_owned();
+                d.timestamp_ms = r.timestamp_ms;
+            }
+        }
+        let n = dead.len();
+        if n > 0 {
+            let batch = dead_letter_batch(&dead, &self.spec.sources, &self.spec.date_column)?;
+            if dlq.table.is_none() {
+                dlq.table = Some(LakeTable::create(&self.spec.lake_root, &dlq.table_name, &batch.schema(), &[self.spec.date_column.clone()]).await?);
+            }
+            dlq.table.as_mut().expect("created above").append(vec![batch], txns).await?;
+            mark_done(dlq, txns, &self.spec.sources, &self.spec.name);
+        }
+        Ok(n)
+    }
+}
+
+/// Crash tests set `SLUICE_FAULT_CRASH_PIPELINE` to a probability: the process aborts at that
+/// rate after each sink write and before the checkpoint — the moments where a crash must
+/// neither lose nor duplicate records, and which a kill from outside rarely hits.
+fn fault_point() {
+    static RATE: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    let rate = *RATE.get_or_init(|| std::env::var("SLUICE_FAULT_CRASH_PIPELINE").ok().and_then(|v| v.parse().ok()).unwrap_or(0.0));
+    if rate > 0.0 && fastrand::f64() < rate {
+        eprintln!("SLUICE_FAULT_CRASH_PIPELINE: aborting");
+        std::process::abort();
+    }
+}
+
+fn new_steps(spec: &PipelineSpec, sink_names: &[String]) -> Vec<Step> {
+    spec.cfg.steps.iter().enumerate().map(|(i, s)| Step::new(i, s, sink_names, &spec.date_column)).collect()
+}
+
+/// Records that a table now holds the flush whose txns these are.
+fn mark_done(out: &mut LakeOut, txns: &[(String, i64)], sources: &[Arc<Stream>], pipeline: &str) {
+    for (s, stream) in sources.iter().enumerate() {
+        for p in stream.partitions() {
+            let app = app_id(pipeline, stream.name(), p.id());
+            if let Some((_, v)) = txns.iter().find(|(a, _)| *a == app) {
+                out.done[s][p.id() as usize] = *v;
+            }
+        }
+    }
+}
+
+struct PrepareCtx {
+    sources: Vec<String>,
+    schema_paths: Vec<PathBuf>,
+    /// Per sink: None for a lake sink, Some(target partitions) for a stream sink.
+    sinks: Vec<Option<usize>>,
+    date_column: String,
+}
+
+/// Converts, runs the steps, and lays out what each sink gets (CPU work, off the runtime).
+fn prepare(ctx: &PrepareCtx, prep: &mut Prep, records: &[Collected]) -> anyhow::Result<Prepared> {
+    let mut range: Vec<Vec<Option<(u64, u64)>>> = Vec::new();
+    let mut by_stream: Vec<Vec<InputRecord>> = vec![Vec::new(); ctx.sources.len()];
+    for c in records {
+        let r = &mut by_stream[c.stream];
+        r.push(InputRecord { partition: c.partition, offset: c.record.offset, timestamp_ms: c.record.timestamp_ms, value: &c.record.value });
+    }
+    for inputs in &by_stream {
+        let parts = inputs.iter().map(|r| r.partition as usize + 1).max().unwrap_or(0);
+        let mut v: Vec<Option<(u64, u64)>> = vec![None; parts];
+        for r in inputs {
+            let e = &mut v[r.partition as usize];
+            *e = Some(e.map_or((r.offset, r.offset), |(f, _)| (f, r.offset)));
+        }
+        range.push(v);
+    }
+    let mut sinks: Vec<Vec<(usize, RecordBatch)>> = vec![Vec::new(); ctx.sinks.len()];
+    let mut dead = Vec::new();
+    let copts = ConvertOptions { date_column: ctx.date_column.clone(), partition_by: Vec::new() };
+    for (s, inputs) in by_stream.iter().enumerate() {
+        if inputs.is_empty() {
+            continue;
+        }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(inputs.len() / 16_384).max(1);
+        let converted = convert::convert_parallel(prep.schemas[s].as_deref(), inputs, &copts, threads);
+        if prep.schemas[s].as_ref() != Some(&converted.schema) {
+            save_schema(&ctx.schema_paths[s], &converted.schema)?;
+            prep.schemas[s] = Some(converted.schema.clone());
+        }
+        for r in converted.rejects {
+            dead.push(DeadLetter {
+                stream: s,
+                partition: r.partition,
+                offset: r.offset,
+                timestamp_ms: r.timestamp_ms,
+                step: "decode".into(),
+                error: r.reason,
+                raw: r.raw,
+            });
+        }
+        let mut lookup: Option<HashMap<(u32, u64), usize>> = None;
+        for batch in converted.batches {
+            let mut current = Some(batch);
+            let mut routed: Option<Vec<(usize, RecordBatch)>> = None;
+            for step in prep.steps.iter_mut() {
+                let Some(b) = current.take() else { break };
+                let input_positions = positions(&b)?;
+                let (out, failures) = step.apply(b);
+                for f in failures {
+                    let (partition, offset) = input_positions[f.row];
+                    let idx = lookup
+                        .get_or_insert_with(|| inputs.iter().enumerate().map(|(i, r)| ((r.partition, r.offset), i)).collect())
+                        .get(&(partition, offset))
+                        .copied();
+                    let rec = idx.map(|i| &inputs[i]);
+                    dead.push(DeadLetter {
+                        stream: s,
+                        partition,
+                        offset,
+                        timestamp_ms: rec.map_or(0, |r| r.timestamp_ms),
+                        step: step.label.clone(),
+                        error: f.error,
+                        raw: rec.map(|r| String::from_utf8_lossy(r.value).into_owned()).unwrap_or_default(),
+                    });
+                }
+                match out {
+                    Some(Output::Rows(b)) => current = Some(b),
+                    Some(Output::Routed(r)) => routed = Some(r),
+                    None => {}
+                }
+            }
+            let outs: Vec<(usize, RecordBatch)> = match (current, routed) {
+                (_, Some(r)) => r,
+                (Some(b), None) => (0..ctx.sinks.len()).map(|i| (i, b.clone())).collect(),
+                (None, None) => Vec::new(),
+            };
+            for (i, b) in outs {
+                if b.num_rows() > 0 {
+                    if let Some(v) = sinks.get_mut(i) {
+                        v.push((s, b));
+                    }
+                }
+            }
+        }
+    }
+    let mut data = Vec::with_capacity(sinks.len());
+    for (i, batches) in sinks.into_iter().enumerate() {
+        data.push(match ctx.sinks[i] {
+            None => SinkData::Lake(batches),
+            Some(parts) => SinkData::Stream(to_records(&batches, records, parts, &ctx.date_column)?),
+        });
+    }
+    Ok(Prepared { sinks: data, dead, range })
+}
+
+/// (partition, offset) of every row.
+pub(crate) fn positions(b: &RecordBatch) -> anyhow::Result<Vec<(u32, u64)>> {
+    let p = b
+        .column_by_name(PARTITION_COLUMN)
+        .and_then(|c| c.as_primitive_opt::<Int32Type>())
+        .ok_or_else(|| anyhow::anyhow!("batch lacks {PARTITION_COLUMN}"))?;
+    let o = b
+        .column_by_name(OFFSET_COLUMN)
+        .and_then(|c| c.as_primitive_opt::<Int64Type>())
+        .ok_or_else(|| anyhow::anyhow!("batch lacks {OFFSET_COLUMN}"))?;
+    Ok(p.values().iter().zip(o.values().iter()).map(|(p, o)| (*p as u32, *o as u64)).collect())
+}
+
+/// Rows whose offset is above what the table holds for their partition.
+fn skip_done(b: &RecordBatch, done: &[i64]) -> anyhow::Result<RecordBatch> {
+    if done.iter().all(|d| *d < 0) {
+        return Ok(b.clone());
+    }
+    let pos = positions(b)?;
+    if pos.iter().all(|(p, o)| *o as i64 > done.get(*p as usize).copied().unwrap_or(-1)) {
+        return Ok(b.clone());
+    }
+    let mask: BooleanArray = pos.iter().map(|(p, o)| Some(*o as i64 > done.get(*p as usize).copied().unwrap_or(-1))).collect();
+    let kept = filter_record_batch(b, &mask)?;
+    tracing::info!(rows = b.num_rows() - kept.num_rows(), "re-run after a restart: skipping rows the table already holds");
+    Ok(kept)
+}
+
+/// Drops columns of type Null (a field no record had, or an expression of only NULLs):
+/// Delta cannot store them, and they hold nothing.
+fn without_null_columns(b: &RecordBatch) -> RecordBatch {
+    let schema = b.schema();
+    if !schema.fields().iter().any(|f| f.data_type() == &DataType::Null) {
+        return b.clone();
+    }
+    let keep: Vec<usize> = (0..schema.fields().len()).filter(|i| schema.field(*i).data_type() != &DataType::Null).collect();
+    b.project(&keep).unwrap_or_else(|_| b.clone())
+}
+
+/// A sink's partition columns must exist; a missing one is a column of NULL strings.
+fn with_partition_columns(b: &RecordBatch, partition_by: &[String]) -> RecordBatch {
+    let schema = b.schema();
+    let missing: Vec<&String> = partition_by.iter().filter(|c| schema.field_with_name(c).is_err()).collect();
+    if missing.is_empty() {
+        return b.clone();
+    }
+    let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut cols: Vec<ArrayRef> = b.columns().to_vec();
+    for m in missing {
+        fields.push(Field::new(m.as_str(), DataType::Utf8, true));
+        cols.push(deltalake::arrow::array::new_null_array(&DataType::Utf8, b.num_rows()));
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap_or_else(|_| b.clone())
+}
+
+/// A table column that is Int64 but now receives Float64 is widened (the table rewritten),
+/// as the plain lake sink does.
+async fn widen_if_needed(table: &mut LakeTable, batches: &[(usize, RecordBatch)]) -> anyhow::Result<()> {
+    let current = table.arrow_schema();
+    let mut widened: Option<Vec<Field>> = None;
+    for (_, b) in batches {
+        for f in b.schema().fields() {
+            if f.data_type() == &DataType::Float64 {
+                if let Ok(i) = current.index_of(f.name()) {
+                    if current.field(i).data_type() == &DataType::Int64 {
+                        let fields = widened.get_or_insert_with(|| current.fields().iter().map(|f| f.as_ref().clone()).collect());
+                        fields[i] = fields[i].clone().with_data_type(DataType::Float64);
+                    }
+                }
+            }
+        }
+    }
+    if let Some(fields) = widened {
+        tracing::info!(table = table.name(), "widening columns to double: rewriting table");
+        let fields: Vec<Field> = fields
+            .into_iter()
+            .map(|f| match f.data_type() {
+                DataType::Dictionary(_, v) => f.clone().with_data_type(v.as_ref().clone()),
+                _ => f,
+            })
+            .collect();
+        table.rewrite_with_schema(Arc::new(Schema::new_with_metadata(fields, current.metadata().clone())), &[]).await?;
+    }
+    Ok(())
+}
+
+/// Rows as JSON records for a stream sink (system columns left out), each in target
+/// partition `source partition % partitions` so one source partition's order is kept.
+fn to_records(batches: &[(usize, RecordBatch)], records: &[Collected], partitions: usize, date_column: &str) -> anyhow::Result<Vec<Vec<Record>>> {
+    let mut out: Vec<Vec<Record>> = vec![Vec::new(); partitions.max(1)];
+    let mut ts: HashMap<(usize, u32, u64), i64> = HashMap::new();
+    if !batches.is_empty() {
+        ts = records.iter().map(|c| ((c.stream, c.partition, c.record.offset), c.record.timestamp_ms)).collect();
+    }
+    for (s, b) in batches {
+        let pos = positions(b)?;
+        let keep: Vec<usize> = (0..b.num_columns())
+            .filter(|i| {
+                let f = b.schema_ref().field(*i).clone();
+                !is_system_column(f.name(), date_column) && f.data_type() != &DataType::Null
+            })
+            .collect();
+        let data = b.project(&keep)?;
+        let mut buf = Vec::with_capacity(data.get_array_memory_size());
+        {
+            let mut w = LineDelimitedWriter::new(&mut buf);
+            w.write(&data)?;
+            w.finish()?;
+        }
+        let lines = buf.split(|c| *c == b'\n').filter(|l| !l.is_empty());
+        for ((p, o), line) in pos.iter().zip(lines) {
+            let t = ts.get(&(*s, *p, *o)).copied().unwrap_or_else(sluice_core::time::now_ms);
+            let n = out.len();
+            out[*p as usize % n].push(Record::new(bytes::Bytes::copy_from_slice(line), t));
+        }
+    }
+    Ok(out)
+}
+
+async fn write_stream(stream: &Stream, parts: Vec<Vec<Record>>) -> anyhow::Result<usize> {
+    let mut n = 0;
+    let mut appended = Vec::new();
+    for (p, recs) in parts.iter().enumerate() {
+        if recs.is_empty() {
+            continue;
+        }
+        let part = &stream.partitions()[p];
+        appended.push((part.clone(), part.append(recs)?));
+        n += recs.len();
+    }
+    for (part, a) in &appended {
+        part.sync(a).await?;
+    }
+    Ok(n)
+}
+
+/// Rows of `<pipeline>__dlq`: the source stream, partition, offset, event time, the step, the
+/// error and the original record.
+fn dead_letter_batch(dead: &[DeadLetter], sources: &[Arc<Stream>], date_column: &str) -> anyhow::Result<RecordBatch> {
+    use deltalake::arrow::array::{Int32Array, Int64Array, StringArray, TimestampMicrosecondArray};
+    use deltalake::arrow::datatypes::TimeUnit;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("stream", DataType::Utf8, true),
+        Field::new("step", DataType::Utf8, true),
+        Field::new("error", DataType::Utf8, true),
+        Field::new("raw", DataType::Utf8, true),
+        Field::new(PARTITION_COLUMN, DataType::Int32, true),
+        Field::new(OFFSET_COLUMN, DataType::Int64, true),
+        Field::new("timestamp", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), true),
+        Field::new(date_column, DataType::Utf8, true),
+    ]));
+    let date = |ms: i64| chrono::DateTime::from_timestamp_millis(ms).map(|t| t.format("%Y-%m-%d").to_string());
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(dead.iter().map(|d| Some(sources[d.stream].name())).collect::<StringArray>()),
+        Arc::new(dead.iter().map(|d| Some(d.step.as_str())).collect::<StringArray>()),
+        Arc::new(dead.iter().map(|d| Some(d.error.as_str())).collect::<StringArray>()),
+        Arc::new(dead.iter().map(|d| Some(d.raw.as_str())).collect::<StringArray>()),
+        Arc::new(dead.iter().map(|d| i32::try_from(d.partition).ok()).collect::<Int32Array>()),
+        Arc::new(dead.iter().map(|d| i64::try_from(d.offset).ok()).collect::<Int64Array>()),
+        Arc::new(
+            TimestampMicrosecondArray::from(dead.iter().map(|d| d.timestamp_ms.checked_mul(1000)).collect::<Vec<_>>()).with_timezone("UTC"),
+        ),
+        Arc::new(dead.iter().map(|d| date(d.timestamp_ms)).collect::<StringArray>()),
+    ];
+    Ok(RecordBatch::try_new(schema, cols)?)
+}
+
+fn load_schema(path: &std::path::Path) -> anyhow::Result<Option<SchemaRef>> {
+    match std::fs::read(path) {
+        Ok(data) => {
+            let reader = StreamReader::try_new(std::io::Cursor::new(data), None)
+                .map_err(|e| anyhow::anyhow!("read {}: {e}", path.display()))?;
+            Ok(Some(reader.schema()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow::anyhow!("read {}: {e}", path.display())),
+    }
+}
+
+/// Writes the schema durably (temp file, fsync, rename, fsync of the directory).
+fn save_schema(path: &std::path::Path, schema: &Schema) -> anyhow::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().ok_or_else(|| anyhow::anyhow!("{} has no directory", path.display()))?;
+    std::fs::create_dir_all(dir)?;
+    let mut buf = Vec::new();
+    {
+        let mut w = StreamWriter::try_new(&mut buf, schema)?;
+        w.finish()?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&buf)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}

@@ -1,0 +1,303 @@
+//! Steps as they run: compiled per input schema, applied to whole batches, with a row-by-row
+//! fallback that isolates the records an expression fails on (they become dead letters).
+
+use crate::check::{parse_expr, referenced_fields};
+use crate::expr::{Filter, Map, StepError};
+use deltalake::arrow::array::{new_null_array, ArrayRef, RecordBatch};
+use deltalake::arrow::compute::concat_batches;
+use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use sluice_core::pipeline::StepConfig;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Counters of one step, shared with `/v1/pipelines` and `/metrics`.
+#[derive(Debug, Default)]
+pub struct StepStats {
+    pub records_in: AtomicU64,
+    pub records_out: AtomicU64,
+    /// Records the step dropped on purpose (a filter said false, no route took them).
+    pub filtered: AtomicU64,
+    /// Records the step failed on (sent to the dead-letter table).
+    pub failed: AtomicU64,
+    /// Total time spent in the step, in microseconds.
+    pub micros: AtomicU64,
+}
+
+/// What a step produced from one batch.
+pub enum Output {
+    /// The batch for the next step.
+    Rows(RecordBatch),
+    /// Per sink (index into the pipeline's sinks): the rows routed there.
+    Routed(Vec<(usize, RecordBatch)>),
+}
+
+/// A row the step failed on: its index in the input batch and the error.
+pub struct Failure {
+    pub row: usize,
+    pub error: String,
+}
+
+/// Columns every step passes through untouched: the log position and the date partition.
+pub fn is_system_column(name: &str, date_column: &str) -> bool {
+    name.starts_with('_') || name == date_column
+}
+
+enum Kind {
+    Filter(String),
+    /// map/select/drop: how to build the output fields from an input schema.
+    Project(StepConfig),
+    /// (sink index, predicate)
+    Route(Vec<(usize, Option<String>)>),
+}
+
+enum Compiled {
+    Filter(Filter),
+    Project(Map),
+    Route(Vec<(usize, Option<Filter>)>),
+}
+
+/// One step of a running pipeline.
+pub struct Step {
+    /// `<index>:<kind>`, e.g. `0:filter`: how metrics and dead letters name the step.
+    pub label: String,
+    kind: Kind,
+    date_column: String,
+    /// Fields the step's expressions read; absent ones are supplied as NULL.
+    reads: Vec<String>,
+    cache: Option<(SchemaRef, Result<Compiled, String>)>,
+    pub stats: Arc<StepStats>,
+}
+
+impl Step {
+    /// `sinks` maps a route's sink name to its index.
+    pub fn new(index: usize, cfg: &StepConfig, sinks: &[String], date_column: &str) -> Step {
+        let mut sqls: Vec<&str> = Vec::new();
+        let kind = match cfg {
+            StepConfig::Filter(sql) => {
+                sqls.push(sql);
+                Kind::Filter(sql.clone())
+            }
+            StepConfig::Map(f) | StepConfig::Select(f) => {
+                sqls.extend(f.0.iter().map(|(_, s)| s.as_str()));
+                Kind::Project(cfg.clone())
+            }
+            StepConfig::Drop(_) => Kind::Project(cfg.clone()),
+            StepConfig::Route(routes) => {
+                sqls.extend(routes.iter().filter_map(|r| r.when.as_deref()));
+                Kind::Route(
+                    routes
+                        .iter()
+                        .map(|r| (sinks.iter().position(|s| *s == r.to).unwrap_or(usize::MAX), r.when.clone()))
+                        .collect(),
+                )
+            }
+        };
+        let mut reads = Vec::new();
+        for sql in sqls {
+            if let Ok(e) = parse_expr(sql) {
+                for f in referenced_fields(&e) {
+                    if !reads.contains(&f) {
+                        reads.push(f);
+                    }
+                }
+            }
+        }
+        Step {
+            label: format!("{index}:{}", cfg.kind()),
+            kind,
+            date_column: date_column.to_string(),
+            reads,
+            cache: None,
+            stats: Arc::default(),
+        }
+    }
+
+    /// Applies the step to `batch`. Rows an expression fails on are returned as failures
+    /// (the rest go on); if the step cannot be compiled for this batch's fields, every row
+    /// fails with that error.
+    pub fn apply(&mut self, batch: RecordBatch) -> (Option<Output>, Vec<Failure>) {
+        let started = std::time::Instant::now();
+        let rows = batch.num_rows();
+        self.stats.records_in.fetch_add(rows as u64, Ordering::Relaxed);
+        let batch = self.with_missing_fields(batch);
+        let (out, failures) = match self.compiled(batch.schema()) {
+            Err(e) => (None, (0..rows).map(|row| Failure { row, error: e.clone() }).collect()),
+            Ok(c) => match c.apply(&batch) {
+                Ok(out) => (Some(out), Vec::new()),
+                Err(e) => row_by_row(c, &batch, e.to_string()),
+            },
+        };
+        let out_rows = match &out {
+            Some(Output::Rows(b)) => b.num_rows(),
+            Some(Output::Routed(r)) => {
+                // A record routed to several sinks counts once.
+                let mut taken = std::collections::HashSet::new();
+                for (_, b) in r {
+                    taken.extend(crate::runtime::positions(b).unwrap_or_default());
+                }
+                taken.len()
+            }
+            None => 0,
+        };
+        let failed = failures.len();
+        self.stats.failed.fetch_add(failed as u64, Ordering::Relaxed);
+        self.stats.records_out.fetch_add(out_rows as u64, Ordering::Relaxed);
+        if !matches!(self.kind, Kind::Project(_)) {
+            self.stats.filtered.fetch_add(rows.saturating_sub(out_rows + failed) as u64, Ordering::Relaxed);
+        }
+        self.stats.micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        (out, failures)
+    }
+
+    /// Adds a NULL column for every field the step reads that the batch lacks: records
+    /// without a field read NULL there, as in SQL (a field nobody has sent yet is not an error).
+    fn with_missing_fields(&self, batch: RecordBatch) -> RecordBatch {
+        let schema = batch.schema();
+        let missing: Vec<&String> = self.reads.iter().filter(|f| schema.field_with_name(f).is_err()).collect();
+        if missing.is_empty() {
+            return batch;
+        }
+        let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+        let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
+        for m in missing {
+            fields.push(Field::new(m.as_str(), DataType::Null, true));
+            cols.push(new_null_array(&DataType::Null, batch.num_rows()));
+        }
+        let schema = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
+        RecordBatch::try_new(schema, cols).unwrap_or(batch)
+    }
+
+    fn compiled(&mut self, schema: SchemaRef) -> Result<&Compiled, String> {
+        let fresh = !matches!(&self.cache, Some((s, _)) if *s == schema);
+        if fresh {
+            let c = self.compile(&schema).map_err(|e| e.to_string());
+            self.cache = Some((schema, c));
+        }
+        match &self.cache {
+            Some((_, Ok(c))) => Ok(c),
+            Some((_, Err(e))) => Err(e.clone()),
+            None => Err("not compiled".into()),
+        }
+    }
+
+    fn compile(&self, schema: &Schema) -> Result<Compiled, StepError> {
+        Ok(match &self.kind {
+            Kind::Filter(sql) => Compiled::Filter(Filter::compile(sql, schema)?),
+            Kind::Project(cfg) => Compiled::Project(Map::compile(&project_fields(cfg, schema, &self.date_column), schema)?),
+            Kind::Route(routes) => Compiled::Route(
+                routes
+                    .iter()
+                    .map(|(sink, when)| Ok((*sink, when.as_deref().map(|w| Filter::compile(w, schema)).transpose()?)))
+                    .collect::<Result<_, StepError>>()?,
+            ),
+        })
+    }
+}
+
+impl Compiled {
+    fn apply(&self, batch: &RecordBatch) -> Result<Output, StepError> {
+        Ok(match self {
+            Compiled::Filter(f) => Output::Rows(f.apply(batch)?),
+            Compiled::Project(m) => Output::Rows(m.apply(batch)?),
+            Compiled::Route(routes) => {
+                let mut out = Vec::with_capacity(routes.len());
+                for (sink, when) in routes {
+                    let rows = match when {
+                        Some(f) => f.apply(batch)?,
+                        None => batch.clone(),
+                    };
+                    if rows.num_rows() > 0 {
+                        out.push((*sink, rows));
+                    }
+                }
+                Output::Routed(out)
+            }
+        })
+    }
+}
+
+/// Applies a step to a batch it failed on, isolating the rows that fail: the batch is split
+/// in halves until each failing part is one row (a few failing rows in a batch of 8192 cost
+/// tens of evaluations, not thousands). The rows that pass go on, in order.
+fn row_by_row(c: &Compiled, batch: &RecordBatch, error: String) -> (Option<Output>, Vec<Failure>) {
+    let mut failures = Vec::new();
+    let mut rows: Vec<RecordBatch> = Vec::new();
+    let mut routed: Vec<(usize, Vec<RecordBatch>)> = Vec::new();
+    // Parts still to try, in order: (first row, rows); the error when already known to fail.
+    let mut todo: Vec<(usize, usize, Option<String>)> = vec![(0, batch.num_rows(), Some(error))];
+    while let Some((start, len, known)) = todo.pop() {
+        let result = match known {
+            Some(e) => Err(e),
+            None => c.apply(&batch.slice(start, len)).map_err(|e| e.to_string()),
+        };
+        match result {
+            Ok(Output::Rows(b)) => rows.push(b),
+            Ok(Output::Routed(r)) => {
+                for (sink, b) in r {
+                    match routed.iter_mut().find(|(s, _)| *s == sink) {
+                        Some((_, v)) => v.push(b),
+                        None => routed.push((sink, vec![b])),
+                    }
+                }
+            }
+            Err(error) if len == 1 => failures.push(Failure { row: start, error }),
+            Err(_) => {
+                let half = len / 2;
+                // Pushed in reverse so the first half is tried first and rows stay in order.
+                todo.push((start + half, len - half, None));
+                todo.push((start, half, None));
+            }
+        }
+    }
+    let concat = |parts: Vec<RecordBatch>| -> Option<RecordBatch> {
+        let schema = parts.first()?.schema();
+        concat_batches(&schema, &parts).ok()
+    };
+    let out = match c {
+        Compiled::Route(_) => Output::Routed(routed.into_iter().filter_map(|(s, parts)| Some((s, concat(parts)?))).collect()),
+        _ => match concat(rows) {
+            Some(b) => Output::Rows(b),
+            None => return (None, failures),
+        },
+    };
+    (Some(out), failures)
+}
+
+/// The `(output name, SQL)` list a map/select/drop step compiles to for `schema`. System
+/// columns (`_partition`, `_offset`, the date column) always pass through, last.
+fn project_fields(cfg: &StepConfig, schema: &Schema, date_column: &str) -> Vec<(String, String)> {
+    let quote = |name: &str| format!("\"{}\"", name.replace('"', "\"\""));
+    let data: Vec<&str> = schema
+        .fields()
+        .iter()
+        .map(|f| f.name().as_str())
+        .filter(|n| !is_system_column(n, date_column))
+        .filter(|n| *schema.field_with_name(n).map(|f| f.data_type()).unwrap_or(&DataType::Null) != DataType::Null)
+        .collect();
+    let mut out: Vec<(String, String)> = match cfg {
+        StepConfig::Map(f) => {
+            let mut out: Vec<(String, String)> = data
+                .iter()
+                .map(|n| match f.0.iter().find(|(name, _)| name == n) {
+                    Some((name, sql)) => (name.clone(), sql.clone()),
+                    None => (n.to_string(), quote(n)),
+                })
+                .collect();
+            for (name, sql) in &f.0 {
+                if !out.iter().any(|(n, _)| n == name) {
+                    out.push((name.clone(), sql.clone()));
+                }
+            }
+            out
+        }
+        StepConfig::Select(f) => f.0.clone(),
+        StepConfig::Drop(drop) => data.iter().filter(|n| !drop.iter().any(|d| d == *n)).map(|n| (n.to_string(), quote(n))).collect(),
+        _ => Vec::new(),
+    };
+    for f in schema.fields() {
+        if is_system_column(f.name(), date_column) && !out.iter().any(|(n, _)| n == f.name()) {
+            out.push((f.name().clone(), quote(f.name())));
+        }
+    }
+    out
+}

@@ -13,7 +13,9 @@ use deltalake::arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use deltalake::arrow::compute::filter_record_batch;
 use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use deltalake::datafusion::common::DFSchema;
+use deltalake::datafusion::logical_expr::simplify::SimplifyContext;
 use deltalake::datafusion::logical_expr::ExprSchemable;
+use deltalake::datafusion::optimizer::simplify_expressions::ExprSimplifier;
 use deltalake::datafusion::physical_plan::PhysicalExpr;
 use deltalake::datafusion::prelude::SessionContext;
 
@@ -54,6 +56,17 @@ fn compile(step: &'static str, ctx: &SessionContext, schema: &DFSchema, sql: &st
     };
     let expr = ctx
         .parse_sql_expr(sql, schema)
+        .map_err(|e| invalid(e.strip_backtrace()))?;
+    // DataFusion evaluates only simplified expressions: some functions (coalesce, nvl, ...)
+    // exist to be rewritten (to CASE) and fail when invoked as they are.
+    let simplifier = ExprSimplifier::new(
+        SimplifyContext::builder()
+            .with_schema(Arc::new(schema.clone()))
+            .build(),
+    );
+    let expr = simplifier
+        .coerce(expr, schema)
+        .and_then(|e| simplifier.simplify(e))
         .map_err(|e| invalid(e.strip_backtrace()))?;
     let (_, field) = expr
         .to_field(schema)

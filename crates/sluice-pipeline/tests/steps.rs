@@ -102,12 +102,18 @@ fn map_renames_computes_casts_and_drops() {
         ("kind", "upper(kind)"),
         ("fare_text", "CAST(fare AS VARCHAR)"),
         ("gold", "rider.tier = 'gold'"),
+        // Functions DataFusion only runs after rewriting them (coalesce, nvl -> CASE).
+        ("fare_or_zero", "coalesce(fare, 0)"),
+        ("city_or", "nvl(city, 'none')"),
     ]);
     let m = Map::compile(&fields, &b.schema()).unwrap();
     let out = m.apply(&b).unwrap();
     let schema = out.schema();
     let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-    assert_eq!(names, ["rider_id", "fare_eur", "kind", "fare_text", "gold"]);
+    assert_eq!(names, ["rider_id", "fare_eur", "kind", "fare_text", "gold", "fare_or_zero", "city_or"]);
+    assert_eq!(out.column(5).as_primitive::<Int64Type>().values().to_vec(), vec![1250, 300, 0, 4000, 0]);
+    let city = deltalake::arrow::compute::cast(out.column(6), &DataType::Utf8).unwrap();
+    assert_eq!(city.as_string::<i32>().value(1), "none");
     assert_eq!(out.schema(), *m.output_schema());
     assert_eq!(out.num_rows(), 5);
     let ids = deltalake::arrow::compute::cast(out.column(0), &DataType::Utf8).unwrap();

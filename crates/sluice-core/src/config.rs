@@ -248,7 +248,7 @@ default_from_serde!(Config, StreamConfig, Retention, LakeConfig, Limits, LogSett
 
 // Durations and sizes are written with units in YAML (`1s`, `64MiB`); these adapters
 // keep the public structs in std types.
-fn de_dur<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn de_dur<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     Dur::deserialize(d).map(|d| d.0)
 }
 fn de_opt_dur<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {

@@ -49,9 +49,104 @@ pub enum StepConfig {
     Select(Fields),
     /// Remove these top-level fields.
     Drop(Vec<String>),
+    /// Call an HTTP service per record and put its JSON answer under a field.
+    Enrich(Box<EnrichConfig>),
     /// Send each record to every route whose `when` is true (a route without `when` takes
     /// every record). Records no route takes are counted as filtered.
     Route(Vec<RouteConfig>),
+}
+
+/// What an `enrich` step does when a call fails after its retries.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// The record goes to the dead-letter table with the error.
+    #[default]
+    DeadLetter,
+    /// The record goes on with NULL under `into`.
+    Null,
+    /// Keep retrying (backoff up to 10 s): the pipeline waits for the service.
+    Retry,
+}
+
+/// An `enrich` step: `${SQL}` in `url` and `body` is replaced by the expression's value for
+/// the record (URL-encoded in the URL, JSON-escaped in the body).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EnrichConfig {
+    /// `http://` URL template, e.g. `http://users:8080/v1/users/${user_id}`.
+    pub url: String,
+    /// GET (default) or POST.
+    #[serde(default = "default_method")]
+    pub method: String,
+    /// Request body template (POST), e.g. `{"id": "${user_id}"}`.
+    #[serde(default)]
+    pub body: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// The field the JSON answer goes under (replaced if it exists).
+    pub into: String,
+    /// Requests in flight at once.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// Per request.
+    #[serde(default = "default_timeout", deserialize_with = "crate::config::de_dur")]
+    pub timeout: std::time::Duration,
+    /// Retries after the first attempt (connection errors, timeouts, 429 and 5xx).
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// First retry delay; doubles each retry, with jitter, up to 10 s.
+    #[serde(default = "default_backoff", deserialize_with = "crate::config::de_dur")]
+    pub backoff: std::time::Duration,
+    /// How long an answer is reused for the same request (0s: no cache).
+    #[serde(default = "default_cache_ttl", deserialize_with = "crate::config::de_dur")]
+    pub cache_ttl: std::time::Duration,
+    /// Most answers kept (oldest dropped first).
+    #[serde(default = "default_cache_entries")]
+    pub cache_entries: usize,
+    #[serde(default)]
+    pub on_error: OnError,
+}
+
+fn default_method() -> String {
+    "GET".into()
+}
+fn default_concurrency() -> usize {
+    32
+}
+fn default_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(5)
+}
+fn default_retries() -> u32 {
+    3
+}
+fn default_backoff() -> std::time::Duration {
+    std::time::Duration::from_millis(100)
+}
+fn default_cache_ttl() -> std::time::Duration {
+    std::time::Duration::from_secs(60)
+}
+fn default_cache_entries() -> usize {
+    100_000
+}
+
+impl EnrichConfig {
+    /// The `${...}` expressions of a template, in order; an error names an unclosed one.
+    pub fn placeholders(template: &str) -> Result<Vec<String>, String> {
+        let mut out = Vec::new();
+        let mut rest = template;
+        while let Some(i) = rest.find("${") {
+            let after = &rest[i + 2..];
+            let end = after.find('}').ok_or_else(|| format!("`${{` without a closing `}}` in {template:?}"))?;
+            let expr = after[..end].trim();
+            if expr.is_empty() {
+                return Err(format!("empty `${{}}` in {template:?}"));
+            }
+            out.push(expr.to_string());
+            rest = &after[end + 1..];
+        }
+        Ok(out)
+    }
 }
 
 impl StepConfig {
@@ -62,6 +157,7 @@ impl StepConfig {
             StepConfig::Map(_) => "map",
             StepConfig::Select(_) => "select",
             StepConfig::Drop(_) => "drop",
+            StepConfig::Enrich(_) => "enrich",
             StepConfig::Route(_) => "route",
         }
     }
@@ -150,6 +246,7 @@ one_key_enum!(StepConfig, "step",
     "map" => Map(Fields),
     "select" => Select(Fields),
     "drop" => Drop(Vec<String>),
+    "enrich" => Enrich(Box<EnrichConfig>),
     "route" => Route(Vec<RouteConfig>),
 );
 one_key_enum!(SinkConfig, "sink",
@@ -284,6 +381,32 @@ pub(crate) fn validate(
                     }
                 }
                 StepConfig::Drop(f) if f.is_empty() => return Err((key, "drop: needs at least one field".into())),
+                StepConfig::Enrich(e) => {
+                    let k = |sub: &str| {
+                        let mut k = key.clone();
+                        k.extend(["enrich".to_string(), sub.to_string()]);
+                        k
+                    };
+                    if !e.url.starts_with("http://") {
+                        return Err((k("url"), "must start with http:// (https is not supported yet)".into()));
+                    }
+                    EnrichConfig::placeholders(&e.url).map_err(|m| (k("url"), m))?;
+                    if let Some(b) = &e.body {
+                        EnrichConfig::placeholders(b).map_err(|m| (k("body"), m))?;
+                    }
+                    if !matches!(e.method.as_str(), "GET" | "POST") {
+                        return Err((k("method"), "must be GET or POST".into()));
+                    }
+                    if !is_field_name(&e.into) {
+                        return Err((k("into"), format!("{:?} is not a valid field name", e.into)));
+                    }
+                    if !(1..=1024).contains(&e.concurrency) {
+                        return Err((k("concurrency"), "must be between 1 and 1024".into()));
+                    }
+                    if e.timeout.is_zero() {
+                        return Err((k("timeout"), "must be more than 0".into()));
+                    }
+                }
                 StepConfig::Route(routes) => {
                     if i + 1 != p.steps.len() {
                         return Err((key, "route must be the last step".into()));

@@ -4,7 +4,7 @@ use deltalake::datafusion::sql::sqlparser::ast::{visit_expressions, Expr};
 use deltalake::datafusion::sql::sqlparser::dialect::GenericDialect;
 use deltalake::datafusion::sql::sqlparser::parser::Parser;
 use deltalake::datafusion::sql::sqlparser::tokenizer::Token;
-use sluice_core::pipeline::StepConfig;
+use sluice_core::pipeline::{EnrichConfig, StepConfig};
 use sluice_core::{Config, ConfigError};
 use std::ops::ControlFlow;
 
@@ -65,6 +65,14 @@ pub fn check_config(cfg: &Config) -> Result<(), ConfigError> {
                     for (j, r) in routes.iter().enumerate() {
                         if let Some(sql) = &r.when {
                             parse_expr(sql).map_err(|e| bad(&["route", &j.to_string()], sql, e))?;
+                        }
+                    }
+                }
+                StepConfig::Enrich(e) => {
+                    for (key, template) in [("url", Some(&e.url)), ("body", e.body.as_ref())] {
+                        let Some(t) = template else { continue };
+                        for sql in EnrichConfig::placeholders(t).unwrap_or_default() {
+                            parse_expr(&sql).map_err(|err| bad(&["enrich", key], &sql, err))?;
                         }
                     }
                 }

@@ -41,6 +41,7 @@ pub enum StepError {
     },
 }
 
+#[derive(Clone)]
 struct Compiled {
     sql: String,
     expr: Arc<dyn PhysicalExpr>,
@@ -139,6 +140,7 @@ impl Filter {
 
 /// `map` / `select`: output fields computed as SQL expressions of the input fields (rename,
 /// cast, compute); input fields not listed are dropped.
+#[derive(Clone)]
 pub struct Map {
     fields: Vec<Compiled>,
     schema: SchemaRef,

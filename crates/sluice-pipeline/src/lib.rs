@@ -8,6 +8,7 @@
 //! - [`runtime`]: the running pipeline, its checkpoints and dead letters.
 
 pub mod check;
+mod enrich;
 mod expr;
 pub mod runtime;
 pub mod step;

@@ -330,6 +330,7 @@ impl Pipeline {
         self.status.records_in.fetch_add(records.len() as u64, Ordering::Relaxed);
         let mut p = prep.take().ok_or_else(|| anyhow::anyhow!("pipeline state lost after an earlier error"))?;
         let ctx = PrepareCtx {
+            pipeline: self.spec.name.clone(),
             sources: self.spec.sources.iter().map(|s| s.name().to_string()).collect(),
             schema_paths: self.spec.sources.iter().map(|s| self.schema_path(s.name())).collect(),
             sinks: self
@@ -527,6 +528,7 @@ fn mark_done(out: &mut LakeOut, txns: &[(String, i64)], sources: &[Arc<Stream>],
 }
 
 struct PrepareCtx {
+    pipeline: String,
     sources: Vec<String>,
     schema_paths: Vec<PathBuf>,
     /// Per sink: None for a lake sink, Some(target partitions) for a stream sink.
@@ -582,7 +584,10 @@ fn prepare(ctx: &PrepareCtx, prep: &mut Prep, records: &[Collected]) -> anyhow::
             for step in prep.steps.iter_mut() {
                 let Some(b) = current.take() else { break };
                 let input_positions = positions(&b)?;
+                let started = std::time::Instant::now();
                 let (out, failures) = step.apply(b);
+                metrics::histogram!("sluice_pipeline_step_seconds", "pipeline" => ctx.pipeline.clone(), "step" => step.label.clone())
+                    .record(started.elapsed().as_secs_f64());
                 for f in failures {
                     let (partition, offset) = input_positions[f.row];
                     let idx = lookup

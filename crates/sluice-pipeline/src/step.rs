@@ -2,6 +2,7 @@
 //! fallback that isolates the records an expression fails on (they become dead letters).
 
 use crate::check::{parse_expr, referenced_fields};
+use crate::enrich::Enricher;
 use crate::expr::{Filter, Map, StepError};
 use deltalake::arrow::array::{new_null_array, ArrayRef, RecordBatch};
 use deltalake::arrow::compute::concat_batches;
@@ -21,6 +22,10 @@ pub struct StepStats {
     pub failed: AtomicU64,
     /// Total time spent in the step, in microseconds.
     pub micros: AtomicU64,
+    /// `enrich`: records answered from the cache (or by another record's call in the batch).
+    pub cache_hits: AtomicU64,
+    /// `enrich`: distinct calls made.
+    pub cache_misses: AtomicU64,
 }
 
 /// What a step produced from one batch.
@@ -48,12 +53,15 @@ enum Kind {
     Project(StepConfig),
     /// (sink index, predicate)
     Route(Vec<(usize, Option<String>)>),
+    Enrich(Box<Enricher>),
 }
 
 enum Compiled {
     Filter(Filter),
     Project(Map),
     Route(Vec<(usize, Option<Filter>)>),
+    /// The enrich step's placeholders, evaluated as text.
+    Enrich(Map),
 }
 
 /// One step of a running pipeline.
@@ -71,19 +79,24 @@ pub struct Step {
 impl Step {
     /// `sinks` maps a route's sink name to its index.
     pub fn new(index: usize, cfg: &StepConfig, sinks: &[String], date_column: &str) -> Step {
-        let mut sqls: Vec<&str> = Vec::new();
+        let mut sqls: Vec<String> = Vec::new();
         let kind = match cfg {
             StepConfig::Filter(sql) => {
-                sqls.push(sql);
+                sqls.push(sql.clone());
                 Kind::Filter(sql.clone())
             }
             StepConfig::Map(f) | StepConfig::Select(f) => {
-                sqls.extend(f.0.iter().map(|(_, s)| s.as_str()));
+                sqls.extend(f.0.iter().map(|(_, s)| s.clone()));
                 Kind::Project(cfg.clone())
             }
             StepConfig::Drop(_) => Kind::Project(cfg.clone()),
+            StepConfig::Enrich(e) => {
+                let en = Enricher::new(e);
+                sqls.extend(en.expressions().iter().cloned());
+                Kind::Enrich(Box::new(en))
+            }
             StepConfig::Route(routes) => {
-                sqls.extend(routes.iter().filter_map(|r| r.when.as_deref()));
+                sqls.extend(routes.iter().filter_map(|r| r.when.clone()));
                 Kind::Route(
                     routes
                         .iter()
@@ -94,7 +107,7 @@ impl Step {
         };
         let mut reads = Vec::new();
         for sql in sqls {
-            if let Ok(e) = parse_expr(sql) {
+            if let Ok(e) = parse_expr(&sql) {
                 for f in referenced_fields(&e) {
                     if !reads.contains(&f) {
                         reads.push(f);
@@ -120,8 +133,17 @@ impl Step {
         let rows = batch.num_rows();
         self.stats.records_in.fetch_add(rows as u64, Ordering::Relaxed);
         let batch = self.with_missing_fields(batch);
+        let stats = self.stats.clone();
         let (out, failures) = match self.compiled(batch.schema()) {
             Err(e) => (None, (0..rows).map(|row| Failure { row, error: e.clone() }).collect()),
+            Ok(Compiled::Enrich(values)) => {
+                let values = values.clone();
+                let Kind::Enrich(en) = &mut self.kind else { unreachable!("enrich step compiled as enrich") };
+                match en.apply(&values, &batch, &stats) {
+                    Ok((b, failures)) => (Some(Output::Rows(b)), failures),
+                    Err(e) => (None, (0..rows).map(|row| Failure { row, error: e.to_string() }).collect()),
+                }
+            }
             Ok(c) => match c.apply(&batch) {
                 Ok(out) => (Some(out), Vec::new()),
                 Err(e) => row_by_row(c, &batch, e.to_string()),
@@ -142,7 +164,7 @@ impl Step {
         let failed = failures.len();
         self.stats.failed.fetch_add(failed as u64, Ordering::Relaxed);
         self.stats.records_out.fetch_add(out_rows as u64, Ordering::Relaxed);
-        if !matches!(self.kind, Kind::Project(_)) {
+        if matches!(self.kind, Kind::Filter(_) | Kind::Route(_)) {
             self.stats.filtered.fetch_add(rows.saturating_sub(out_rows + failed) as u64, Ordering::Relaxed);
         }
         self.stats.micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -184,6 +206,7 @@ impl Step {
         Ok(match &self.kind {
             Kind::Filter(sql) => Compiled::Filter(Filter::compile(sql, schema)?),
             Kind::Project(cfg) => Compiled::Project(Map::compile(&project_fields(cfg, schema, &self.date_column), schema)?),
+            Kind::Enrich(en) => Compiled::Enrich(Map::compile(&en.placeholder_fields(), schema)?),
             Kind::Route(routes) => Compiled::Route(
                 routes
                     .iter()
@@ -199,6 +222,7 @@ impl Compiled {
         Ok(match self {
             Compiled::Filter(f) => Output::Rows(f.apply(batch)?),
             Compiled::Project(m) => Output::Rows(m.apply(batch)?),
+            Compiled::Enrich(_) => return Err(StepError::Eval { step: "enrich", expr: String::new(), message: "enrich runs through its step".into() }),
             Compiled::Route(routes) => {
                 let mut out = Vec::with_capacity(routes.len());
                 for (sink, when) in routes {

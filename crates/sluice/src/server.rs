@@ -311,7 +311,14 @@ fn update_gauges(app: &App) {
         let lag = pipeline_lag(&app, st);
         metrics::gauge!("sluice_pipeline_lag_records", "pipeline" => st.name.clone()).set(lag as f64);
         for (step, stats) in &st.steps {
-            for (outcome, v) in [("in", &stats.records_in), ("out", &stats.records_out), ("filtered", &stats.filtered), ("failed", &stats.failed)] {
+            for (outcome, v) in [
+                ("in", &stats.records_in),
+                ("out", &stats.records_out),
+                ("filtered", &stats.filtered),
+                ("failed", &stats.failed),
+                ("cache_hit", &stats.cache_hits),
+                ("cache_miss", &stats.cache_misses),
+            ] {
                 metrics::gauge!("sluice_pipeline_step_records", "pipeline" => st.name.clone(), "step" => step.clone(), "outcome" => outcome)
                     .set(v.load(Ordering::Relaxed) as f64);
             }
@@ -369,6 +376,8 @@ async fn list_pipelines(State(app): State<Arc<App>>, headers: HeaderMap) -> Resp
                     "filtered": s.filtered.load(Ordering::Relaxed),
                     "failed": s.failed.load(Ordering::Relaxed),
                     "time_ms": s.micros.load(Ordering::Relaxed) / 1000,
+                    "cache_hits": s.cache_hits.load(Ordering::Relaxed),
+                    "cache_misses": s.cache_misses.load(Ordering::Relaxed),
                 })).collect::<Vec<_>>(),
                 "sinks": st.sinks.iter().map(|(n, c)| serde_json::json!({ "sink": n, "records": c.load(Ordering::Relaxed) })).collect::<Vec<_>>(),
                 "error": st.last_error.lock().clone(),

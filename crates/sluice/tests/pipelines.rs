@@ -220,3 +220,44 @@ async fn crash_loop_pipeline_lands_exactly_once() {
     );
     let _ = s.stop();
 }
+
+/// An enrichment service on loopback: `/accounts/{id}` answers `{"id": id, "name": "acct-<id>"}`,
+/// except id 13, which fails (500) every time.
+async fn accounts_service() -> String {
+    use axum::extract::Path;
+    let app = axum::Router::new().route(
+        "/accounts/{id}",
+        axum::routing::get(|Path(id): Path<i64>| async move {
+            if id == 13 {
+                return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "down".to_string());
+            }
+            (axum::http::StatusCode::OK, format!(r#"{{"id":{id},"name":"acct-{id}","limits":{{"daily":{}}}}}"#, id * 10))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrich_from_an_http_service_into_the_lake() {
+    let base = accounts_service().await;
+    let cfg = format!(
+        "lake:\n  flush_interval: 100ms\nstreams:\n  events: {{}}\npipelines:\n  enriched:\n    from: events\n    steps:\n      - enrich:\n          url: \"{base}/accounts/${{account.id}}\"\n          into: acct\n          retries: 1\n          backoff: 10ms\n      - drop: [account, tags]\n    to:\n      accounts:\n        lake: {{}}\n"
+    );
+    let s = Server::start(&cfg).await;
+    // events(): account.id = i % 100, so ids 0..99, and 10 records have id 13.
+    assert_eq!(s.post("events", events(0, 1000)).await.0, 200);
+    s.wait_landed("events").await;
+    assert_eq!(s.scalar("SELECT count(*) FROM accounts").await, 990.0);
+    assert_eq!(s.scalar("SELECT count(*) FROM accounts WHERE acct.name = 'acct-' || CAST(acct.id AS VARCHAR)").await, 990.0);
+    assert_eq!(s.scalar("SELECT sum(acct.limits.daily) FROM accounts WHERE acct.id = 7").await, 700.0);
+    assert_eq!(s.scalar("SELECT count(*) FROM enriched__dlq WHERE step = '0:enrich' AND error LIKE '%HTTP 500%'").await, 10.0);
+    let p: serde_json::Value = serde_json::from_str(&s.client.get(s.url("/v1/pipelines")).send().await.unwrap().text().await.unwrap()).unwrap();
+    // 100 distinct accounts: one call each (13 twice: a retry), every other record from the cache.
+    let hits = p["pipelines"][0]["steps"][0]["cache_hits"].as_u64().unwrap();
+    let misses = p["pipelines"][0]["steps"][0]["cache_misses"].as_u64().unwrap();
+    assert_eq!(misses, 100, "{p}");
+    assert_eq!(hits + misses, 1000, "{p}");
+}

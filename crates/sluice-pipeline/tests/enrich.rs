@@ -1,0 +1,245 @@
+//! `enrich` against a real HTTP server on loopback that answers, fails with 500s and 400s,
+//! times out, says 404, answers non-JSON, or drops the connection.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use deltalake::arrow::array::{Array, AsArray, RecordBatch};
+use deltalake::arrow::compute::concat_batches;
+use deltalake::arrow::datatypes::Int64Type;
+use sluice_core::pipeline::{EnrichConfig, OnError, StepConfig};
+use sluice_lake::convert::{convert, ConvertOptions, InputRecord};
+use sluice_pipeline::step::{Failure, Output, Step};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Default)]
+struct Service {
+    calls: Mutex<HashMap<String, usize>>,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    latency_ms: AtomicUsize,
+}
+
+async fn user(State(s): State<Arc<Service>>, Path(id): Path<String>) -> axum::response::Response {
+    let n = {
+        let mut c = s.calls.lock().unwrap();
+        let n = c.entry(id.clone()).or_default();
+        *n += 1;
+        *n
+    };
+    let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    s.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let latency = s.latency_ms.load(Ordering::Relaxed) as u64;
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_millis(latency)).await;
+    }
+    let r = match id.as_str() {
+        "missing" => (StatusCode::NOT_FOUND, "no such user").into_response(),
+        "bad" => (StatusCode::BAD_REQUEST, "bad id").into_response(),
+        "notjson" => "hello".into_response(),
+        "slow" => {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            "{}".into_response()
+        }
+        f if f.starts_with("flaky") && n <= 2 => (StatusCode::SERVICE_UNAVAILABLE, "try later").into_response(),
+        _ => {
+            let num: i64 = id.trim_start_matches(|c: char| !c.is_ascii_digit()).parse().unwrap_or(0);
+            format!(r#"{{"name":"user-{id}","score":{num},"flags":{{"vip":{}}}}}"#, num % 2 == 0).into_response()
+        }
+    };
+    s.in_flight.fetch_sub(1, Ordering::SeqCst);
+    r
+}
+
+async fn start() -> (String, Arc<Service>) {
+    let svc = Arc::new(Service::default());
+    let app = axum::Router::new().route("/users/{id}", get(user)).with_state(svc.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}"), svc)
+}
+
+/// A server that accepts connections, reads a little and closes them without answering.
+async fn start_resetting() -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let a = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            a.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut buf = [0u8; 64];
+                let _ = sock.read(&mut buf).await;
+                drop(sock);
+            });
+        }
+    });
+    (format!("http://{addr}"), accepted)
+}
+
+fn cfg(url: String) -> EnrichConfig {
+    EnrichConfig {
+        url,
+        method: "GET".into(),
+        body: None,
+        headers: Default::default(),
+        into: "user".into(),
+        concurrency: 8,
+        timeout: Duration::from_millis(300),
+        retries: 3,
+        backoff: Duration::from_millis(5),
+        cache_ttl: Duration::from_secs(60),
+        cache_entries: 1000,
+        on_error: OnError::DeadLetter,
+    }
+}
+
+fn batch(ids: &[Option<&str>]) -> RecordBatch {
+    let lines: Vec<String> = ids
+        .iter()
+        .map(|id| match id {
+            Some(id) => format!(r#"{{"user_id":"{id}","n":1}}"#),
+            None => r#"{"n":1}"#.to_string(),
+        })
+        .collect();
+    let inputs: Vec<InputRecord> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| InputRecord { partition: 0, offset: i as u64, timestamp_ms: 0, value: l.as_bytes() })
+        .collect();
+    let c = convert(None, &inputs, &ConvertOptions::default());
+    concat_batches(&c.schema, &c.batches).unwrap()
+}
+
+/// Runs the step where the pipeline runs it: on a blocking thread of the runtime.
+async fn apply(step: Step, b: RecordBatch) -> (Step, Option<RecordBatch>, Vec<Failure>) {
+    tokio::task::spawn_blocking(move || {
+        let mut step = step;
+        let (out, failures) = step.apply(b);
+        let out = out.map(|o| match o {
+            Output::Rows(b) => b,
+            Output::Routed(_) => panic!("enrich does not route"),
+        });
+        (step, out, failures)
+    })
+    .await
+    .unwrap()
+}
+
+fn calls(s: &Service, id: &str) -> usize {
+    s.calls.lock().unwrap().get(id).copied().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_are_merged_as_a_struct_and_cached() {
+    let (base, svc) = start().await;
+    let step = Step::new(0, &StepConfig::Enrich(Box::new(cfg(format!("{base}/users/${{user_id}}")))), &[], "event_date");
+    let (step, out, failures) = apply(step, batch(&[Some("u1"), Some("u2"), Some("u1"), None, Some("u3")])).await;
+    assert!(failures.is_empty(), "{:?}", failures.iter().map(|f| &f.error).collect::<Vec<_>>());
+    let out = out.unwrap();
+    assert_eq!(out.num_rows(), 5);
+    let user = out.column_by_name("user").unwrap().as_struct();
+    assert!(user.is_valid(0) && user.is_valid(2) && user.is_null(3));
+    let name = user.column_by_name("name").unwrap().as_string::<i32>();
+    assert_eq!(name.value(1), "user-u2");
+    assert_eq!(user.column_by_name("score").unwrap().as_primitive::<Int64Type>().value(4), 3);
+    let vip = user.column_by_name("flags").unwrap().as_struct().column_by_name("vip").unwrap().as_boolean().clone();
+    assert!(vip.value(1) && !vip.value(0));
+    // The system columns stay last.
+    let names: Vec<String> = out.schema().fields().iter().map(|f| f.name().clone()).collect();
+    assert_eq!(names, ["user_id", "n", "user", "_partition", "_offset", "event_date"]);
+    // One call per distinct request; the repeat in the batch and the next batch hit the cache.
+    assert_eq!((calls(&svc, "u1"), calls(&svc, "u2"), calls(&svc, "u3")), (1, 1, 1));
+    let (step, _, _) = apply(step, batch(&[Some("u1"), Some("u2"), Some("u4")])).await;
+    assert_eq!((calls(&svc, "u1"), calls(&svc, "u4")), (1, 1));
+    assert_eq!(step.stats.cache_misses.load(Ordering::Relaxed), 4);
+    assert_eq!(step.stats.cache_hits.load(Ordering::Relaxed), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_timeouts_and_errors_end_as_dead_letters() {
+    let (base, svc) = start().await;
+    let step = Step::new(2, &StepConfig::Enrich(Box::new(cfg(format!("{base}/users/${{user_id}}")))), &[], "event_date");
+    let ids = [Some("flaky1"), Some("bad"), Some("slow"), Some("missing"), Some("notjson"), Some("u7")];
+    let (_, out, failures) = apply(step, batch(&ids)).await;
+    let out = out.unwrap();
+    // flaky1 answered on its third call, missing is NULL (404), u7 answered.
+    let offsets: Vec<i64> = out.column_by_name("_offset").unwrap().as_primitive::<Int64Type>().values().to_vec();
+    assert_eq!(offsets, vec![0, 3, 5]);
+    assert_eq!(calls(&svc, "flaky1"), 3);
+    let user = out.column_by_name("user").unwrap().as_struct();
+    assert!(user.is_valid(0) && user.is_null(1) && user.is_valid(2));
+    let by_row: HashMap<usize, &str> = failures.iter().map(|f| (f.row, f.error.as_str())).collect();
+    assert_eq!(by_row.len(), 3, "{by_row:?}");
+    assert!(by_row[&1].contains("HTTP 400"), "{}", by_row[&1]);
+    assert_eq!(calls(&svc, "bad"), 1, "a 400 is not retried");
+    assert!(by_row[&2].contains("timed out") && by_row[&2].contains("after 4 attempts"), "{}", by_row[&2]);
+    assert!(by_row[&4].contains("does not fit"), "{}", by_row[&4]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_error_null_keeps_the_record() {
+    let (base, _svc) = start().await;
+    let mut c = cfg(format!("{base}/users/${{user_id}}"));
+    c.on_error = OnError::Null;
+    let step = Step::new(0, &StepConfig::Enrich(Box::new(c)), &[], "event_date");
+    let (_, out, failures) = apply(step, batch(&[Some("bad"), Some("u2")])).await;
+    assert!(failures.is_empty());
+    let out = out.unwrap();
+    let user = out.column_by_name("user").unwrap().as_struct();
+    assert!(user.is_null(0) && user.is_valid(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_is_bounded() {
+    let (base, svc) = start().await;
+    svc.latency_ms.store(30, Ordering::Relaxed);
+    let mut c = cfg(format!("{base}/users/${{user_id}}"));
+    c.concurrency = 4;
+    let step = Step::new(0, &StepConfig::Enrich(Box::new(c)), &[], "event_date");
+    let ids: Vec<String> = (0..40).map(|i| format!("c{i}")).collect();
+    let ids: Vec<Option<&str>> = ids.iter().map(|s| Some(s.as_str())).collect();
+    let (_, out, failures) = apply(step, batch(&ids)).await;
+    assert!(failures.is_empty());
+    assert_eq!(out.unwrap().num_rows(), 40);
+    let max = svc.max_in_flight.load(Ordering::SeqCst);
+    assert!((2..=4).contains(&max), "max in flight {max}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_connections_are_retried_then_dead_lettered() {
+    let (base, accepted) = start_resetting().await;
+    let step = Step::new(0, &StepConfig::Enrich(Box::new(cfg(format!("{base}/users/${{user_id}}")))), &[], "event_date");
+    let (_, out, failures) = apply(step, batch(&[Some("u1")])).await;
+    assert_eq!(out.map_or(0, |b| b.num_rows()), 0);
+    assert_eq!(failures.len(), 1);
+    assert!(failures[0].error.contains("after 4 attempts"), "{}", failures[0].error);
+    assert_eq!(accepted.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_body_is_templated_with_json_escaping() {
+    // An echo service: answers with the body it got.
+    let app = axum::Router::new().route("/echo", axum::routing::post(|body: String| async move { body }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let mut c = cfg(format!("http://{addr}/echo"));
+    c.method = "POST".into();
+    c.body = Some(r#"{"id": "${user_id}", "n": ${n + 1}}"#.into());
+    let step = Step::new(0, &StepConfig::Enrich(Box::new(c)), &[], "event_date");
+    let (_, out, failures) = apply(step, batch(&[Some(r#"a\"b"#)])).await;
+    assert!(failures.is_empty(), "{:?}", failures.iter().map(|f| &f.error).collect::<Vec<_>>());
+    let out = out.unwrap();
+    let user = out.column_by_name("user").unwrap().as_struct();
+    assert_eq!(user.column_by_name("id").unwrap().as_string::<i32>().value(0), "a\"b");
+    assert_eq!(user.column_by_name("n").unwrap().as_primitive::<Int64Type>().value(0), 2);
+}

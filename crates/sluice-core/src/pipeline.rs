@@ -51,9 +51,29 @@ pub enum StepConfig {
     Drop(Vec<String>),
     /// Call an HTTP service per record and put its JSON answer under a field.
     Enrich(Box<EnrichConfig>),
+    /// Drop a record whose key was already seen within a time window.
+    Dedup(DedupConfig),
     /// Send each record to every route whose `when` is true (a route without `when` takes
     /// every record). Records no route takes are counted as filtered.
     Route(Vec<RouteConfig>),
+}
+
+/// A `dedup` step.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DedupConfig {
+    /// SQL expression of the record's fields; records with a NULL key always pass.
+    pub key: String,
+    /// A key seen less than this long ago (wall-clock time of its first sighting) is a duplicate.
+    #[serde(deserialize_with = "crate::config::de_dur")]
+    pub window: std::time::Duration,
+    /// Most keys remembered; over it the oldest are forgotten first.
+    #[serde(default = "default_max_keys")]
+    pub max_keys: usize,
+}
+
+fn default_max_keys() -> usize {
+    10_000_000
 }
 
 /// What an `enrich` step does when a call fails after its retries.
@@ -158,6 +178,7 @@ impl StepConfig {
             StepConfig::Select(_) => "select",
             StepConfig::Drop(_) => "drop",
             StepConfig::Enrich(_) => "enrich",
+            StepConfig::Dedup(_) => "dedup",
             StepConfig::Route(_) => "route",
         }
     }
@@ -247,6 +268,7 @@ one_key_enum!(StepConfig, "step",
     "select" => Select(Fields),
     "drop" => Drop(Vec<String>),
     "enrich" => Enrich(Box<EnrichConfig>),
+    "dedup" => Dedup(DedupConfig),
     "route" => Route(Vec<RouteConfig>),
 );
 one_key_enum!(SinkConfig, "sink",
@@ -381,6 +403,16 @@ pub(crate) fn validate(
                     }
                 }
                 StepConfig::Drop(f) if f.is_empty() => return Err((key, "drop: needs at least one field".into())),
+                StepConfig::Dedup(d) => {
+                    let mut k = key.clone();
+                    k.push("dedup".into());
+                    if d.key.trim().is_empty() {
+                        return Err((k, "key: the expression is empty".into()));
+                    }
+                    if d.window.is_zero() || d.max_keys == 0 {
+                        return Err((k, "window and max_keys must be more than 0".into()));
+                    }
+                }
                 StepConfig::Enrich(e) => {
                     let k = |sub: &str| {
                         let mut k = key.clone();

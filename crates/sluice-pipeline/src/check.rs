@@ -76,6 +76,9 @@ pub fn check_config(cfg: &Config) -> Result<(), ConfigError> {
                         }
                     }
                 }
+                StepConfig::Dedup(d) => {
+                    parse_expr(&d.key).map_err(|e| bad(&["dedup", "key"], &d.key, e))?;
+                }
                 StepConfig::Drop(_) => {}
             }
         }

@@ -8,6 +8,7 @@
 //! - [`runtime`]: the running pipeline, its checkpoints and dead letters.
 
 pub mod check;
+mod dedup;
 mod enrich;
 mod expr;
 pub mod runtime;

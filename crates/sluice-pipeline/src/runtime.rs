@@ -512,7 +512,16 @@ fn fault_point() {
 }
 
 fn new_steps(spec: &PipelineSpec, sink_names: &[String]) -> Vec<Step> {
-    spec.cfg.steps.iter().enumerate().map(|(i, s)| Step::new(i, s, sink_names, &spec.date_column)).collect()
+    spec.cfg
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let mut step = Step::new(i, s, sink_names, &spec.date_column);
+            step.set_state_dir(&spec.state_dir);
+            step
+        })
+        .collect()
 }
 
 /// Records that a table now holds the flush whose txns these are.
@@ -583,9 +592,13 @@ fn prepare(ctx: &PrepareCtx, prep: &mut Prep, records: &[Collected]) -> anyhow::
             let mut routed: Option<Vec<(usize, RecordBatch)>> = None;
             for step in prep.steps.iter_mut() {
                 let Some(b) = current.take() else { break };
+                step.set_source(s as u32);
                 let input_positions = positions(&b)?;
                 let started = std::time::Instant::now();
                 let (out, failures) = step.apply(b);
+                if let Some(e) = step.take_fatal() {
+                    anyhow::bail!(e);
+                }
                 metrics::histogram!("sluice_pipeline_step_seconds", "pipeline" => ctx.pipeline.clone(), "step" => step.label.clone())
                     .record(started.elapsed().as_secs_f64());
                 for f in failures {

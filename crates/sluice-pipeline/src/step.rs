@@ -2,6 +2,7 @@
 //! fallback that isolates the records an expression fails on (they become dead letters).
 
 use crate::check::{parse_expr, referenced_fields};
+use crate::dedup::Deduper;
 use crate::enrich::Enricher;
 use crate::expr::{Filter, Map, StepError};
 use deltalake::arrow::array::{new_null_array, ArrayRef, RecordBatch};
@@ -54,6 +55,7 @@ enum Kind {
     /// (sink index, predicate)
     Route(Vec<(usize, Option<String>)>),
     Enrich(Box<Enricher>),
+    Dedup(Box<Deduper>),
 }
 
 enum Compiled {
@@ -62,6 +64,8 @@ enum Compiled {
     Route(Vec<(usize, Option<Filter>)>),
     /// The enrich step's placeholders, evaluated as text.
     Enrich(Map),
+    /// The dedup step's key.
+    Dedup(Map),
 }
 
 /// One step of a running pipeline.
@@ -74,6 +78,10 @@ pub struct Step {
     reads: Vec<String>,
     cache: Option<(SchemaRef, Result<Compiled, String>)>,
     pub stats: Arc<StepStats>,
+    /// Index of the source stream the next batch comes from.
+    source: u32,
+    /// An error that must stop the flush (state that could not be made durable).
+    fatal: Option<String>,
 }
 
 impl Step {
@@ -90,6 +98,10 @@ impl Step {
                 Kind::Project(cfg.clone())
             }
             StepConfig::Drop(_) => Kind::Project(cfg.clone()),
+            StepConfig::Dedup(d) => {
+                sqls.push(d.key.clone());
+                Kind::Dedup(Box::new(Deduper::new(d)))
+            }
             StepConfig::Enrich(e) => {
                 let en = Enricher::new(e);
                 sqls.extend(en.expressions().iter().cloned());
@@ -122,7 +134,27 @@ impl Step {
             reads,
             cache: None,
             stats: Arc::default(),
+            source: 0,
+            fatal: None,
         }
+    }
+
+    /// Keeps the step's durable state (dedup keys) under `dir`.
+    pub fn set_state_dir(&mut self, dir: &std::path::Path) {
+        let file = format!("dedup-{}.journal", self.label.split(':').next().unwrap_or("0"));
+        if let Kind::Dedup(d) = &mut self.kind {
+            d.set_path(dir.join(file));
+        }
+    }
+
+    /// The source stream (index in the pipeline's `from`) of the batches applied next.
+    pub fn set_source(&mut self, stream: u32) {
+        self.source = stream;
+    }
+
+    /// An error that must fail the whole flush, if the last batch hit one.
+    pub fn take_fatal(&mut self) -> Option<String> {
+        self.fatal.take()
     }
 
     /// Applies the step to `batch`. Rows an expression fails on are returned as failures
@@ -136,6 +168,18 @@ impl Step {
         let stats = self.stats.clone();
         let (out, failures) = match self.compiled(batch.schema()) {
             Err(e) => (None, (0..rows).map(|row| Failure { row, error: e.clone() }).collect()),
+            Ok(Compiled::Dedup(keys)) => {
+                let keys = keys.clone();
+                let Kind::Dedup(d) = &mut self.kind else { unreachable!("dedup step compiled as dedup") };
+                let result = crate::runtime::positions(&batch).map_err(|e| e.to_string()).and_then(|pos| d.apply(&keys, &batch, self.source, &pos));
+                match result {
+                    Ok((b, _dropped)) => (Some(Output::Rows(b)), Vec::new()),
+                    Err(e) => {
+                        self.fatal = Some(format!("step {}: {e}", self.label));
+                        (None, Vec::new())
+                    }
+                }
+            }
             Ok(Compiled::Enrich(values)) => {
                 let values = values.clone();
                 let Kind::Enrich(en) = &mut self.kind else { unreachable!("enrich step compiled as enrich") };
@@ -164,7 +208,7 @@ impl Step {
         let failed = failures.len();
         self.stats.failed.fetch_add(failed as u64, Ordering::Relaxed);
         self.stats.records_out.fetch_add(out_rows as u64, Ordering::Relaxed);
-        if matches!(self.kind, Kind::Filter(_) | Kind::Route(_)) {
+        if matches!(self.kind, Kind::Filter(_) | Kind::Route(_) | Kind::Dedup(_)) {
             self.stats.filtered.fetch_add(rows.saturating_sub(out_rows + failed) as u64, Ordering::Relaxed);
         }
         self.stats.micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -207,6 +251,7 @@ impl Step {
             Kind::Filter(sql) => Compiled::Filter(Filter::compile(sql, schema)?),
             Kind::Project(cfg) => Compiled::Project(Map::compile(&project_fields(cfg, schema, &self.date_column), schema)?),
             Kind::Enrich(en) => Compiled::Enrich(Map::compile(&en.placeholder_fields(), schema)?),
+            Kind::Dedup(d) => Compiled::Dedup(Map::compile(&d.key_fields(), schema)?),
             Kind::Route(routes) => Compiled::Route(
                 routes
                     .iter()
@@ -222,7 +267,7 @@ impl Compiled {
         Ok(match self {
             Compiled::Filter(f) => Output::Rows(f.apply(batch)?),
             Compiled::Project(m) => Output::Rows(m.apply(batch)?),
-            Compiled::Enrich(_) => return Err(StepError::Eval { step: "enrich", expr: String::new(), message: "enrich runs through its step".into() }),
+            Compiled::Enrich(_) | Compiled::Dedup(_) => return Err(StepError::Eval { step: "enrich", expr: String::new(), message: "enrich runs through its step".into() }),
             Compiled::Route(routes) => {
                 let mut out = Vec::with_capacity(routes.len());
                 for (sink, when) in routes {

@@ -288,3 +288,53 @@ fn syntax_and_referenced_fields() {
     let e = parse_expr(r#"Kind = 'x' AND rider.tier = 'g' AND "Big" > 1 AND lower(c['d']) = 'e'"#).unwrap();
     assert_eq!(referenced_fields(&e), ["kind", "rider", "Big", "c"]);
 }
+
+#[test]
+fn dedup_keeps_first_sightings_across_restarts_and_reruns() {
+    use sluice_core::pipeline::DedupConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StepConfig::Dedup(DedupConfig { key: "id".into(), window: std::time::Duration::from_secs(3600), max_keys: 1000 });
+    let step = |dir: &std::path::Path| {
+        let mut s = Step::new(1, &cfg, &[], "event_date");
+        s.set_state_dir(dir);
+        s
+    };
+    let b = batch(&[r#"{"id":"a"}"#, r#"{"id":"b"}"#, r#"{"id":"a"}"#, r#"{"x":1}"#, r#"{"id":"c"}"#, r#"{"id":"b"}"#]);
+    let mut s1 = step(dir.path());
+    let (out, failures) = s1.apply(b.clone());
+    assert!(failures.is_empty() && s1.take_fatal().is_none());
+    // The first a, b, c pass; the record without an id passes.
+    assert_eq!(offsets(&rows(out)), vec![0, 1, 3, 4]);
+    assert_eq!(s1.stats.filtered.load(std::sync::atomic::Ordering::Relaxed), 2);
+    // A restart (new step, same state) re-running the same flush decides the same way.
+    let mut s2 = step(dir.path());
+    assert_eq!(offsets(&rows(s2.apply(b.clone()).0)), vec![0, 1, 3, 4]);
+    // Other records (other offsets) with those ids are duplicates; new ids pass.
+    let later = batch(&[r#"{"id":"x0"}"#, r#"{"id":"x1"}"#, r#"{"id":"x2"}"#, r#"{"id":"x3"}"#, r#"{"id":"x4"}"#, r#"{"id":"x5"}"#, r#"{"id":"a"}"#, r#"{"id":"d"}"#]);
+    assert_eq!(offsets(&rows(s2.apply(later).0)), vec![0, 1, 2, 3, 4, 5, 7]);
+    // The same records from another source stream are other records.
+    s2.set_source(1);
+    assert_eq!(offsets(&rows(s2.apply(b).0)), vec![3]);
+    // A torn journal tail is cut off, not misread.
+    let journal = dir.path().join("dedup-1.journal");
+    let len = std::fs::metadata(&journal).unwrap().len();
+    assert_eq!(len % 40, 0);
+    std::io::Write::write_all(&mut std::fs::OpenOptions::new().append(true).open(&journal).unwrap(), &[7u8; 13]).unwrap();
+    let mut s3 = step(dir.path());
+    assert_eq!(offsets(&rows(s3.apply(batch(&[r#"{"id":"d"}"#, r#"{"id":"e"}"#])).0)), vec![1]);
+    assert_eq!(std::fs::metadata(&journal).unwrap().len(), len + 40);
+}
+
+#[test]
+fn dedup_window_expires_keys() {
+    use sluice_core::pipeline::DedupConfig;
+    let cfg = StepConfig::Dedup(DedupConfig { key: "lower(id)".into(), window: std::time::Duration::from_millis(50), max_keys: 1000 });
+    let mut s = Step::new(0, &cfg, &[], "event_date");
+    let b = batch(&[r#"{"id":"A"}"#, r#"{"id":"a"}"#]);
+    assert_eq!(offsets(&rows(s.apply(b).0)), vec![0]);
+    let b2 = batch(&[r#"{"id":"x"}"#, r#"{"id":"a"}"#]);
+    assert_eq!(offsets(&rows(s.apply(b2.clone()).0)), vec![0]);
+    std::thread::sleep(std::time::Duration::from_millis(60));
+    // Past the window "a" is new again.
+    assert_eq!(offsets(&rows(s.apply(b2).0)), vec![0, 1]);
+}

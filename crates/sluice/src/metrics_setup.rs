@@ -24,4 +24,10 @@ fn describe() {
     describe_gauge!("sluice_lake_lag_records", "Durable log records not yet landed in the lake");
     describe_gauge!("sluice_log_end_offset", "Log end offset (sum over partitions)");
     describe_gauge!("sluice_log_bytes", Unit::Bytes, "Log bytes on disk");
+    describe_gauge!("sluice_pipeline_lag_records", "Source records a pipeline has not processed yet");
+    describe_gauge!("sluice_pipeline_step_records", "Records through a pipeline step, by outcome");
+    describe_histogram!("sluice_pipeline_step_seconds", Unit::Seconds, "Time a pipeline step takes per batch (up to 8192 records)");
+    describe_counter!("sluice_pipeline_sink_records_total", "Records a pipeline wrote to a sink");
+    describe_counter!("sluice_pipeline_dlq_records_total", "Records a pipeline sent to its dead-letter table");
+    describe_counter!("sluice_pipeline_errors_total", "Pipeline errors (the flush is retried from the checkpoint)");
 }

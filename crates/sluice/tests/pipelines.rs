@@ -121,15 +121,15 @@ fn check_rejects_bad_pipelines_with_file_and_line() {
     assert_eq!(code, 0, "{out}{err}");
 }
 
-/// kill -9 at random moments while events flow through a pipeline with a filter, a map that
-/// fails on some records, and a lake sink. At the end the pipeline's table holds every
+/// kill -9 at random moments while events flow through a pipeline with a filter, a dedup
+/// (every request is sent twice), a map that fails on some records, and a lake sink. At the end the pipeline's table holds every
 /// acknowledged record that passes the filter exactly once, and its dead-letter table holds
 /// exactly the acknowledged records the map fails on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_loop_pipeline_lands_exactly_once() {
     let rounds: usize = std::env::var("SLUICE_CRASH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = "lake:\n  flush_interval: 30ms\nstreams:\n  crash:\n    partitions: 3\npipelines:\n  p:\n    from: crash\n    steps:\n      - filter: amount % 2 = 0\n      - map:\n          bad: CAST(CASE WHEN amount % 7 = 0 THEN 'x' ELSE '1' END AS INT)\n    to:\n      even:\n        lake: {}\n";
+    let cfg = "lake:\n  flush_interval: 30ms\nstreams:\n  crash:\n    partitions: 3\npipelines:\n  p:\n    from: crash\n    steps:\n      - filter: amount % 2 = 0\n      - dedup:\n          key: event_id\n          window: 1h\n      - map:\n          bad: CAST(CASE WHEN amount % 7 = 0 THEN 'x' ELSE '1' END AS INT)\n    to:\n      even:\n        lake: {}\n";
     let mut s = Server::new_in(tmp.path(), cfg);
     let acked = Arc::new(Mutex::new(HashSet::new()));
     let unknown = Arc::new(Mutex::new(Vec::new()));
@@ -154,6 +154,8 @@ async fn crash_loop_pipeline_lands_exactly_once() {
                     match client.post(&url).body(events(start, n)).send().await {
                         Ok(r) if r.status() == 200 => {
                             acked.lock().unwrap().extend(start..start + n);
+                            // Sent again (a client retrying): the dedup step keeps one copy.
+                            let _ = client.post(&url).body(events(start, n)).send().await;
                             // A steady flow the pipeline keeps up with, so kills and faults
                             // land in the middle of its commits.
                             tokio::time::sleep(Duration::from_millis(2)).await;

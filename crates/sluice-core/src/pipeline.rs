@@ -53,10 +53,62 @@ pub enum StepConfig {
     Enrich(Box<EnrichConfig>),
     /// Drop a record whose key was already seen within a time window.
     Dedup(DedupConfig),
+    /// Check records against a declared schema; failures go to the dead-letter table.
+    Validate(ValidateConfig),
     /// Send each record to every route whose `when` is true (a route without `when` takes
     /// every record). Records no route takes are counted as filtered.
     Route(Vec<RouteConfig>),
 }
+
+/// A `validate` step: a declared schema. Rules other than `required` apply to values that
+/// are present.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ValidateConfig {
+    /// Fields (dotted paths for nested ones) that must be present and not null.
+    #[serde(default)]
+    pub required: Vec<String>,
+    /// Rules by field path.
+    #[serde(default)]
+    pub fields: BTreeMap<String, FieldRule>,
+}
+
+/// Rules for one field.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FieldRule {
+    /// string, integer, number, boolean, object or array.
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub minimum: Option<f64>,
+    #[serde(default)]
+    pub maximum: Option<f64>,
+    /// Length of a string (characters) or an array.
+    #[serde(default)]
+    pub min_length: Option<u64>,
+    #[serde(default)]
+    pub max_length: Option<u64>,
+    /// Allowed values.
+    #[serde(default, rename = "enum")]
+    pub one_of: Option<Vec<Scalar>>,
+    /// A regular expression a string must match (anywhere; anchor with ^ and $).
+    #[serde(default)]
+    pub pattern: Option<String>,
+}
+
+/// A YAML scalar as written.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Scalar {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
+}
+
+/// Types a `validate` rule can ask for.
+pub const FIELD_TYPES: &[&str] = &["string", "integer", "number", "boolean", "object", "array"];
 
 /// A `dedup` step.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -179,6 +231,7 @@ impl StepConfig {
             StepConfig::Drop(_) => "drop",
             StepConfig::Enrich(_) => "enrich",
             StepConfig::Dedup(_) => "dedup",
+            StepConfig::Validate(_) => "validate",
             StepConfig::Route(_) => "route",
         }
     }
@@ -269,6 +322,7 @@ one_key_enum!(StepConfig, "step",
     "drop" => Drop(Vec<String>),
     "enrich" => Enrich(Box<EnrichConfig>),
     "dedup" => Dedup(DedupConfig),
+    "validate" => Validate(ValidateConfig),
     "route" => Route(Vec<RouteConfig>),
 );
 one_key_enum!(SinkConfig, "sink",
@@ -403,6 +457,30 @@ pub(crate) fn validate(
                     }
                 }
                 StepConfig::Drop(f) if f.is_empty() => return Err((key, "drop: needs at least one field".into())),
+                StepConfig::Validate(v) => {
+                    let mut k = key.clone();
+                    k.push("validate".into());
+                    if v.required.is_empty() && v.fields.is_empty() {
+                        return Err((k, "needs `required` or `fields`".into()));
+                    }
+                    for (field, rule) in &v.fields {
+                        let mut k = k.clone();
+                        k.extend(["fields".to_string(), field.clone()]);
+                        if let Some(t) = &rule.kind {
+                            if !FIELD_TYPES.contains(&t.as_str()) {
+                                return Err((k, format!("type {t:?} is not one of {}", FIELD_TYPES.join(", "))));
+                            }
+                        }
+                        if rule.pattern.as_deref().is_some_and(str::is_empty) {
+                            return Err((k, "pattern is empty".into()));
+                        }
+                    }
+                    for f in v.required.iter().chain(v.fields.keys()) {
+                        if f.is_empty() || f.split('.').any(str::is_empty) {
+                            return Err((k, format!("{f:?} is not a field path")));
+                        }
+                    }
+                }
                 StepConfig::Dedup(d) => {
                     let mut k = key.clone();
                     k.push("dedup".into());

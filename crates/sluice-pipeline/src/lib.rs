@@ -13,6 +13,7 @@ mod enrich;
 mod expr;
 pub mod runtime;
 pub mod step;
+mod validate;
 
 pub use expr::{Filter, Map, StepError};
 pub use runtime::{Pipeline, PipelineSpec, PipelineStatus};

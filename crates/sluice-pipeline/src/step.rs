@@ -4,6 +4,7 @@
 use crate::check::{parse_expr, referenced_fields};
 use crate::dedup::Deduper;
 use crate::enrich::Enricher;
+use crate::validate::Validator;
 use crate::expr::{Filter, Map, StepError};
 use deltalake::arrow::array::{new_null_array, ArrayRef, RecordBatch};
 use deltalake::arrow::compute::concat_batches;
@@ -56,6 +57,7 @@ enum Kind {
     Route(Vec<(usize, Option<String>)>),
     Enrich(Box<Enricher>),
     Dedup(Box<Deduper>),
+    Validate(Box<Validator>),
 }
 
 enum Compiled {
@@ -66,6 +68,8 @@ enum Compiled {
     Enrich(Map),
     /// The dedup step's key.
     Dedup(Map),
+    /// The validate step's predicates.
+    Validate(Map, Vec<crate::validate::Check>),
 }
 
 /// One step of a running pipeline.
@@ -98,6 +102,7 @@ impl Step {
                 Kind::Project(cfg.clone())
             }
             StepConfig::Drop(_) => Kind::Project(cfg.clone()),
+            StepConfig::Validate(v) => Kind::Validate(Box::new(Validator::new(v))),
             StepConfig::Dedup(d) => {
                 sqls.push(d.key.clone());
                 Kind::Dedup(Box::new(Deduper::new(d)))
@@ -117,7 +122,10 @@ impl Step {
                 )
             }
         };
-        let mut reads = Vec::new();
+        let mut reads = match &kind {
+            Kind::Validate(v) => v.reads(),
+            _ => Vec::new(),
+        };
         for sql in sqls {
             if let Ok(e) = parse_expr(&sql) {
                 for f in referenced_fields(&e) {
@@ -168,6 +176,10 @@ impl Step {
         let stats = self.stats.clone();
         let (out, failures) = match self.compiled(batch.schema()) {
             Err(e) => (None, (0..rows).map(|row| Failure { row, error: e.clone() }).collect()),
+            Ok(Compiled::Validate(map, checks)) => match Validator::apply(map, checks, &batch) {
+                Ok((b, failures)) => (Some(Output::Rows(b)), failures),
+                Err(e) => (None, (0..rows).map(|row| Failure { row, error: e.to_string() }).collect()),
+            },
             Ok(Compiled::Dedup(keys)) => {
                 let keys = keys.clone();
                 let Kind::Dedup(d) = &mut self.kind else { unreachable!("dedup step compiled as dedup") };
@@ -252,6 +264,10 @@ impl Step {
             Kind::Project(cfg) => Compiled::Project(Map::compile(&project_fields(cfg, schema, &self.date_column), schema)?),
             Kind::Enrich(en) => Compiled::Enrich(Map::compile(&en.placeholder_fields(), schema)?),
             Kind::Dedup(d) => Compiled::Dedup(Map::compile(&d.key_fields(), schema)?),
+            Kind::Validate(v) => {
+                let (map, checks) = v.compile(schema)?;
+                Compiled::Validate(map, checks)
+            }
             Kind::Route(routes) => Compiled::Route(
                 routes
                     .iter()
@@ -267,7 +283,7 @@ impl Compiled {
         Ok(match self {
             Compiled::Filter(f) => Output::Rows(f.apply(batch)?),
             Compiled::Project(m) => Output::Rows(m.apply(batch)?),
-            Compiled::Enrich(_) | Compiled::Dedup(_) => return Err(StepError::Eval { step: "enrich", expr: String::new(), message: "enrich runs through its step".into() }),
+            Compiled::Enrich(_) | Compiled::Dedup(_) | Compiled::Validate(..) => return Err(StepError::Eval { step: "enrich", expr: String::new(), message: "enrich runs through its step".into() }),
             Compiled::Route(routes) => {
                 let mut out = Vec::with_capacity(routes.len());
                 for (sink, when) in routes {

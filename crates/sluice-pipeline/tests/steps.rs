@@ -338,3 +338,52 @@ fn dedup_window_expires_keys() {
     // Past the window "a" is new again.
     assert_eq!(offsets(&rows(s.apply(b2).0)), vec![0, 1]);
 }
+
+#[test]
+fn validate_checks_a_declared_schema_and_names_path_rule_and_value() {
+    use sluice_core::pipeline::{FieldRule, Scalar, ValidateConfig};
+    let b = batch(&[
+        r#"{"id":"a1","amount":5,"currency":"EUR","email":"x@y.z","user":{"age":30},"tags":["a"]}"#,
+        r#"{"amount":5,"currency":"EUR"}"#,
+        r#"{"id":"a3","amount":-5,"currency":"EUR"}"#,
+        r#"{"id":"a4","amount":5,"currency":"GBP"}"#,
+        r#"{"id":"a5","amount":5,"currency":"EUR","email":"nope"}"#,
+        r#"{"id":"a6","amount":5,"currency":"EUR","user":{"age":300}}"#,
+        r#"{"id":"a7","amount":5,"currency":"EUR","tags":["a","b","c"]}"#,
+        r#"{"id":"a8"}"#,
+    ]);
+    let mut fields = std::collections::BTreeMap::new();
+    fields.insert("amount".into(), FieldRule { kind: Some("number".into()), minimum: Some(0.0), ..Default::default() });
+    fields.insert("currency".into(), FieldRule { one_of: Some(vec![Scalar::Text("EUR".into()), Scalar::Text("USD".into())]), ..Default::default() });
+    fields.insert("email".into(), FieldRule { kind: Some("string".into()), pattern: Some("^[^@]+@[^@]+$".into()), ..Default::default() });
+    fields.insert("user.age".into(), FieldRule { kind: Some("integer".into()), maximum: Some(150.0), ..Default::default() });
+    fields.insert("tags".into(), FieldRule { kind: Some("array".into()), max_length: Some(2), ..Default::default() });
+    fields.insert("id".into(), FieldRule { kind: Some("integer".into()), ..Default::default() });
+    let cfg = StepConfig::Validate(ValidateConfig { required: vec!["id".into(), "amount".into()], fields: fields.clone() });
+    let mut s = Step::new(0, &cfg, &[], "event_date");
+    let (out, failures) = s.apply(b.clone());
+    // `id` is a string in these records, so "type integer" fails every record that has one.
+    let errors: Vec<(usize, String)> = failures.iter().map(|f| (f.row, f.error.clone())).collect();
+    assert_eq!(errors[0], (0, "id: must be integer, the records have Utf8 (got a1)".to_string()), "{errors:?}");
+    assert!(rows(out).num_rows() == 0 || errors.len() == 8);
+
+    fields.insert("id".into(), FieldRule { kind: Some("string".into()), min_length: Some(2), ..Default::default() });
+    let cfg = StepConfig::Validate(ValidateConfig { required: vec!["id".into(), "amount".into()], fields });
+    let mut s = Step::new(0, &cfg, &[], "event_date");
+    let (out, failures) = s.apply(b);
+    assert_eq!(offsets(&rows(out)), vec![0]);
+    let errors: Vec<(usize, String)> = failures.iter().map(|f| (f.row, f.error.clone())).collect();
+    assert_eq!(
+        errors,
+        vec![
+            (1, "id: is required".to_string()),
+            (2, "amount: must be >= 0 (got -5)".to_string()),
+            (3, "currency: must be one of EUR, USD (got GBP)".to_string()),
+            (4, "email: must match ^[^@]+@[^@]+$ (got nope)".to_string()),
+            (5, "user.age: must be <= 150 (got 300)".to_string()),
+            (6, "tags: must have length <= 2 (got [a, b, c])".to_string()),
+            (7, "amount: is required".to_string()),
+        ]
+    );
+    assert_eq!(s.stats.failed.load(std::sync::atomic::Ordering::Relaxed), 7);
+}

@@ -2,5 +2,7 @@
 //!
 //! - [`http`]: the HTTP ingest source's request handling (body decoding, record
 //!   parsing, key and event-time extraction). The axum wiring lives in the binary.
+//! - [`webhook`]: the webhook sink of pipelines (records POSTed as JSON arrays).
 
 pub mod http;
+pub mod webhook;

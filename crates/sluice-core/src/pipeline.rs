@@ -255,6 +255,40 @@ pub enum SinkConfig {
     Lake(LakeSinkConfig),
     /// Another stream of the log (pipelines chain), at-least-once.
     Stream(StreamSinkConfig),
+    /// An HTTP endpoint: records POSTed as JSON arrays, at-least-once.
+    Webhook(WebhookSinkConfig),
+}
+
+/// Options of a webhook sink.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSinkConfig {
+    /// `http://` URL the records are POSTed to.
+    pub url: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Records per request (a JSON array).
+    #[serde(default = "default_batch_records")]
+    pub batch_records: usize,
+    /// Requests in flight at once.
+    #[serde(default = "default_webhook_concurrency")]
+    pub concurrency: usize,
+    /// Per request.
+    #[serde(default = "default_webhook_timeout", deserialize_with = "crate::config::de_dur")]
+    pub timeout: std::time::Duration,
+    /// Retries of a request after the first attempt (connection errors, timeouts, 429, 5xx).
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+}
+
+fn default_batch_records() -> usize {
+    500
+}
+fn default_webhook_concurrency() -> usize {
+    4
+}
+fn default_webhook_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(10)
 }
 
 /// Options of a lake sink.
@@ -328,6 +362,7 @@ one_key_enum!(StepConfig, "step",
 one_key_enum!(SinkConfig, "sink",
     "lake" => Lake(LakeSinkConfig),
     "stream" => Stream(StreamSinkConfig),
+    "webhook" => Webhook(WebhookSinkConfig),
 );
 
 /// Output fields in the order written: `name: SQL expression`.
@@ -397,7 +432,7 @@ impl PipelineConfig {
     pub fn lake_sinks(&self) -> impl Iterator<Item = (&str, &str, &LakeSinkConfig)> {
         self.to.iter().filter_map(|(name, s)| match s {
             SinkConfig::Lake(l) => Some((name.as_str(), l.table.as_deref().unwrap_or(name), l)),
-            SinkConfig::Stream(_) => None,
+            _ => None,
         })
     }
 
@@ -405,7 +440,7 @@ impl PipelineConfig {
     pub fn output_streams(&self) -> impl Iterator<Item = &str> {
         self.to.values().filter_map(|s| match s {
             SinkConfig::Stream(s) => Some(s.stream.as_str()),
-            SinkConfig::Lake(_) => None,
+            _ => None,
         })
     }
 }
@@ -555,6 +590,14 @@ pub(crate) fn validate(
                 SinkConfig::Stream(s) => {
                     if !streams.contains_key(&s.stream) {
                         return Err((key, format!("unknown stream {:?}: declare it under `streams:`", s.stream)));
+                    }
+                }
+                SinkConfig::Webhook(w) => {
+                    if !w.url.starts_with("http://") {
+                        return Err((key, "url must start with http:// (https is not supported yet)".into()));
+                    }
+                    if w.batch_records == 0 || !(1..=256).contains(&w.concurrency) || w.timeout.is_zero() {
+                        return Err((key, "batch_records, concurrency (1-256) and timeout must be more than 0".into()));
                     }
                 }
             }

@@ -177,14 +177,17 @@ impl LakeSink {
                         }
                         me.prepare(recs, Some(schema_after)).await.map(Some)
                     };
-                    let (committed, ahead) = tokio::join!(self.commit(writer, p), ahead);
+                    // A failed commit returns at once (the read ahead is dropped): it is retried
+                    // from the lake's positions without waiting for more records.
+                    let (committed, ahead) = sluice_log::commit_while_reading(self.commit(writer, p), ahead).await;
                     match (committed, ahead) {
-                        (Ok(()), Ok(p2)) => {
+                        (Ok(()), Some(Ok(p2))) => {
                             let more = p2.is_some();
                             pending = p2;
                             Ok(more || !stopping)
                         }
-                        (Err(e), _) | (_, Err(e)) => Err(e),
+                        (Err(e), _) | (_, Some(Err(e))) => Err(e),
+                        (Ok(()), None) => Err(anyhow::anyhow!("reading ahead stopped")),
                     }
                 }
             };

@@ -95,3 +95,51 @@ async fn select_any<F: Future<Output = ()> + Unpin>(mut futs: Vec<F>) {
     })
     .await
 }
+
+/// Runs `commit` and `ahead` at once (a flush being committed while the next is read). If
+/// `commit` fails, returns at once without `ahead`'s result, so a failed commit is retried
+/// right away instead of after more records arrive.
+pub async fn commit_while_reading<T, E, U>(
+    commit: impl Future<Output = Result<T, E>>,
+    ahead: impl Future<Output = U>,
+) -> (Result<T, E>, Option<U>) {
+    let mut commit = std::pin::pin!(commit);
+    let mut ahead = std::pin::pin!(ahead);
+    let mut committed: Option<Result<T, E>> = None;
+    let mut read: Option<U> = None;
+    loop {
+        tokio::select! {
+            r = &mut commit, if committed.is_none() => {
+                if r.is_err() {
+                    return (r, None);
+                }
+                committed = Some(r);
+            }
+            r = &mut ahead, if read.is_none() => read = Some(r),
+        }
+        if committed.is_some() && read.is_some() {
+            return (committed.expect("set"), read);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failed_commit_does_not_wait_for_the_read_ahead() {
+        let (r, ahead) = commit_while_reading(async { Err::<(), _>("disk full") }, std::future::pending::<u32>()).await;
+        assert_eq!(r, Err("disk full"));
+        assert!(ahead.is_none());
+        let (r, ahead) = commit_while_reading(
+            async {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                Ok::<_, ()>(1)
+            },
+            async { 2 },
+        )
+        .await;
+        assert_eq!((r, ahead), (Ok(1), Some(2)));
+    }
+}

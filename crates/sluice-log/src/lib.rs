@@ -52,7 +52,7 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
-pub use consume::{collect, Collected, FlushPolicy};
+pub use consume::{collect, commit_while_reading, Collected, FlushPolicy};
 pub use partition::{Appended, Partition, SegmentInfo};
 use partition::Retention;
 

@@ -16,4 +16,4 @@ pub mod step;
 mod validate;
 
 pub use expr::{Filter, Map, StepError};
-pub use runtime::{Pipeline, PipelineSpec, PipelineStatus};
+pub use runtime::{rows_to_json, ExternalSink, Pipeline, PipelineSpec, PipelineStatus};

@@ -41,6 +41,43 @@ pub fn app_id(pipeline: &str, stream: &str, partition: u32) -> String {
     format!("sluice:{pipeline}:{stream}:{partition}")
 }
 
+/// A sink outside Sluice's log and lake (a webhook, later PostgreSQL and Redis), built by a
+/// connector in `sluice-connect`. At-least-once: a flush that re-runs after a crash is written
+/// again, so writes should be idempotent by key where the destination allows.
+pub trait ExternalSink: Send + Sync {
+    /// Writes the rows (system columns included; see [`rows_to_json`]) and returns once the
+    /// destination has accepted them durably. An error fails the flush, which is retried.
+    fn write<'a>(&'a self, batches: &'a [RecordBatch]) -> futures::future::BoxFuture<'a, anyhow::Result<usize>>;
+}
+
+/// Each row as a JSON object without the system columns (`_partition`, `_offset`, the date
+/// column) and without NULL fields.
+pub fn rows_to_json(b: &RecordBatch, date_column: &str) -> anyhow::Result<Vec<bytes::Bytes>> {
+    let keep: Vec<usize> = (0..b.num_columns())
+        .filter(|i| {
+            let f = b.schema_ref().field(*i).clone();
+            !is_system_column(f.name(), date_column) && f.data_type() != &DataType::Null
+        })
+        .collect();
+    let data = b.project(&keep)?;
+    let mut buf = Vec::with_capacity(data.get_array_memory_size());
+    {
+        let mut w = LineDelimitedWriter::new(&mut buf);
+        w.write(&data)?;
+        w.finish()?;
+    }
+    let buf = bytes::Bytes::from(buf);
+    let mut out = Vec::with_capacity(b.num_rows());
+    let mut start = 0;
+    for (i, c) in buf.iter().enumerate() {
+        if *c == b'\n' {
+            out.push(buf.slice(start..i));
+            start = i + 1;
+        }
+    }
+    Ok(out)
+}
+
 /// Everything needed to run one pipeline.
 pub struct PipelineSpec {
     pub name: String,
@@ -49,6 +86,8 @@ pub struct PipelineSpec {
     pub sources: Vec<Arc<Stream>>,
     /// Target streams of stream sinks, by stream name.
     pub outputs: HashMap<String, Arc<Stream>>,
+    /// External sinks (webhook, ...), by sink name.
+    pub externals: HashMap<String, Arc<dyn ExternalSink>>,
     pub lake_root: String,
     /// Where the pipeline keeps its state (the inferred source schemas).
     pub state_dir: PathBuf,
@@ -90,6 +129,7 @@ enum SinkData {
     Lake(Vec<(usize, RecordBatch)>),
     /// Per target partition, records in order.
     Stream(Vec<Vec<Record>>),
+    External(Vec<RecordBatch>),
 }
 
 /// One flush, processed and ready to write.
@@ -118,6 +158,7 @@ struct LakeOut {
 enum SinkRt {
     Lake(LakeOut),
     Stream(Arc<Stream>),
+    External(Arc<dyn ExternalSink>),
 }
 
 /// What the commit stage owns.
@@ -204,15 +245,19 @@ impl Pipeline {
                     Err(e) => Err(e),
                 },
                 Some(p) => {
-                    let (committed, ahead) =
-                        tokio::join!(self.commit(writers, p), self.read_and_prepare(next, &mut prep, &mut shutdown));
+                    let (committed, ahead) = sluice_log::commit_while_reading(
+                        self.commit(writers, p),
+                        self.read_and_prepare(next, &mut prep, &mut shutdown),
+                    )
+                    .await;
                     match (committed, ahead) {
-                        (Ok(()), Ok(p2)) => {
+                        (Ok(()), Some(Ok(p2))) => {
                             let more = p2.is_some();
                             pending = p2;
                             Ok(more || !stopping)
                         }
-                        (Err(e), _) | (_, Err(e)) => Err(e),
+                        (Err(e), _) | (_, Some(Err(e))) => Err(e),
+                        (Ok(()), None) => Err(anyhow::anyhow!("reading ahead stopped")),
                     }
                 }
             };
@@ -269,6 +314,9 @@ impl Pipeline {
                         .get(&s.stream)
                         .cloned()
                         .ok_or_else(|| anyhow::anyhow!("sink {name}: stream {:?} is not open", s.stream))?,
+                ),
+                _ => SinkRt::External(
+                    self.spec.externals.get(name).cloned().ok_or_else(|| anyhow::anyhow!("sink {name} has no connector"))?,
                 ),
             });
         }
@@ -339,8 +387,9 @@ impl Pipeline {
                 .to
                 .values()
                 .map(|c| match c {
-                    SinkConfig::Lake(_) => None,
-                    SinkConfig::Stream(s) => Some(self.spec.outputs.get(&s.stream).map_or(1, |t| t.partitions().len())),
+                    SinkConfig::Lake(_) => SinkKind::Lake,
+                    SinkConfig::Stream(s) => SinkKind::Stream(self.spec.outputs.get(&s.stream).map_or(1, |t| t.partitions().len())),
+                    _ => SinkKind::External,
                 })
                 .collect(),
             date_column: self.spec.date_column.clone(),
@@ -369,6 +418,13 @@ impl Pipeline {
                     })
                 }
                 (SinkRt::Stream(stream), SinkData::Stream(parts)) => write_stream(stream, parts).await?,
+                (SinkRt::External(sink), SinkData::External(batches)) => {
+                    if batches.is_empty() {
+                        0
+                    } else {
+                        sink.write(&batches).await.map_err(|e| e.context(format!("sink {}", self.sink_names[i])))?
+                    }
+                }
                 _ => anyhow::bail!("sink {} got data of another kind", self.sink_names[i]),
             };
             fault_point();
@@ -536,12 +592,18 @@ fn mark_done(out: &mut LakeOut, txns: &[(String, i64)], sources: &[Arc<Stream>],
     }
 }
 
+enum SinkKind {
+    Lake,
+    /// With the target stream's partition count.
+    Stream(usize),
+    External,
+}
+
 struct PrepareCtx {
     pipeline: String,
     sources: Vec<String>,
     schema_paths: Vec<PathBuf>,
-    /// Per sink: None for a lake sink, Some(target partitions) for a stream sink.
-    sinks: Vec<Option<usize>>,
+    sinks: Vec<SinkKind>,
     date_column: String,
 }
 
@@ -641,8 +703,9 @@ fn prepare(ctx: &PrepareCtx, prep: &mut Prep, records: &[Collected]) -> anyhow::
     let mut data = Vec::with_capacity(sinks.len());
     for (i, batches) in sinks.into_iter().enumerate() {
         data.push(match ctx.sinks[i] {
-            None => SinkData::Lake(batches),
-            Some(parts) => SinkData::Stream(to_records(&batches, records, parts, &ctx.date_column)?),
+            SinkKind::Lake => SinkData::Lake(batches),
+            SinkKind::Stream(parts) => SinkData::Stream(to_records(&batches, records, parts, &ctx.date_column)?),
+            SinkKind::External => SinkData::External(batches.into_iter().map(|(_, b)| b).collect()),
         });
     }
     Ok(Prepared { sinks: data, dead, range })
@@ -744,24 +807,10 @@ fn to_records(batches: &[(usize, RecordBatch)], records: &[Collected], partition
     }
     for (s, b) in batches {
         let pos = positions(b)?;
-        let keep: Vec<usize> = (0..b.num_columns())
-            .filter(|i| {
-                let f = b.schema_ref().field(*i).clone();
-                !is_system_column(f.name(), date_column) && f.data_type() != &DataType::Null
-            })
-            .collect();
-        let data = b.project(&keep)?;
-        let mut buf = Vec::with_capacity(data.get_array_memory_size());
-        {
-            let mut w = LineDelimitedWriter::new(&mut buf);
-            w.write(&data)?;
-            w.finish()?;
-        }
-        let lines = buf.split(|c| *c == b'\n').filter(|l| !l.is_empty());
-        for ((p, o), line) in pos.iter().zip(lines) {
+        for ((p, o), line) in pos.iter().zip(rows_to_json(b, date_column)?) {
             let t = ts.get(&(*s, *p, *o)).copied().unwrap_or_else(sluice_core::time::now_ms);
             let n = out.len();
-            out[*p as usize % n].push(Record::new(bytes::Bytes::copy_from_slice(line), t));
+            out[*p as usize % n].push(Record::new(line, t));
         }
     }
     Ok(out)

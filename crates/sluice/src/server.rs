@@ -130,11 +130,18 @@ impl App {
             for s in p.output_streams() {
                 outputs.insert(s.to_string(), open(s)?);
             }
+            let mut externals: HashMap<String, Arc<dyn sluice_pipeline::ExternalSink>> = HashMap::new();
+            for (sink, cfg) in &p.to {
+                if let sluice_core::pipeline::SinkConfig::Webhook(w) = cfg {
+                    externals.insert(sink.clone(), Arc::new(sluice_connect::webhook::WebhookSink::new(w, &self.cfg.lake.date_column)?));
+                }
+            }
             let pipeline = Pipeline::new(PipelineSpec {
                 name: name.clone(),
                 cfg: p.clone(),
                 sources,
                 outputs,
+                externals,
                 lake_root: self.cfg.lake_root(),
                 state_dir: self.cfg.data_dir.join("pipelines").join(name),
                 flush: FlushPolicy { bytes: self.cfg.lake.flush_bytes, interval: self.cfg.lake.flush_interval },

@@ -263,3 +263,70 @@ async fn enrich_from_an_http_service_into_the_lake() {
     assert_eq!(misses, 100, "{p}");
     assert_eq!(hits + misses, 1000, "{p}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_sink_posts_batches_retries_and_holds_on_refusal() {
+    use std::sync::atomic::AtomicU8;
+    // 0: accept; 1: refuse with 400 (the pipeline must hold the records, not drop them);
+    // every third request is answered 503 first (retried).
+    #[derive(Default)]
+    struct Hook {
+        mode: AtomicU8,
+        requests: AtomicUsize,
+        ids: Mutex<Vec<String>>,
+        largest: AtomicUsize,
+    }
+    let hook = Arc::new(Hook::default());
+    hook.mode.store(1, Ordering::SeqCst);
+    let h = hook.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: String| {
+            let h = h.clone();
+            async move {
+                let n = h.requests.fetch_add(1, Ordering::SeqCst);
+                if h.mode.load(Ordering::SeqCst) == 1 {
+                    return (axum::http::StatusCode::BAD_REQUEST, "not now".to_string());
+                }
+                if n % 3 == 0 {
+                    return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "busy".to_string());
+                }
+                let v: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+                h.largest.fetch_max(v.len(), Ordering::SeqCst);
+                let mut ids = h.ids.lock().unwrap();
+                ids.extend(v.iter().map(|r| r["event_id"].as_str().unwrap().to_string()));
+                assert!(v.iter().all(|r| r.get("_offset").is_none() && r.get("event_date").is_none()));
+                (axum::http::StatusCode::OK, "ok".to_string())
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let cfg = format!(
+        "lake:\n  flush_interval: 100ms\nstreams:\n  events: {{}}\npipelines:\n  hooks:\n    from: events\n    steps:\n      - filter: amount < 250\n    to:\n      out:\n        webhook:\n          url: http://{addr}/hook\n          batch_records: 100\n          retries: 2\n"
+    );
+    let s = Server::start(&cfg).await;
+    assert_eq!(s.post("events", events(0, 500)).await.0, 200);
+    // Refused: the pipeline reports the error and keeps the records in its lag.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let p: serde_json::Value = serde_json::from_str(&s.client.get(s.url("/v1/pipelines")).send().await.unwrap().text().await.unwrap()).unwrap();
+        let p = &p["pipelines"][0];
+        if p["error"].as_str().is_some_and(|e| e.contains("HTTP 400")) {
+            assert_eq!(p["lag"], 500, "{p}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no error reported: {p}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    hook.mode.store(0, Ordering::SeqCst);
+    s.wait_landed("events").await;
+    let mut ids = hook.ids.lock().unwrap().clone();
+    ids.sort();
+    ids.dedup();
+    let mut want: Vec<String> = (0..250).map(|i| format!("e{i}")).collect();
+    want.sort();
+    assert_eq!(ids, want);
+    assert!(hook.largest.load(Ordering::SeqCst) <= 100);
+}

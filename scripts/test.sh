@@ -19,6 +19,12 @@ if ! need cc || ! need python3 || ! python3 -m pip --version >/dev/null 2>&1; th
   as_root apt-get update -qq
   as_root apt-get install -y -qq build-essential python3 python3-pip >/dev/null
 fi
+# Servers the connector tests start their own instances of (never the machine's shared ones).
+if ! need redis-server; then
+  echo "installing redis-server with apt-get (the tests start their own instances)..." >&2
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq redis-server >/dev/null
+fi
 # Readers we did not write, used by the interoperability tests.
 if ! python3 -c "import deltalake, pyarrow, duckdb" 2>/dev/null; then
   echo "installing python deltalake, pyarrow, duckdb with pip..." >&2

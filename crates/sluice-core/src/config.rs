@@ -251,7 +251,7 @@ default_from_serde!(Config, StreamConfig, Retention, LakeConfig, Limits, LogSett
 pub(crate) fn de_dur<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     Dur::deserialize(d).map(|d| d.0)
 }
-fn de_opt_dur<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+pub(crate) fn de_opt_dur<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     Option::<Dur>::deserialize(d).map(|d| d.map(|d| d.0))
 }
 fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {

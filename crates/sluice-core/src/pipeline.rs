@@ -257,6 +257,43 @@ pub enum SinkConfig {
     Stream(StreamSinkConfig),
     /// An HTTP endpoint: records POSTed as JSON arrays, at-least-once.
     Webhook(WebhookSinkConfig),
+    /// Redis: the latest record per key (JSON string or hash), optionally positions (GEOADD).
+    Redis(RedisSinkConfig),
+}
+
+/// Options of a Redis sink.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSinkConfig {
+    /// `redis://host:port/db`.
+    pub url: String,
+    /// SQL expression giving the Redis key of a record, e.g. `'vehicle:' || vehicle_id`.
+    pub key: String,
+    /// `json` (SET key <record as JSON>) or `hash` (HSET key field value ...).
+    #[serde(default = "default_redis_value")]
+    pub value: String,
+    /// Expire keys this long after their last write.
+    #[serde(default, deserialize_with = "crate::config::de_opt_dur")]
+    pub ttl: Option<std::time::Duration>,
+    /// Also GEOADD each record's position to a sorted set.
+    #[serde(default)]
+    pub geo: Option<GeoConfig>,
+}
+
+/// `GEOADD key lng lat member` per record with a position.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GeoConfig {
+    /// The sorted set, e.g. `vehicles:live`.
+    pub key: String,
+    /// SQL expressions.
+    pub lat: String,
+    pub lng: String,
+    pub member: String,
+}
+
+fn default_redis_value() -> String {
+    "json".into()
 }
 
 /// Options of a webhook sink.
@@ -363,6 +400,7 @@ one_key_enum!(SinkConfig, "sink",
     "lake" => Lake(LakeSinkConfig),
     "stream" => Stream(StreamSinkConfig),
     "webhook" => Webhook(WebhookSinkConfig),
+    "redis" => Redis(RedisSinkConfig),
 );
 
 /// Output fields in the order written: `name: SQL expression`.
@@ -590,6 +628,17 @@ pub(crate) fn validate(
                 SinkConfig::Stream(s) => {
                     if !streams.contains_key(&s.stream) {
                         return Err((key, format!("unknown stream {:?}: declare it under `streams:`", s.stream)));
+                    }
+                }
+                SinkConfig::Redis(r) => {
+                    if !r.url.starts_with("redis://") {
+                        return Err((key, "url must start with redis://".into()));
+                    }
+                    if !matches!(r.value.as_str(), "json" | "hash") {
+                        return Err((key, format!("value {:?}: use json or hash", r.value)));
+                    }
+                    if r.key.trim().is_empty() {
+                        return Err((key, "key: the expression is empty".into()));
                     }
                 }
                 SinkConfig::Webhook(w) => {

@@ -45,6 +45,18 @@ pub fn referenced_fields(expr: &Expr) -> Vec<String> {
 /// was loaded). Errors name the file, line and key of the step.
 pub fn check_config(cfg: &Config) -> Result<(), ConfigError> {
     for (name, p) in &cfg.pipelines {
+        for (sink, s) in &p.to {
+            if let sluice_core::pipeline::SinkConfig::Redis(r) = s {
+                let mut exprs = vec![("key", &r.key)];
+                if let Some(g) = &r.geo {
+                    exprs.extend([("geo.lat", &g.lat), ("geo.lng", &g.lng), ("geo.member", &g.member)]);
+                }
+                for (what, sql) in exprs {
+                    let key = vec!["pipelines".to_string(), name.clone(), "to".into(), sink.clone()];
+                    parse_expr(sql).map_err(|e| cfg.error_at(&key, format!("redis {what} `{sql}`: {e}")))?;
+                }
+            }
+        }
         for (i, step) in p.steps.iter().enumerate() {
             let key = |extra: &[&str]| {
                 let mut k = vec!["pipelines".to_string(), name.clone(), "steps".into(), i.to_string()];

@@ -132,9 +132,13 @@ impl App {
             }
             let mut externals: HashMap<String, Arc<dyn sluice_pipeline::ExternalSink>> = HashMap::new();
             for (sink, cfg) in &p.to {
-                if let sluice_core::pipeline::SinkConfig::Webhook(w) = cfg {
-                    externals.insert(sink.clone(), Arc::new(sluice_connect::webhook::WebhookSink::new(w, &self.cfg.lake.date_column)?));
-                }
+                let date = &self.cfg.lake.date_column;
+                let external: Arc<dyn sluice_pipeline::ExternalSink> = match cfg {
+                    sluice_core::pipeline::SinkConfig::Webhook(w) => Arc::new(sluice_connect::webhook::WebhookSink::new(w, date)?),
+                    sluice_core::pipeline::SinkConfig::Redis(r) => Arc::new(sluice_connect::redis_sink::RedisSink::new(r, date)?),
+                    _ => continue,
+                };
+                externals.insert(sink.clone(), external);
             }
             let pipeline = Pipeline::new(PipelineSpec {
                 name: name.clone(),

@@ -1,0 +1,140 @@
+//! The Redis sink: the serving store of a pipeline. Per record, the latest value under a key
+//! computed by a SQL expression — the record as a JSON string (`SET`) or as a hash (`HSET`,
+//! nested values as JSON text) — with an optional TTL, and optionally its position in a
+//! geo set (`GEOADD`) for "where is each vehicle now" queries.
+//!
+//! Writes are idempotent by key and applied in log order (one pipelined round trip per
+//! batch), so a flush that re-runs after a crash leaves the same final state. A record whose
+//! key is NULL fails the flush (filter such records out before the sink): nothing is dropped
+//! silently.
+
+use deltalake::arrow::array::{new_null_array, Array, AsArray, RecordBatch};
+use deltalake::arrow::datatypes::{Field, Schema};
+use std::sync::Arc;
+use deltalake::arrow::compute::cast;
+use deltalake::arrow::datatypes::DataType;
+use futures::future::BoxFuture;
+use redis::aio::MultiplexedConnection;
+use sluice_core::pipeline::RedisSinkConfig;
+use sluice_pipeline::{rows_to_json, ExternalSink, Map};
+use tokio::sync::Mutex;
+
+pub struct RedisSink {
+    cfg: RedisSinkConfig,
+    client: redis::Client,
+    conn: Mutex<Option<MultiplexedConnection>>,
+    date_column: String,
+}
+
+/// Evaluates SQL expressions on a batch as text columns (NULL stays NULL; a field no record
+/// of the batch has reads NULL, as in the steps).
+fn texts(fields: &[(String, String)], b: &RecordBatch) -> anyhow::Result<Vec<deltalake::arrow::array::StringArray>> {
+    let schema = b.schema();
+    let mut missing: Vec<String> = Vec::new();
+    for (_, sql) in fields {
+        if let Ok(e) = sluice_pipeline::check::parse_expr(sql) {
+            for f in sluice_pipeline::check::referenced_fields(&e) {
+                if schema.field_with_name(&f).is_err() && !missing.contains(&f) {
+                    missing.push(f);
+                }
+            }
+        }
+    }
+    let b = if missing.is_empty() {
+        b.clone()
+    } else {
+        let mut fs: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+        let mut cols = b.columns().to_vec();
+        for m in &missing {
+            fs.push(Field::new(m, DataType::Null, true));
+            cols.push(new_null_array(&DataType::Null, b.num_rows()));
+        }
+        RecordBatch::try_new(Arc::new(Schema::new(fs)), cols)?
+    };
+    let map = Map::compile(fields, &b.schema())?;
+    let out = map.apply(&b)?;
+    out.columns()
+        .iter()
+        .map(|c| Ok(cast(c, &DataType::Utf8)?.as_string::<i32>().clone()))
+        .collect()
+}
+
+impl RedisSink {
+    pub fn new(cfg: &RedisSinkConfig, date_column: &str) -> anyhow::Result<RedisSink> {
+        Ok(RedisSink { client: redis::Client::open(cfg.url.as_str())?, cfg: cfg.clone(), conn: Mutex::new(None), date_column: date_column.to_string() })
+    }
+
+    fn commands(&self, b: &RecordBatch, pipe: &mut redis::Pipeline) -> anyhow::Result<usize> {
+        let mut exprs = vec![("k".to_string(), self.cfg.key.clone())];
+        if let Some(g) = &self.cfg.geo {
+            exprs.extend([("lat".to_string(), g.lat.clone()), ("lng".to_string(), g.lng.clone()), ("m".to_string(), g.member.clone())]);
+        }
+        let cols = texts(&exprs, b)?;
+        let rows = rows_to_json(b, &self.date_column)?;
+        for (row, json) in rows.iter().enumerate() {
+            if cols[0].is_null(row) {
+                anyhow::bail!("redis key `{}` is NULL for a record ({})", self.cfg.key, String::from_utf8_lossy(json));
+            }
+            let key = cols[0].value(row);
+            if self.cfg.value == "hash" {
+                let obj: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(json)?;
+                pipe.cmd("DEL").arg(key).ignore();
+                if !obj.is_empty() {
+                    let mut cmd = redis::cmd("HSET");
+                    cmd.arg(key);
+                    for (f, v) in &obj {
+                        cmd.arg(f);
+                        match v {
+                            serde_json::Value::String(s) => cmd.arg(s),
+                            other => cmd.arg(other.to_string()),
+                        };
+                    }
+                    pipe.add_command(cmd).ignore();
+                }
+                if let Some(ttl) = self.cfg.ttl {
+                    pipe.cmd("PEXPIRE").arg(key).arg(ttl.as_millis() as u64).ignore();
+                }
+            } else {
+                let mut cmd = redis::cmd("SET");
+                cmd.arg(key).arg(json.as_ref());
+                if let Some(ttl) = self.cfg.ttl {
+                    cmd.arg("PX").arg(ttl.as_millis() as u64);
+                }
+                pipe.add_command(cmd).ignore();
+            }
+            if let Some(g) = &self.cfg.geo {
+                let (lat, lng, m) = (&cols[1], &cols[2], &cols[3]);
+                if lat.is_valid(row) && lng.is_valid(row) && m.is_valid(row) {
+                    let (Ok(la), Ok(ln)) = (lat.value(row).parse::<f64>(), lng.value(row).parse::<f64>()) else {
+                        anyhow::bail!("geo position of {} is not numeric", m.value(row));
+                    };
+                    pipe.cmd("GEOADD").arg(&g.key).arg(ln).arg(la).arg(m.value(row)).ignore();
+                }
+            }
+        }
+        Ok(rows.len())
+    }
+}
+
+impl ExternalSink for RedisSink {
+    fn write<'a>(&'a self, batches: &'a [RecordBatch]) -> BoxFuture<'a, anyhow::Result<usize>> {
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            let mut n = 0;
+            for b in batches {
+                n += self.commands(b, &mut pipe)?;
+            }
+            let mut guard = self.conn.lock().await;
+            if guard.is_none() {
+                *guard = Some(self.client.get_multiplexed_async_connection().await?);
+            }
+            let conn = guard.as_mut().expect("connected above");
+            if let Err(e) = pipe.query_async::<()>(conn).await {
+                // Reconnect on the next write (the flush is retried from its checkpoint).
+                *guard = None;
+                return Err(anyhow::anyhow!("redis {}: {e}", self.cfg.url));
+            }
+            Ok(n)
+        })
+    }
+}

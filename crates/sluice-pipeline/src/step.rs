@@ -44,6 +44,24 @@ pub struct Failure {
     pub error: String,
 }
 
+/// `batch` with a NULL column for each of `fields` it lacks: records without a field read
+/// NULL there, as in SQL (a field nobody has sent yet is not an error).
+pub fn with_null_fields(batch: RecordBatch, fields: &[String]) -> RecordBatch {
+    let schema = batch.schema();
+    let missing: Vec<&String> = fields.iter().filter(|f| schema.field_with_name(f).is_err()).collect();
+    if missing.is_empty() {
+        return batch;
+    }
+    let mut all: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
+    for m in missing {
+        all.push(Field::new(m.as_str(), DataType::Null, true));
+        cols.push(new_null_array(&DataType::Null, batch.num_rows()));
+    }
+    let schema = Arc::new(Schema::new_with_metadata(all, schema.metadata().clone()));
+    RecordBatch::try_new(schema, cols).unwrap_or(batch)
+}
+
 /// Columns every step passes through untouched: the log position and the date partition.
 pub fn is_system_column(name: &str, date_column: &str) -> bool {
     name.starts_with('_') || name == date_column
@@ -230,19 +248,7 @@ impl Step {
     /// Adds a NULL column for every field the step reads that the batch lacks: records
     /// without a field read NULL there, as in SQL (a field nobody has sent yet is not an error).
     fn with_missing_fields(&self, batch: RecordBatch) -> RecordBatch {
-        let schema = batch.schema();
-        let missing: Vec<&String> = self.reads.iter().filter(|f| schema.field_with_name(f).is_err()).collect();
-        if missing.is_empty() {
-            return batch;
-        }
-        let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
-        let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
-        for m in missing {
-            fields.push(Field::new(m.as_str(), DataType::Null, true));
-            cols.push(new_null_array(&DataType::Null, batch.num_rows()));
-        }
-        let schema = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
-        RecordBatch::try_new(schema, cols).unwrap_or(batch)
+        with_null_fields(batch, &self.reads)
     }
 
     fn compiled(&mut self, schema: SchemaRef) -> Result<&Compiled, String> {

@@ -328,13 +328,15 @@ fn dedup_keeps_first_sightings_across_restarts_and_reruns() {
 #[test]
 fn dedup_window_expires_keys() {
     use sluice_core::pipeline::DedupConfig;
-    let cfg = StepConfig::Dedup(DedupConfig { key: "lower(id)".into(), window: std::time::Duration::from_millis(50), max_keys: 1000 });
+    // A window long enough that the first two applies always fall inside it, even on a slow
+    // machine; the sleep is longer than the window, so the last apply is always outside it.
+    let cfg = StepConfig::Dedup(DedupConfig { key: "lower(id)".into(), window: std::time::Duration::from_millis(800), max_keys: 1000 });
     let mut s = Step::new(0, &cfg, &[], "event_date");
     let b = batch(&[r#"{"id":"A"}"#, r#"{"id":"a"}"#]);
     assert_eq!(offsets(&rows(s.apply(b).0)), vec![0]);
     let b2 = batch(&[r#"{"id":"x"}"#, r#"{"id":"a"}"#]);
     assert_eq!(offsets(&rows(s.apply(b2.clone()).0)), vec![0]);
-    std::thread::sleep(std::time::Duration::from_millis(60));
+    std::thread::sleep(std::time::Duration::from_millis(900));
     // Past the window "a" is new again.
     assert_eq!(offsets(&rows(s.apply(b2).0)), vec![0, 1]);
 }
@@ -365,7 +367,10 @@ fn validate_checks_a_declared_schema_and_names_path_rule_and_value() {
     // `id` is a string in these records, so "type integer" fails every record that has one.
     let errors: Vec<(usize, String)> = failures.iter().map(|f| (f.row, f.error.clone())).collect();
     assert_eq!(errors[0], (0, "id: must be integer, the records have Utf8 (got a1)".to_string()), "{errors:?}");
-    assert!(rows(out).num_rows() == 0 || errors.len() == 8);
+    // Row 1 has no id (required); every other row has a string id.
+    assert_eq!(errors[1], (1, "id: is required".to_string()), "{errors:?}");
+    assert_eq!(errors.len(), 8, "{errors:?}");
+    assert_eq!(rows(out).num_rows(), 0);
 
     fields.insert("id".into(), FieldRule { kind: Some("string".into()), min_length: Some(2), ..Default::default() });
     let cfg = StepConfig::Validate(ValidateConfig { required: vec!["id".into(), "amount".into()], fields });

@@ -8,9 +8,7 @@
 //! key is NULL fails the flush (filter such records out before the sink): nothing is dropped
 //! silently.
 
-use deltalake::arrow::array::{new_null_array, Array, AsArray, RecordBatch};
-use deltalake::arrow::datatypes::{Field, Schema};
-use std::sync::Arc;
+use deltalake::arrow::array::{Array, AsArray, RecordBatch};
 use deltalake::arrow::compute::cast;
 use deltalake::arrow::datatypes::DataType;
 use futures::future::BoxFuture;
@@ -29,28 +27,13 @@ pub struct RedisSink {
 /// Evaluates SQL expressions on a batch as text columns (NULL stays NULL; a field no record
 /// of the batch has reads NULL, as in the steps).
 fn texts(fields: &[(String, String)], b: &RecordBatch) -> anyhow::Result<Vec<deltalake::arrow::array::StringArray>> {
-    let schema = b.schema();
-    let mut missing: Vec<String> = Vec::new();
+    let mut reads: Vec<String> = Vec::new();
     for (_, sql) in fields {
         if let Ok(e) = sluice_pipeline::check::parse_expr(sql) {
-            for f in sluice_pipeline::check::referenced_fields(&e) {
-                if schema.field_with_name(&f).is_err() && !missing.contains(&f) {
-                    missing.push(f);
-                }
-            }
+            reads.extend(sluice_pipeline::check::referenced_fields(&e));
         }
     }
-    let b = if missing.is_empty() {
-        b.clone()
-    } else {
-        let mut fs: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
-        let mut cols = b.columns().to_vec();
-        for m in &missing {
-            fs.push(Field::new(m, DataType::Null, true));
-            cols.push(new_null_array(&DataType::Null, b.num_rows()));
-        }
-        RecordBatch::try_new(Arc::new(Schema::new(fs)), cols)?
-    };
+    let b = sluice_pipeline::step::with_null_fields(b.clone(), &reads);
     let map = Map::compile(fields, &b.schema())?;
     let out = map.apply(&b)?;
     out.columns()

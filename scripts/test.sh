@@ -25,6 +25,15 @@ if ! need redis-server; then
   as_root apt-get update -qq
   as_root apt-get install -y -qq redis-server >/dev/null
 fi
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  echo "installing the PostgreSQL server with apt-get (the tests create their own clusters)..." >&2
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq postgresql >/dev/null
+fi
+# As root, initdb runs as the postgres user (it refuses root); runuser comes with util-linux.
+if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
+  useradd --system --no-create-home postgres
+fi
 # Readers we did not write, used by the interoperability tests.
 if ! python3 -c "import deltalake, pyarrow, duckdb" 2>/dev/null; then
   echo "installing python deltalake, pyarrow, duckdb with pip..." >&2

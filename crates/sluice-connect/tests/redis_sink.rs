@@ -6,38 +6,11 @@ use sluice_connect::redis_sink::RedisSink;
 use sluice_core::pipeline::{GeoConfig, RedisSinkConfig};
 use sluice_lake::convert::{convert, ConvertOptions, InputRecord};
 use sluice_pipeline::ExternalSink;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-struct RedisServer {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn redis_server() -> RedisServer {
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir"])
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server must be installed (scripts/test.sh installs it)");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    RedisServer { child, port, _dir: dir }
-}
+#[path = "support/servers.rs"]
+mod servers;
+use servers::RedisServer;
+use std::time::Duration;
 
 fn batch(lines: &[&str], first_offset: u64) -> RecordBatch {
     let inputs: Vec<InputRecord> = lines
@@ -51,7 +24,7 @@ fn batch(lines: &[&str], first_offset: u64) -> RecordBatch {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latest_value_per_key_and_positions_survive_reruns() {
-    let server = redis_server().await;
+    let server = RedisServer::start();
     let url = format!("redis://127.0.0.1:{}/0", server.port);
     let cfg = RedisSinkConfig {
         url: url.clone(),
@@ -95,7 +68,7 @@ async fn latest_value_per_key_and_positions_survive_reruns() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hash_values_ttl_and_null_keys() {
-    let server = redis_server().await;
+    let server = RedisServer::start();
     let url = format!("redis://127.0.0.1:{}/0", server.port);
     let cfg = RedisSinkConfig {
         url: url.clone(),
@@ -123,7 +96,7 @@ async fn hash_values_ttl_and_null_keys() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_is_down_is_an_error_then_reconnects() {
-    let server = redis_server().await;
+    let server = RedisServer::start();
     let port = server.port;
     let cfg = RedisSinkConfig { url: format!("redis://127.0.0.1:{port}/0"), key: "id".into(), value: "json".into(), ttl: None, geo: None };
     let sink = RedisSink::new(&cfg, "event_date").unwrap();

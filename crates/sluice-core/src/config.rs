@@ -432,7 +432,7 @@ impl Config {
 
     /// Is this stream the source of a pipeline (and so not landed in its own table)?
     pub fn is_pipeline_source(&self, stream: &str) -> bool {
-        self.pipelines.values().any(|p| p.from.iter().any(|f| f == stream))
+        self.pipelines.iter().any(|(name, p)| p.from.iter().any(|f| f == stream) || stream == crate::replay_stream(name))
     }
 
     /// The pipeline that writes lake table `table`, if any.
@@ -476,6 +476,11 @@ impl TokenConfig {
     /// May this token write to `stream`?
     pub fn can_write(&self, stream: &str) -> bool {
         Self::allows(&self.write, stream)
+    }
+
+    /// May this token write every stream (write scope `*`): what administration needs?
+    pub fn can_write_all(&self) -> bool {
+        self.write.iter().any(|p| p == "*")
     }
 
     /// May this token read every table (read scope `*`)?

@@ -14,7 +14,16 @@ pub use config::{Config, ConfigError, StreamConfig, TokenConfig};
 /// Suffix of the dead-letter table of a stream or pipeline.
 pub const DLQ_SUFFIX: &str = "__dlq";
 
-/// Checks a stream name: `^[a-z0-9_][a-z0-9_-]{0,99}$` and not ending in `__dlq`.
+/// Suffix of the stream through which `sluice replay` feeds records back into a pipeline
+/// (dead letters, rows of a lake table). Every pipeline reads its own as an extra source.
+pub const REPLAY_SUFFIX: &str = "__replay";
+
+/// The replay stream of pipeline `pipeline`.
+pub fn replay_stream(pipeline: &str) -> String {
+    format!("{pipeline}{REPLAY_SUFFIX}")
+}
+
+/// Checks a stream name: `^[a-z0-9_][a-z0-9_-]{0,99}$` and not ending in `__dlq` or `__replay`.
 ///
 /// Names are lower case so they can be used unquoted in SQL.
 pub fn validate_stream_name(name: &str) -> Result<(), String> {
@@ -31,6 +40,9 @@ pub fn validate_stream_name(name: &str) -> Result<(), String> {
     }
     if name.ends_with(DLQ_SUFFIX) {
         return Err(format!("invalid stream name {name:?}: the suffix {DLQ_SUFFIX} is reserved for dead letters"));
+    }
+    if name.ends_with(REPLAY_SUFFIX) {
+        return Err(format!("invalid stream name {name:?}: the suffix {REPLAY_SUFFIX} is reserved for replays"));
     }
     Ok(())
 }

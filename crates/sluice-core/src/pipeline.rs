@@ -58,6 +58,8 @@ pub enum StepConfig {
     /// Send each record to every route whose `when` is true (a route without `when` takes
     /// every record). Records no route takes are counted as filtered.
     Route(Vec<RouteConfig>),
+    /// Join each record to a row of a lake table, a PostgreSQL table or Redis.
+    Lookup(Box<LookupConfig>),
 }
 
 /// A `validate` step: a declared schema. Rules other than `required` apply to values that
@@ -233,8 +235,83 @@ impl StepConfig {
             StepConfig::Dedup(_) => "dedup",
             StepConfig::Validate(_) => "validate",
             StepConfig::Route(_) => "route",
+            StepConfig::Lookup(_) => "lookup",
         }
     }
+}
+
+/// A `lookup` step: joins each record to the row whose `column` equals the record's `key`,
+/// in a lake table, a PostgreSQL table or Redis; the row goes under field `into` (a struct,
+/// NULL when there is none). Rows are cached and fetched again after `refresh`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LookupConfig {
+    /// SQL expression over the record: the value to look up (compared as text).
+    pub key: String,
+    /// Field the matched row goes under.
+    pub into: String,
+    /// Where the rows are.
+    pub from: LookupFrom,
+    /// How long a looked-up row (or a lake table snapshot) is used before it is read again.
+    #[serde(default = "default_refresh", deserialize_with = "crate::config::de_dur")]
+    pub refresh: std::time::Duration,
+    /// Most rows cached by the step.
+    #[serde(default = "default_cache_entries")]
+    pub max_entries: usize,
+    /// A record whose key has no row: `null` (goes on with NULL under `into`, the default)
+    /// or `dead_letter`.
+    #[serde(default)]
+    pub on_missing: OnMissing,
+}
+
+fn default_refresh() -> std::time::Duration {
+    std::time::Duration::from_secs(60)
+}
+
+/// What a `lookup` does with a record whose key has no row.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnMissing {
+    #[default]
+    Null,
+    DeadLetter,
+}
+
+/// The source of a `lookup`. Written as a one-key map: `{ lake: { ... } }`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LookupFrom {
+    /// A lake table, read whole and kept in memory (small dimension tables).
+    Lake(LakeLookup),
+    /// A PostgreSQL table, queried for the keys a batch needs.
+    Postgres(PostgresLookup),
+    /// Redis: `GET <prefix><key>`, a JSON object.
+    Redis(RedisLookup),
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LakeLookup {
+    pub table: String,
+    /// The column matched against the key.
+    pub column: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresLookup {
+    pub url: String,
+    /// `name` or `schema.name`.
+    pub table: String,
+    pub column: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RedisLookup {
+    pub url: String,
+    /// Prepended to the key, e.g. `account:`.
+    #[serde(default)]
+    pub prefix: String,
 }
 
 /// One route of a `route` step.
@@ -259,6 +336,33 @@ pub enum SinkConfig {
     Webhook(WebhookSinkConfig),
     /// Redis: the latest record per key (JSON string or hash), optionally positions (GEOADD).
     Redis(RedisSinkConfig),
+    /// A PostgreSQL table: upsert by key, delete on tombstones.
+    Postgres(PostgresSinkConfig),
+}
+
+/// Options of a PostgreSQL sink.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSinkConfig {
+    /// `postgres://user[:password]@host:port/database` (or `host=... port=... user=...`).
+    pub url: String,
+    /// The table, optionally `schema.table`.
+    pub table: String,
+    /// Top-level fields forming the primary key (one name or a list).
+    #[serde(deserialize_with = "one_or_many")]
+    pub key: Vec<String>,
+    /// SQL boolean: a record matching it deletes its key's row (e.g. `op = 'delete'`).
+    /// A record with no field besides its key is a tombstone and deletes too.
+    #[serde(default)]
+    pub delete_when: Option<String>,
+    /// Create the table from the first records, and add a column when a new field appears
+    /// (default true). Off: the table must exist; fields it lacks are not written.
+    #[serde(default = "default_true")]
+    pub create: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Options of a Redis sink.
@@ -395,12 +499,19 @@ one_key_enum!(StepConfig, "step",
     "dedup" => Dedup(DedupConfig),
     "validate" => Validate(ValidateConfig),
     "route" => Route(Vec<RouteConfig>),
+    "lookup" => Lookup(Box<LookupConfig>),
+);
+one_key_enum!(LookupFrom, "lookup source",
+    "lake" => Lake(LakeLookup),
+    "postgres" => Postgres(PostgresLookup),
+    "redis" => Redis(RedisLookup),
 );
 one_key_enum!(SinkConfig, "sink",
     "lake" => Lake(LakeSinkConfig),
     "stream" => Stream(StreamSinkConfig),
     "webhook" => Webhook(WebhookSinkConfig),
     "redis" => Redis(RedisSinkConfig),
+    "postgres" => Postgres(PostgresSinkConfig),
 );
 
 /// Output fields in the order written: `name: SQL expression`.
@@ -564,6 +675,40 @@ pub(crate) fn validate(
                         return Err((k, "window and max_keys must be more than 0".into()));
                     }
                 }
+                StepConfig::Lookup(l) => {
+                    let k = |sub: &str| {
+                        let mut k = key.clone();
+                        k.extend(["lookup".to_string(), sub.to_string()]);
+                        k
+                    };
+                    if l.into.is_empty() || l.key.trim().is_empty() {
+                        return Err((key.clone(), "lookup: key and into are required".into()));
+                    }
+                    if l.refresh.is_zero() || l.max_entries == 0 {
+                        return Err((k("refresh"), "refresh and max_entries must be more than 0".into()));
+                    }
+                    let ident = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                    match &l.from {
+                        LookupFrom::Lake(t) => {
+                            if !ident(&t.table) || !ident(&t.column) {
+                                return Err((k("from"), "lake: table and column of letters, digits and _".into()));
+                            }
+                        }
+                        LookupFrom::Postgres(pg) => {
+                            if !(pg.url.starts_with("postgres://") || pg.url.starts_with("postgresql://") || pg.url.contains('=')) {
+                                return Err((k("from"), "postgres: url must be postgres://user@host:port/database".into()));
+                            }
+                            if !pg.table.split('.').all(ident) || pg.table.split('.').count() > 2 || !ident(&pg.column) {
+                                return Err((k("from"), "postgres: table (name or schema.name) and column of letters, digits and _".into()));
+                            }
+                        }
+                        LookupFrom::Redis(r) => {
+                            if !r.url.starts_with("redis://") {
+                                return Err((k("from"), "redis: url must start with redis://".into()));
+                            }
+                        }
+                    }
+                }
                 StepConfig::Enrich(e) => {
                     let k = |sub: &str| {
                         let mut k = key.clone();
@@ -639,6 +784,18 @@ pub(crate) fn validate(
                     }
                     if r.key.trim().is_empty() {
                         return Err((key, "key: the expression is empty".into()));
+                    }
+                }
+                SinkConfig::Postgres(pg) => {
+                    if !(pg.url.starts_with("postgres://") || pg.url.starts_with("postgresql://") || pg.url.contains('=')) {
+                        return Err((key, "url must be postgres://user@host:port/database or host=... key=value pairs".into()));
+                    }
+                    let ident = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !s.starts_with(|c: char| c.is_ascii_digit());
+                    if pg.table.split('.').count() > 2 || !pg.table.split('.').all(ident) {
+                        return Err((key, format!("table {:?}: use name or schema.name of letters, digits and _", pg.table)));
+                    }
+                    if pg.key.is_empty() || !pg.key.iter().all(|k| ident(k)) {
+                        return Err((key, "key: one or more top-level field names of letters, digits and _".into()));
                     }
                 }
                 SinkConfig::Webhook(w) => {

@@ -491,6 +491,16 @@ impl LakeTable {
         self.finish_commit(result, before, txns).await
     }
 
+    /// Every row of the table at its current version (for small tables: lookups).
+    pub async fn read_all(&self) -> Result<Vec<RecordBatch>, LakeError> {
+        let name = self.name.clone();
+        let ctx = SessionContext::new();
+        self.table.update_datafusion_session(&ctx.state()).map_err(LakeError::delta(&name))?;
+        let provider = self.table.table_provider().await.map_err(|e| LakeError::delta(&name)(e.into()))?;
+        let df = ctx.read_table(provider).map_err(|e| LakeError::delta(&name)(e.into()))?;
+        df.collect().await.map_err(|e| LakeError::delta(&name)(e.into()))
+    }
+
     /// Reloads the latest version from storage.
     pub async fn refresh(&mut self) -> Result<(), LakeError> {
         let before = self.version();

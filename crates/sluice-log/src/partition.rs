@@ -496,6 +496,36 @@ impl Partition {
         Ok(())
     }
 
+    /// The first retained offset whose record's timestamp is at or after `ts_ms` (the high
+    /// watermark when there is none). Timestamps are ingestion times, so they only grow.
+    pub fn offset_for_timestamp(&self, ts_ms: i64) -> Result<u64, LogError> {
+        let start = self.log_start_offset();
+        let Some(seg) = self.segments().into_iter().find(|s| s.max_timestamp_ms >= ts_ms && s.next_offset > start) else {
+            return Ok(self.high_watermark());
+        };
+        let mut next = seg.base_offset.max(start);
+        loop {
+            let recs = self.read(next, 1 << 20)?;
+            let Some(last) = recs.last().map(|r| r.offset) else { return Ok(self.high_watermark()) };
+            if let Some(r) = recs.iter().find(|r| r.offset >= next && r.timestamp_ms >= ts_ms) {
+                return Ok(r.offset);
+            }
+            next = last + 1;
+        }
+    }
+
+    /// Forgets `consumer` (a removed pipeline), so it no longer holds back retention.
+    pub fn remove_consumer(&self, consumer: &str) -> Result<(), LogError> {
+        let mut map = self.consumers.lock();
+        if valid_consumer_name(consumer) {
+            let dir = self.dir.join("consumers");
+            remove_if_exists(&dir.join(format!("{consumer}.offset")))?;
+            fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| io_err("sync consumers directory", &dir, e))?;
+        }
+        map.remove(consumer);
+        Ok(())
+    }
+
     /// The offset `consumer` last committed, if any.
     pub fn committed_offset(&self, consumer: &str) -> Option<u64> {
         self.consumers.lock().get(consumer).copied().flatten()

@@ -46,15 +46,20 @@ pub fn referenced_fields(expr: &Expr) -> Vec<String> {
 pub fn check_config(cfg: &Config) -> Result<(), ConfigError> {
     for (name, p) in &cfg.pipelines {
         for (sink, s) in &p.to {
-            if let sluice_core::pipeline::SinkConfig::Redis(r) = s {
-                let mut exprs = vec![("key", &r.key)];
-                if let Some(g) = &r.geo {
-                    exprs.extend([("geo.lat", &g.lat), ("geo.lng", &g.lng), ("geo.member", &g.member)]);
+            let mut exprs = Vec::new();
+            match s {
+                sluice_core::pipeline::SinkConfig::Redis(r) => {
+                    exprs.push(("redis key", &r.key));
+                    if let Some(g) = &r.geo {
+                        exprs.extend([("redis geo.lat", &g.lat), ("redis geo.lng", &g.lng), ("redis geo.member", &g.member)]);
+                    }
                 }
-                for (what, sql) in exprs {
-                    let key = vec!["pipelines".to_string(), name.clone(), "to".into(), sink.clone()];
-                    parse_expr(sql).map_err(|e| cfg.error_at(&key, format!("redis {what} `{sql}`: {e}")))?;
-                }
+                sluice_core::pipeline::SinkConfig::Postgres(pg) => exprs.extend(pg.delete_when.iter().map(|w| ("postgres delete_when", w))),
+                _ => {}
+            }
+            for (what, sql) in exprs {
+                let key = vec!["pipelines".to_string(), name.clone(), "to".into(), sink.clone()];
+                parse_expr(sql).map_err(|e| cfg.error_at(&key, format!("{what} `{sql}`: {e}")))?;
             }
         }
         for (i, step) in p.steps.iter().enumerate() {
@@ -90,6 +95,9 @@ pub fn check_config(cfg: &Config) -> Result<(), ConfigError> {
                 }
                 StepConfig::Dedup(d) => {
                     parse_expr(&d.key).map_err(|e| bad(&["dedup", "key"], &d.key, e))?;
+                }
+                StepConfig::Lookup(l) => {
+                    parse_expr(&l.key).map_err(|e| bad(&["lookup", "key"], &l.key, e))?;
                 }
                 // Compiled per schema when data arrives; the config checks covered its names.
                 StepConfig::Validate(_) | StepConfig::Drop(_) => {}

@@ -357,7 +357,7 @@ fn eval_err(message: String) -> StepError {
 
 /// The answers as one struct column of `rows` rows (NULL where there is none), or a NULL
 /// column when no answer had any field.
-fn struct_column(c: &convert::Converted, rows: usize) -> Result<ArrayRef, StepError> {
+pub(crate) fn struct_column(c: &convert::Converted, rows: usize) -> Result<ArrayRef, StepError> {
     let data: Vec<usize> = c
         .schema
         .fields()
@@ -393,7 +393,7 @@ fn struct_column(c: &convert::Converted, rows: usize) -> Result<ArrayRef, StepEr
 
 /// `batch` with `column` as field `name`: replacing a field of that name, else before the
 /// system columns.
-fn with_column(batch: &RecordBatch, name: &str, column: ArrayRef) -> Result<RecordBatch, StepError> {
+pub(crate) fn with_column(batch: &RecordBatch, name: &str, column: ArrayRef) -> Result<RecordBatch, StepError> {
     let schema = batch.schema();
     let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
     let mut cols: Vec<ArrayRef> = batch.columns().to_vec();

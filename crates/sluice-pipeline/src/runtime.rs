@@ -88,6 +88,8 @@ pub struct PipelineSpec {
     pub outputs: HashMap<String, Arc<Stream>>,
     /// External sinks (webhook, ...), by sink name.
     pub externals: HashMap<String, Arc<dyn ExternalSink>>,
+    /// Per `lookup` step (index into `cfg.steps`), where it finds rows.
+    pub lookups: HashMap<usize, Arc<dyn crate::LookupSource>>,
     pub lake_root: String,
     /// Where the pipeline keeps its state (the inferred source schemas).
     pub state_dir: PathBuf,
@@ -110,6 +112,59 @@ pub struct PipelineStatus {
     /// Unix milliseconds of the last checkpoint (0: none yet).
     pub last_checkpoint_ms: AtomicI64,
     pub last_error: parking_lot::Mutex<Option<String>>,
+    /// Live views for `sluice tap`.
+    pub taps: Taps,
+}
+
+/// Where a tap looks: the records as read from the sources (before any step) or the output
+/// of step `i`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TapPoint {
+    Input,
+    Step(usize),
+}
+
+/// Live views of what passes a point of the pipeline (`sluice tap`). Best effort: records are
+/// offered to each subscriber's bounded channel and dropped when it is full, so a slow or
+/// stuck viewer never slows the pipeline. Costs nothing while nobody watches.
+#[derive(Debug, Default)]
+pub struct Taps {
+    active: std::sync::atomic::AtomicBool,
+    subscribers: parking_lot::Mutex<Vec<(TapPoint, tokio::sync::mpsc::Sender<bytes::Bytes>)>>,
+}
+
+impl Taps {
+    /// Records passing `at`, each a JSON line (system columns left out).
+    pub fn subscribe(&self, at: TapPoint, capacity: usize) -> tokio::sync::mpsc::Receiver<bytes::Bytes> {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
+        let mut subs = self.subscribers.lock();
+        subs.push((at, tx));
+        self.active.store(true, Ordering::Release);
+        rx
+    }
+
+    fn publish(&self, at: TapPoint, b: &RecordBatch, date_column: &str) {
+        if !self.active.load(Ordering::Acquire) || b.num_rows() == 0 {
+            return;
+        }
+        let mut subs = self.subscribers.lock();
+        subs.retain(|(_, tx)| !tx.is_closed());
+        self.active.store(!subs.is_empty(), Ordering::Release);
+        if !subs.iter().any(|(p, _)| *p == at) {
+            return;
+        }
+        let Ok(lines) = rows_to_json(b, date_column) else { return };
+        for (_, tx) in subs.iter().filter(|(p, _)| *p == at) {
+            for l in &lines {
+                let mut line = Vec::with_capacity(l.len() + 1);
+                line.extend_from_slice(l);
+                line.push(b'\n');
+                if tx.try_send(bytes::Bytes::from(line)).is_err() {
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// A record that failed: it goes to `<pipeline>__dlq` with the step and the error.
@@ -194,6 +249,7 @@ impl Pipeline {
             checkpoints: AtomicU64::new(0),
             last_checkpoint_ms: AtomicI64::new(0),
             last_error: parking_lot::Mutex::new(None),
+            taps: Taps::default(),
         });
         Pipeline { spec, sink_names, status, step_stats }
     }
@@ -209,12 +265,19 @@ impl Pipeline {
     /// Processes records until `shutdown` turns true; then everything durable at that
     /// moment, and returns. Like the lake sink, writing one flush overlaps with reading and
     /// processing the next; any error drops both and restarts from the checkpoint.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    ///
+    /// When `halt` turns true (a reload replaces or removes the pipeline), returns as soon
+    /// as the flush being written is checkpointed, without waiting for the log to drain; what
+    /// was read ahead is dropped and read again by whatever runs next from the checkpoint.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>, mut halt: watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(100);
         let mut state: Option<(Vec<Vec<u64>>, Writers)> = None;
         let mut prep: Option<Prep> = None;
         let mut pending: Option<Prepared> = None;
         loop {
+            if *halt.borrow() {
+                return;
+            }
             let stopping = *shutdown.borrow();
             if state.is_none() {
                 match self.init().await {
@@ -228,7 +291,7 @@ impl Pipeline {
                         if stopping {
                             return;
                         }
-                        tokio::time::sleep(backoff).await;
+                        pause(backoff, &mut halt).await;
                         backoff = (backoff * 2).min(Duration::from_secs(10));
                         continue;
                     }
@@ -236,7 +299,10 @@ impl Pipeline {
             }
             let Some((next, writers)) = state.as_mut() else { continue };
             let result: anyhow::Result<bool> = match pending.take() {
-                None => match self.read_and_prepare(next, &mut prep, &mut shutdown).await {
+                None => match tokio::select! {
+                    r = self.read_and_prepare(next, &mut prep, &mut shutdown) => r,
+                    Ok(_) = halt.wait_for(|h| *h) => return,
+                } {
                     Ok(Some(p)) => {
                         pending = Some(p);
                         Ok(true)
@@ -245,18 +311,22 @@ impl Pipeline {
                     Err(e) => Err(e),
                 },
                 Some(p) => {
-                    let (committed, ahead) = sluice_log::commit_while_reading(
-                        self.commit(writers, p),
-                        self.read_and_prepare(next, &mut prep, &mut shutdown),
-                    )
-                    .await;
+                    // Reading ahead gives up when halted (the commit always finishes).
+                    let ahead = async {
+                        tokio::select! {
+                            r = self.read_and_prepare(next, &mut prep, &mut shutdown) => Some(r),
+                            Ok(_) = halt.wait_for(|h| *h) => None,
+                        }
+                    };
+                    let (committed, ahead) = sluice_log::commit_while_reading(self.commit(writers, p), ahead).await;
                     match (committed, ahead) {
-                        (Ok(()), Some(Ok(p2))) => {
+                        (Ok(()), Some(Some(Ok(p2)))) => {
                             let more = p2.is_some();
                             pending = p2;
                             Ok(more || !stopping)
                         }
-                        (Err(e), _) | (_, Some(Err(e))) => Err(e),
+                        (Ok(()), Some(None)) => return,
+                        (Err(e), _) | (_, Some(Some(Err(e)))) => Err(e),
                         (Ok(()), None) => Err(anyhow::anyhow!("reading ahead stopped")),
                     }
                 }
@@ -274,7 +344,7 @@ impl Pipeline {
                     if stopping && backoff > Duration::from_secs(5) {
                         return;
                     }
-                    tokio::time::sleep(backoff).await;
+                    pause(backoff, &mut halt).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
@@ -379,6 +449,7 @@ impl Pipeline {
         let mut p = prep.take().ok_or_else(|| anyhow::anyhow!("pipeline state lost after an earlier error"))?;
         let ctx = PrepareCtx {
             pipeline: self.spec.name.clone(),
+            status: self.status.clone(),
             sources: self.spec.sources.iter().map(|s| s.name().to_string()).collect(),
             schema_paths: self.spec.sources.iter().map(|s| self.schema_path(s.name())).collect(),
             sinks: self
@@ -555,6 +626,14 @@ impl Pipeline {
     }
 }
 
+/// Sleeps, or less if `halt` turns true.
+async fn pause(d: Duration, halt: &mut watch::Receiver<bool>) {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        Ok(_) = halt.wait_for(|h| *h) => {}
+    }
+}
+
 /// Crash tests set `SLUICE_FAULT_CRASH_PIPELINE` to a probability: the process aborts at that
 /// rate after each sink write and before the checkpoint — the moments where a crash must
 /// neither lose nor duplicate records, and which a kill from outside rarely hits.
@@ -575,6 +654,9 @@ fn new_steps(spec: &PipelineSpec, sink_names: &[String]) -> Vec<Step> {
         .map(|(i, s)| {
             let mut step = Step::new(i, s, sink_names, &spec.date_column);
             step.set_state_dir(&spec.state_dir);
+            if let Some(source) = spec.lookups.get(&i) {
+                step.set_lookup_source(source.clone());
+            }
             step
         })
         .collect()
@@ -601,6 +683,7 @@ enum SinkKind {
 
 struct PrepareCtx {
     pipeline: String,
+    status: Arc<PipelineStatus>,
     sources: Vec<String>,
     schema_paths: Vec<PathBuf>,
     sinks: Vec<SinkKind>,
@@ -650,9 +733,10 @@ fn prepare(ctx: &PrepareCtx, prep: &mut Prep, records: &[Collected]) -> anyhow::
         }
         let mut lookup: Option<HashMap<(u32, u64), usize>> = None;
         for batch in converted.batches {
+            ctx.status.taps.publish(TapPoint::Input, &batch, &ctx.date_column);
             let mut current = Some(batch);
             let mut routed: Option<Vec<(usize, RecordBatch)>> = None;
-            for step in prep.steps.iter_mut() {
+            for (si, step) in prep.steps.iter_mut().enumerate() {
                 let Some(b) = current.take() else { break };
                 step.set_source(s as u32);
                 let input_positions = positions(&b)?;
@@ -681,8 +765,16 @@ fn prepare(ctx: &PrepareCtx, prep: &mut Prep, records: &[Collected]) -> anyhow::
                     });
                 }
                 match out {
-                    Some(Output::Rows(b)) => current = Some(b),
-                    Some(Output::Routed(r)) => routed = Some(r),
+                    Some(Output::Rows(b)) => {
+                        ctx.status.taps.publish(TapPoint::Step(si), &b, &ctx.date_column);
+                        current = Some(b);
+                    }
+                    Some(Output::Routed(r)) => {
+                        for (_, b) in &r {
+                            ctx.status.taps.publish(TapPoint::Step(si), b, &ctx.date_column);
+                        }
+                        routed = Some(r);
+                    }
                     None => {}
                 }
             }
@@ -766,25 +858,36 @@ fn with_partition_columns(b: &RecordBatch, partition_by: &[String]) -> RecordBat
     RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap_or_else(|_| b.clone())
 }
 
-/// A table column that is Int64 but now receives Float64 is widened (the table rewritten),
-/// as the plain lake sink does.
+/// A table column that is an integer but now receives a wider integer or a double is widened
+/// (the table rewritten), as the plain lake sink does for Int64 -> Float64.
 async fn widen_if_needed(table: &mut LakeTable, batches: &[(usize, RecordBatch)]) -> anyhow::Result<()> {
     let current = table.arrow_schema();
     let mut widened: Option<Vec<Field>> = None;
+    // Integers widen to wider integers (a changed step may compute Int64 where it computed
+    // Int32) and to doubles.
+    let rank = |t: &DataType| match t {
+        DataType::Int8 => Some(1),
+        DataType::Int16 => Some(2),
+        DataType::Int32 => Some(3),
+        DataType::Int64 => Some(4),
+        DataType::Float64 => Some(5),
+        _ => None,
+    };
     for (_, b) in batches {
         for f in b.schema().fields() {
-            if f.data_type() == &DataType::Float64 {
-                if let Ok(i) = current.index_of(f.name()) {
-                    if current.field(i).data_type() == &DataType::Int64 {
-                        let fields = widened.get_or_insert_with(|| current.fields().iter().map(|f| f.as_ref().clone()).collect());
-                        fields[i] = fields[i].clone().with_data_type(DataType::Float64);
-                    }
-                }
+            let Some(new_rank) = rank(f.data_type()) else { continue };
+            let Ok(i) = current.index_of(f.name()) else { continue };
+            let fields = widened.get_or_insert_with(|| current.fields().iter().map(|f| f.as_ref().clone()).collect());
+            if rank(fields[i].data_type()).is_some_and(|r| r < new_rank) {
+                fields[i] = fields[i].clone().with_data_type(f.data_type().clone());
             }
         }
     }
+    if widened.as_ref().is_some_and(|w| w.iter().zip(current.fields()).all(|(a, b)| a.data_type() == b.data_type())) {
+        widened = None;
+    }
     if let Some(fields) = widened {
-        tracing::info!(table = table.name(), "widening columns to double: rewriting table");
+        tracing::info!(table = table.name(), "widening columns: rewriting table");
         let fields: Vec<Field> = fields
             .into_iter()
             .map(|f| match f.data_type() {

@@ -4,6 +4,7 @@
 use crate::check::{parse_expr, referenced_fields};
 use crate::dedup::Deduper;
 use crate::enrich::Enricher;
+use crate::lookup::{Lookup, LookupSource};
 use crate::validate::Validator;
 use crate::expr::{Filter, Map, StepError};
 use deltalake::arrow::array::{new_null_array, ArrayRef, RecordBatch};
@@ -76,6 +77,7 @@ enum Kind {
     Enrich(Box<Enricher>),
     Dedup(Box<Deduper>),
     Validate(Box<Validator>),
+    Lookup(Box<Lookup>),
 }
 
 enum Compiled {
@@ -88,6 +90,8 @@ enum Compiled {
     Dedup(Map),
     /// The validate step's predicates.
     Validate(Map, Vec<crate::validate::Check>),
+    /// The lookup step's key.
+    Lookup(Map),
 }
 
 /// One step of a running pipeline.
@@ -129,6 +133,10 @@ impl Step {
                 let en = Enricher::new(e);
                 sqls.extend(en.expressions().iter().cloned());
                 Kind::Enrich(Box::new(en))
+            }
+            StepConfig::Lookup(l) => {
+                sqls.push(l.key.clone());
+                Kind::Lookup(Box::new(Lookup::new(l)))
             }
             StepConfig::Route(routes) => {
                 sqls.extend(routes.iter().filter_map(|r| r.when.clone()));
@@ -173,6 +181,13 @@ impl Step {
         }
     }
 
+    /// Where a `lookup` step finds its rows.
+    pub fn set_lookup_source(&mut self, source: Arc<dyn LookupSource>) {
+        if let Kind::Lookup(l) = &mut self.kind {
+            l.set_source(source);
+        }
+    }
+
     /// The source stream (index in the pipeline's `from`) of the batches applied next.
     pub fn set_source(&mut self, stream: u32) {
         self.source = stream;
@@ -206,6 +221,18 @@ impl Step {
                     Ok((b, _dropped)) => (Some(Output::Rows(b)), Vec::new()),
                     Err(e) => {
                         self.fatal = Some(format!("step {}: {e}", self.label));
+                        (None, Vec::new())
+                    }
+                }
+            }
+            Ok(Compiled::Lookup(keys)) => {
+                let keys = keys.clone();
+                let Kind::Lookup(l) = &mut self.kind else { unreachable!("lookup step compiled as lookup") };
+                match l.apply(&keys, &batch, &stats) {
+                    Ok(Ok((b, failures))) => (Some(Output::Rows(b)), failures),
+                    Ok(Err(e)) => (None, (0..rows).map(|row| Failure { row, error: e.to_string() }).collect()),
+                    Err(fatal) => {
+                        self.fatal = Some(format!("step {}: {fatal}", self.label));
                         (None, Vec::new())
                     }
                 }
@@ -270,6 +297,7 @@ impl Step {
             Kind::Project(cfg) => Compiled::Project(Map::compile(&project_fields(cfg, schema, &self.date_column), schema)?),
             Kind::Enrich(en) => Compiled::Enrich(Map::compile(&en.placeholder_fields(), schema)?),
             Kind::Dedup(d) => Compiled::Dedup(Map::compile(&d.key_fields(), schema)?),
+            Kind::Lookup(l) => Compiled::Lookup(Map::compile(&l.key_fields(), schema)?),
             Kind::Validate(v) => {
                 let (map, checks) = v.compile(schema)?;
                 Compiled::Validate(map, checks)
@@ -289,7 +317,7 @@ impl Compiled {
         Ok(match self {
             Compiled::Filter(f) => Output::Rows(f.apply(batch)?),
             Compiled::Project(m) => Output::Rows(m.apply(batch)?),
-            Compiled::Enrich(_) | Compiled::Dedup(_) | Compiled::Validate(..) => return Err(StepError::Eval { step: "enrich", expr: String::new(), message: "enrich runs through its step".into() }),
+            Compiled::Enrich(_) | Compiled::Dedup(_) | Compiled::Validate(..) | Compiled::Lookup(_) => return Err(StepError::Eval { step: "enrich", expr: String::new(), message: "enrich runs through its step".into() }),
             Compiled::Route(routes) => {
                 let mut out = Vec::with_capacity(routes.len());
                 for (sink, when) in routes {

@@ -47,7 +47,8 @@ async fn handle(app: &App, stream: &str, headers: &HeaderMap, body: Bytes) -> Re
     }
     let encoding = Encoding::from_header(headers.get("content-encoding").and_then(|v| v.to_str().ok()))
         .map_err(|e| ingest_error(&e))?;
-    let limits = &app.cfg.limits;
+    let cfg = app.cfg();
+    let limits = &cfg.limits;
     if body.len() as u64 > limits.max_body_bytes {
         return Err(ingest_error(&IngestError::TooLarge { limit: limits.max_body_bytes, what: "in the request body" }));
     }
@@ -70,7 +71,8 @@ async fn handle(app: &App, stream: &str, headers: &HeaderMap, body: Bytes) -> Re
         std::borrow::Cow::Borrowed(_) => body.clone(),
         std::borrow::Cow::Owned(v) => Bytes::from(v),
     };
-    let settings = app.cfg.stream(stream);
+    let cfg = app.cfg();
+    let settings = cfg.stream(stream);
     let parsed = parse_events(&decoded, settings.key_field.as_deref(), settings.event_time_field.as_deref())
         .map_err(|e| ingest_error(&IngestError::BadRecord(e)))?;
     if parsed.is_empty() {

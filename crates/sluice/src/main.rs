@@ -5,6 +5,9 @@ mod auth;
 mod ingest;
 mod metrics_setup;
 mod query_cli;
+mod reload;
+mod replay;
+mod tap;
 mod send;
 mod server;
 
@@ -36,6 +39,14 @@ enum Cmd {
     Send(send::SendArgs),
     /// Run SQL over the lake tables.
     Query(query_cli::QueryArgs),
+    /// Make a running server re-read its config file (same as SIGHUP): pipelines added,
+    /// removed and changed with no lost or duplicated records.
+    Reload(reload::ReloadArgs),
+    /// Run records through a pipeline again: its dead letters (--dlq), a lake table
+    /// (--from-table) or a stream from an offset or time (--stream --from). Progress bar.
+    Replay(replay::ReplayArgs),
+    /// Print live records passing a step of a running pipeline (NDJSON).
+    Tap(tap::TapArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,14 +61,17 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Cmd::Up { config } => {
-            let cfg = match config {
-                Some(path) => load_config(&path),
+            let cfg = match &config {
+                Some(path) => load_config(path),
                 None => Ok(sluice_core::Config::default()),
             };
-            cfg.and_then(|cfg| runtime().block_on(server::run(cfg)))
+            cfg.and_then(|cfg| runtime().block_on(server::run(cfg, config)))
         }
         Cmd::Send(args) => runtime().block_on(send::run(args)),
         Cmd::Query(args) => runtime().block_on(query_cli::run(args)),
+        Cmd::Reload(args) => runtime().block_on(reload::run_cli(args)),
+        Cmd::Replay(args) => runtime().block_on(replay::run_cli(args)),
+        Cmd::Tap(args) => runtime().block_on(tap::run_cli(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,6 +8,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
+use sluice_core::pipeline::SinkConfig;
 use sluice_core::Config;
 use sluice_lake::sink::{LakeSink, SinkOptions, SinkStatus};
 use sluice_log::{FlushPolicy, Log, LogConfig, Stream, StreamOptions};
@@ -22,18 +23,37 @@ use tokio::task::JoinHandle;
 
 /// Everything a request handler needs.
 pub struct App {
-    pub cfg: Config,
+    /// The config in effect; `sluice reload` replaces it (see [`crate::reload`]).
+    cfg: parking_lot::RwLock<Arc<Config>>,
+    /// The file it was read from (None: started without one, nothing to reload).
+    pub config_path: Option<std::path::PathBuf>,
     pub auth: Auth,
     pub log: Arc<Log>,
     pub query: QueryEngine,
     pub inflight: Arc<Semaphore>,
     pub round_robin: AtomicU64,
     pub shutting_down: AtomicBool,
-    sinks: parking_lot::Mutex<HashMap<String, Arc<SinkStatus>>>,
-    pipelines: parking_lot::Mutex<Vec<Arc<PipelineStatus>>>,
-    sink_tasks: parking_lot::Mutex<Vec<JoinHandle<()>>>,
+    pub(crate) sinks: parking_lot::Mutex<HashMap<String, LakeTask>>,
+    pub(crate) pipelines: parking_lot::Mutex<Vec<RunningPipeline>>,
     stop_sinks: watch::Sender<bool>,
+    /// One reload at a time.
+    pub(crate) reloading: tokio::sync::Mutex<()>,
     metrics: PrometheusHandle,
+}
+
+/// A stream's lake sink task.
+pub(crate) struct LakeTask {
+    pub status: Arc<SinkStatus>,
+    pub task: JoinHandle<()>,
+}
+
+/// A pipeline task and what stops it.
+pub(crate) struct RunningPipeline {
+    pub name: String,
+    pub cfg: sluice_core::pipeline::PipelineConfig,
+    pub status: Arc<PipelineStatus>,
+    pub halt: watch::Sender<bool>,
+    pub task: JoinHandle<()>,
 }
 
 /// A JSON error body `{"error": "..."}` with an optional Retry-After (seconds).
@@ -46,6 +66,15 @@ pub fn error_response(status: StatusCode, message: &str, retry_after: Option<u64
 }
 
 impl App {
+    /// The config in effect.
+    pub fn cfg(&self) -> Arc<Config> {
+        self.cfg.read().clone()
+    }
+
+    pub(crate) fn set_cfg(&self, cfg: Config) {
+        *self.cfg.write() = Arc::new(cfg);
+    }
+
     pub fn denied(&self, d: Denied) -> Response {
         match d {
             Denied::Unauthenticated(m) => {
@@ -67,10 +96,11 @@ impl App {
         if let Some(s) = self.log.stream(name) {
             return Ok(s);
         }
-        if !self.cfg.auto_create_streams && !self.cfg.streams.contains_key(name) {
+        let cfg = self.cfg();
+        if !cfg.auto_create_streams && !cfg.streams.contains_key(name) {
             return Err(error_response(StatusCode::NOT_FOUND, &format!("unknown stream {name:?} (auto_create_streams is off)"), None));
         }
-        if let Some(p) = self.cfg.pipeline_of_table(name) {
+        if let Some(p) = cfg.pipeline_of_table(name) {
             return Err(error_response(
                 StatusCode::CONFLICT,
                 &format!("{name:?} is a table of pipeline {p:?}; a stream of that name would land in it (declare the stream or choose another name)"),
@@ -82,8 +112,9 @@ impl App {
         Ok(s)
     }
 
-    fn open_stream(&self, name: &str) -> anyhow::Result<Arc<Stream>> {
-        let sc = self.cfg.stream(name);
+    pub(crate) fn open_stream(&self, name: &str) -> anyhow::Result<Arc<Stream>> {
+        let cfg = self.cfg();
+        let sc = cfg.stream(name);
         let stream = self.log.create_stream(
             name,
             StreamOptions { partitions: sc.partitions, retention_bytes: sc.retention.bytes, retention_ms: sc.retention.time.map(|d| d.as_millis() as u64) },
@@ -92,79 +123,116 @@ impl App {
         Ok(stream)
     }
 
-    fn ensure_sink(&self, stream: &Arc<Stream>) {
-        // A pipeline's source lands where its pipelines send it.
-        if !self.cfg.lake.enabled || self.cfg.is_pipeline_source(stream.name()) {
+    pub(crate) fn ensure_sink(&self, stream: &Arc<Stream>) {
+        let cfg = self.cfg();
+        // A pipeline's source lands where its pipelines send it; a replay stream is only
+        // ever a pipeline's source.
+        if !cfg.lake.enabled || cfg.is_pipeline_source(stream.name()) || stream.name().ends_with(sluice_core::REPLAY_SUFFIX) {
             return;
         }
         let mut sinks = self.sinks.lock();
         if sinks.contains_key(stream.name()) {
             return;
         }
-        let sc = self.cfg.stream(stream.name());
+        let sc = cfg.stream(stream.name());
         let sink = LakeSink::new(
             stream.clone(),
             SinkOptions {
-                lake_root: self.cfg.lake_root(),
-                flush_interval: self.cfg.lake.flush_interval,
-                flush_bytes: self.cfg.lake.flush_bytes,
-                date_column: self.cfg.lake.date_column.clone(),
+                lake_root: cfg.lake_root(),
+                flush_interval: cfg.lake.flush_interval,
+                flush_bytes: cfg.lake.flush_bytes,
+                date_column: cfg.lake.date_column.clone(),
                 partition_by: sc.partition_by.clone(),
             },
         );
-        sinks.insert(stream.name().to_string(), sink.status());
-        let rx = self.stop_sinks.subscribe();
-        self.sink_tasks.lock().push(tokio::spawn(sink.run(rx)));
+        let status = sink.status();
+        let task = tokio::spawn(sink.run(self.stop_sinks.subscribe()));
+        sinks.insert(stream.name().to_string(), LakeTask { status, task });
     }
 
     fn sink_status(&self, stream: &str) -> Option<Arc<SinkStatus>> {
-        self.sinks.lock().get(stream).cloned()
+        self.sinks.lock().get(stream).map(|t| t.status.clone())
     }
 
     /// Starts every configured pipeline (its streams are open by now).
     fn start_pipelines(&self) -> anyhow::Result<()> {
-        for (name, p) in &self.cfg.pipelines {
-            let open = |s: &str| self.log.stream(s).ok_or_else(|| anyhow::anyhow!("pipeline {name}: stream {s:?} is not open"));
-            let sources = p.from.iter().map(|s| open(s)).collect::<anyhow::Result<Vec<_>>>()?;
-            let mut outputs = HashMap::new();
-            for s in p.output_streams() {
-                outputs.insert(s.to_string(), open(s)?);
-            }
-            let mut externals: HashMap<String, Arc<dyn sluice_pipeline::ExternalSink>> = HashMap::new();
-            for (sink, cfg) in &p.to {
-                let date = &self.cfg.lake.date_column;
-                let external: Arc<dyn sluice_pipeline::ExternalSink> = match cfg {
-                    sluice_core::pipeline::SinkConfig::Webhook(w) => Arc::new(sluice_connect::webhook::WebhookSink::new(w, date)?),
-                    sluice_core::pipeline::SinkConfig::Redis(r) => Arc::new(sluice_connect::redis_sink::RedisSink::new(r, date)?),
-                    _ => continue,
-                };
-                externals.insert(sink.clone(), external);
-            }
-            let pipeline = Pipeline::new(PipelineSpec {
-                name: name.clone(),
-                cfg: p.clone(),
-                sources,
-                outputs,
-                externals,
-                lake_root: self.cfg.lake_root(),
-                state_dir: self.cfg.data_dir.join("pipelines").join(name),
-                flush: FlushPolicy { bytes: self.cfg.lake.flush_bytes, interval: self.cfg.lake.flush_interval },
-                date_column: self.cfg.lake.date_column.clone(),
-            });
-            self.pipelines.lock().push(pipeline.status());
-            let rx = self.stop_sinks.subscribe();
-            self.sink_tasks.lock().push(tokio::spawn(pipeline.run(rx)));
+        let cfg = self.cfg();
+        for name in cfg.pipelines.keys() {
+            self.start_pipeline(&cfg, name)?;
         }
+        Ok(())
+    }
+
+    /// Starts pipeline `name` of `cfg` on its own task.
+    pub(crate) fn start_pipeline(&self, cfg: &Config, name: &str) -> anyhow::Result<()> {
+        let p = cfg.pipelines.get(name).ok_or_else(|| anyhow::anyhow!("no pipeline {name:?}"))?;
+        let open = |s: &str| self.log.stream(s).ok_or_else(|| anyhow::anyhow!("pipeline {name}: stream {s:?} is not open"));
+        let mut sources = p.from.iter().map(|s| open(s)).collect::<anyhow::Result<Vec<_>>>()?;
+        // The replay stream (see `crate::replay`): one partition, kept a week past processing.
+        let week = Some(7 * 24 * 3600 * 1000);
+        sources.push(self.log.create_stream(
+            &sluice_core::replay_stream(name),
+            StreamOptions { partitions: 1, retention_bytes: None, retention_ms: week },
+        )?);
+        let mut outputs = HashMap::new();
+        for s in p.output_streams() {
+            outputs.insert(s.to_string(), open(s)?);
+        }
+        let mut externals: HashMap<String, Arc<dyn sluice_pipeline::ExternalSink>> = HashMap::new();
+        for (sink, sc) in &p.to {
+            let date = &cfg.lake.date_column;
+            let external: Arc<dyn sluice_pipeline::ExternalSink> = match sc {
+                SinkConfig::Webhook(w) => Arc::new(sluice_connect::webhook::WebhookSink::new(w, date)?),
+                SinkConfig::Redis(r) => Arc::new(sluice_connect::redis_sink::RedisSink::new(r, date)?),
+                SinkConfig::Postgres(pg) => Arc::new(sluice_connect::postgres_sink::PostgresSink::new(pg, date)?),
+                SinkConfig::Lake(_) | SinkConfig::Stream(_) => continue,
+            };
+            externals.insert(sink.clone(), external);
+        }
+        let mut lookups: HashMap<usize, Arc<dyn sluice_pipeline::LookupSource>> = HashMap::new();
+        for (i, step) in p.steps.iter().enumerate() {
+            use sluice_core::pipeline::{LookupFrom, StepConfig};
+            let StepConfig::Lookup(l) = step else { continue };
+            let source: Arc<dyn sluice_pipeline::LookupSource> = match &l.from {
+                LookupFrom::Lake(t) => Arc::new(sluice_pipeline::lookup::LakeLookupSource::new(
+                    &cfg.lake_root(),
+                    &t.table,
+                    &t.column,
+                    &cfg.lake.date_column,
+                    l.refresh,
+                )),
+                LookupFrom::Postgres(pg) => Arc::new(sluice_connect::postgres_sink::PostgresLookup::new(pg)?),
+                LookupFrom::Redis(r) => Arc::new(sluice_connect::redis_sink::RedisLookup::new(r)?),
+            };
+            lookups.insert(i, source);
+        }
+        let pipeline = Pipeline::new(PipelineSpec {
+            name: name.to_string(),
+            cfg: p.clone(),
+            sources,
+            outputs,
+            externals,
+            lookups,
+            lake_root: cfg.lake_root(),
+            state_dir: cfg.data_dir.join("pipelines").join(name),
+            flush: FlushPolicy { bytes: cfg.lake.flush_bytes, interval: cfg.lake.flush_interval },
+            date_column: cfg.lake.date_column.clone(),
+        });
+        let status = pipeline.status();
+        let (halt, halted) = watch::channel(false);
+        let task = tokio::spawn(pipeline.run(self.stop_sinks.subscribe(), halted));
+        self.pipelines.lock().push(RunningPipeline { name: name.to_string(), cfg: p.clone(), status, halt, task });
         Ok(())
     }
 
     /// The next offset of a partition not yet processed by whatever consumes the stream: its
     /// lake sink, or the slowest pipeline reading it. (Log end when nothing consumes it.)
     fn processed(&self, stream: &Stream, partition: u32) -> u64 {
-        if self.cfg.is_pipeline_source(stream.name()) {
+        let cfg = self.cfg();
+        if cfg.is_pipeline_source(stream.name()) {
             let pipelines = self.pipelines.lock();
             let mut min: Option<u64> = None;
-            for st in pipelines.iter() {
+            for st in pipelines.iter().map(|r| &r.status) {
                 for (name, pos) in &st.positions {
                     if name == stream.name() {
                         let v = pos.get(partition as usize).map_or(0, |a| a.load(Ordering::Acquire));
@@ -174,7 +242,7 @@ impl App {
             }
             return min.unwrap_or(0);
         }
-        if !self.cfg.lake.enabled {
+        if !cfg.lake.enabled {
             return stream.partition(partition).map_or(0, |p| p.high_watermark());
         }
         self.sink_status(stream.name()).map_or(0, |s| s.landed(partition as usize))
@@ -182,7 +250,8 @@ impl App {
 
     /// 429 when a partition's log is over its size limit; 503 when the lake is too far behind.
     pub fn check_backpressure(&self, stream: &Stream) -> Result<(), Response> {
-        let limits = &self.cfg.limits;
+        let cfg = self.cfg();
+        let limits = &cfg.limits;
         let mut behind = 0u64;
         for p in stream.partitions() {
             if p.size_bytes() > limits.max_log_bytes {
@@ -194,7 +263,7 @@ impl App {
             }
             behind += p.bytes_after(self.processed(stream, p.id()));
         }
-        if self.cfg.lake.enabled && behind > limits.max_lake_lag_bytes {
+        if cfg.lake.enabled && behind > limits.max_lake_lag_bytes {
             return Err(error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &format!("the lake is {behind} bytes behind stream {:?} (limits.max_lake_lag_bytes = {})", stream.name(), limits.max_lake_lag_bytes),
@@ -205,7 +274,7 @@ impl App {
     }
 }
 
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+pub async fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     init_tracing();
     let metrics = crate::metrics_setup::install()?;
     let auth = Auth::new(&cfg.tokens)?;
@@ -232,14 +301,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         shutting_down: AtomicBool::new(false),
         sinks: Default::default(),
         pipelines: Default::default(),
-        sink_tasks: Default::default(),
         stop_sinks,
+        reloading: Default::default(),
         metrics,
         auth,
         log,
-        cfg,
+        cfg: parking_lot::RwLock::new(Arc::new(cfg)),
+        config_path,
     });
-    for name in app.cfg.streams.keys() {
+    for name in app.cfg().streams.keys() {
         app.open_stream(name)?;
     }
     for s in app.log.streams() {
@@ -253,13 +323,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .route("/v1/streams", get(list_streams))
         .route("/v1/tables", get(list_tables))
         .route("/v1/pipelines", get(list_pipelines))
+        .route("/v1/reload", post(crate::reload::reload_endpoint))
+        .route("/v1/pipelines/{name}/replay", post(crate::replay::replay_endpoint))
+        .route("/v1/pipelines/{name}/tap", get(crate::tap::tap_endpoint))
         .route("/v1/query", post(query))
         .route("/metrics", get(metrics_endpoint))
         .route("/healthz", get(|| async { "ok\n" }))
-        .layer(DefaultBodyLimit::max(app.cfg.limits.max_body_bytes as usize))
+        .layer(DefaultBodyLimit::max(app.cfg().limits.max_body_bytes as usize))
         .with_state(app.clone());
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, data_dir = %app.cfg.data_dir.display(), lake_root = %app.cfg.lake_root(), "sluice is up");
+    tracing::info!(%addr, data_dir = %app.cfg().data_dir.display(), lake_root = %app.cfg().lake_root(), "sluice is up");
+    let reloader = tokio::spawn(crate::reload::on_sighup(app.clone()));
     println!("sluice listening on http://{addr}");
 
     let app2 = app.clone();
@@ -273,8 +347,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     // Everything acknowledged is durable in the log; land it before exiting.
     housekeeping.abort();
+    reloader.abort();
+    let _reload = app.reloading.lock().await;
     let _ = app.stop_sinks.send(true);
-    let tasks: Vec<_> = std::mem::take(&mut *app.sink_tasks.lock());
+    let mut tasks: Vec<JoinHandle<()>> = app.sinks.lock().drain().map(|(_, t)| t.task).collect();
+    tasks.extend(app.pipelines.lock().drain(..).map(|p| p.task));
     if tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(tasks)).await.is_err() {
         tracing::warn!("lake sinks and pipelines did not finish in 30s; the rest lands at the next start");
     }
@@ -318,8 +395,8 @@ fn update_gauges(app: &App) {
         metrics::gauge!("sluice_lake_lag_records", "stream" => name.clone()).set(lag as f64);
         metrics::gauge!("sluice_log_bytes", "stream" => name).set(bytes as f64);
     }
-    for st in app.pipelines.lock().iter() {
-        let lag = pipeline_lag(&app, st);
+    for st in app.pipelines.lock().iter().map(|r| &r.status) {
+        let lag = pipeline_lag(app, st);
         metrics::gauge!("sluice_pipeline_lag_records", "pipeline" => st.name.clone()).set(lag as f64);
         for (step, stats) in &st.steps {
             for (outcome, v) in [
@@ -365,8 +442,9 @@ async fn list_pipelines(State(app): State<Arc<App>>, headers: HeaderMap) -> Resp
         .pipelines
         .lock()
         .iter()
-        .map(|st| {
-            let cfg = app.cfg.pipelines.get(&st.name);
+        .map(|r| {
+            let st = &r.status;
+            let cfg = Some(&r.cfg);
             let last = st.last_checkpoint_ms.load(Ordering::Relaxed);
             serde_json::json!({
                 "name": st.name,
@@ -461,7 +539,8 @@ async fn list_streams(State(app): State<Arc<App>>, headers: HeaderMap) -> Respon
                 PartitionInfo { partition: p.id(), log_start_offset: p.log_start_offset(), log_end_offset: end, landed_offset: landed, lag: end.saturating_sub(landed), size_bytes: p.size_bytes() }
             })
             .collect();
-        let sc = app.cfg.stream(s.name());
+        let cfg = app.cfg();
+        let sc = cfg.stream(s.name());
         out.push(StreamInfo {
             name: s.name().to_string(),
             log_end_offset: partitions.iter().map(|p| p.log_end_offset).sum(),

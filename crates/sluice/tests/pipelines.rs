@@ -2,6 +2,8 @@
 //! stream; failing records in `<pipeline>__dlq`; exactly-once across kill -9.
 
 mod common;
+#[path = "../../sluice-connect/tests/support/servers.rs"]
+mod servers;
 use common::*;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -105,6 +107,26 @@ fn check_rejects_bad_pipelines_with_file_and_line() {
         (RIDES.replace("when: amount >= 900", "when: amount >= 900 900"), "steps.3.route.0", "route"),
         (RIDES.replace("from: events", "from: nowhere"), "from", "unknown stream"),
         (RIDES.replace("stream: big\n", "stream: events\n"), "to", "cycle"),
+        (
+            RIDES.replace("        stream:\n          stream: big\n", "        postgres:\n          url: postgres://x@127.0.0.1/db\n          table: a.b.c\n          key: id\n"),
+            "to.big_rides",
+            "schema.name",
+        ),
+        (
+            RIDES.replace("        stream:\n          stream: big\n", "        postgres:\n          url: postgres://x@127.0.0.1/db\n          table: t\n          key: id\n          delete_when: \"op = \"\n"),
+            "to.big_rides",
+            "postgres delete_when",
+        ),
+        (
+            RIDES.replace("      - drop: [tags, account]\n", "      - lookup:\n          key: \"account.id +\"\n          into: acct\n          from: { lake: { table: accounts, column: id } }\n"),
+            "steps.2.lookup.key",
+            "lookup",
+        ),
+        (
+            RIDES.replace("      - drop: [tags, account]\n", "      - lookup:\n          key: id\n          into: acct\n          from: { mysql: { table: accounts } }\n"),
+            "steps[2].lookup.from",
+            "unknown lookup source `mysql`",
+        ),
     ];
     for (i, (yaml, key, words)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("c{i}.yaml"));
@@ -125,12 +147,66 @@ fn check_rejects_bad_pipelines_with_file_and_line() {
 /// (every request is sent twice), a map that fails on some records, and a lake sink. At the end the pipeline's table holds every
 /// acknowledged record that passes the filter exactly once, and its dead-letter table holds
 /// exactly the acknowledged records the map fails on.
+/// Records for the crash loop: like [`events`] (amount = id) with a top-level `acct` (id % 50)
+/// that partitions the stream, so each account's records keep their order.
+fn crash_events(start: usize, n: usize) -> String {
+    (start..start + n)
+        .map(|i| format!("{{\"event_id\":\"e{i}\",\"acct\":{},\"amount\":{i},\"region\":\"{}\"}}\n", i % 50, ["madrid", "berlin"][i % 2]))
+        .collect()
+}
+
+/// The issue's crash loop: enrichment and three sinks (lake, PostgreSQL, Redis) in the path,
+/// kill -9 at random moments and injected aborts between a sink's write and the checkpoint.
+/// Afterwards the lake holds exactly the acknowledged records that pass, the dead-letter
+/// table exactly the failures, and PostgreSQL and Redis the latest record per account.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_loop_pipeline_lands_exactly_once() {
     let rounds: usize = std::env::var("SLUICE_CRASH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = "lake:\n  flush_interval: 30ms\nstreams:\n  crash:\n    partitions: 3\npipelines:\n  p:\n    from: crash\n    steps:\n      - filter: amount % 2 = 0\n      - dedup:\n          key: event_id\n          window: 1h\n      - map:\n          bad: CAST(CASE WHEN amount % 7 = 0 THEN 'x' ELSE '1' END AS INT)\n    to:\n      even:\n        lake: {}\n";
-    let mut s = Server::new_in(tmp.path(), cfg);
+    let pg = servers::PgServer::start();
+    let redis = servers::RedisServer::start();
+    // Account 14 fails at the service (HTTP 500) every time.
+    let base = accounts_service(14).await;
+    let cfg = format!(
+        r#"lake:
+  flush_interval: 30ms
+streams:
+  crash:
+    partitions: 3
+    key_field: acct
+pipelines:
+  p:
+    from: crash
+    steps:
+      - filter: amount % 2 = 0
+      - dedup:
+          key: event_id
+          window: 1h
+      - enrich:
+          url: "{base}/accounts/${{acct}}"
+          into: info
+          retries: 0
+      - map:
+          bad: CAST(CASE WHEN amount % 7 = 0 THEN 'x' ELSE '1' END AS INT)
+          name: info.name
+      - drop: [info]
+    to:
+      even:
+        lake: {{}}
+      latest:
+        postgres:
+          url: {pg}
+          table: latest
+          key: acct
+      serving:
+        redis:
+          url: {redis}
+          key: "'acct:' || CAST(acct AS VARCHAR)"
+"#,
+        pg = pg.url(),
+        redis = redis.url()
+    );
+    let mut s = Server::new_in(tmp.path(), &cfg);
     let acked = Arc::new(Mutex::new(HashSet::new()));
     let unknown = Arc::new(Mutex::new(Vec::new()));
     let next_id = Arc::new(AtomicUsize::new(0));
@@ -151,11 +227,11 @@ async fn crash_loop_pipeline_lands_exactly_once() {
             senders.push(tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
                     let start = next_id.fetch_add(n, Ordering::Relaxed);
-                    match client.post(&url).body(events(start, n)).send().await {
+                    match client.post(&url).body(crash_events(start, n)).send().await {
                         Ok(r) if r.status() == 200 => {
                             acked.lock().unwrap().extend(start..start + n);
                             // Sent again (a client retrying): the dedup step keeps one copy.
-                            let _ = client.post(&url).body(events(start, n)).send().await;
+                            let _ = client.post(&url).body(crash_events(start, n)).send().await;
                             // A steady flow the pipeline keeps up with, so kills and faults
                             // land in the middle of its commits.
                             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -182,8 +258,7 @@ async fn crash_loop_pipeline_lands_exactly_once() {
     s.spawn().await;
     s.wait_landed("crash").await;
 
-    // events(): amount = id, so the filter keeps even ids and the map fails on multiples of 7.
-    let count = |rows: Vec<serde_json::Value>, col: &str| {
+    let count = |rows: &[serde_json::Value], col: &str| {
         let mut seen: HashMap<usize, usize> = HashMap::new();
         for r in rows {
             let raw = r[col].as_str().unwrap().to_string();
@@ -197,12 +272,17 @@ async fn crash_loop_pipeline_lands_exactly_once() {
         }
         seen
     };
-    let lake = count(s.query("SELECT event_id FROM even").await, "event_id");
-    let dlq = count(s.query("SELECT raw FROM p__dlq").await, "raw");
+    // amount = id: the filter keeps even ids, the service fails account 14, the map fails on
+    // multiples of 7.
+    let lake_rows = s.query("SELECT event_id, acct, name, _partition, _offset FROM even").await;
+    let lake = count(&lake_rows, "event_id");
+    let dlq = count(&s.query("SELECT raw FROM p__dlq").await, "raw");
     let acked = acked.lock().unwrap();
     let unknown = unknown.lock().unwrap();
     let in_unknown = |id: usize| unknown.iter().any(|(a, b)| (*a..*b).contains(&id));
-    for (name, seen, want) in [("lake", &lake, (|id: usize| id % 2 == 0 && id % 7 != 0) as fn(usize) -> bool), ("dlq", &dlq, |id| id % 14 == 0)] {
+    let passes = |id: usize| id % 2 == 0 && id % 50 != 14 && id % 7 != 0;
+    let fails = |id: usize| id % 2 == 0 && (id % 50 == 14 || id % 7 == 0);
+    for (name, seen, want) in [("lake", &lake, &passes as &dyn Fn(usize) -> bool), ("dlq", &dlq, &fails)] {
         let dups: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).take(5).collect();
         assert!(dups.is_empty(), "{name}: duplicates (seed {seed}): {dups:?}");
         let missing: Vec<_> = acked.iter().filter(|id| want(**id) && !seen.contains_key(id)).take(5).collect();
@@ -210,13 +290,39 @@ async fn crash_loop_pipeline_lands_exactly_once() {
         let wrong: Vec<_> = seen.keys().filter(|id| !want(**id) || (!acked.contains(id) && !in_unknown(**id))).take(5).collect();
         assert!(wrong.is_empty(), "{name}: records that do not belong (seed {seed}): {wrong:?}");
     }
+    assert!(lake_rows.iter().all(|r| r["name"] == format!("acct-{}", r["acct"])), "enriched names");
     assert!(!acked.is_empty());
+
+    // PostgreSQL and Redis: per account, the lake row latest in its partition's log order.
+    let mut latest: HashMap<i64, (i64, String)> = HashMap::new();
+    for r in &lake_rows {
+        let (acct, off) = (r["acct"].as_i64().unwrap(), r["_offset"].as_i64().unwrap());
+        if latest.get(&acct).is_none_or(|(o, _)| *o < off) {
+            latest.insert(acct, (off, r["event_id"].as_str().unwrap().to_string()));
+        }
+    }
+    let want: HashMap<i64, String> = latest.into_iter().map(|(a, (_, e))| (a, e)).collect();
+    let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let rows = client.query("SELECT acct, event_id, name FROM latest", &[]).await.unwrap();
+    let in_pg: HashMap<i64, String> = rows.iter().map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1))).collect();
+    assert_eq!(in_pg, want, "PostgreSQL holds the latest record per account (seed {seed})");
+    let mut rc = redis::Client::open(redis.url().as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    for (acct, event) in &want {
+        let v: String = redis::cmd("GET").arg(format!("acct:{acct}")).query_async(&mut rc).await.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&v).unwrap();
+        assert_eq!(v["event_id"], event.as_str(), "Redis acct:{acct} (seed {seed})");
+    }
+    let keys: Vec<String> = redis::cmd("KEYS").arg("acct:*").query_async(&mut rc).await.unwrap();
+    assert_eq!(keys.len(), want.len(), "Redis holds no account the lake does not");
+
     let log = std::fs::read_to_string(s.dir.join("server.log")).unwrap_or_default();
     eprintln!(
-        "pipeline crash loop ok: {} acknowledged, {} in the lake, {} dead letters; {} injected aborts, {} re-runs skipped rows",
+        "pipeline crash loop ok: {} acknowledged, {} in the lake, {} dead letters, {} accounts; {} injected aborts, {} re-runs skipped rows",
         acked.len(),
         lake.len(),
         dlq.len(),
+        want.len(),
         log.matches("SLUICE_FAULT_CRASH_PIPELINE: aborting").count(),
         log.matches("skipping rows the table already holds").count()
     );
@@ -224,13 +330,13 @@ async fn crash_loop_pipeline_lands_exactly_once() {
 }
 
 /// An enrichment service on loopback: `/accounts/{id}` answers `{"id": id, "name": "acct-<id>"}`,
-/// except id 13, which fails (500) every time.
-async fn accounts_service() -> String {
+/// except id `fail`, which fails (500) every time.
+async fn accounts_service(fail: i64) -> String {
     use axum::extract::Path;
     let app = axum::Router::new().route(
         "/accounts/{id}",
-        axum::routing::get(|Path(id): Path<i64>| async move {
-            if id == 13 {
+        axum::routing::get(move |Path(id): Path<i64>| async move {
+            if id == fail {
                 return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "down".to_string());
             }
             (axum::http::StatusCode::OK, format!(r#"{{"id":{id},"name":"acct-{id}","limits":{{"daily":{}}}}}"#, id * 10))
@@ -244,7 +350,7 @@ async fn accounts_service() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enrich_from_an_http_service_into_the_lake() {
-    let base = accounts_service().await;
+    let base = accounts_service(13).await;
     let cfg = format!(
         "lake:\n  flush_interval: 100ms\nstreams:\n  events: {{}}\npipelines:\n  enriched:\n    from: events\n    steps:\n      - enrich:\n          url: \"{base}/accounts/${{account.id}}\"\n          into: acct\n          retries: 1\n          backoff: 10ms\n      - drop: [account, tags]\n    to:\n      accounts:\n        lake: {{}}\n"
     );
@@ -329,4 +435,271 @@ async fn webhook_sink_posts_batches_retries_and_holds_on_refusal() {
     want.sort();
     assert_eq!(ids, want);
     assert!(hook.largest.load(Ordering::SeqCst) <= 100);
+}
+
+fn pipelines_json(s: &Server) -> impl std::future::Future<Output = serde_json::Value> + '_ {
+    async move { serde_json::from_str(&s.client.get(s.url("/v1/pipelines")).send().await.unwrap().text().await.unwrap()).unwrap() }
+}
+
+/// `sluice reload` and SIGHUP while records keep arriving: a pipeline is changed, one added,
+/// removed and added again; a broken edit is refused. Every table ends with each acknowledged
+/// record exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_during_sustained_ingest_loses_and_duplicates_nothing() {
+    let base = "lake:\n  flush_interval: 50ms\nstreams:\n  events:\n    partitions: 2\npipelines:\n  a:\n    from: events\n    steps:\n      - filter: amount % 2 = 0\n";
+    let a_v1 = format!("{base}      - map:\n          v: 1\n    to:\n      a_even:\n        lake: {{}}\n");
+    let a_v2 = format!("{base}      - map:\n          v: 2\n    to:\n      a_even:\n        lake: {{}}\n");
+    let b = "  b:\n    from: events\n    to:\n      b_all:\n        lake: {}\n";
+    let mut s = Server::start(&a_v1).await;
+    let write_cfg = |s: &Server, body: &str| {
+        std::fs::write(&s.config, format!("listen: 127.0.0.1:{}\ndata_dir: {}\n{body}", s.port, s.dir.join("data").display())).unwrap()
+    };
+    let url = s.url("");
+    let reload = |url: &str| cli(&["reload", "--url", url]);
+
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let (client, post, acked, stop) = (s.client.clone(), s.url("/v1/streams/events/events"), acked.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut next = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let r = client.post(&post).body(events(next, 50)).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                acked.lock().unwrap().extend(next..next + 50);
+                next += 50;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let pause = || tokio::time::sleep(Duration::from_millis(400));
+    pause().await;
+    // Change a, add b: with the CLI.
+    write_cfg(&s, &format!("{a_v2}{b}"));
+    let (code, out, err) = reload(&url);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("added [b], changed [a]"), "{out}");
+    pause().await;
+    // A broken edit changes nothing and says where it is broken.
+    let b_broken = "  b:\n    from: events\n    steps:\n      - filter: \"amount >\"\n    to:\n      b_all:\n        lake: {}\n";
+    write_cfg(&s, &format!("{a_v2}{b_broken}"));
+    let (code, _, err) = reload(&url);
+    assert_ne!(code, 0);
+    assert!(err.contains("sluice.yaml:") && err.contains("filter"), "{err}");
+    // Remove b: with SIGHUP.
+    write_cfg(&s, &a_v2);
+    let pid = s.child.as_ref().unwrap().id().to_string();
+    assert!(std::process::Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while pipelines_json(&s).await["pipelines"].as_array().unwrap().len() != 1 {
+        assert!(std::time::Instant::now() < deadline, "SIGHUP did not remove b: {}", s.server_log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    pause().await;
+    // Add b again: it resumes from the start of the log; its table skips what it holds.
+    write_cfg(&s, &format!("{a_v2}{b}"));
+    let (code, out, err) = reload(&url);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("added [b]") && out.contains("unchanged [a]"), "{out}");
+    pause().await;
+    stop.store(true, Ordering::Relaxed);
+    sender.await.unwrap();
+    s.wait_landed("events").await;
+
+    let acked = acked.lock().unwrap().clone();
+    for (table, want) in [("a_even", acked.iter().filter(|i| *i % 2 == 0).copied().collect::<Vec<_>>()), ("b_all", acked.clone())] {
+        let rows = s.query(&format!("SELECT event_id FROM {table}")).await;
+        let mut seen: HashMap<usize, usize> = HashMap::new();
+        for r in &rows {
+            *seen.entry(r["event_id"].as_str().unwrap()[1..].parse().unwrap()).or_default() += 1;
+        }
+        let dups: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).take(5).collect();
+        assert!(dups.is_empty(), "{table}: duplicates {dups:?}");
+        let missing: Vec<_> = want.iter().filter(|i| !seen.contains_key(i)).take(5).collect();
+        assert!(missing.is_empty(), "{table}: missing {missing:?} of {}", want.len());
+        assert_eq!(seen.len(), want.len(), "{table}: records that were never sent");
+    }
+    // The change took effect mid-stream: early records have v = 1, later ones v = 2.
+    assert!(s.scalar("SELECT count(*) FROM a_even WHERE v = 1").await > 0.0);
+    assert!(s.scalar("SELECT count(*) FROM a_even WHERE v = 2").await > 0.0);
+    eprintln!("reload under ingest ok: {} records acknowledged", acked.len());
+    let _ = s.stop();
+}
+
+/// Dead letters replayed after a fix (once only), a lake table re-read into another pipeline,
+/// and a stream reprocessed from a time: `sluice replay` in its three forms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_dead_letters_tables_and_streams() {
+    let head = "lake:\n  flush_interval: 50ms\nstreams:\n  events: {}\n  copies: {}\n  other: {}\npipelines:\n  q:\n    from: other\n    to:\n      archive_copy:\n        lake: {}\n  p:\n    from: events\n    steps:\n      - map:\n";
+    let tail = "    to:\n      t:\n        lake: {}\n      c:\n        stream:\n          stream: copies\n";
+    let v1 = format!("{head}          n: CAST(note AS INT)\n{tail}");
+    let v2 = format!("{head}          n: COALESCE(TRY_CAST(note AS INT), -1)\n{tail}");
+    let s = Server::start(&v1).await;
+    let url = s.url("");
+    let body: String = (0..20).map(|i| format!("{{\"event_id\":\"e{i}\",\"note\":\"{}\"}}\n", if i % 2 == 0 { "x" } else { "1" })).collect();
+    assert_eq!(s.post("events", body).await.0, 200);
+    s.wait_landed("events").await;
+    assert_eq!(s.scalar("SELECT count(*) FROM t").await, 10.0);
+    assert_eq!(s.scalar("SELECT count(*) FROM p__dlq").await, 10.0);
+
+    // Fix the step, then replay the dead letters through it.
+    std::fs::write(&s.config, format!("listen: 127.0.0.1:{}\ndata_dir: {}\n{v2}", s.port, s.dir.join("data").display())).unwrap();
+    let (code, out, err) = cli(&["reload", "--url", &url]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = cli(&["replay", "--dlq", "p", "--url", &url]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("replaying 10 records of p__replay"), "{err}");
+    s.wait_landed("events").await;
+    assert_eq!(s.scalar("SELECT count(*) FROM t").await, 20.0);
+    assert_eq!(s.scalar("SELECT count(*) FROM t WHERE n = -1").await, 10.0);
+    // Replayed once only.
+    let (code, out, err) = cli(&["replay", "--dlq", "p", "--url", &url, "--quiet"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("\"records\":0"), "{out}");
+
+    // Backfill: the rows of t (the archive) into pipeline q, with a condition.
+    let (code, out, err) = cli(&["replay", "--pipeline", "q", "--from-table", "t", "--where", "n = -1", "--url", &url]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(s.scalar("SELECT count(*) FROM archive_copy").await, 10.0);
+    assert_eq!(s.scalar("SELECT count(DISTINCT event_id) FROM archive_copy WHERE n = -1").await, 10.0);
+
+    // Reprocess the stream from a time before everything: the stream sink gets every record
+    // again; table t keeps exactly one copy of each.
+    s.wait_landed("copies").await;
+    let before = s.scalar("SELECT count(*) FROM copies").await;
+    assert_eq!(before, 20.0);
+    let (code, out, err) = cli(&["replay", "--pipeline", "p", "--stream", "events", "--from", "2020-01-01", "--url", &url]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("\"from\":[0,0,0,0]"), "every partition rewound to its start: {out}");
+    s.wait_landed("copies").await;
+    // 20 so far (10 that passed, 10 replayed dead letters); now all 20 of events pass.
+    assert_eq!(s.scalar("SELECT count(*) FROM copies").await, 40.0, "every record of events sent again");
+    assert_eq!(s.scalar("SELECT count(*) FROM t").await, 20.0);
+
+    // Refusals name the problem.
+    let (code, _, err) = cli(&["replay", "--pipeline", "p", "--stream", "events", "--from", "yesterday", "--url", &url]);
+    assert_ne!(code, 0);
+    assert!(err.contains("RFC 3339"), "{err}");
+    let (code, _, err) = cli(&["replay", "--pipeline", "nope", "--from-table", "t", "--url", &url]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no pipeline \"nope\""), "{err}");
+}
+
+/// `sluice tap` prints live records after a step; an unknown step is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tap_prints_live_records_passing_a_step() {
+    let s = Server::start(RIDES).await;
+    let url = s.url("");
+    let child = std::process::Command::new(BIN)
+        .args(["tap", "rides", "0:filter", "--limit", "5", "--url", &url])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
+    // Keep sending until the tap has seen its five records (it sees only what passes after
+    // it subscribed).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut next = 0;
+    while !waiter.is_finished() {
+        assert!(std::time::Instant::now() < deadline, "tap printed nothing in 60s");
+        assert_eq!(s.post("events", events(next, 30)).await.0, 200);
+        next += 30;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = waiter.join().unwrap();
+    assert!(out.status.success(), "tap (pid {pid}): {}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 5);
+    // After the filter: no paris, and the map has not run yet.
+    assert!(lines.iter().all(|l| l["region"] != "paris" && l.get("amount_eur").is_none()), "{lines:?}");
+
+    let (code, _, err) = cli(&["tap", "rides", "validate", "--url", &url]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no step \"validate\"") && err.contains("1:map"), "{err}");
+}
+
+/// `lookup` against a lake table, Redis and PostgreSQL (servers the test starts): rows joined
+/// under a field, refreshed on schedule, a missing row sent to the dead letters on request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookup_joins_rows_from_lake_redis_and_postgres() {
+    let pg = servers::PgServer::start();
+    let redis = servers::RedisServer::start();
+    let (pgc, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    pgc.batch_execute("CREATE TABLE regions (code text PRIMARY KEY, name text, vat int); INSERT INTO regions VALUES ('de', 'Germany', 19), ('fr', 'France', 20)")
+        .await
+        .unwrap();
+    let mut rc = redis::Client::open(redis.url().as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    for (k, v) in [("acct:1", r#"{"tier":"gold","limit":100}"#), ("acct:2", r#"{"tier":"basic","limit":5}"#)] {
+        let _: () = redis::cmd("SET").arg(k).arg(v).query_async(&mut rc).await.unwrap();
+    }
+    let cfg = format!(
+        r#"lake:
+  flush_interval: 50ms
+streams:
+  events: {{}}
+  plans: {{}}
+pipelines:
+  p:
+    from: events
+    steps:
+      - lookup:
+          key: plan_id
+          into: plan
+          from: {{ lake: {{ table: plans, column: id }} }}
+          refresh: 50ms
+      - lookup:
+          key: acct
+          into: account
+          from: {{ redis: {{ url: "{redis}", prefix: "acct:" }} }}
+      - lookup:
+          key: region
+          into: reg
+          from: {{ postgres: {{ url: "{pg}", table: regions, column: code }} }}
+          refresh: 50ms
+          on_missing: dead_letter
+    to:
+      out:
+        lake: {{}}
+"#,
+        redis = redis.url(),
+        pg = pg.url()
+    );
+    let s = Server::start(&cfg).await;
+    assert_eq!(s.post("plans", "{\"id\":10,\"name\":\"pro\"}\n{\"id\":11,\"name\":\"free\"}\n").await.0, 200);
+    s.wait_landed("plans").await;
+    let body = "{\"event_id\":\"a\",\"plan_id\":10,\"acct\":1,\"region\":\"de\"}\n\
+                {\"event_id\":\"b\",\"plan_id\":11,\"acct\":2,\"region\":\"fr\"}\n\
+                {\"event_id\":\"c\",\"plan_id\":12,\"acct\":3,\"region\":\"de\"}\n\
+                {\"event_id\":\"d\",\"plan_id\":10,\"acct\":1,\"region\":\"xx\"}\n";
+    assert_eq!(s.post("events", body).await.0, 200);
+    s.wait_landed("events").await;
+    let rows = s.query("SELECT event_id, plan.name AS plan, account.tier AS tier, reg.name AS region, reg.vat AS vat FROM out ORDER BY event_id").await;
+    assert_eq!(
+        rows,
+        vec![
+            serde_json::json!({"event_id":"a","plan":"pro","tier":"gold","region":"Germany","vat":19}),
+            serde_json::json!({"event_id":"b","plan":"free","tier":"basic","region":"France","vat":20}),
+            // No plan 12, no account 3: NULL (on_missing: null).
+            serde_json::json!({"event_id":"c","plan":null,"tier":null,"region":"Germany","vat":19}),
+        ]
+    );
+    let dl = s.query("SELECT step, error FROM p__dlq").await;
+    assert_eq!(dl.len(), 1, "{dl:?}");
+    assert_eq!(dl[0]["step"], "2:lookup");
+    assert!(dl[0]["error"].as_str().unwrap().contains("no row for key xx"), "{dl:?}");
+
+    // Sources change; after `refresh` the step sees the new rows.
+    pgc.batch_execute("UPDATE regions SET vat = 21 WHERE code = 'de'").await.unwrap();
+    assert_eq!(s.post("plans", "{\"id\":12,\"name\":\"team\"}\n").await.0, 200);
+    s.wait_landed("plans").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(s.post("events", "{\"event_id\":\"e\",\"plan_id\":12,\"acct\":2,\"region\":\"de\"}\n").await.0, 200);
+    s.wait_landed("events").await;
+    let e = s.query("SELECT plan.name AS plan, reg.vat AS vat FROM out WHERE event_id = 'e'").await;
+    assert_eq!(e, vec![serde_json::json!({"plan":"team","vat":21})]);
+    let p = pipelines_json(&s).await;
+    assert!(p["pipelines"][0]["steps"][1]["cache_hits"].as_u64().unwrap() >= 1, "{p}");
 }

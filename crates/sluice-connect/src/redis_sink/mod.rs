@@ -8,13 +8,11 @@
 //! key is NULL fails the flush (filter such records out before the sink): nothing is dropped
 //! silently.
 
-use deltalake::arrow::array::{Array, AsArray, RecordBatch};
-use deltalake::arrow::compute::cast;
-use deltalake::arrow::datatypes::DataType;
+use deltalake::arrow::array::{Array, RecordBatch};
 use futures::future::BoxFuture;
 use redis::aio::MultiplexedConnection;
 use sluice_core::pipeline::RedisSinkConfig;
-use sluice_pipeline::{rows_to_json, ExternalSink, Map};
+use sluice_pipeline::{rows_to_json, ExternalSink};
 use tokio::sync::Mutex;
 
 pub struct RedisSink {
@@ -22,24 +20,6 @@ pub struct RedisSink {
     client: redis::Client,
     conn: Mutex<Option<MultiplexedConnection>>,
     date_column: String,
-}
-
-/// Evaluates SQL expressions on a batch as text columns (NULL stays NULL; a field no record
-/// of the batch has reads NULL, as in the steps).
-fn texts(fields: &[(String, String)], b: &RecordBatch) -> anyhow::Result<Vec<deltalake::arrow::array::StringArray>> {
-    let mut reads: Vec<String> = Vec::new();
-    for (_, sql) in fields {
-        if let Ok(e) = sluice_pipeline::check::parse_expr(sql) {
-            reads.extend(sluice_pipeline::check::referenced_fields(&e));
-        }
-    }
-    let b = sluice_pipeline::step::with_null_fields(b.clone(), &reads);
-    let map = Map::compile(fields, &b.schema())?;
-    let out = map.apply(&b)?;
-    out.columns()
-        .iter()
-        .map(|c| Ok(cast(c, &DataType::Utf8)?.as_string::<i32>().clone()))
-        .collect()
 }
 
 impl RedisSink {
@@ -52,7 +32,7 @@ impl RedisSink {
         if let Some(g) = &self.cfg.geo {
             exprs.extend([("lat".to_string(), g.lat.clone()), ("lng".to_string(), g.lng.clone()), ("m".to_string(), g.member.clone())]);
         }
-        let cols = texts(&exprs, b)?;
+        let cols = crate::texts(&exprs, b)?;
         let rows = rows_to_json(b, &self.date_column)?;
         for (row, json) in rows.iter().enumerate() {
             if cols[0].is_null(row) {
@@ -118,6 +98,44 @@ impl ExternalSink for RedisSink {
                 return Err(anyhow::anyhow!("redis {}: {e}", self.cfg.url));
             }
             Ok(n)
+        })
+    }
+}
+
+/// The `lookup` source for Redis: `MGET` of `<prefix><key>` for the keys a batch needs; each
+/// value a JSON object (as the Redis sink's `json` mode writes them).
+pub struct RedisLookup {
+    cfg: sluice_core::pipeline::RedisLookup,
+    client: redis::Client,
+    conn: Mutex<Option<MultiplexedConnection>>,
+}
+
+impl RedisLookup {
+    pub fn new(cfg: &sluice_core::pipeline::RedisLookup) -> anyhow::Result<RedisLookup> {
+        Ok(RedisLookup { client: redis::Client::open(cfg.url.as_str())?, cfg: cfg.clone(), conn: Mutex::new(None) })
+    }
+}
+
+impl sluice_pipeline::LookupSource for RedisLookup {
+    fn get<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, anyhow::Result<std::collections::HashMap<String, bytes::Bytes>>> {
+        Box::pin(async move {
+            let mut guard = self.conn.lock().await;
+            if guard.is_none() {
+                *guard = Some(self.client.get_multiplexed_async_connection().await.map_err(|e| anyhow::anyhow!("redis {}: {e}", self.cfg.url))?);
+            }
+            let conn = guard.as_mut().expect("connected above");
+            let mut cmd = redis::cmd("MGET");
+            for k in keys {
+                cmd.arg(format!("{}{k}", self.cfg.prefix));
+            }
+            let values: Vec<Option<Vec<u8>>> = match cmd.query_async(conn).await {
+                Ok(v) => v,
+                Err(e) => {
+                    *guard = None;
+                    return Err(anyhow::anyhow!("redis {}: {e}", self.cfg.url));
+                }
+            };
+            Ok(keys.iter().zip(values).filter_map(|(k, v)| Some((k.clone(), bytes::Bytes::from(v?)))).collect())
         })
     }
 }

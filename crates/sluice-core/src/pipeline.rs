@@ -73,6 +73,99 @@ pub struct ValidateConfig {
     /// Rules by field path.
     #[serde(default)]
     pub fields: BTreeMap<String, FieldRule>,
+    /// A JSON Schema (written inline, as YAML or JSON), translated to the same rules: see
+    /// [`ValidateConfig::merged`] for the keywords supported.
+    #[serde(default)]
+    pub json_schema: Option<serde_json::Value>,
+}
+
+impl ValidateConfig {
+    /// `required` and `fields` with the JSON Schema's rules added. Supported keywords:
+    /// `type` (one type, or one type and "null"), `properties` (nested objects become dotted
+    /// paths), `required`, `minimum`, `maximum`, `minLength`, `maxLength`, `minItems`,
+    /// `maxItems`, `enum`, `const`, `pattern`; annotations (`$schema`, `$id`, `title`,
+    /// `description`, `examples`, `default`, `$comment`, `format`) are ignored. Any other
+    /// keyword is an error naming it, rather than a rule silently not checked. A nested
+    /// `required` applies where its parent object is itself required.
+    pub fn merged(&self) -> Result<ValidateConfig, String> {
+        let mut out = ValidateConfig { json_schema: None, ..self.clone() };
+        if let Some(schema) = &self.json_schema {
+            json_schema_rules(schema, "", true, &mut out)?;
+        }
+        Ok(out)
+    }
+}
+
+fn json_schema_rules(s: &serde_json::Value, path: &str, parent_required: bool, out: &mut ValidateConfig) -> Result<(), String> {
+    use serde_json::Value;
+    let at = if path.is_empty() { "the schema".to_string() } else { format!("`{path}`") };
+    let obj = s.as_object().ok_or_else(|| format!("{at}: a JSON Schema must be an object"))?;
+    let mut rule = FieldRule::default();
+    let num = |k: &str, v: &Value| v.as_f64().ok_or_else(|| format!("{at}: {k} must be a number"));
+    let count = |k: &str, v: &Value| v.as_u64().ok_or_else(|| format!("{at}: {k} must be a non-negative integer"));
+    let scalar = |v: &Value| -> Result<Scalar, String> {
+        Ok(match v {
+            Value::Bool(b) => Scalar::Bool(*b),
+            Value::Number(n) if n.is_i64() => Scalar::Int(n.as_i64().unwrap_or_default()),
+            Value::Number(n) => Scalar::Float(n.as_f64().unwrap_or_default()),
+            Value::String(t) => Scalar::Text(t.clone()),
+            _ => return Err(format!("{at}: enum and const values must be strings, numbers or booleans")),
+        })
+    };
+    for (k, v) in obj {
+        match k.as_str() {
+            "$schema" | "$id" | "title" | "description" | "examples" | "default" | "$comment" | "format" => {}
+            "type" => {
+                let types: Vec<&str> = match v {
+                    Value::String(t) => vec![t.as_str()],
+                    Value::Array(a) => a.iter().filter_map(|t| t.as_str()).collect(),
+                    _ => return Err(format!("{at}: type must be a string or a list")),
+                };
+                let real: Vec<&str> = types.into_iter().filter(|t| *t != "null").collect();
+                match real.as_slice() {
+                    [t] if FIELD_TYPES.contains(t) => rule.kind = Some(t.to_string()),
+                    [] => {}
+                    _ => return Err(format!("{at}: type {v}: one of {} (optionally with \"null\")", FIELD_TYPES.join(", "))),
+                }
+            }
+            "minimum" => rule.minimum = Some(num(k, v)?),
+            "maximum" => rule.maximum = Some(num(k, v)?),
+            "minLength" | "minItems" => rule.min_length = Some(count(k, v)?),
+            "maxLength" | "maxItems" => rule.max_length = Some(count(k, v)?),
+            "pattern" => rule.pattern = Some(v.as_str().ok_or_else(|| format!("{at}: pattern must be a string"))?.to_string()),
+            "enum" => {
+                let a = v.as_array().ok_or_else(|| format!("{at}: enum must be a list"))?;
+                rule.one_of = Some(a.iter().map(scalar).collect::<Result<_, _>>()?);
+            }
+            "const" => rule.one_of = Some(vec![scalar(v)?]),
+            "properties" | "required" => {}
+            other => return Err(format!("{at}: JSON Schema keyword `{other}` is not supported (supported: type, properties, required, minimum, maximum, minLength, maxLength, minItems, maxItems, enum, const, pattern)")),
+        }
+    }
+    if !path.is_empty() && rule != FieldRule::default() {
+        out.fields.insert(path.to_string(), rule);
+    }
+    let required: Vec<String> = match obj.get("required") {
+        None => Vec::new(),
+        Some(Value::Array(a)) => a.iter().map(|r| r.as_str().map(String::from).ok_or_else(|| format!("{at}: required must list field names"))).collect::<Result<_, _>>()?,
+        Some(_) => return Err(format!("{at}: required must be a list")),
+    };
+    let join = |name: &str| if path.is_empty() { name.to_string() } else { format!("{path}.{name}") };
+    if parent_required {
+        for r in &required {
+            let p = join(r);
+            if !out.required.contains(&p) {
+                out.required.push(p);
+            }
+        }
+    }
+    if let Some(props) = obj.get("properties") {
+        let props = props.as_object().ok_or_else(|| format!("{at}: properties must be an object"))?;
+        for (name, sub) in props {
+            json_schema_rules(sub, &join(name), parent_required && required.contains(name), out)?;
+        }
+    }
+    Ok(())
 }
 
 /// Rules for one field.
@@ -644,8 +737,13 @@ pub(crate) fn validate(
                 StepConfig::Validate(v) => {
                     let mut k = key.clone();
                     k.push("validate".into());
+                    let v = &v.merged().map_err(|m| {
+                        let mut k = k.clone();
+                        k.push("json_schema".into());
+                        (k, m)
+                    })?;
                     if v.required.is_empty() && v.fields.is_empty() {
-                        return Err((k, "needs `required` or `fields`".into()));
+                        return Err((k, "needs `required`, `fields` or `json_schema`".into()));
                     }
                     for (field, rule) in &v.fields {
                         let mut k = k.clone();

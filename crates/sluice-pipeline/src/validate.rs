@@ -75,7 +75,8 @@ fn shown(s: &Scalar) -> String {
 
 impl Validator {
     pub fn new(cfg: &ValidateConfig) -> Validator {
-        Validator { cfg: cfg.clone() }
+        // The config was checked before start, so the JSON Schema translates.
+        Validator { cfg: cfg.merged().unwrap_or_else(|_| cfg.clone()) }
     }
 
     /// Top-level fields the rules read.

@@ -361,7 +361,7 @@ fn validate_checks_a_declared_schema_and_names_path_rule_and_value() {
     fields.insert("user.age".into(), FieldRule { kind: Some("integer".into()), maximum: Some(150.0), ..Default::default() });
     fields.insert("tags".into(), FieldRule { kind: Some("array".into()), max_length: Some(2), ..Default::default() });
     fields.insert("id".into(), FieldRule { kind: Some("integer".into()), ..Default::default() });
-    let cfg = StepConfig::Validate(ValidateConfig { required: vec!["id".into(), "amount".into()], fields: fields.clone() });
+    let cfg = StepConfig::Validate(ValidateConfig { required: vec!["id".into(), "amount".into()], fields: fields.clone(), json_schema: None });
     let mut s = Step::new(0, &cfg, &[], "event_date");
     let (out, failures) = s.apply(b.clone());
     // `id` is a string in these records, so "type integer" fails every record that has one.
@@ -373,9 +373,9 @@ fn validate_checks_a_declared_schema_and_names_path_rule_and_value() {
     assert_eq!(rows(out).num_rows(), 0);
 
     fields.insert("id".into(), FieldRule { kind: Some("string".into()), min_length: Some(2), ..Default::default() });
-    let cfg = StepConfig::Validate(ValidateConfig { required: vec!["id".into(), "amount".into()], fields });
+    let cfg = StepConfig::Validate(ValidateConfig { required: vec!["id".into(), "amount".into()], fields, json_schema: None });
     let mut s = Step::new(0, &cfg, &[], "event_date");
-    let (out, failures) = s.apply(b);
+    let (out, failures) = s.apply(b.clone());
     assert_eq!(offsets(&rows(out)), vec![0]);
     let errors: Vec<(usize, String)> = failures.iter().map(|f| (f.row, f.error.clone())).collect();
     assert_eq!(
@@ -391,4 +391,52 @@ fn validate_checks_a_declared_schema_and_names_path_rule_and_value() {
         ]
     );
     assert_eq!(s.stats.failed.load(std::sync::atomic::Ordering::Relaxed), 7);
+
+    // The same rules as a JSON Schema give the same verdicts.
+    let schema: serde_json::Value = serde_json::from_str(
+        r#"{
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "type": "object",
+            "required": ["id", "amount"],
+            "properties": {
+                "id": {"type": "string", "minLength": 2},
+                "amount": {"type": "number", "minimum": 0},
+                "currency": {"enum": ["EUR", "USD"]},
+                "email": {"type": ["string", "null"], "pattern": "^[^@]+@[^@]+$", "format": "email"},
+                "user": {"type": "object", "properties": {"age": {"type": "integer", "maximum": 150}}},
+                "tags": {"type": "array", "maxItems": 2}
+            }
+        }"#,
+    )
+    .unwrap();
+    let cfg = StepConfig::Validate(ValidateConfig { required: Vec::new(), fields: Default::default(), json_schema: Some(schema) });
+    let mut s = Step::new(0, &cfg, &[], "event_date");
+    let (out, failures) = s.apply(b);
+    assert_eq!(offsets(&rows(out)), vec![0]);
+    let from_schema: Vec<(usize, String)> = failures.iter().map(|f| (f.row, f.error.clone())).collect();
+    assert_eq!(from_schema, errors);
+}
+
+#[test]
+fn json_schema_keywords_that_cannot_be_checked_are_refused_by_name() {
+    use sluice_core::pipeline::ValidateConfig;
+    for (schema, words) in [
+        (r#"{"properties": {"a": {"exclusiveMinimum": 0}}}"#, "`a`: JSON Schema keyword `exclusiveMinimum` is not supported"),
+        (r#"{"additionalProperties": false, "properties": {}}"#, "keyword `additionalProperties`"),
+        (r#"{"properties": {"a": {"type": ["string", "integer"]}}}"#, "`a`: type"),
+        (r#"{"required": "a"}"#, "required must be a list"),
+    ] {
+        let v = ValidateConfig { required: Vec::new(), fields: Default::default(), json_schema: Some(serde_json::from_str(schema).unwrap()) };
+        let err = v.merged().unwrap_err();
+        assert!(err.contains(words), "{schema}: {err}");
+    }
+    // Nested `required` applies only under a required parent.
+    let v = ValidateConfig {
+        required: Vec::new(),
+        fields: Default::default(),
+        json_schema: Some(
+            serde_json::from_str(r#"{"required": ["a"], "properties": {"a": {"required": ["x"]}, "b": {"required": ["y"]}}}"#).unwrap(),
+        ),
+    };
+    assert_eq!(v.merged().unwrap().required, vec!["a".to_string(), "a.x".to_string()]);
 }

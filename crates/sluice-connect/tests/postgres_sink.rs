@@ -35,6 +35,7 @@ fn cfg(pg: &PgServer, table: &str, key: &[&str]) -> PostgresSinkConfig {
         key: key.iter().map(|k| k.to_string()).collect(),
         delete_when: None,
         create: true,
+        rate_limit: None,
     }
 }
 

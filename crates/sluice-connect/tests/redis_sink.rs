@@ -32,6 +32,7 @@ async fn latest_value_per_key_and_positions_survive_reruns() {
         value: "json".into(),
         ttl: None,
         geo: Some(GeoConfig { key: "vehicles:live".into(), lat: "lat".into(), lng: "lng".into(), member: "vehicle_id".into() }),
+        rate_limit: None,
     };
     let sink = RedisSink::new(&cfg, "event_date").unwrap();
     let a = batch(
@@ -76,6 +77,7 @@ async fn hash_values_ttl_and_null_keys() {
         value: "hash".into(),
         ttl: Some(Duration::from_secs(3600)),
         geo: None,
+        rate_limit: None,
     };
     let sink = RedisSink::new(&cfg, "event_date").unwrap();
     let b = batch(&[r#"{"customer":{"id":"c1","tier":"gold"},"limit":500,"note":"a"}"#, r#"{"customer":{"id":"c1","tier":"gold"},"limit":700}"#], 0);
@@ -98,7 +100,7 @@ async fn hash_values_ttl_and_null_keys() {
 async fn a_redis_that_is_down_is_an_error_then_reconnects() {
     let server = RedisServer::start();
     let port = server.port;
-    let cfg = RedisSinkConfig { url: format!("redis://127.0.0.1:{port}/0"), key: "id".into(), value: "json".into(), ttl: None, geo: None };
+    let cfg = RedisSinkConfig { url: format!("redis://127.0.0.1:{port}/0"), key: "id".into(), value: "json".into(), ttl: None, geo: None, rate_limit: None };
     let sink = RedisSink::new(&cfg, "event_date").unwrap();
     sink.write(&[batch(&[r#"{"id":"a"}"#], 0)]).await.unwrap();
     drop(server);

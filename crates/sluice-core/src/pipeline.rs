@@ -433,6 +433,18 @@ pub enum SinkConfig {
     Postgres(PostgresSinkConfig),
 }
 
+impl SinkConfig {
+    /// The sink's `rate_limit` (records per second), for sinks that have one.
+    pub fn rate_limit(&self) -> Option<f64> {
+        match self {
+            SinkConfig::Webhook(w) => w.rate_limit,
+            SinkConfig::Redis(r) => r.rate_limit,
+            SinkConfig::Postgres(p) => p.rate_limit,
+            SinkConfig::Lake(_) | SinkConfig::Stream(_) => None,
+        }
+    }
+}
+
 /// Options of a PostgreSQL sink.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -451,7 +463,9 @@ pub struct PostgresSinkConfig {
     /// Create the table from the first records, and add a column when a new field appears
     /// (default true). Off: the table must exist; fields it lacks are not written.
     #[serde(default = "default_true")]
-    pub create: bool,
+    pub create: bool,    /// At most this many records per second (averaged over a second); records wait in the log.
+    #[serde(default)]
+    pub rate_limit: Option<f64>,
 }
 
 fn default_true() -> bool {
@@ -474,7 +488,9 @@ pub struct RedisSinkConfig {
     pub ttl: Option<std::time::Duration>,
     /// Also GEOADD each record's position to a sorted set.
     #[serde(default)]
-    pub geo: Option<GeoConfig>,
+    pub geo: Option<GeoConfig>,    /// At most this many records per second (averaged over a second); records wait in the log.
+    #[serde(default)]
+    pub rate_limit: Option<f64>,
 }
 
 /// `GEOADD key lng lat member` per record with a position.
@@ -512,7 +528,9 @@ pub struct WebhookSinkConfig {
     pub timeout: std::time::Duration,
     /// Retries of a request after the first attempt (connection errors, timeouts, 429, 5xx).
     #[serde(default = "default_retries")]
-    pub retries: u32,
+    pub retries: u32,    /// At most this many records per second (averaged over a second); records wait in the log.
+    #[serde(default)]
+    pub rate_limit: Option<f64>,
 }
 
 fn default_batch_records() -> usize {
@@ -851,6 +869,9 @@ pub(crate) fn validate(
         }
         for (sink, cfg) in &p.to {
             let key = at(name, &["to", sink]);
+            if cfg.rate_limit().is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+                return Err((key, "rate_limit: records per second, more than 0".into()));
+            }
             crate::validate_stream_name(sink).map_err(|m| (key.clone(), m.replace("stream name", "sink name")))?;
             match cfg {
                 SinkConfig::Lake(l) => {

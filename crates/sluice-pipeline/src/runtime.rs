@@ -213,7 +213,64 @@ struct LakeOut {
 enum SinkRt {
     Lake(LakeOut),
     Stream(Arc<Stream>),
-    External(Arc<dyn ExternalSink>),
+    External(Arc<dyn ExternalSink>, Option<RateLimit>),
+}
+
+/// Paces writes to at most `per_second` records per second, averaged over a second: a write
+/// of n records takes n / per_second seconds of the budget, and waits while the budget is
+/// spent. The pipeline writes in chunks of a second's worth, so a large flush is spread out.
+#[derive(Debug)]
+pub struct RateLimit {
+    per_second: f64,
+    next_free: tokio::time::Instant,
+}
+
+impl RateLimit {
+    pub fn new(per_second: f64) -> RateLimit {
+        RateLimit { per_second, next_free: tokio::time::Instant::now() }
+    }
+
+    /// Records per chunk.
+    pub fn chunk(&self) -> usize {
+        (self.per_second.ceil() as usize).max(1)
+    }
+
+    /// Waits until `n` more records may go.
+    pub async fn acquire(&mut self, n: usize) {
+        let start = self.reserve(tokio::time::Instant::now(), n);
+        tokio::time::sleep_until(start).await;
+    }
+
+    /// When `n` records asked for at `now` may go; books their share of the budget.
+    fn reserve(&mut self, now: tokio::time::Instant, n: usize) -> tokio::time::Instant {
+        let start = self.next_free.max(now);
+        self.next_free = start + Duration::from_secs_f64(n as f64 / self.per_second);
+        start
+    }
+}
+
+/// `batches` cut into groups of at most `rows` rows, in order.
+fn chunks_of(batches: Vec<RecordBatch>, rows: usize) -> Vec<Vec<RecordBatch>> {
+    let mut out: Vec<Vec<RecordBatch>> = Vec::new();
+    let mut current: Vec<RecordBatch> = Vec::new();
+    let mut n = 0;
+    for b in batches {
+        let mut start = 0;
+        while start < b.num_rows() {
+            let take = (rows - n).min(b.num_rows() - start);
+            current.push(b.slice(start, take));
+            start += take;
+            n += take;
+            if n == rows {
+                out.push(std::mem::take(&mut current));
+                n = 0;
+            }
+        }
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
 }
 
 /// What the commit stage owns.
@@ -387,6 +444,7 @@ impl Pipeline {
                 ),
                 _ => SinkRt::External(
                     self.spec.externals.get(name).cloned().ok_or_else(|| anyhow::anyhow!("sink {name} has no connector"))?,
+                    cfg.rate_limit().map(RateLimit::new),
                 ),
             });
         }
@@ -489,11 +547,19 @@ impl Pipeline {
                     })
                 }
                 (SinkRt::Stream(stream), SinkData::Stream(parts)) => write_stream(stream, parts).await?,
-                (SinkRt::External(sink), SinkData::External(batches)) => {
-                    if batches.is_empty() {
-                        0
-                    } else {
-                        sink.write(&batches).await.map_err(|e| e.context(format!("sink {}", self.sink_names[i])))?
+                (SinkRt::External(sink, limit), SinkData::External(batches)) => {
+                    let name = &self.sink_names[i];
+                    match limit {
+                        _ if batches.is_empty() => 0,
+                        None => sink.write(&batches).await.map_err(|e| e.context(format!("sink {name}")))?,
+                        Some(limit) => {
+                            let mut n = 0;
+                            for chunk in chunks_of(batches, limit.chunk()) {
+                                limit.acquire(chunk.iter().map(|b| b.num_rows()).sum()).await;
+                                n += sink.write(&chunk).await.map_err(|e| e.context(format!("sink {name}")))?;
+                            }
+                            n
+                        }
                     }
                 }
                 _ => anyhow::bail!("sink {} got data of another kind", self.sink_names[i]),
@@ -996,4 +1062,45 @@ fn save_schema(path: &std::path::Path, schema: &Schema) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path)?;
     std::fs::File::open(dir)?.sync_all()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deltalake::arrow::array::Int64Array;
+
+    fn b(n: i64) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from_iter_values(0..n))]).unwrap()
+    }
+
+    #[test]
+    fn chunks_keep_rows_in_order_and_never_exceed_the_size() {
+        let chunks = chunks_of(vec![b(5), b(0), b(7), b(1)], 4);
+        let sizes: Vec<usize> = chunks.iter().map(|c| c.iter().map(|b| b.num_rows()).sum()).collect();
+        assert_eq!(sizes, vec![4, 4, 4, 1]);
+        let values: Vec<i64> = chunks
+            .iter()
+            .flatten()
+            .flat_map(|b| b.column(0).as_primitive::<Int64Type>().values().to_vec())
+            .collect();
+        assert_eq!(values, [(0..5).collect::<Vec<_>>(), (0..7).collect(), vec![0]].concat());
+    }
+
+    // The schedule is computed from given instants: no clock, no timing in the test.
+    #[test]
+    fn rate_limit_spreads_records_over_time() {
+        let t0 = tokio::time::Instant::now();
+        let mut limit = RateLimit { per_second: 200.0, next_free: t0 };
+        assert_eq!(limit.chunk(), 200);
+        let secs = |t: tokio::time::Instant| (t - t0).as_secs_f64();
+        // Three chunks asked for at once go at 0 s, 1 s and 2 s; then 100 records at 3 s.
+        let starts: Vec<f64> = (0..3).map(|_| secs(limit.reserve(t0, 200))).collect();
+        assert_eq!(starts, vec![0.0, 1.0, 2.0]);
+        assert_eq!(secs(limit.reserve(t0, 100)), 3.0);
+        // Idle time is not saved up: after a pause, the budget starts from the present.
+        let later = t0 + Duration::from_secs(20);
+        assert_eq!(secs(limit.reserve(later, 200)), 20.0);
+        assert_eq!(secs(limit.reserve(later, 1)), 21.0);
+    }
 }

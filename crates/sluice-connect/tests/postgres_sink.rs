@@ -1,26 +1,15 @@
 //! The PostgreSQL sink against a cluster this test starts (initdb + pg_ctl) on a free
 //! loopback port.
 
+#[path = "support/batch.rs"]
+mod batch;
 #[path = "support/servers.rs"]
 mod servers;
-
-use deltalake::arrow::array::RecordBatch;
-use deltalake::arrow::compute::concat_batches;
+use batch::batch;
 use servers::PgServer;
 use sluice_connect::postgres_sink::PostgresSink;
 use sluice_core::pipeline::PostgresSinkConfig;
-use sluice_lake::convert::{convert, ConvertOptions, InputRecord};
 use sluice_pipeline::ExternalSink;
-
-fn batch(lines: &[&str], first_offset: u64) -> RecordBatch {
-    let inputs: Vec<InputRecord> = lines
-        .iter()
-        .enumerate()
-        .map(|(i, l)| InputRecord { partition: 0, offset: first_offset + i as u64, timestamp_ms: 0, value: l.as_bytes() })
-        .collect();
-    let c = convert(None, &inputs, &ConvertOptions::default());
-    concat_batches(&c.schema, &c.batches).unwrap()
-}
 
 async fn client(pg: &PgServer) -> tokio_postgres::Client {
     let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await.unwrap();

@@ -1,26 +1,16 @@
 //! The Redis sink against a redis-server this test starts on a free loopback port.
 
-use deltalake::arrow::array::RecordBatch;
-use deltalake::arrow::compute::concat_batches;
 use sluice_connect::redis_sink::RedisSink;
 use sluice_core::pipeline::{GeoConfig, RedisSinkConfig};
-use sluice_lake::convert::{convert, ConvertOptions, InputRecord};
 use sluice_pipeline::ExternalSink;
 
+#[path = "support/batch.rs"]
+mod batch;
 #[path = "support/servers.rs"]
 mod servers;
+use batch::batch;
 use servers::RedisServer;
 use std::time::Duration;
-
-fn batch(lines: &[&str], first_offset: u64) -> RecordBatch {
-    let inputs: Vec<InputRecord> = lines
-        .iter()
-        .enumerate()
-        .map(|(i, l)| InputRecord { partition: 0, offset: first_offset + i as u64, timestamp_ms: 0, value: l.as_bytes() })
-        .collect();
-    let c = convert(None, &inputs, &ConvertOptions::default());
-    concat_batches(&c.schema, &c.batches).unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latest_value_per_key_and_positions_survive_reruns() {

@@ -138,8 +138,16 @@ pub async fn reload(app: &Arc<App>) -> anyhow::Result<ReloadReport> {
     for s in app.log.streams() {
         app.ensure_sink(&s);
     }
+    // One pipeline that cannot start (its connector refuses its options) does not keep the
+    // others from starting; the error names it, and the rest of the reload stands.
+    let mut failed = Vec::new();
     for name in report.added.iter().chain(&report.changed) {
-        app.start_pipeline(&cfg, name)?;
+        if let Err(e) = app.start_pipeline(&cfg, name) {
+            failed.push(format!("pipeline {name}: {e:#}"));
+        }
+    }
+    if !failed.is_empty() {
+        anyhow::bail!("reload applied, but these did not start: {}", failed.join("; "));
     }
     tracing::info!(
         added = ?report.added, removed = ?report.removed, changed = ?report.changed,

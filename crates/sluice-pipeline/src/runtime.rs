@@ -13,6 +13,10 @@
 //!   again.
 //! - The source schema the converter inferred is persisted before any commit of the flush
 //!   that evolved it, so a re-run converts (accepts, rejects) exactly as the first run did.
+//! - Besides its `from` streams, a pipeline reads its replay stream `<name>__replay` (what
+//!   `sluice replay` feeds it), under the same protocol.
+//! - A pipeline halted for a reload stops only between checkpoints, so its successor resumes
+//!   exactly where it stopped.
 
 use crate::step::{is_system_column, Output, Step, StepStats};
 use deltalake::arrow::array::{ArrayRef, AsArray, BooleanArray, RecordBatch};
@@ -41,8 +45,8 @@ pub fn app_id(pipeline: &str, stream: &str, partition: u32) -> String {
     format!("sluice:{pipeline}:{stream}:{partition}")
 }
 
-/// A sink outside Sluice's log and lake (a webhook, later PostgreSQL and Redis), built by a
-/// connector in `sluice-connect`. At-least-once: a flush that re-runs after a crash is written
+/// A sink outside Sluice's log and lake (webhook, PostgreSQL, Redis), built by a connector in
+/// `sluice-connect`. At-least-once: a flush that re-runs after a crash is written
 /// again, so writes should be idempotent by key where the destination allows.
 pub trait ExternalSink: Send + Sync {
     /// Writes the rows (system columns included; see [`rows_to_json`]) and returns once the

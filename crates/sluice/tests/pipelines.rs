@@ -473,7 +473,14 @@ async fn reload_during_sustained_ingest_loses_and_duplicates_nothing() {
         })
     };
     let pause = || tokio::time::sleep(Duration::from_millis(400));
-    pause().await;
+    // The first definition has landed records before it is changed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while s.query("SELECT count(*) AS n FROM information_schema.tables WHERE table_name = 'a_even'").await[0]["n"] == 0
+        || s.scalar("SELECT count(*) FROM a_even").await == 0.0
+    {
+        assert!(std::time::Instant::now() < deadline, "nothing landed under the first definition: {}", s.server_log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Change a, add b: with the CLI.
     write_cfg(&s, &format!("{a_v2}{b}"));
     let (code, out, err) = reload(&url);

@@ -60,6 +60,9 @@ pub struct Config {
     /// table of its name.
     #[serde(default)]
     pub pipelines: BTreeMap<String, crate::pipeline::PipelineConfig>,
+    /// Change-data-capture sources by name (see [`crate::source`]).
+    #[serde(default)]
+    pub sources: BTreeMap<String, crate::source::SourceConfig>,
     /// The file and text this config was read from, for errors found after loading.
     #[serde(skip)]
     pub source: Option<(String, String)>,
@@ -385,6 +388,7 @@ fn validate(cfg: &Config) -> Result<(), Invalid> {
     if !(1..=22).contains(&cfg.log.zstd_level) {
         return Err((p(&["log", "zstd_level"]), "must be between 1 and 22".into()));
     }
+    crate::source::validate(&cfg.sources)?;
     crate::pipeline::validate(&cfg.pipelines, &cfg.streams, &cfg.lake.date_column)
 }
 
@@ -682,5 +686,16 @@ mod tests {
         parse("x", "streams:\n  a: {}\npipelines:\n  p:\n    from: a\n    to:\n      a: { lake: {} }\n").unwrap();
         let two = "streams:\n  a: {}\npipelines:\n  p:\n    from: a\n    to:\n      t: { lake: {} }\n  q:\n    from: a\n    to:\n      u: { lake: { table: t } }\n";
         assert!(err(two).message.contains("already written by pipeline \"p\""));
+    }
+
+    #[test]
+    fn a_pipeline_may_read_another_pipelines_dead_letters_but_not_its_own() {
+        let ok = "streams:\n  a: {}\npipelines:\n  p:\n    from: a\n    to:\n      t: { lake: {} }\n  alerts:\n    from: p__dlq\n    to:\n      u: { lake: {} }\n";
+        let c = parse("x", ok).unwrap();
+        assert!(c.is_pipeline_source("p__dlq"));
+        let unknown = ok.replace("from: p__dlq", "from: nope__dlq");
+        assert!(err(&unknown).message.contains("unknown stream \"nope__dlq\""), "{}", err(&unknown));
+        let own = "streams:\n  a: {}\npipelines:\n  p:\n    from: [a, p__dlq]\n    to:\n      t: { lake: {} }\n";
+        assert!(err(own).message.contains("cycle"), "{}", err(own));
     }
 }

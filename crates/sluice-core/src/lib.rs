@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod pipeline;
+pub mod source;
 pub mod time;
 pub mod units;
 
@@ -21,6 +22,12 @@ pub const REPLAY_SUFFIX: &str = "__replay";
 /// The replay stream of pipeline `pipeline`.
 pub fn replay_stream(pipeline: &str) -> String {
     format!("{pipeline}{REPLAY_SUFFIX}")
+}
+
+/// The dead-letter stream (and lake table) of pipeline `pipeline`. Other pipelines may read
+/// it (`from: [orders__dlq]`), to alert or repair.
+pub fn dlq_stream(pipeline: &str) -> String {
+    format!("{pipeline}{DLQ_SUFFIX}")
 }
 
 /// Checks a stream name: `^[a-z0-9_][a-z0-9_-]{0,99}$` and not ending in `__dlq` or `__replay`.

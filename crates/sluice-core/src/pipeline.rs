@@ -273,6 +273,16 @@ pub struct EnrichConfig {
     pub cache_entries: usize,
     #[serde(default)]
     pub on_error: OnError,
+    /// Records per request (1: one request per record). Above 1, records that render the
+    /// same URL are sent together as one POST whose body is a JSON array of their `body`
+    /// renderings; the answer must be a JSON array of as many answers, in order (`null`:
+    /// nothing known, like a 404).
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+}
+
+fn default_batch_size() -> usize {
+    1
 }
 
 fn default_method() -> String {
@@ -601,6 +611,8 @@ macro_rules! one_key_enum {
     };
 }
 
+pub(crate) use one_key_enum;
+
 one_key_enum!(StepConfig, "step",
     "filter" => Filter(String),
     "map" => Map(Fields),
@@ -727,7 +739,8 @@ pub(crate) fn validate(
             return Err((at(name, &["from"]), "needs at least one stream".into()));
         }
         for s in &p.from {
-            if !streams.contains_key(s) {
+            let dead_letters_of = s.strip_suffix(crate::DLQ_SUFFIX).filter(|q| pipelines.contains_key(*q));
+            if !streams.contains_key(s) && dead_letters_of.is_none() {
                 return Err((at(name, &["from"]), format!("unknown stream {s:?}: declare it under `streams:`")));
             }
         }
@@ -850,6 +863,12 @@ pub(crate) fn validate(
                     if e.timeout.is_zero() {
                         return Err((k("timeout"), "must be more than 0".into()));
                     }
+                    if !(1..=10_000).contains(&e.batch_size) {
+                        return Err((k("batch_size"), "must be between 1 and 10000".into()));
+                    }
+                    if e.batch_size > 1 && (e.body.is_none() || e.method != "POST") {
+                        return Err((k("batch_size"), "batching sends a JSON array of bodies: set method: POST and a body template".into()));
+                    }
                 }
                 StepConfig::Route(routes) => {
                     if i + 1 != p.steps.len() {
@@ -942,10 +961,12 @@ fn is_field_name(s: &str) -> bool {
 /// Streams → pipelines → streams must not loop (a record would circle forever).
 fn check_cycles(pipelines: &BTreeMap<String, PipelineConfig>) -> Result<(), Invalid> {
     // Edges stream -> stream through a pipeline.
+    // Every pipeline also writes its dead-letter stream.
+    let dlqs: BTreeMap<&str, String> = pipelines.keys().map(|n| (n.as_str(), crate::dlq_stream(n))).collect();
     let mut edges: BTreeMap<&str, Vec<(&str, &str)>> = BTreeMap::new();
     for (name, p) in pipelines {
         for f in &p.from {
-            for out in p.output_streams() {
+            for out in p.output_streams().chain(std::iter::once(dlqs[name.as_str()].as_str())) {
                 edges.entry(f.as_str()).or_default().push((out, name.as_str()));
             }
         }

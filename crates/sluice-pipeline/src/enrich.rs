@@ -5,6 +5,8 @@
 //!   expression each); a record with a NULL placeholder gets NULL and no call.
 //! - Records that render the same request share one call, and answers are cached (TTL and
 //!   entry bound), so a hot key costs one call per TTL.
+//! - With `batch_size` above 1, the misses that render the same URL go in POSTs of up to
+//!   `batch_size` bodies as one JSON array; the service answers a JSON array in the same order.
 //! - Calls run `concurrency` at a time; each has a timeout and is retried on connection
 //!   errors, timeouts, 429 and 5xx with exponential backoff and jitter. 404 means "nothing
 //!   known": NULL, not an error. A failure after the retries follows `on_error`.
@@ -262,14 +264,27 @@ impl Enricher {
         Ok((out, failures))
     }
 
-    /// Fetches every request, `concurrency` at a time, on the runtime this step runs under.
+    /// Fetches every request, `concurrency` calls at a time, on the runtime this step runs
+    /// under: one call per request, or per group of up to `batch_size` requests to one URL.
     fn fetch_all(&self, requests: Vec<Request>) -> Vec<(Request, Result<Option<Bytes>, String>)> {
-        let work = futures::stream::iter(requests.into_iter().map(|r| async move {
-            let res = self.fetch(&r).await;
-            (r, res)
-        }))
-        .buffer_unordered(self.cfg.concurrency)
-        .collect::<Vec<_>>();
+        let concurrency = self.cfg.concurrency;
+        let work = async move {
+            if self.cfg.batch_size > 1 {
+                futures::stream::iter(group_by_url(requests, self.cfg.batch_size).into_iter().map(|g| self.fetch_batch(g)))
+                    .buffer_unordered(concurrency)
+                    .flat_map(futures::stream::iter)
+                    .collect::<Vec<_>>()
+                    .await
+            } else {
+                futures::stream::iter(requests.into_iter().map(|r| async move {
+                    let res = self.fetch(&r.url, r.body.as_deref()).await;
+                    (r, res)
+                }))
+                .buffer_unordered(concurrency)
+                .collect::<Vec<_>>()
+                .await
+            }
+        };
         match tokio::runtime::Handle::try_current() {
             Ok(h) => tokio::task::block_in_place(|| h.block_on(work)),
             Err(_) => match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -279,13 +294,43 @@ impl Enricher {
         }
     }
 
-    async fn fetch(&self, r: &Request) -> Result<Option<Bytes>, String> {
+    /// One call for a group of requests to the same URL: their bodies as a JSON array; the
+    /// answer is a JSON array of as many answers (`null`: nothing known). A failed call fails
+    /// every request of the group.
+    async fn fetch_batch(&self, group: Vec<Request>) -> Vec<(Request, Result<Option<Bytes>, String>)> {
+        let Some(url) = group.first().map(|r| r.url.clone()) else { return Vec::new() };
+        let mut body = String::from("[");
+        for (i, r) in group.iter().enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            body.push_str(r.body.as_deref().unwrap_or("null"));
+        }
+        body.push(']');
+        let answers: Result<Vec<Option<Bytes>>, String> = match self.fetch(&url, Some(&body)).await {
+            Ok(Some(b)) => match serde_json::from_slice::<Vec<serde_json::Value>>(&b) {
+                Ok(items) if items.len() == group.len() => {
+                    Ok(items.into_iter().map(|v| (!v.is_null()).then(|| Bytes::from(v.to_string()))).collect())
+                }
+                Ok(items) => Err(format!("batch of {} got {} answers", group.len(), items.len())),
+                Err(e) => Err(format!("batch answer is not a JSON array: {e}")),
+            },
+            Ok(None) => Ok(vec![None; group.len()]),
+            Err(e) => Err(e),
+        };
+        match answers {
+            Ok(a) => group.into_iter().zip(a).map(|(r, a)| (r, Ok(a))).collect(),
+            Err(e) => group.into_iter().map(|r| (r, Err(e.clone()))).collect(),
+        }
+    }
+
+    async fn fetch(&self, url: &str, body: Option<&str>) -> Result<Option<Bytes>, String> {
         let mut attempt: u32 = 0;
         loop {
-            let mut req = match r.body {
-                Some(ref b) => self.client.post(&r.url).header("content-type", "application/json").body(b.clone()),
-                None if self.cfg.method == "POST" => self.client.post(&r.url),
-                None => self.client.get(&r.url),
+            let mut req = match body {
+                Some(b) => self.client.post(url).header("content-type", "application/json").body(b.to_string()),
+                None if self.cfg.method == "POST" => self.client.post(url),
+                None => self.client.get(url),
             };
             for (k, v) in &self.cfg.headers {
                 req = req.header(k, v);
@@ -321,6 +366,22 @@ impl Enricher {
             tokio::time::sleep(exp.mul_f64(0.5 + fastrand::f64() / 2.0)).await;
         }
     }
+}
+
+/// Requests in groups of at most `size` with the same URL, in first-seen order.
+fn group_by_url(requests: Vec<Request>, size: usize) -> Vec<Vec<Request>> {
+    let mut groups: Vec<Vec<Request>> = Vec::new();
+    let mut open: HashMap<String, usize> = HashMap::new();
+    for r in requests {
+        match open.get(&r.url) {
+            Some(&g) if groups[g].len() < size => groups[g].push(r),
+            _ => {
+                open.insert(r.url.clone(), groups.len());
+                groups.push(vec![r]);
+            }
+        }
+    }
+    groups
 }
 
 async fn read_body(mut resp: reqwest::Response) -> Result<Bytes, String> {

@@ -9,6 +9,9 @@
 //!   with the last offset included. After a crash the pipeline restarts from its consumer
 //!   offsets; rows at or below a table's identifier are already in that table and are skipped.
 //!   So the lake (and the dead-letter table) get each record exactly once.
+//! - Dead letters also go to the stream `<name>__dlq`, exactly once as well: each carries its
+//!   source stream, partition and offset, and a re-run appends only those past the highest
+//!   offset per source partition that the stream already holds (found by reading it at start).
 //! - Stream sinks are at-least-once: records of a flush re-run after a crash are appended
 //!   again.
 //! - The source schema the converter inferred is persisted before any commit of the flush
@@ -90,6 +93,8 @@ pub struct PipelineSpec {
     pub sources: Vec<Arc<Stream>>,
     /// Target streams of stream sinks, by stream name.
     pub outputs: HashMap<String, Arc<Stream>>,
+    /// The dead-letter stream `<name>__dlq`.
+    pub dlq: Arc<Stream>,
     /// External sinks (webhook, ...), by sink name.
     pub externals: HashMap<String, Arc<dyn ExternalSink>>,
     /// Per `lookup` step (index into `cfg.steps`), where it finds rows.
@@ -281,6 +286,9 @@ fn chunks_of(batches: Vec<RecordBatch>, rows: usize) -> Vec<Vec<RecordBatch>> {
 struct Writers {
     sinks: Vec<SinkRt>,
     dlq: LakeOut,
+    /// Per source stream and partition: the last offset whose dead letter the dead-letter
+    /// stream holds (-1: none).
+    dlq_stream_done: Vec<Vec<i64>>,
 }
 
 /// Runs one pipeline. Start it with [`Pipeline::run`] on its own task.
@@ -453,6 +461,7 @@ impl Pipeline {
             });
         }
         let dlq = self.open_lake(self.dlq_name(), Vec::new()).await?;
+        let dlq_stream_done = self.dead_letters_in_stream()?;
         let mut schemas = Vec::new();
         for s in &self.spec.sources {
             schemas.push(load_schema(&self.schema_path(s.name()))?);
@@ -471,7 +480,7 @@ impl Pipeline {
                 .collect(),
             ..prep
         };
-        Ok(((next, Writers { sinks, dlq }), prep))
+        Ok(((next, Writers { sinks, dlq, dlq_stream_done }), prep))
     }
 
     async fn open_lake(&self, table_name: String, partition_by: Vec<String>) -> anyhow::Result<LakeOut> {
@@ -491,6 +500,34 @@ impl Pipeline {
             })
             .collect();
         Ok(LakeOut { table_name, partition_by, table, done })
+    }
+
+    /// Reads the dead-letter stream: per source stream and partition, the highest offset it
+    /// holds a dead letter of (-1: none). Dead letters are rare, so reading it all is cheap.
+    fn dead_letters_in_stream(&self) -> anyhow::Result<Vec<Vec<i64>>> {
+        let mut done: Vec<Vec<i64>> = self.spec.sources.iter().map(|s| vec![-1; s.partitions().len()]).collect();
+        for p in self.spec.dlq.partitions() {
+            let mut from = p.log_start_offset();
+            while from < p.high_watermark() {
+                let records = p.read(from, 4 << 20)?;
+                let Some(last) = records.last() else { break };
+                from = last.offset + 1;
+                for r in &records {
+                    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&r.value) else { continue };
+                    let (Some(pipeline), Some(stream), Some(partition), Some(offset)) =
+                        (v["pipeline"].as_str(), v["stream"].as_str(), v["partition"].as_u64(), v["offset"].as_u64())
+                    else {
+                        continue;
+                    };
+                    let Some(s) = self.spec.sources.iter().position(|s| s.name() == stream) else { continue };
+                    if pipeline == self.spec.name && (partition as usize) < done[s].len() {
+                        let d = &mut done[s][partition as usize];
+                        *d = (*d).max(offset as i64);
+                    }
+                }
+            }
+        }
+        Ok(done)
     }
 
     fn schema_path(&self, stream: &str) -> PathBuf {
@@ -574,7 +611,7 @@ impl Pipeline {
                 .increment(written as u64);
         }
         if !dead.is_empty() {
-            let n = self.write_dead_letters(&mut w.dlq, dead, &txns).await?;
+            let n = self.write_dead_letters(w, dead, &txns).await?;
             self.status.dead_letters.fetch_add(n as u64, Ordering::Relaxed);
             metrics::counter!("sluice_pipeline_dlq_records_total", "pipeline" => self.spec.name.clone()).increment(n as u64);
         }
@@ -673,8 +710,14 @@ impl Pipeline {
         Ok(Some(rows))
     }
 
-    async fn write_dead_letters(&self, dlq: &mut LakeOut, mut dead: Vec<DeadLetter>, txns: &[(String, i64)]) -> anyhow::Result<usize> {
-        dead.retain(|d| d.offset as i64 > dlq.done[d.stream][d.partition as usize]);
+    /// Writes dead letters to the dead-letter table and stream, skipping those either already
+    /// holds. Returns how many are new to the table.
+    async fn write_dead_letters(&self, w: &mut Writers, mut dead: Vec<DeadLetter>, txns: &[(String, i64)]) -> anyhow::Result<usize> {
+        let (dlq, in_stream) = (&mut w.dlq, &mut w.dlq_stream_done);
+        dead.retain(|d| {
+            let (s, p, o) = (d.stream, d.partition as usize, d.offset as i64);
+            o > dlq.done[s][p] || o > in_stream[s][p]
+        });
         // Dead letters found at a sink carry no raw text yet: fill it from the log.
         for d in dead.iter_mut().filter(|d| d.raw.is_empty()) {
             let p = &self.spec.sources[d.stream].partitions()[d.partition as usize];
@@ -683,14 +726,29 @@ impl Pipeline {
                 d.timestamp_ms = r.timestamp_ms;
             }
         }
-        let n = dead.len();
+        let for_table: Vec<&DeadLetter> = dead.iter().filter(|d| d.offset as i64 > dlq.done[d.stream][d.partition as usize]).collect();
+        let n = for_table.len();
         if n > 0 {
-            let batch = dead_letter_batch(&dead, &self.spec.sources, &self.spec.date_column)?;
+            let batch = dead_letter_batch(&for_table, &self.spec.sources, &self.spec.date_column)?;
             if dlq.table.is_none() {
                 dlq.table = Some(LakeTable::create(&self.spec.lake_root, &dlq.table_name, &batch.schema(), &[self.spec.date_column.clone()]).await?);
             }
             dlq.table.as_mut().expect("created above").append(vec![batch], txns).await?;
             mark_done(dlq, txns, &self.spec.sources, &self.spec.name);
+        }
+        fault_point();
+        let now = sluice_core::time::now_ms();
+        let records: Vec<Record> = dead
+            .iter()
+            .filter(|d| d.offset as i64 > in_stream[d.stream][d.partition as usize])
+            .map(|d| dead_letter_record(d, &self.spec.name, self.spec.sources[d.stream].name(), now))
+            .collect();
+        if !records.is_empty() {
+            write_stream(&self.spec.dlq, vec![records]).await?;
+            for d in &dead {
+                let done = &mut in_stream[d.stream][d.partition as usize];
+                *done = (*done).max(d.offset as i64);
+            }
         }
         Ok(n)
     }
@@ -1006,9 +1064,29 @@ async fn write_stream(stream: &Stream, parts: Vec<Vec<Record>>) -> anyhow::Resul
     Ok(n)
 }
 
+/// A record of the dead-letter stream: a JSON object with the pipeline, the source stream,
+/// partition and offset, the step, the error, the original record (as JSON when it is, else as
+/// a string), the record's log time and when it failed.
+fn dead_letter_record(d: &DeadLetter, pipeline: &str, stream: &str, now_ms: i64) -> Record {
+    let time = |ms: i64| chrono::DateTime::from_timestamp_millis(ms).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+    let record = serde_json::from_str::<serde_json::Value>(&d.raw).unwrap_or_else(|_| serde_json::Value::String(d.raw.clone()));
+    let v = serde_json::json!({
+        "pipeline": pipeline,
+        "stream": stream,
+        "partition": d.partition,
+        "offset": d.offset,
+        "step": d.step,
+        "error": d.error,
+        "record": record,
+        "timestamp": time(d.timestamp_ms),
+        "failed_at": time(now_ms),
+    });
+    Record::new(bytes::Bytes::from(v.to_string()), now_ms)
+}
+
 /// Rows of `<pipeline>__dlq`: the source stream, partition, offset, event time, the step, the
 /// error and the original record.
-fn dead_letter_batch(dead: &[DeadLetter], sources: &[Arc<Stream>], date_column: &str) -> anyhow::Result<RecordBatch> {
+fn dead_letter_batch(dead: &[&DeadLetter], sources: &[Arc<Stream>], date_column: &str) -> anyhow::Result<RecordBatch> {
     use deltalake::arrow::array::{Int32Array, Int64Array, StringArray, TimestampMicrosecondArray};
     use deltalake::arrow::datatypes::TimeUnit;
     let schema = Arc::new(Schema::new(vec![

@@ -99,6 +99,7 @@ fn cfg(url: String) -> EnrichConfig {
         cache_ttl: Duration::from_secs(60),
         cache_entries: 1000,
         on_error: OnError::DeadLetter,
+        batch_size: 1,
     }
 }
 
@@ -242,4 +243,77 @@ async fn post_body_is_templated_with_json_escaping() {
     let user = out.column_by_name("user").unwrap().as_struct();
     assert_eq!(user.column_by_name("id").unwrap().as_string::<i32>().value(0), "a\"b");
     assert_eq!(user.column_by_name("n").unwrap().as_primitive::<Int64Type>().value(0), 2);
+}
+
+/// A batch service: a POST of a JSON array of `{"id": ...}` answers an array of users in the
+/// same order (`null` for id "missing"); id "short" makes it answer one item too few.
+async fn start_batch_service() -> (String, Arc<Mutex<Vec<usize>>>) {
+    let sizes: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let seen = sizes.clone();
+    let app = axum::Router::new().route(
+        "/users:batch",
+        axum::routing::post(move |body: String| {
+            let seen = seen.clone();
+            async move {
+                let items: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+                seen.lock().unwrap().push(items.len());
+                let mut out: Vec<serde_json::Value> = items
+                    .iter()
+                    .map(|i| match i["id"].as_str().unwrap() {
+                        "missing" => serde_json::Value::Null,
+                        id => serde_json::json!({"name": format!("user-{id}")}),
+                    })
+                    .collect();
+                if items.iter().any(|i| i["id"] == "short") {
+                    out.pop();
+                }
+                serde_json::Value::Array(out).to_string()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}"), sizes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_requests_carry_many_records_and_answers_map_back_in_order() {
+    let (base, sizes) = start_batch_service().await;
+    let mut c = cfg(format!("{base}/users:batch"));
+    c.method = "POST".into();
+    c.body = Some(r#"{"id": "${user_id}"}"#.into());
+    c.batch_size = 4;
+    let step = Step::new(0, &StepConfig::Enrich(Box::new(c.clone())), &[], "event_date");
+    let ids: Vec<String> = (0..10).map(|i| format!("u{i}")).collect();
+    let mut rows: Vec<Option<&str>> = ids.iter().map(|s| Some(s.as_str())).collect();
+    rows.push(Some("missing"));
+    rows.push(Some("u3")); // the same request as row 3: shares its answer
+    rows.push(None); // no request at all
+    let (step, out, failures) = apply(step, batch(&rows)).await;
+    assert!(failures.is_empty(), "{:?}", failures.iter().map(|f| &f.error).collect::<Vec<_>>());
+    let out = out.unwrap();
+    let user = out.column_by_name("user").unwrap().as_struct();
+    let names = user.column_by_name("name").unwrap().as_string::<i32>();
+    for i in 0..10 {
+        assert_eq!(names.value(i), format!("user-u{i}"));
+    }
+    assert!(user.is_null(10), "null answer: nothing known");
+    assert_eq!(names.value(11), "user-u3");
+    assert!(user.is_null(12));
+    // 11 distinct requests in groups of at most 4.
+    let mut got = sizes.lock().unwrap().clone();
+    got.sort();
+    assert_eq!(got, vec![3, 4, 4]);
+    // Answers are cached per record: a second batch makes no call.
+    let (_, _, failures) = apply(step, batch(&[Some("u1"), Some("u2")])).await;
+    assert!(failures.is_empty());
+    assert_eq!(sizes.lock().unwrap().len(), 3);
+
+    // An answer of the wrong length fails every record of that call, naming the mismatch.
+    let step = Step::new(0, &StepConfig::Enrich(Box::new(c)), &[], "event_date");
+    let (_, out, failures) = apply(step, batch(&[Some("a"), Some("short"), Some("b")])).await;
+    assert_eq!(failures.len(), 3, "{:?}", failures.iter().map(|f| &f.error).collect::<Vec<_>>());
+    assert!(failures[0].error.contains("batch of 3 got 2 answers"), "{}", failures[0].error);
+    assert_eq!(out.map_or(0, |b| b.num_rows()), 0);
 }

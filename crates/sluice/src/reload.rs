@@ -3,7 +3,7 @@
 //!
 //! What a reload applies: pipelines (added, removed, changed), newly declared streams,
 //! `limits`, `auto_create_streams` and stream settings read per request (key and event-time
-//! fields). Everything else (listen, data_dir, lake, log, tokens, partition counts) is
+//! fields). Everything else (listen, data_dir, lake, log, sources, tokens, partition counts) is
 //! reported as needing a restart and keeps its running value.
 //!
 //! Why nothing is lost or duplicated: a pipeline that is changed or removed is halted after
@@ -53,6 +53,10 @@ fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<String> {
     if old.log != new.log {
         names.push("log".to_string());
         new.log = old.log.clone();
+    }
+    if old.sources != new.sources {
+        names.push("sources".to_string());
+        new.sources = old.sources.clone();
     }
     if old.tokens != new.tokens {
         names.push("tokens".to_string());

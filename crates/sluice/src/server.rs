@@ -35,6 +35,8 @@ pub struct App {
     pub shutting_down: AtomicBool,
     pub(crate) sinks: parking_lot::Mutex<HashMap<String, LakeTask>>,
     pub(crate) pipelines: parking_lot::Mutex<Vec<RunningPipeline>>,
+    /// Change-data-capture sources, running.
+    pub(crate) sources: parking_lot::Mutex<Vec<RunningSource>>,
     stop_sinks: watch::Sender<bool>,
     /// One reload at a time.
     pub(crate) reloading: tokio::sync::Mutex<()>,
@@ -53,6 +55,12 @@ pub(crate) struct RunningPipeline {
     pub cfg: sluice_core::pipeline::PipelineConfig,
     pub status: Arc<PipelineStatus>,
     pub halt: watch::Sender<bool>,
+    pub task: JoinHandle<()>,
+}
+
+/// A change-data-capture source task.
+pub(crate) struct RunningSource {
+    pub status: Arc<sluice_connect::postgres_cdc::SourceStatus>,
     pub task: JoinHandle<()>,
 }
 
@@ -93,6 +101,13 @@ impl App {
 
     /// The log stream to write to, created (with its lake sink) on first write when allowed.
     pub fn stream_for_write(&self, name: &str) -> Result<Arc<Stream>, Response> {
+        if let Some(source) = self.source_of_stream(name) {
+            return Err(error_response(
+                StatusCode::CONFLICT,
+                &format!("stream {name:?} holds the changes source {source:?} captures; it takes no other writes"),
+                None,
+            ));
+        }
         if let Some(s) = self.log.stream(name) {
             return Ok(s);
         }
@@ -126,8 +141,9 @@ impl App {
     pub(crate) fn ensure_sink(&self, stream: &Arc<Stream>) {
         let cfg = self.cfg();
         // A pipeline's source lands where its pipelines send it; a replay stream is only
-        // ever a pipeline's source.
-        if !cfg.lake.enabled || cfg.is_pipeline_source(stream.name()) || stream.name().ends_with(sluice_core::REPLAY_SUFFIX) {
+        // ever a pipeline's source; a pipeline writes its dead-letter table itself.
+        let name = stream.name();
+        if !cfg.lake.enabled || cfg.is_pipeline_source(name) || name.ends_with(sluice_core::REPLAY_SUFFIX) || name.ends_with(sluice_core::DLQ_SUFFIX) {
             return;
         }
         let mut sinks = self.sinks.lock();
@@ -154,6 +170,40 @@ impl App {
         self.sinks.lock().get(stream).map(|t| t.status.clone())
     }
 
+    /// Starts every configured change-data-capture source. Each opens the streams of the
+    /// tables it captures as their first changes arrive (they land in the lake like any
+    /// stream).
+    fn start_sources(self: &Arc<Self>) {
+        let cfg = self.cfg();
+        for (name, sc) in &cfg.sources {
+            let sluice_core::source::SourceConfig::Postgres(pg) = sc;
+            let app = Arc::downgrade(self);
+            let open: sluice_connect::postgres_cdc::OpenStream = Arc::new(move |stream: &str, partitions: u32| {
+                let app = app.upgrade().ok_or_else(|| anyhow::anyhow!("shutting down"))?;
+                let cfg = app.cfg();
+                let sc = cfg.stream(stream);
+                let s = app.log.create_stream(
+                    stream,
+                    StreamOptions { partitions, retention_bytes: sc.retention.bytes, retention_ms: sc.retention.time.map(|d| d.as_millis() as u64) },
+                )?;
+                app.ensure_sink(&s);
+                Ok(s)
+            });
+            let source = sluice_connect::postgres_cdc::PostgresSource::new(name, pg, cfg.data_dir.join("sources").join(name), open);
+            let status = source.status();
+            let task = tokio::spawn(source.run(self.stop_sinks.subscribe()));
+            self.sources.lock().push(RunningSource { status, task });
+        }
+    }
+
+    /// Is `stream` written by a change-data-capture source (and so not open to ingest)?
+    pub fn source_of_stream(&self, stream: &str) -> Option<String> {
+        self.sources.lock().iter().find_map(|s| {
+            let tables = s.status.tables.lock().unwrap_or_else(|e| e.into_inner());
+            tables.values().any(|t| t == stream).then(|| s.status.name.clone())
+        })
+    }
+
     /// Starts every configured pipeline (its streams are open by now).
     fn start_pipelines(&self) -> anyhow::Result<()> {
         let cfg = self.cfg();
@@ -166,14 +216,18 @@ impl App {
     /// Starts pipeline `name` of `cfg` on its own task.
     pub(crate) fn start_pipeline(&self, cfg: &Config, name: &str) -> anyhow::Result<()> {
         let p = cfg.pipelines.get(name).ok_or_else(|| anyhow::anyhow!("no pipeline {name:?}"))?;
-        let open = |s: &str| self.log.stream(s).ok_or_else(|| anyhow::anyhow!("pipeline {name}: stream {s:?} is not open"));
-        let mut sources = p.from.iter().map(|s| open(s)).collect::<anyhow::Result<Vec<_>>>()?;
-        // The replay stream (see `crate::replay`): one partition, kept a week past processing.
+        // The replay stream (see `crate::replay`) and the dead-letter streams: one partition,
+        // kept a week past processing.
         let week = Some(7 * 24 * 3600 * 1000);
-        sources.push(self.log.create_stream(
-            &sluice_core::replay_stream(name),
-            StreamOptions { partitions: 1, retention_bytes: None, retention_ms: week },
-        )?);
+        let system = |s: &str| self.log.create_stream(s, StreamOptions { partitions: 1, retention_bytes: None, retention_ms: week });
+        let open = |s: &str| match self.log.stream(s) {
+            Some(stream) => Ok(stream),
+            None if s.ends_with(sluice_core::DLQ_SUFFIX) => Ok(system(s)?),
+            None => Err(anyhow::anyhow!("pipeline {name}: stream {s:?} is not open")),
+        };
+        let mut sources = p.from.iter().map(|s| open(s)).collect::<anyhow::Result<Vec<_>>>()?;
+        sources.push(system(&sluice_core::replay_stream(name))?);
+        let dlq = open(&sluice_core::dlq_stream(name))?;
         let mut outputs = HashMap::new();
         for s in p.output_streams() {
             outputs.insert(s.to_string(), open(s)?);
@@ -211,6 +265,7 @@ impl App {
             cfg: p.clone(),
             sources,
             outputs,
+            dlq,
             externals,
             lookups,
             lake_root: cfg.lake_root(),
@@ -301,6 +356,7 @@ pub async fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> anyhow
         shutting_down: AtomicBool::new(false),
         sinks: Default::default(),
         pipelines: Default::default(),
+        sources: Default::default(),
         stop_sinks,
         reloading: Default::default(),
         metrics,
@@ -316,6 +372,7 @@ pub async fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> anyhow
         app.ensure_sink(&s);
     }
     app.start_pipelines()?;
+    app.start_sources();
     let housekeeping = tokio::spawn(housekeeping(app.clone()));
 
     let router = Router::new()
@@ -323,6 +380,7 @@ pub async fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> anyhow
         .route("/v1/streams", get(list_streams))
         .route("/v1/tables", get(list_tables))
         .route("/v1/pipelines", get(list_pipelines))
+        .route("/v1/sources", get(list_sources))
         .route("/v1/reload", post(crate::reload::reload_endpoint))
         .route("/v1/pipelines/{name}/replay", post(crate::replay::replay_endpoint))
         .route("/v1/pipelines/{name}/tap", get(crate::tap::tap_endpoint))
@@ -352,6 +410,7 @@ pub async fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> anyhow
     let _ = app.stop_sinks.send(true);
     let mut tasks: Vec<JoinHandle<()>> = app.sinks.lock().drain().map(|(_, t)| t.task).collect();
     tasks.extend(app.pipelines.lock().drain(..).map(|p| p.task));
+    tasks.extend(app.sources.lock().drain(..).map(|s| s.task));
     if tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(tasks)).await.is_err() {
         tracing::warn!("lake sinks and pipelines did not finish in 30s; the rest lands at the next start");
     }
@@ -425,6 +484,20 @@ fn pipeline_lag(app: &App, st: &PipelineStatus) -> u64 {
         }
     }
     lag
+}
+
+/// `GET /v1/sources`: each change-data-capture source's state, confirmed and received
+/// positions, counters, captured tables and last error.
+async fn list_sources(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let token = match app.auth.token(&headers) {
+        Ok(t) => t,
+        Err(d) => return app.denied(d),
+    };
+    if token.is_some_and(|t| !t.can_read_all()) {
+        return app.denied(Denied::Forbidden("listing sources needs read scope '*'".into()));
+    }
+    let out: Vec<serde_json::Value> = app.sources.lock().iter().map(|s| s.status.to_json()).collect();
+    axum::Json(serde_json::json!({ "sources": out })).into_response()
 }
 
 /// `GET /v1/pipelines`: each pipeline's sources, position and lag, per-step counters, sinks,

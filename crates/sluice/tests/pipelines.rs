@@ -81,6 +81,9 @@ async fn filter_map_route_into_lake_and_stream_with_dead_letters() {
     assert_eq!(dl["stream"], "events");
     assert!(dl["error"].as_str().unwrap().to_lowercase().contains("cast"), "{dl}");
     assert!(dl["raw"].as_str().unwrap().contains("\"note\":\"x\""), "{dl}");
+    // ... and the same in the dead-letter stream, for other pipelines to read.
+    let dlq_stream = s.stream_info("rides__dlq").await.expect("the dead-letter stream exists");
+    assert_eq!(dlq_stream["log_end_offset"], 10, "{dlq_stream}");
 
     // The source stream does not land by itself; the pipeline reports its counters.
     assert!(!s.lake().join("events").exists());
@@ -202,6 +205,14 @@ pipelines:
         redis:
           url: {redis}
           key: "'acct:' || CAST(acct AS VARCHAR)"
+  failures:
+    from: p__dlq
+    steps:
+      - map:
+          id: record.event_id
+    to:
+      dlq_copy:
+        lake: {{}}
 "#,
         pg = pg.url(),
         redis = redis.url()
@@ -257,6 +268,7 @@ pipelines:
     s.env.clear();
     s.spawn().await;
     s.wait_landed("crash").await;
+    s.wait_landed("p__dlq").await;
 
     let count = |rows: &[serde_json::Value], col: &str| {
         let mut seen: HashMap<usize, usize> = HashMap::new();
@@ -277,12 +289,14 @@ pipelines:
     let lake_rows = s.query("SELECT event_id, acct, name, _partition, _offset FROM even").await;
     let lake = count(&lake_rows, "event_id");
     let dlq = count(&s.query("SELECT raw FROM p__dlq").await, "raw");
+    // The dead-letter stream, as read by another pipeline.
+    let dlq_stream = count(&s.query("SELECT id FROM dlq_copy").await, "id");
     let acked = acked.lock().unwrap();
     let unknown = unknown.lock().unwrap();
     let in_unknown = |id: usize| unknown.iter().any(|(a, b)| (*a..*b).contains(&id));
     let passes = |id: usize| id % 2 == 0 && id % 50 != 14 && id % 7 != 0;
     let fails = |id: usize| id % 2 == 0 && (id % 50 == 14 || id % 7 == 0);
-    for (name, seen, want) in [("lake", &lake, &passes as &dyn Fn(usize) -> bool), ("dlq", &dlq, &fails)] {
+    for (name, seen, want) in [("lake", &lake, &passes as &dyn Fn(usize) -> bool), ("dlq", &dlq, &fails), ("dlq stream", &dlq_stream, &fails)] {
         let dups: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).take(5).collect();
         assert!(dups.is_empty(), "{name}: duplicates (seed {seed}): {dups:?}");
         let missing: Vec<_> = acked.iter().filter(|id| want(**id) && !seen.contains_key(id)).take(5).collect();

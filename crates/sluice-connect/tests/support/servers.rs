@@ -99,7 +99,7 @@ impl PgServer {
             .unwrap();
         assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
         let port = free_port();
-        let opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c timezone=UTC", dir.path().display());
+        let opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c timezone=UTC -c wal_level=logical -c max_wal_senders=10 -c max_replication_slots=10", dir.path().display());
         let out = pg_command(&bin, "pg_ctl")
             .args(["-w", "-t", "60", "-l"])
             .arg(dir.path().join("log"))

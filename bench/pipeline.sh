@@ -11,11 +11,11 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/sluice-target}"
 if [ -z "${SLUICE_BIN:-}" ]; then
   cargo build --release -p sluice
-  cargo build --release -p sluice-pipeline --example slow_service
+  cargo build --release --workspace --example slow_service
   SLUICE_BIN="$CARGO_TARGET_DIR/release/sluice"
   SERVICE="$CARGO_TARGET_DIR/release/examples/slow_service"
 else
-  cargo build -p sluice-pipeline --example slow_service
+  cargo build --workspace --example slow_service
   SERVICE="$CARGO_TARGET_DIR/debug/examples/slow_service"
 fi
 exec python3 bench/pipeline_bench.py --bin "$SLUICE_BIN" --service "$SERVICE" --events "${EVENTS:-1000000}" \

@@ -19,6 +19,10 @@ pub const DLQ_SUFFIX: &str = "__dlq";
 /// (dead letters, rows of a lake table). Every pipeline reads its own as an extra source.
 pub const REPLAY_SUFFIX: &str = "__replay";
 
+/// Suffix of the append-only changelog table of a change-data-capture stream (whose own
+/// table is the mirror of the source table).
+pub const CHANGELOG_SUFFIX: &str = "__changelog";
+
 /// The replay stream of pipeline `pipeline`.
 pub fn replay_stream(pipeline: &str) -> String {
     format!("{pipeline}{REPLAY_SUFFIX}")
@@ -30,7 +34,8 @@ pub fn dlq_stream(pipeline: &str) -> String {
     format!("{pipeline}{DLQ_SUFFIX}")
 }
 
-/// Checks a stream name: `^[a-z0-9_][a-z0-9_-]{0,99}$` and not ending in `__dlq` or `__replay`.
+/// Checks a stream name: `^[a-z0-9_][a-z0-9_-]{0,99}$` and not ending in `__dlq`, `__changelog` or
+/// `__replay`.
 ///
 /// Names are lower case so they can be used unquoted in SQL.
 pub fn validate_stream_name(name: &str) -> Result<(), String> {
@@ -47,6 +52,9 @@ pub fn validate_stream_name(name: &str) -> Result<(), String> {
     }
     if name.ends_with(DLQ_SUFFIX) {
         return Err(format!("invalid stream name {name:?}: the suffix {DLQ_SUFFIX} is reserved for dead letters"));
+    }
+    if name.ends_with(CHANGELOG_SUFFIX) {
+        return Err(format!("invalid stream name {name:?}: the suffix {CHANGELOG_SUFFIX} is reserved for changelog tables"));
     }
     if name.ends_with(REPLAY_SUFFIX) {
         return Err(format!("invalid stream name {name:?}: the suffix {REPLAY_SUFFIX} is reserved for replays"));

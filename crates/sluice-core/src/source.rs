@@ -11,7 +11,8 @@
 //! ```
 //!
 //! Each captured table's changes go to the stream `<source>_<table>` (tables outside
-//! `public`: `<source>_<schema>_<table>`), which lands in the lake like any stream.
+//! `public`: `<source>_<schema>_<table>`), which lands in the lake as the table's mirror
+//! (and, with `changelog: true`, also in `<stream>__changelog`).
 
 use crate::units::Dur;
 use serde::Deserialize;
@@ -28,7 +29,7 @@ use serde::de::{MapAccess, Visitor};
 use serde::Deserializer;
 crate::pipeline::one_key_enum!(SourceConfig, "source", "postgres" => Postgres(PostgresSourceConfig));
 
-/// Logical replication from PostgreSQL (10 or later, `wal_level = logical`) with `pgoutput`.
+/// Logical replication from PostgreSQL (13 or later, `wal_level = logical`) with `pgoutput`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresSourceConfig {
@@ -47,6 +48,10 @@ pub struct PostgresSourceConfig {
     /// changes stay in order).
     #[serde(default = "one")]
     pub partitions: u32,
+    /// Also land every change in an append-only table `<stream>__changelog` (the stream's
+    /// own table is the mirror of the source table).
+    #[serde(default)]
+    pub changelog: bool,
     /// How often an idle source writes a heartbeat to the WAL and confirms its position, so
     /// that an idle slot does not hold WAL back.
     #[serde(default = "default_heartbeat")]

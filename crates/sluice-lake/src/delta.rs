@@ -420,6 +420,108 @@ impl LakeTable {
         self.finish_commit(result, before, txns).await
     }
 
+    /// Applies change rows to the table by key in ONE commit (MERGE) together with `txns`:
+    /// used for mirror tables of change data capture (see `crate::mirror`). `batch` has the
+    /// key columns, `_lsn` (the commit position of the row's last change), `__op` (`upsert` or
+    /// `delete`), optionally `__unchanged` (a list of columns the change did not carry, which
+    /// keep their value) and the row's other columns. A change applies only if its `_lsn` is
+    /// not older than the row's, so replays and stragglers never move a row back in time.
+    /// New columns are added to the table schema. A merge that changes nothing still commits
+    /// `txns`.
+    pub async fn merge_by_key(&mut self, batch: RecordBatch, keys: &[String], txns: &[(String, i64)]) -> Result<i64, LakeError> {
+        use deltalake::datafusion::prelude::SessionContext;
+        let before = self.version();
+        if batch.num_rows() == 0 {
+            return self.finish_commit(self.commit_txns_only(txns).await, before, txns).await;
+        }
+        let q = |c: &str| format!("\"{}\"", c.replace('"', "\"\""));
+        let schema = batch.schema();
+        let has_unchanged = schema.field_with_name("__unchanged").is_ok_and(|f| matches!(f.data_type(), DataType::List(_) | DataType::LargeList(_)));
+        let columns: Vec<String> = schema
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .filter(|c| c != "__op" && c != "__unchanged")
+            .collect();
+        // Conform types to the table (lossless casts) but do not add the table's other columns:
+        // an update sets only the columns it carries.
+        let batch = {
+            let table_schema = self.arrow_schema();
+            let target = conform::merge_schema(&table_schema, &schema).map_err(|e| LakeError::Schema { table: self.name.clone(), message: e.to_string() })?;
+            let wanted: Vec<_> = schema.fields().iter().map(|f| target.field_with_name(f.name()).cloned().unwrap_or_else(|_| f.as_ref().clone())).collect();
+            let target = Arc::new(Schema::new(wanted));
+            conform::conform_batch(&batch, &target).map_err(|e| LakeError::Schema { table: self.name.clone(), message: e.to_string() })?
+        };
+        let ctx = SessionContext::new();
+        let source = ctx.read_batch(batch).map_err(|e| LakeError::delta(&self.name)(e.into()))?;
+        let on = keys.iter().map(|k| format!("target.{0} = source.{0}", q(k))).collect::<Vec<_>>().join(" AND ");
+        let newer = "source.\"_lsn\" >= target.\"_lsn\" OR target.\"_lsn\" IS NULL";
+        let value = |c: &str| {
+            if has_unchanged && !keys.iter().any(|k| k == c) && !c.starts_with('_') {
+                format!("CASE WHEN array_has(source.\"__unchanged\", '{}') THEN target.{1} ELSE source.{1} END", c.replace('\'', "''"), q(c))
+            } else {
+                format!("source.{}", q(c))
+            }
+        };
+        let result = async {
+            self.table
+                .clone()
+                .merge(source, on.as_str())
+                .with_source_alias("source")
+                .with_target_alias("target")
+                .with_merge_schema(true)
+                .with_writer_properties(writer_properties())
+                .with_commit_properties(commit_properties(txns))
+                .when_matched_delete(|d| d.predicate(format!("source.\"__op\" = 'delete' AND ({newer})")))?
+                .when_matched_update(|mut u| {
+                    u = u.predicate(format!("source.\"__op\" = 'upsert' AND ({newer})"));
+                    for c in columns.iter().filter(|c| !keys.contains(c)) {
+                        u = u.update(q(c), value(c));
+                    }
+                    u
+                })?
+                .when_not_matched_insert(|mut i| {
+                    i = i.predicate("source.\"__op\" = 'upsert'");
+                    for c in &columns {
+                        i = i.set(q(c), format!("source.{}", q(c)));
+                    }
+                    i
+                })?
+                .await
+        }
+        .await;
+        match result {
+            // Nothing changed: deltalake skips the commit, so record the txns by themselves.
+            Ok((table, _)) if table.version().map(|v| v as i64) == Some(before) => {
+                self.table = table;
+                self.finish_commit(self.commit_txns_only(txns).await, before, txns).await
+            }
+            Ok((table, _)) => self.finish_commit(Ok(table), before, txns).await,
+            Err(e) => self.finish_commit(Err(e), before, txns).await,
+        }
+    }
+
+    /// Deletes the rows matching a SQL predicate in ONE commit together with `txns`.
+    pub async fn delete_where(&mut self, predicate: &str, txns: &[(String, i64)]) -> Result<i64, LakeError> {
+        let before = self.version();
+        let result = self
+            .table
+            .clone()
+            .delete()
+            .with_predicate(predicate)
+            .with_writer_properties(writer_properties())
+            .with_commit_properties(commit_properties(txns))
+            .await;
+        match result {
+            Ok((table, _)) if table.version().map(|v| v as i64) == Some(before) => {
+                self.table = table;
+                self.finish_commit(self.commit_txns_only(txns).await, before, txns).await
+            }
+            Ok((table, _)) => self.finish_commit(Ok(table), before, txns).await,
+            Err(e) => self.finish_commit(Err(e), before, txns).await,
+        }
+    }
+
     /// Rewrites the whole table with `new_schema` (used to widen Int64 columns to Float64,
     /// possibly nested): all rows are read, converted to `new_schema` (by column name; columns
     /// missing from the table become null, table columns missing from `new_schema` are dropped)

@@ -4,4 +4,5 @@
 pub mod convert;
 pub mod delta;
 pub mod durable_store;
+pub mod mirror;
 pub mod sink;

@@ -37,6 +37,12 @@ pub struct SinkOptions {
     pub flush_bytes: u64,
     pub date_column: String,
     pub partition_by: Vec<String>,
+    /// Keep the table equal to the source table of a change-data-capture stream (MERGE by
+    /// key, see [`crate::mirror`]) instead of appending every record.
+    pub mirror: bool,
+    /// The table (default: the stream's name). Another name lands under its own consumer,
+    /// `lake.<table>`, so one stream can land in two tables (a mirror and its changelog).
+    pub table: Option<String>,
 }
 
 /// Live state of a sink, shared with the HTTP API and metrics.
@@ -84,11 +90,15 @@ struct Writer {
     dlq: Option<LakeTable>,
     /// Dead letters at or below these offsets are already in the dead-letter table.
     dlq_done: Vec<i64>,
+    /// Mirror tables: the last truncate applied (changes older than it are dropped).
+    truncated_at: Option<i64>,
 }
 
 /// One flush, converted and ready to commit.
 struct Prepared {
     converted: convert::Converted,
+    /// Mirror tables: the key columns and the flush's newest truncate.
+    mirror: Option<(Vec<String>, Option<i64>)>,
     /// Per partition, the last offset in this flush.
     last: Vec<Option<u64>>,
     records: usize,
@@ -108,14 +118,26 @@ impl LakeSink {
     }
 
     fn table_name(&self) -> &str {
-        self.stream.name()
+        self.opts.table.as_deref().unwrap_or(self.stream.name())
+    }
+
+    /// The log consumer whose offsets say what this sink has landed.
+    fn consumer(&self) -> String {
+        match &self.opts.table {
+            Some(t) if t != self.stream.name() => format!("{CONSUMER}.{t}"),
+            _ => CONSUMER.to_string(),
+        }
     }
 
     fn dlq_name(&self) -> String {
-        format!("{}{}", self.stream.name(), sluice_core::DLQ_SUFFIX)
+        format!("{}{}", self.table_name(), sluice_core::DLQ_SUFFIX)
     }
 
     fn partition_columns(&self) -> Vec<String> {
+        if self.opts.mirror {
+            // A row's date means nothing once it is updated: mirrors are not partitioned.
+            return Vec::new();
+        }
         let mut cols = vec![self.opts.date_column.clone()];
         cols.extend(self.opts.partition_by.iter().cloned());
         cols
@@ -241,12 +263,13 @@ impl LakeSink {
                     p.next_offset()
                 );
             }
-            p.commit_offset(CONSUMER, n)?;
+            p.commit_offset(&self.consumer(), n)?;
             self.status.landed[p.id() as usize].store(n, Ordering::Release);
             next.push(n);
             dlq_done.push(dlq.as_ref().and_then(|t| t.txn_version(&app)).unwrap_or(-1));
         }
-        Ok((next, Writer { main, dlq, dlq_done }))
+        let truncated_at = main.as_ref().and_then(|t| t.txn_version(&crate::mirror::truncate_app_id(self.stream.name())));
+        Ok((next, Writer { main, dlq, dlq_done, truncated_at }))
     }
 
     /// Reads durable records until flush_bytes are buffered or flush_interval has passed
@@ -270,23 +293,41 @@ impl LakeSink {
         }
         let copts = ConvertOptions { date_column: self.opts.date_column.clone(), partition_by: self.opts.partition_by.clone() };
         let count = records.len();
-        let mut converted = tokio::task::spawn_blocking(move || {
-            let inputs: Vec<InputRecord> = records
-                .iter()
-                .map(|(p, r)| InputRecord { partition: *p, offset: r.offset, timestamp_ms: r.timestamp_ms, value: &r.value })
-                .collect();
-            convert::convert_parallel(table_schema.as_deref(), &inputs, &copts, convert_threads(inputs.len()))
+        let mirror = self.opts.mirror;
+        let stream = self.stream.name().to_string();
+        let (mut converted, plan) = tokio::task::spawn_blocking(move || {
+            if mirror {
+                let reduced = crate::mirror::reduce(records.iter().map(|(p, r)| (*p, r.offset, r.timestamp_ms, r.value.as_ref())));
+                if reduced.keyless > 0 {
+                    tracing::warn!(stream, events = reduced.keyless, "changes of a table without a primary key cannot be mirrored: skipped");
+                }
+                for (p, o, why) in reduced.invalid.iter().take(3) {
+                    tracing::warn!(stream, partition = p, offset = o, "not mirrored: {why}");
+                }
+                let inputs: Vec<InputRecord> =
+                    reduced.rows.iter().map(|(p, o, t, v)| InputRecord { partition: *p, offset: *o, timestamp_ms: *t, value: v }).collect();
+                let c = convert::convert_parallel(table_schema.as_deref(), &inputs, &copts, convert_threads(inputs.len()));
+                (c, Some((reduced.keys, reduced.truncate_lsn)))
+            } else {
+                let inputs: Vec<InputRecord> = records
+                    .iter()
+                    .map(|(p, r)| InputRecord { partition: *p, offset: r.offset, timestamp_ms: r.timestamp_ms, value: &r.value })
+                    .collect();
+                (convert::convert_parallel(table_schema.as_deref(), &inputs, &copts, convert_threads(inputs.len())), None)
+            }
         })
         .await?;
-        add_missing_partition_columns(&mut converted, &self.opts.partition_by)?;
-        Ok(Prepared { converted, last, records: count, started, convert_time: started.elapsed() })
+        if !mirror {
+            add_missing_partition_columns(&mut converted, &self.opts.partition_by)?;
+        }
+        Ok(Prepared { converted, mirror: plan, last, records: count, started, convert_time: started.elapsed() })
     }
 
     /// Commits one converted flush: dead letters first, then the rows, each commit
     /// carrying the flush's offsets; then the log consumer offset.
     async fn commit(&self, w: &mut Writer, p: Prepared) -> anyhow::Result<()> {
         let commit_started = Instant::now();
-        let Prepared { converted, last, records: count, started, convert_time } = p;
+        let Prepared { converted, mirror, last, records: count, started, convert_time } = p;
         let txns: Vec<(String, i64)> = last
             .iter()
             .enumerate()
@@ -322,21 +363,46 @@ impl LakeSink {
             Some(t) => {
                 if !converted.widened.is_empty() {
                     tracing::info!(table = self.table_name(), columns = ?converted.widened, "widening columns to double: rewriting table");
-                    t.rewrite_with_schema(converted.schema.clone(), &[]).await?;
+                    let schema = match mirror {
+                        Some(_) => crate::mirror::table_schema(&converted.schema, &self.opts.date_column),
+                        None => converted.schema.clone(),
+                    };
+                    t.rewrite_with_schema(schema, &[]).await?;
                 }
                 t
             }
             None => {
-                let t = LakeTable::create(&self.opts.lake_root, self.table_name(), &converted.schema, &self.partition_columns()).await?;
+                let schema = match mirror {
+                    Some(_) => crate::mirror::table_schema(&converted.schema, &self.opts.date_column),
+                    None => converted.schema.clone(),
+                };
+                let t = LakeTable::create(&self.opts.lake_root, self.table_name(), &schema, &self.partition_columns()).await?;
                 w.main.insert(t)
             }
         };
-        main.append(converted.batches, &txns).await?;
+        match mirror {
+            None => {
+                main.append(converted.batches, &txns).await?;
+            }
+            Some((keys, truncate)) => {
+                let stream = self.stream.name();
+                if let Some(t) = truncate.filter(|t| w.truncated_at.is_none_or(|done| *t > done)) {
+                    main.delete_where(&format!("{} < {t}", crate::mirror::LSN_COLUMN), &[(crate::mirror::truncate_app_id(stream), t)]).await?;
+                    w.truncated_at = Some(t);
+                }
+                let batch = crate::mirror::changes_batch(&converted.schema, &converted.batches, &self.opts.date_column, w.truncated_at)?;
+                if batch.num_rows() > 0 && keys.is_empty() {
+                    anyhow::bail!("mirror {}: change events without key columns", self.table_name());
+                }
+                main.merge_by_key(batch, &keys, &txns).await?;
+            }
+        }
 
+        let consumer = self.consumer();
         for (p, o) in last.iter().enumerate() {
             if let Some(o) = o {
                 let partition: &Arc<Partition> = &self.stream.partitions()[p];
-                partition.commit_offset(CONSUMER, o + 1)?;
+                partition.commit_offset(&consumer, o + 1)?;
                 self.status.landed[p].store(o + 1, Ordering::Release);
             }
         }

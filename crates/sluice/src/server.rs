@@ -151,6 +151,33 @@ impl App {
             return;
         }
         let sc = cfg.stream(stream.name());
+        // A table's change stream lands as the table's mirror (and, when asked, also as an
+        // append-only changelog).
+        let source = self.source_of_stream(stream.name());
+        let mirror = source.is_some();
+        if let Some(src) = &source {
+            let changelog = cfg.sources.get(src).is_some_and(|s| match s {
+                sluice_core::source::SourceConfig::Postgres(pg) => pg.changelog,
+            });
+            let table = format!("{}{}", stream.name(), sluice_core::CHANGELOG_SUFFIX);
+            if changelog && !sinks.contains_key(&table) {
+                let sink = LakeSink::new(
+                    stream.clone(),
+                    SinkOptions {
+                        lake_root: cfg.lake_root(),
+                        flush_interval: cfg.lake.flush_interval,
+                        flush_bytes: cfg.lake.flush_bytes,
+                        date_column: cfg.lake.date_column.clone(),
+                        partition_by: Vec::new(),
+                        mirror: false,
+                        table: Some(table.clone()),
+                    },
+                );
+                let status = sink.status();
+                let task = tokio::spawn(sink.run(self.stop_sinks.subscribe()));
+                sinks.insert(table, LakeTask { status, task });
+            }
+        }
         let sink = LakeSink::new(
             stream.clone(),
             SinkOptions {
@@ -159,6 +186,8 @@ impl App {
                 flush_bytes: cfg.lake.flush_bytes,
                 date_column: cfg.lake.date_column.clone(),
                 partition_by: sc.partition_by.clone(),
+                mirror,
+                table: None,
             },
         );
         let status = sink.status();
@@ -368,11 +397,12 @@ pub async fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> anyhow
     for name in app.cfg().streams.keys() {
         app.open_stream(name)?;
     }
+    // Sources first: they know which streams are theirs (those land as mirrors).
+    app.start_sources();
     for s in app.log.streams() {
         app.ensure_sink(&s);
     }
     app.start_pipelines()?;
-    app.start_sources();
     let housekeeping = tokio::spawn(housekeeping(app.clone()));
 
     let router = Router::new()

@@ -1,7 +1,7 @@
 //! Change data capture from PostgreSQL (a cluster the test starts with wal_level=logical)
-//! through the real binary: every DML kind and type into the changelog table, kill -9
-//! during writes with nothing lost or duplicated, a dropped slot stopping the source with an
-//! error, and an idle slot's position moving.
+//! through the real binary: every DML kind and type into the changelog and the mirror table,
+//! kill -9 during writes with nothing lost or duplicated and the mirror equal to the source,
+//! a dropped slot stopping the source with an error, and an idle slot's position moving.
 
 mod common;
 #[path = "../../sluice-connect/tests/support/servers.rs"]
@@ -19,7 +19,7 @@ async fn pg_connect(pg: &servers::PgServer, db: &str) -> tokio_postgres::Client 
 
 fn source_cfg(pg: &servers::PgServer, extra: &str) -> String {
     format!(
-        "lake:\n  flush_interval: 100ms\nsources:\n  shop:\n    postgres:\n      url: {}\n      heartbeat: 200ms\n{extra}",
+        "lake:\n  flush_interval: 100ms\nsources:\n  shop:\n    postgres:\n      url: {}\n      heartbeat: 200ms\n      changelog: true\n{extra}",
         pg.url()
     )
 }
@@ -43,18 +43,20 @@ async fn wait_state(s: &Server, state: &str) -> Value {
     }
 }
 
-/// Waits until the changelog table has `n` rows (liveness bound of 120 s, not a timing test).
-async fn wait_rows(s: &Server, table: &str, n: usize) {
+/// Waits until the changelog table of `stream` has `n` rows (liveness bound of 120 s, not a
+/// timing test).
+async fn wait_rows(s: &Server, stream: &str, n: usize) {
+    let table = format!("{stream}__changelog");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        if s.stream_info(table).await.is_some() {
-            s.wait_landed(table).await;
+        if s.stream_info(stream).await.is_some() && s.lake().join(&table).join("_delta_log").is_dir() {
             let got = s.scalar(&format!("SELECT count(*) FROM {table}")).await as usize;
             if got >= n {
+                s.wait_landed(stream).await;
                 return;
             }
         }
-        assert!(Instant::now() < deadline, "{table} did not reach {n} rows: {:?}\n{}", s.stream_info(table).await, s.server_log());
+        assert!(Instant::now() < deadline, "{table} did not reach {n} rows: {:?}\n{}", s.stream_info(stream).await, s.server_log());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -95,7 +97,7 @@ async fn every_dml_kind_and_type_lands_in_the_changelog() {
     wait_rows(&s, "shop_items", 4).await;
     wait_rows(&s, "shop_logs", 3).await;
 
-    let rows = s.query("SELECT op, key, before, after, unchanged, source, transaction FROM shop_items ORDER BY _offset").await;
+    let rows = s.query("SELECT op, key, before, after, unchanged, source, transaction FROM shop_items__changelog ORDER BY _offset").await;
     let ops: Vec<&str> = rows.iter().map(|r| r["op"].as_str().unwrap()).collect();
     assert_eq!(ops, ["insert", "insert", "update", "delete"], "{rows:#?}");
     let a = &rows[0]["after"];
@@ -131,7 +133,7 @@ async fn every_dml_kind_and_type_lands_in_the_changelog() {
     assert_eq!(d["before"]["id"], 2, "a delete carries the old key");
     assert!(d["after"].is_null());
 
-    let logs = s.query("SELECT op FROM shop_logs ORDER BY _offset").await;
+    let logs = s.query("SELECT op FROM shop_logs__changelog ORDER BY _offset").await;
     let ops: Vec<&str> = logs.iter().map(|r| r["op"].as_str().unwrap()).collect();
     assert_eq!(ops, ["insert", "insert", "truncate"]);
     assert!(s.stream_info("shop_skipped").await.is_none(), "an excluded table is not captured");
@@ -146,8 +148,28 @@ async fn every_dml_kind_and_type_lands_in_the_changelog() {
     // Schema change with no restart: a new column appears in the changelog.
     db.batch_execute("ALTER TABLE items ADD COLUMN color text; INSERT INTO items (id, name, color) VALUES (3, 'mate', 'green');").await.unwrap();
     wait_rows(&s, "shop_items", 5).await;
-    let r = s.query("SELECT after FROM shop_items WHERE op = 'insert' AND key.id = 3").await;
+    let r = s.query("SELECT after FROM shop_items__changelog WHERE op = 'insert' AND key.id = 3").await;
     assert_eq!(r[0]["after"]["color"], "green", "{r:?}");
+
+    // The mirror table equals the source table: the update applied (keeping the TOASTed
+    // column it did not carry), the delete gone, the new column there; logs truncated.
+    s.wait_landed("shop_items").await;
+    let m = s.query("SELECT id, name, flag, price, color, length(big) AS big FROM shop_items ORDER BY id").await;
+    assert_eq!(m.len(), 2, "{m:?}");
+    assert_eq!((m[0]["id"].as_i64(), m[0]["name"].as_str(), m[0]["flag"].as_bool()), (Some(1), Some("green tea"), Some(false)), "{m:?}");
+    assert_eq!(m[0]["price"], "12345678901234.5678");
+    assert_eq!(m[0]["big"], 400 * 32, "a TOASTed column an update did not send keeps its value");
+    assert_eq!((m[1]["id"].as_i64(), m[1]["color"].as_str()), (Some(3), Some("green")));
+    // An update in a later flush that does not carry the TOASTed column: the merge keeps it.
+    db.batch_execute("UPDATE items SET flag = true WHERE id = 1").await.unwrap();
+    wait_rows(&s, "shop_items", 6).await;
+    let m = s.query("SELECT flag, length(big) AS big FROM shop_items WHERE id = 1").await;
+    assert_eq!((m[0]["flag"].as_bool(), m[0]["big"].as_i64()), (Some(true), Some(400 * 32)), "{m:?}");
+    s.wait_landed("shop_logs").await;
+    assert_eq!(s.scalar("SELECT count(*) FROM shop_logs").await, 0.0, "truncated");
+    db.batch_execute("INSERT INTO logs VALUES (3, 'after the truncate')").await.unwrap();
+    wait_rows(&s, "shop_logs", 4).await;
+    assert_eq!(s.scalar("SELECT count(*) FROM shop_logs").await, 1.0);
 }
 
 /// kill -9 while the database takes inserts: afterwards the changelog holds every committed
@@ -205,20 +227,31 @@ async fn kill9_during_writes_loses_and_duplicates_no_change() {
     // Quiet: let whatever is still in flight land before counting.
     db.batch_execute("INSERT INTO ev VALUES (-1, 'last')").await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
-    while s.scalar("SELECT count(*) FROM shop_ev WHERE key.id = -1").await < 1.0 {
+    while s.scalar("SELECT count(*) FROM shop_ev__changelog WHERE key.id = -1").await < 1.0 {
         assert!(Instant::now() < deadline, "the last insert never arrived\n{}", s.server_log());
         s.wait_landed("shop_ev").await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let ins = s.scalar("SELECT count(*) FROM shop_ev WHERE op = 'insert' AND key.id >= 0").await as usize;
-    let distinct = s.scalar("SELECT count(DISTINCT key.id) FROM shop_ev WHERE op = 'insert' AND key.id >= 0").await as usize;
-    let dup = s.query("SELECT key.id AS id, transaction.seq AS seq, count(*) AS n FROM shop_ev GROUP BY key.id, transaction.lsn, transaction.seq HAVING count(*) > 1 LIMIT 5").await;
+    let ins = s.scalar("SELECT count(*) FROM shop_ev__changelog WHERE op = 'insert' AND key.id >= 0").await as usize;
+    let distinct = s.scalar("SELECT count(DISTINCT key.id) FROM shop_ev__changelog WHERE op = 'insert' AND key.id >= 0").await as usize;
+    let dup = s.query("SELECT key.id AS id, transaction.seq AS seq, count(*) AS n FROM shop_ev__changelog GROUP BY key.id, transaction.lsn, transaction.seq HAVING count(*) > 1 LIMIT 5").await;
     assert!(dup.is_empty(), "changes delivered twice: {dup:?}");
     assert_eq!((ins, distinct), (inserted, inserted), "every committed insert exactly once");
     // Every update that happened is there (each transaction updated one row once).
-    let ups = s.scalar("SELECT count(*) FROM shop_ev WHERE op = 'update'").await as usize;
-    let txns = s.scalar("SELECT count(DISTINCT transaction.lsn) FROM shop_ev WHERE key.id >= 0").await as usize;
+    let ups = s.scalar("SELECT count(*) FROM shop_ev__changelog WHERE op = 'update'").await as usize;
+    let txns = s.scalar("SELECT count(DISTINCT transaction.lsn) FROM shop_ev__changelog WHERE key.id >= 0").await as usize;
     assert_eq!(ups, txns, "one update per transaction");
+    // The mirror equals the source, both ways.
+    s.wait_landed("shop_ev").await;
+    let want: Vec<(i64, String)> = db.query("SELECT id, v FROM ev ORDER BY id", &[]).await.unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
+    let got: Vec<(i64, String)> = s
+        .query("SELECT id, v FROM shop_ev ORDER BY id")
+        .await
+        .iter()
+        .map(|r| (r["id"].as_i64().unwrap(), r["v"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(got.len(), want.len(), "mirror rows vs source rows");
+    assert!(got == want, "the mirror differs from the source: first difference {:?}", got.iter().zip(&want).find(|(a, b)| a != b));
     let log = std::fs::read_to_string(s.dir.join("server.log")).unwrap_or_default();
     eprintln!(
         "cdc crash loop: {rounds} kills, {inserted} rows inserted in {txns} transactions, each change once in the changelog; {} writes dropped re-sent changes",

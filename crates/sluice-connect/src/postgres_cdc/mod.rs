@@ -166,7 +166,12 @@ impl PostgresSource {
     pub fn new(name: &str, cfg: &PostgresSourceConfig, state_dir: PathBuf, open_stream: OpenStream) -> PostgresSource {
         let status = Arc::new(SourceStatus { name: name.to_string(), ..Default::default() });
         status.set_state("starting");
-        PostgresSource { name: name.to_string(), cfg: cfg.clone(), state_dir, open_stream, status }
+        let source = PostgresSource { name: name.to_string(), cfg: cfg.clone(), state_dir, open_stream, status };
+        // The streams it wrote before are known at once (they land as mirrors).
+        if let Ok(state) = source.load_state() {
+            *source.status.tables.lock().unwrap_or_else(|e| e.into_inner()) = state.tables;
+        }
+        source
     }
 
     pub fn status(&self) -> Arc<SourceStatus> {
@@ -499,12 +504,13 @@ impl PostgresSource {
         if let Some(s) = streams.get(&name) {
             return Ok(s.clone());
         }
-        let s = (self.open_stream)(&name, self.cfg.partitions)?;
+        // Known as ours before it is opened, so that it lands as a mirror.
         if state.tables.get(&table) != Some(&name) {
             state.tables.insert(table.clone(), name.clone());
             self.save_state(state)?;
         }
         self.status.tables.lock().unwrap_or_else(|e| e.into_inner()).insert(table, name.clone());
+        let s = (self.open_stream)(&name, self.cfg.partitions)?;
         streams.insert(name, s.clone());
         Ok(s)
     }

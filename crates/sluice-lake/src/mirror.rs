@@ -1,0 +1,219 @@
+//! Mirror tables of change data capture: a stream of change events (the envelope of
+//! `sluice-connect::postgres_cdc`) kept as a table equal to the source table, by primary key.
+//!
+//! How a flush is applied (by [`crate::sink::LakeSink`] with `mirror: true`):
+//! - Its events are reduced to the last one per key (a key's changes are in one partition, in
+//!   commit order). An update that did not carry some TOASTed columns takes them from an
+//!   earlier event of the same flush when there is one; otherwise they are listed in
+//!   `__unchanged` and keep the table's value.
+//! - Every row carries `_lsn`, the commit position of its last change. A change applies only
+//!   if it is not older than the row (`LakeTable::merge_by_key`), so applying a flush again
+//!   after a crash, or a late change, never moves a row back in time.
+//! - A truncate at position T deletes the rows older than T and is remembered as the txn
+//!   `sluice:truncate:<stream>`; changes older than T arriving later (from other partitions)
+//!   are dropped. So truncates need no ordering across partitions.
+//! - Events of tables without a primary key cannot be mirrored; they are counted and skipped
+//!   (the changelog, when enabled, still has them).
+
+use arrow_array::{cast::AsArray, types::Int64Type, BooleanArray, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use deltalake::arrow::compute::{cast, concat_batches, filter_record_batch};
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// The column with the commit position of a row's last change.
+pub const LSN_COLUMN: &str = "_lsn";
+
+/// The txn app id that remembers a mirror table's last truncate.
+pub fn truncate_app_id(stream: &str) -> String {
+    format!("sluice:truncate:{stream}")
+}
+
+/// One flush of change events, reduced.
+#[derive(Debug, Default)]
+pub struct Reduced {
+    /// Per key, in first-seen order: (partition, offset, log time, the row as JSON with
+    /// `_lsn`, `__op` and maybe `__unchanged`).
+    pub rows: Vec<(u32, u64, i64, Vec<u8>)>,
+    /// The key columns (from the events' `key`).
+    pub keys: Vec<String>,
+    /// The newest truncate in the flush.
+    pub truncate_lsn: Option<i64>,
+    /// Events without a key, skipped.
+    pub keyless: usize,
+    /// Records that are not change events, skipped (with the first reason).
+    pub invalid: Vec<(u32, u64, String)>,
+}
+
+/// `X/Y` (hex) as a number.
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('/')?;
+    let hi = u64::from_str_radix(hi, 16).ok()?;
+    let lo = u64::from_str_radix(lo, 16).ok()?;
+    (hi <= u32::MAX as u64 && lo <= u32::MAX as u64).then_some(hi << 32 | lo)
+}
+
+/// Reduces a flush: `records` are (partition, offset, log time, value) in log order per
+/// partition.
+pub fn reduce<'a>(records: impl IntoIterator<Item = (u32, u64, i64, &'a [u8])>) -> Reduced {
+    let mut out = Reduced::default();
+    // key text -> (partition, offset, time, row)
+    let mut last: HashMap<String, usize> = HashMap::new();
+    let mut rows: Vec<(u32, u64, i64, Map<String, Value>)> = Vec::new();
+    for (partition, offset, time, value) in records {
+        let ev: Value = match serde_json::from_slice(value) {
+            Ok(v) => v,
+            Err(e) => {
+                out.invalid.push((partition, offset, format!("not JSON: {e}")));
+                continue;
+            }
+        };
+        let (Some(op), Some(lsn)) = (ev["op"].as_str(), ev["transaction"]["lsn"].as_str().and_then(parse_lsn)) else {
+            out.invalid.push((partition, offset, "not a change event (no op or transaction.lsn)".into()));
+            continue;
+        };
+        let lsn = lsn as i64;
+        if op == "truncate" {
+            out.truncate_lsn = Some(out.truncate_lsn.map_or(lsn, |t| t.max(lsn)));
+            continue;
+        }
+        let Some(key) = ev["key"].as_object().filter(|k| !k.is_empty()) else {
+            out.keyless += 1;
+            continue;
+        };
+        if out.keys.is_empty() {
+            out.keys = key.keys().cloned().collect();
+        }
+        let mut row = match op {
+            "delete" => {
+                let mut r = key.clone();
+                r.insert("__op".into(), "delete".into());
+                r
+            }
+            _ => {
+                let Some(after) = ev["after"].as_object() else {
+                    out.invalid.push((partition, offset, format!("{op} without `after`")));
+                    continue;
+                };
+                let mut r = after.clone();
+                r.insert("__op".into(), "upsert".into());
+                if let Some(u) = ev["unchanged"].as_array().filter(|u| !u.is_empty()) {
+                    r.insert("__unchanged".into(), Value::Array(u.clone()));
+                }
+                r
+            }
+        };
+        row.insert(crate::mirror::LSN_COLUMN.into(), lsn.into());
+        let k = Value::Object(key.clone()).to_string();
+        match last.get(&k) {
+            Some(&i) => {
+                // Columns this update did not carry come from the earlier event, if it had them.
+                let prev = &rows[i].3;
+                if let Some(Value::Array(unchanged)) = row.remove("__unchanged") {
+                    let still: Vec<Value> = unchanged
+                        .into_iter()
+                        .filter(|c| {
+                            let Some(name) = c.as_str() else { return false };
+                            match prev.get(name) {
+                                Some(v) if prev.get("__op").and_then(|o| o.as_str()) == Some("upsert") && !prev_unchanged(prev, name) => {
+                                    row.insert(name.to_string(), v.clone());
+                                    false
+                                }
+                                _ => true,
+                            }
+                        })
+                        .collect();
+                    if !still.is_empty() {
+                        row.insert("__unchanged".into(), Value::Array(still));
+                    }
+                }
+                rows[i] = (partition, offset, time, row);
+            }
+            None => {
+                last.insert(k, rows.len());
+                rows.push((partition, offset, time, row));
+            }
+        }
+    }
+    out.rows = rows.into_iter().map(|(p, o, t, r)| (p, o, t, Value::Object(r).to_string().into_bytes())).collect();
+    out
+}
+
+/// A mirror table's schema from converted change rows: without `__op`, `__unchanged` and the
+/// date column.
+pub fn table_schema(schema: &Schema, date_column: &str) -> SchemaRef {
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .filter(|f| !matches!(f.name().as_str(), "__op" | "__unchanged") && f.name() != date_column)
+        .map(|f| f.as_ref().clone())
+        .collect();
+    Arc::new(Schema::new(fields))
+}
+
+/// The converted change rows as one batch for `LakeTable::merge_by_key`: without the date
+/// column, and without changes at or before the last truncate.
+pub fn changes_batch(schema: &SchemaRef, batches: &[RecordBatch], date_column: &str, truncated_at: Option<i64>) -> anyhow::Result<RecordBatch> {
+    let all = concat_batches(schema, batches)?;
+    let keep: Vec<usize> = (0..all.num_columns()).filter(|i| schema.field(*i).name() != date_column).collect();
+    let all = all.project(&keep)?;
+    let Some(t) = truncated_at else { return Ok(all) };
+    let Some(lsn) = all.column_by_name(LSN_COLUMN) else { return Ok(all) };
+    let lsn = cast(lsn, &DataType::Int64)?;
+    let newer: BooleanArray = lsn.as_primitive::<Int64Type>().iter().map(|v| Some(v.is_some_and(|v| v > t))).collect();
+    Ok(filter_record_batch(&all, &newer)?)
+}
+
+fn prev_unchanged(prev: &Map<String, Value>, name: &str) -> bool {
+    prev.get("__unchanged").and_then(|u| u.as_array()).is_some_and(|u| u.iter().any(|c| c.as_str() == Some(name)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ev(op: &str, id: i64, lsn: &str, after: Value, unchanged: &[&str]) -> Vec<u8> {
+        let mut e = json!({"op": op, "key": {"id": id}, "after": after, "transaction": {"lsn": lsn, "seq": 0}});
+        if !unchanged.is_empty() {
+            e["unchanged"] = json!(unchanged);
+        }
+        e.to_string().into_bytes()
+    }
+
+    fn rows(r: &Reduced) -> Vec<Value> {
+        r.rows.iter().map(|(_, _, _, b)| serde_json::from_slice(b).unwrap()).collect()
+    }
+
+    #[test]
+    fn last_change_per_key_wins_and_keeps_unsent_columns() {
+        let evs = [
+            ev("insert", 1, "0/10", json!({"id": 1, "a": "x", "big": "B"}), &[]),
+            ev("insert", 2, "0/10", json!({"id": 2, "a": "y"}), &[]),
+            ev("update", 1, "0/20", json!({"id": 1, "a": "z"}), &["big"]),
+            ev("delete", 2, "0/30", Value::Null, &[]),
+            ev("update", 3, "0/30", json!({"id": 3, "a": "w"}), &["big"]),
+        ];
+        let r = reduce(evs.iter().enumerate().map(|(i, e)| (0, i as u64, 0, e.as_slice())));
+        assert_eq!(r.keys, ["id"]);
+        let got = rows(&r);
+        assert_eq!(got[0], json!({"id": 1, "a": "z", "big": "B", "__op": "upsert", "_lsn": 0x20}));
+        assert_eq!(got[1], json!({"id": 2, "__op": "delete", "_lsn": 0x30}));
+        assert_eq!(got[2], json!({"id": 3, "a": "w", "__op": "upsert", "__unchanged": ["big"], "_lsn": 0x30}));
+        assert_eq!(r.rows[0].1, 2, "the row's position is its last change's");
+    }
+
+    #[test]
+    fn truncates_keyless_and_invalid() {
+        let t = json!({"op": "truncate", "key": null, "transaction": {"lsn": "1/0", "seq": 0}}).to_string().into_bytes();
+        let keyless = json!({"op": "insert", "key": null, "after": {"a": 1}, "transaction": {"lsn": "0/5", "seq": 0}}).to_string().into_bytes();
+        let r = reduce([(0, 0, 0, t.as_slice()), (0, 1, 0, keyless.as_slice()), (0, 2, 0, b"nope".as_slice())]);
+        assert_eq!(r.truncate_lsn, Some(1 << 32));
+        assert_eq!(r.keyless, 1);
+        assert_eq!(r.invalid.len(), 1);
+        assert!(r.rows.is_empty());
+        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
+        assert_eq!(parse_lsn("x"), None);
+    }
+}

@@ -52,6 +52,16 @@ pub struct PostgresSourceConfig {
     /// own table is the mirror of the source table).
     #[serde(default)]
     pub changelog: bool,
+    /// `initial`: snapshot every captured table when the source first starts (its slot is
+    /// created); `never`: only changes from then on (snapshots on demand still work).
+    #[serde(default = "default_snapshot")]
+    pub snapshot: String,
+    /// Rows per snapshot chunk.
+    #[serde(default = "default_snapshot_chunk")]
+    pub snapshot_chunk: usize,
+    /// Pause between snapshot chunks (to spare a busy database).
+    #[serde(default = "no_pause")]
+    pub snapshot_throttle: Dur,
     /// How often an idle source writes a heartbeat to the WAL and confirms its position, so
     /// that an idle slot does not hold WAL back.
     #[serde(default = "default_heartbeat")]
@@ -60,6 +70,18 @@ pub struct PostgresSourceConfig {
 
 fn one() -> u32 {
     1
+}
+
+fn no_pause() -> Dur {
+    Dur(Duration::ZERO)
+}
+
+fn default_snapshot() -> String {
+    "initial".into()
+}
+
+fn default_snapshot_chunk() -> usize {
+    1024
 }
 
 fn default_heartbeat() -> Dur {
@@ -164,6 +186,12 @@ pub(crate) fn validate(sources: &BTreeMap<String, SourceConfig>) -> Result<(), (
                     if !p.contains('.') {
                         return Err((at(&["postgres", "tables"]), format!("{p:?}: patterns are schema.table, e.g. public.* or public.orders")));
                     }
+                }
+                if !matches!(pg.snapshot.as_str(), "initial" | "never") {
+                    return Err((at(&["postgres", "snapshot"]), format!("{:?}: use initial or never", pg.snapshot)));
+                }
+                if !(1..=1_000_000).contains(&pg.snapshot_chunk) {
+                    return Err((at(&["postgres", "snapshot_chunk"]), "must be between 1 and 1000000".into()));
                 }
                 if pg.heartbeat.0.is_zero() {
                     return Err((at(&["postgres", "heartbeat"]), "must be more than 0".into()));

@@ -9,6 +9,7 @@ mod reload;
 mod replay;
 mod tap;
 mod send;
+mod snapshot;
 mod server;
 
 use clap::{Parser, Subcommand};
@@ -47,6 +48,9 @@ enum Cmd {
     Replay(replay::ReplayArgs),
     /// Print live records passing a step of a running pipeline (NDJSON).
     Tap(tap::TapArgs),
+    /// Re-read tables of a change-data-capture source (all captured tables, one, or some
+    /// keys) while changes keep streaming. Progress bar.
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 fn main() -> ExitCode {
@@ -72,6 +76,7 @@ fn main() -> ExitCode {
         Cmd::Reload(args) => runtime().block_on(reload::run_cli(args)),
         Cmd::Replay(args) => runtime().block_on(replay::run_cli(args)),
         Cmd::Tap(args) => runtime().block_on(tap::run_cli(args)),
+        Cmd::Snapshot(args) => runtime().block_on(snapshot::run_cli(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

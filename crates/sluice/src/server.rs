@@ -61,6 +61,7 @@ pub(crate) struct RunningPipeline {
 /// A change-data-capture source task.
 pub(crate) struct RunningSource {
     pub status: Arc<sluice_connect::postgres_cdc::SourceStatus>,
+    pub snapshots: sluice_connect::postgres_cdc::SnapshotSender,
     pub task: JoinHandle<()>,
 }
 
@@ -220,9 +221,15 @@ impl App {
             });
             let source = sluice_connect::postgres_cdc::PostgresSource::new(name, pg, cfg.data_dir.join("sources").join(name), open);
             let status = source.status();
+            let snapshots = source.snapshots();
             let task = tokio::spawn(source.run(self.stop_sinks.subscribe()));
-            self.sources.lock().push(RunningSource { status, task });
+            self.sources.lock().push(RunningSource { status, snapshots, task });
         }
+    }
+
+    /// A source's snapshot request channel and status.
+    pub(crate) fn source(&self, name: &str) -> Option<(sluice_connect::postgres_cdc::SnapshotSender, Arc<sluice_connect::postgres_cdc::SourceStatus>)> {
+        self.sources.lock().iter().find(|s| s.status.name == name).map(|s| (s.snapshots.clone(), s.status.clone()))
     }
 
     /// Is `stream` written by a change-data-capture source (and so not open to ingest)?
@@ -411,6 +418,7 @@ pub async fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> anyhow
         .route("/v1/tables", get(list_tables))
         .route("/v1/pipelines", get(list_pipelines))
         .route("/v1/sources", get(list_sources))
+        .route("/v1/sources/{name}/snapshot", post(crate::snapshot::snapshot_endpoint))
         .route("/v1/reload", post(crate::reload::reload_endpoint))
         .route("/v1/pipelines/{name}/replay", post(crate::replay::replay_endpoint))
         .route("/v1/pipelines/{name}/tap", get(crate::tap::tap_endpoint))

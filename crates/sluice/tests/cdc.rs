@@ -72,12 +72,19 @@ async fn every_dml_kind_and_type_lands_in_the_changelog() {
            doc jsonb, tags text[], nums int[], uid uuid, data bytea, mood mood, flag boolean,
            ratio double precision, small smallint, big text);
          CREATE TABLE skipped (id int PRIMARY KEY);
-         CREATE TABLE logs (id int PRIMARY KEY, msg text);",
+         CREATE TABLE logs (id int PRIMARY KEY, msg text);
+         CREATE TABLE pre (id int PRIMARY KEY, v text);
+         INSERT INTO pre SELECT g, 'v' || g FROM generate_series(1, 2500) g;",
     )
     .await
     .unwrap();
     let s = Server::start(&source_cfg(&pg, "      tables:\n        exclude: [public.skipped]\n")).await;
     wait_state(&s, "streaming").await;
+    // The rows that were there before: the initial snapshot reads them (3 chunks of 1024).
+    wait_rows(&s, "shop_pre", 2500).await;
+    assert_eq!(s.scalar("SELECT count(*) FROM shop_pre").await, 2500.0);
+    assert_eq!(s.scalar("SELECT count(*) FROM shop_pre__changelog WHERE op = 'read' AND source.snapshot").await, 2500.0);
+    assert_eq!(s.scalar("SELECT count(*) FROM shop_pre WHERE v = 'v' || CAST(id AS VARCHAR)").await, 2500.0);
 
     db.batch_execute(
         "INSERT INTO items VALUES (1, 'tea', 12345678901234.5678, '2026-01-05 10:00:00.123456+02', '2026-01-05', '2026-01-05 10:00:00',
@@ -160,9 +167,28 @@ async fn every_dml_kind_and_type_lands_in_the_changelog() {
     assert_eq!(m[0]["price"], "12345678901234.5678");
     assert_eq!(m[0]["big"], 400 * 32, "a TOASTed column an update did not send keeps its value");
     assert_eq!((m[1]["id"].as_i64(), m[1]["color"].as_str()), (Some(3), Some("green")));
+    // A snapshot of some keys on demand, with the CLI: `read` events of the current rows.
+    let out = std::process::Command::new(BIN)
+        .args(["snapshot", "shop", "--table", "items", "--key", "1", "--key", "3", "--quiet", "--url", &s.url("")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "sluice snapshot: {}", String::from_utf8_lossy(&out.stderr));
+    wait_rows(&s, "shop_items", 7).await;
+    let reads = s.query("SELECT key.id AS id, after.name AS name FROM shop_items__changelog WHERE op = 'read' ORDER BY key.id").await;
+    assert_eq!(reads.len(), 2, "{reads:?}");
+    assert_eq!((reads[0]["id"].as_i64(), reads[0]["name"].as_str()), (Some(1), Some("green tea")));
+    let src = &sources(&s).await["sources"][0];
+    assert!(src["snapshots"].as_array().unwrap().iter().any(|j| j["table"] == "public.items" && j["state"] == "done" && j["rows"] == 2), "{src}");
+    // Refusals name the problem.
+    let r = s.client.post(s.url("/v1/sources/shop/snapshot")).body(r#"{"table": "skipped"}"#).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("not captured"));
+    let r = s.client.post(s.url("/v1/sources/nope/snapshot")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+
     // An update in a later flush that does not carry the TOASTed column: the merge keeps it.
     db.batch_execute("UPDATE items SET flag = true WHERE id = 1").await.unwrap();
-    wait_rows(&s, "shop_items", 6).await;
+    wait_rows(&s, "shop_items", 8).await;
     let m = s.query("SELECT flag, length(big) AS big FROM shop_items WHERE id = 1").await;
     assert_eq!((m[0]["flag"].as_bool(), m[0]["big"].as_i64()), (Some(true), Some(400 * 32)), "{m:?}");
     s.wait_landed("shop_logs").await;
@@ -307,4 +333,104 @@ async fn an_idle_slot_does_not_hold_back_wal() {
         assert!(Instant::now() < deadline, "the slot's confirmed position stayed behind {target}: {}", sources(&s).await);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The issue's convergence test: a random INSERT/UPDATE/DELETE workload runs while an
+/// on-demand snapshot of a table that had rows before capture started is taken; Sluice is
+/// killed -9 mid-snapshot and restarted. Afterwards the mirror equals the source, both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_during_writes_and_kill9_converges_to_the_source() {
+    let pg = servers::PgServer::start();
+    let db = pg_connect(&pg, "postgres").await;
+    db.batch_execute("CREATE TABLE acct (id int PRIMARY KEY, balance bigint NOT NULL, note text); INSERT INTO acct SELECT g, g * 10, 'n' FROM generate_series(0, 19999) g;")
+        .await
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = Server::new_in(tmp.path(), &source_cfg(&pg, "      snapshot: never\n      snapshot_chunk: 500\n      partitions: 2\n"));
+    s.spawn().await;
+    wait_state(&s, "streaming").await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seed = std::env::var("SLUICE_CRASH_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| fastrand::u64(..));
+    eprintln!("snapshot convergence: seed {seed}");
+    let writer = {
+        let stop = stop.clone();
+        let client = pg_connect(&pg, "postgres").await;
+        tokio::spawn(async move {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let id = rng.i32(0..25_000);
+                let sql = match rng.u8(0..3) {
+                    0 => format!("INSERT INTO acct VALUES ({id}, {}, 'w') ON CONFLICT (id) DO UPDATE SET balance = EXCLUDED.balance, note = 'u'", rng.i64(0..1000)),
+                    1 => format!("UPDATE acct SET balance = balance + 1, note = 'b' WHERE id = {id}"),
+                    _ => format!("DELETE FROM acct WHERE id = {id}"),
+                };
+                client.batch_execute(&sql).await.unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    // The snapshot, requested over HTTP; killed once it is part way through.
+    let r = s.client.post(s.url("/v1/sources/shop/snapshot")).body(r#"{"table": "public.acct"}"#).send().await.unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let src = &sources(&s).await["sources"][0];
+        let rows = src["snapshots"].as_array().and_then(|a| a.first()).and_then(|j| j["rows"].as_u64()).unwrap_or(0);
+        if rows >= 3000 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the snapshot made no progress: {src}\n{}", s.server_log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.kill9();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.spawn().await;
+    // It resumes from its last finished chunk and finishes.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let src = &sources(&s).await["sources"][0];
+        if src["snapshots"].as_array().is_some_and(|a| a.iter().any(|j| j["table"] == "public.acct" && j["state"] == "done")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the snapshot did not finish: {src}\n{}", s.server_log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let statements = writer.await.unwrap();
+    // A last change marks the end: once it is in the mirror, everything before it is.
+    db.batch_execute("INSERT INTO acct VALUES (-1, 0, 'end')").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        s.wait_landed("shop_acct").await;
+        if s.scalar("SELECT count(*) FROM shop_acct WHERE id = -1").await == 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the last change never reached the mirror\n{}", s.server_log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let want: Vec<(i64, i64, String)> = db
+        .query("SELECT id::int8, balance, note FROM acct ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let got: Vec<(i64, i64, String)> = s
+        .query("SELECT id, balance, note FROM shop_acct ORDER BY id")
+        .await
+        .iter()
+        .map(|r| (r["id"].as_i64().unwrap(), r["balance"].as_i64().unwrap(), r["note"].as_str().unwrap().to_string()))
+        .collect();
+    let source_except_mirror: Vec<_> = want.iter().filter(|r| !got.contains(r)).take(5).collect();
+    let mirror_except_source: Vec<_> = got.iter().filter(|r| !want.contains(r)).take(5).collect();
+    assert!(
+        source_except_mirror.is_empty() && mirror_except_source.is_empty() && got.len() == want.len(),
+        "mirror != source (seed {seed}): source EXCEPT mirror {source_except_mirror:?}, mirror EXCEPT source {mirror_except_source:?}, {} vs {} rows",
+        want.len(),
+        got.len()
+    );
+    eprintln!("snapshot convergence ok: {} rows, {statements} concurrent statements, killed mid-snapshot", want.len());
+    let _ = s.stop();
 }

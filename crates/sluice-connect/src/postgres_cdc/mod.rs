@@ -19,6 +19,7 @@
 //!   silently. Connection errors are retried with backoff, visible in the status.
 
 pub mod pgoutput;
+pub mod snapshot;
 pub mod types;
 
 use pgoutput::{Message, OldKind, Relation, Tuple, Value};
@@ -57,6 +58,8 @@ pub struct SourceStatus {
     pub transactions: AtomicU64,
     /// Captured tables (`schema.table`) and their streams.
     pub tables: Mutex<BTreeMap<String, String>>,
+    /// Snapshots: queued and running ones, then the last finished ones.
+    pub snapshots: Mutex<Vec<Json>>,
 }
 
 impl SourceStatus {
@@ -81,6 +84,7 @@ impl SourceStatus {
             "changes": self.changes.load(Ordering::Relaxed),
             "transactions": self.transactions.load(Ordering::Relaxed),
             "tables": *self.tables.lock().unwrap_or_else(|e| e.into_inner()),
+            "snapshots": *self.snapshots.lock().unwrap_or_else(|e| e.into_inner()),
         })
     }
 }
@@ -113,6 +117,61 @@ struct State {
     slot_created_lsn: Option<String>,
     /// Streams this source has written, by `schema.table`.
     tables: BTreeMap<String, String>,
+    /// Snapshots not finished yet, in order.
+    #[serde(default)]
+    snapshots: Vec<SnapshotTask>,
+    #[serde(default)]
+    next_snapshot: u64,
+}
+
+/// A snapshot of one table (all of it, or some keys), and how far it got.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct SnapshotTask {
+    id: u64,
+    /// `schema.table`.
+    table: String,
+    /// Only these primary key values (single-column keys), else the whole table.
+    #[serde(default)]
+    keys: Option<Vec<String>>,
+    /// The key of the last row of the last finished chunk (as text, one per key column).
+    #[serde(default)]
+    after: Option<Vec<String>>,
+    rows: u64,
+    chunks: u64,
+    started_ms: i64,
+}
+
+impl SnapshotTask {
+    fn to_json(&self, state: &str) -> Json {
+        json!({"id": self.id, "table": self.table, "keys": self.keys, "rows": self.rows, "chunks": self.chunks, "state": state,
+               "started": rfc3339(self.started_ms)})
+    }
+}
+
+/// What to snapshot: one table (`schema.table` or `table` in `public`) or all captured
+/// tables; optionally only some primary key values.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotRequest {
+    #[serde(default)]
+    pub table: Option<String>,
+    #[serde(default)]
+    pub keys: Vec<String>,
+}
+
+/// Sends snapshot requests to a running source; the answer lists the snapshots queued.
+pub type SnapshotSender = tokio::sync::mpsc::UnboundedSender<(SnapshotRequest, tokio::sync::oneshot::Sender<Result<Json, String>>)>;
+type SnapshotReceiver = tokio::sync::mpsc::UnboundedReceiver<(SnapshotRequest, tokio::sync::oneshot::Sender<Result<Json, String>>)>;
+
+/// The chunk of a snapshot between its watermarks.
+struct Chunk {
+    marker: String,
+    task: u64,
+    info: snapshot::TableInfo,
+    /// The low watermark has passed: changes to the table remove their keys from the chunk.
+    open: bool,
+    changed: HashSet<String>,
+    rows: tokio::task::JoinHandle<Result<Vec<Vec<Option<String>>>, tokio_postgres::Error>>,
+    limit: usize,
 }
 
 /// A position in the log of changes: (commit LSN, sequence in the transaction).
@@ -125,6 +184,8 @@ pub struct PostgresSource {
     state_dir: PathBuf,
     open_stream: OpenStream,
     status: Arc<SourceStatus>,
+    requests: tokio::sync::Mutex<SnapshotReceiver>,
+    request_sender: SnapshotSender,
 }
 
 /// The transaction being received.
@@ -166,9 +227,19 @@ impl PostgresSource {
     pub fn new(name: &str, cfg: &PostgresSourceConfig, state_dir: PathBuf, open_stream: OpenStream) -> PostgresSource {
         let status = Arc::new(SourceStatus { name: name.to_string(), ..Default::default() });
         status.set_state("starting");
-        let source = PostgresSource { name: name.to_string(), cfg: cfg.clone(), state_dir, open_stream, status };
+        let (request_sender, requests) = tokio::sync::mpsc::unbounded_channel();
+        let source = PostgresSource {
+            name: name.to_string(),
+            cfg: cfg.clone(),
+            state_dir,
+            open_stream,
+            status,
+            requests: tokio::sync::Mutex::new(requests),
+            request_sender,
+        };
         // The streams it wrote before are known at once (they land as mirrors).
         if let Ok(state) = source.load_state() {
+            source.show_snapshots(&state);
             *source.status.tables.lock().unwrap_or_else(|e| e.into_inner()) = state.tables;
         }
         source
@@ -176,6 +247,68 @@ impl PostgresSource {
 
     pub fn status(&self) -> Arc<SourceStatus> {
         self.status.clone()
+    }
+
+    /// Where to send snapshot requests (`sluice snapshot`, `POST /v1/sources/{name}/snapshot`).
+    pub fn snapshots(&self) -> SnapshotSender {
+        self.request_sender.clone()
+    }
+
+    /// Updates the status's list of snapshots from the state (finished ones stay listed).
+    fn show_snapshots(&self, state: &State) {
+        let mut list = self.status.snapshots.lock().unwrap_or_else(|e| e.into_inner());
+        let active: Vec<Json> = state.snapshots.iter().enumerate().map(|(i, t)| t.to_json(if i == 0 { "running" } else { "queued" })).collect();
+        list.retain(|j| j["state"] == "done" && !active.iter().any(|a| a["id"] == j["id"]));
+        let keep = list.len().saturating_sub(100);
+        list.drain(..keep);
+        list.extend(active);
+    }
+
+    /// Queues snapshots of the tables a request names (all captured tables with a primary
+    /// key when it names none).
+    async fn queue_snapshots(&self, client: &tokio_postgres::Client, state: &mut State, req: &SnapshotRequest) -> Result<Json, String> {
+        let tables: Vec<(String, String)> = match &req.table {
+            Some(t) => {
+                let (schema, name) = t.split_once('.').unwrap_or(("public", t.as_str()));
+                if !self.cfg.tables.captures(schema, name) {
+                    return Err(format!("table {schema}.{name} is not captured by source {} (see its tables: include/exclude)", self.name));
+                }
+                vec![(schema.to_string(), name.to_string())]
+            }
+            None => snapshot::all_tables(client).await.map_err(|e| e.to_string())?.into_iter().filter(|(s, t)| self.cfg.tables.captures(s, t)).collect(),
+        };
+        let mut queued = Vec::new();
+        for (schema, name) in tables {
+            let info = snapshot::table_info(client, &schema, &name).await.map_err(|e| e.to_string())?;
+            let Some(info) = info else { return Err(format!("table {schema}.{name} does not exist")) };
+            let nkeys = info.keys().count();
+            if nkeys == 0 {
+                if req.table.is_some() {
+                    return Err(format!("table {schema}.{name} has no primary key: it cannot be snapshotted in chunks (or mirrored)"));
+                }
+                tracing::warn!(source = self.name, "table {schema}.{name} has no primary key: not snapshotted");
+                continue;
+            }
+            if !req.keys.is_empty() && nkeys > 1 {
+                return Err(format!("table {schema}.{name} has a primary key of {nkeys} columns: --key takes single-column keys"));
+            }
+            state.next_snapshot += 1;
+            let task = SnapshotTask {
+                id: state.next_snapshot,
+                table: format!("{schema}.{name}"),
+                keys: (!req.keys.is_empty()).then(|| req.keys.clone()),
+                after: None,
+                rows: 0,
+                chunks: 0,
+                started_ms: sluice_core::time::now_ms(),
+            };
+            queued.push(task.to_json("queued"));
+            state.snapshots.push(task);
+        }
+        self.save_state(state).map_err(|e| format!("{e:#}"))?;
+        self.show_snapshots(state);
+        tracing::info!(source = self.name, snapshots = queued.len(), "snapshots queued");
+        Ok(json!({"source": self.name, "snapshots": queued}))
     }
 
     /// Captures changes until `shutdown` turns true, reconnecting after errors with backoff
@@ -243,6 +376,9 @@ impl PostgresSource {
         let (client, conn) = tokio_postgres::connect(&self.cfg.url, tokio_postgres::NoTls).await?;
         let conn = tokio::spawn(conn);
         let _stop_conn = AbortOnDrop(conn);
+        // Snapshot reads print values like the replication session (see `types`).
+        client.batch_execute("SET DateStyle = ISO; SET TimeZone = 'UTC'; SET extra_float_digits = 3; SET IntervalStyle = iso_8601").await?;
+        let client = Arc::new(client);
         let slot = self.cfg.slot_name(&self.name);
         let publication = self.cfg.publication_name(&self.name);
 
@@ -284,6 +420,7 @@ impl PostgresSource {
                 state.slot = Some(slot.clone());
                 state.slot_created_lsn = Some(lsn);
                 self.save_state(&state)?;
+                self.initial_snapshot(&client, &mut state).await?;
             }
             Some(r) => {
                 let wal_status: Option<String> = r.get(1);
@@ -296,8 +433,11 @@ impl PostgresSource {
                     )));
                 }
                 if state.slot.is_none() {
+                    // Created by an earlier run that stopped before noting it: this is still
+                    // the first capture.
                     state.slot = Some(slot.clone());
                     self.save_state(&state)?;
+                    self.initial_snapshot(&client, &mut state).await?;
                 }
             }
         }
@@ -345,12 +485,32 @@ impl PostgresSource {
         let mut warned: HashSet<(u32, String)> = HashSet::new();
         let mut txn: Option<Txn> = None;
         let mut pending = Pending::default();
+        let mut chunk: Option<Chunk> = None;
+        let mut last_chunk = std::time::Instant::now() - self.cfg.snapshot_throttle.0;
+        let mut requests = self.requests.lock().await;
         let mut heartbeat = tokio::time::interval(self.cfg.heartbeat.0);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            if chunk.is_none() && txn.is_none() && !state.snapshots.is_empty() && last_chunk.elapsed() >= self.cfg.snapshot_throttle.0 {
+                chunk = self.start_chunk(&client, &state).await?;
+                if chunk.is_none() {
+                    // The table is gone: nothing to read.
+                    let t = state.snapshots.remove(0);
+                    tracing::warn!(source = self.name, table = t.table, "snapshot skipped: the table does not exist (any more)");
+                    self.save_state(&state)?;
+                    self.show_snapshots(&state);
+                    continue;
+                }
+            }
+            let throttled = chunk.is_none() && !state.snapshots.is_empty();
             let ev = if pending.is_empty() {
                 tokio::select! {
                     ev = repl.recv() => ev,
+                    Some((req, reply)) = requests.recv() => {
+                        let _ = reply.send(self.queue_snapshots(&client, &mut state, &req).await);
+                        continue;
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(20)), if throttled => continue,
                     _ = heartbeat.tick() => {
                         if txn.is_none() {
                             // A tiny WAL record of our own: it comes back as a Message whose
@@ -407,8 +567,17 @@ impl PostgresSource {
                                 return Err(Stop::Retry(anyhow::anyhow!("a change outside a transaction")));
                             };
                             for (rel, event) in self.events(&relations, change, t, &database)? {
-                                let stream = self.stream_for(&rel, &mut streams, &mut state)?;
+                                let stream = self.stream_for(&rel.namespace, &rel.name, &mut streams, &mut state)?;
                                 let key = event.get("key").filter(|k| !k.is_null()).map(|k| k.to_string());
+                                if let Some(c) = chunk.as_mut().filter(|c| c.open && c.info.schema == rel.namespace && c.info.name == rel.name) {
+                                    match &key {
+                                        Some(k) => {
+                                            c.changed.insert(k.clone());
+                                        }
+                                        // A truncate in the window: the rows read are stale.
+                                        None => c.open = false,
+                                    }
+                                }
                                 let seq = event["transaction"]["seq"].as_u64().unwrap_or(0);
                                 let value = bytes::Bytes::from(event.to_string());
                                 match key {
@@ -448,7 +617,22 @@ impl PostgresSource {
                         self.confirm(&repl, wal_end.as_u64());
                     }
                 }
-                ReplicationEvent::Message { lsn, .. } => {
+                ReplicationEvent::Message { lsn, prefix, content, .. } => {
+                    if prefix == snapshot::WATERMARK_PREFIX {
+                        let text = String::from_utf8_lossy(&content).into_owned();
+                        if let Some(c) = chunk.as_mut() {
+                            if text == format!("low {}", c.marker) {
+                                c.open = true;
+                            } else if text == format!("high {}", c.marker) {
+                                if let Some(c) = chunk.take() {
+                                    let finished = self.finish_chunk(c, lsn.as_u64(), &database, &mut state, &mut streams, &mut pending).await?;
+                                    self.write(&mut pending, &mut written, &repl).await?;
+                                    self.chunk_done(&mut state, finished)?;
+                                    last_chunk = std::time::Instant::now();
+                                }
+                            }
+                        }
+                    }
                     if txn.is_none() && pending.is_empty() {
                         self.confirm(&repl, lsn.as_u64());
                     }
@@ -498,9 +682,9 @@ impl PostgresSource {
     }
 
     /// The stream of a table, opened (and remembered in the state) on its first change.
-    fn stream_for(&self, rel: &Relation, streams: &mut HashMap<String, Arc<Stream>>, state: &mut State) -> anyhow::Result<Arc<Stream>> {
-        let table = format!("{}.{}", rel.namespace, rel.name);
-        let name = table_stream(&self.name, &rel.namespace, &rel.name);
+    fn stream_for(&self, schema: &str, table_name: &str, streams: &mut HashMap<String, Arc<Stream>>, state: &mut State) -> anyhow::Result<Arc<Stream>> {
+        let table = format!("{schema}.{table_name}");
+        let name = table_stream(&self.name, schema, table_name);
         if let Some(s) = streams.get(&name) {
             return Ok(s.clone());
         }
@@ -513,6 +697,100 @@ impl PostgresSource {
         let s = (self.open_stream)(&name, self.cfg.partitions)?;
         streams.insert(name, s.clone());
         Ok(s)
+    }
+
+    /// Queues a snapshot of every captured table: the first capture of a database.
+    async fn initial_snapshot(&self, client: &tokio_postgres::Client, state: &mut State) -> Result<(), Stop> {
+        if self.cfg.snapshot != "initial" {
+            return Ok(());
+        }
+        self.queue_snapshots(client, state, &SnapshotRequest::default()).await.map_err(|e| Stop::Retry(anyhow::anyhow!("initial snapshot: {e}")))?;
+        Ok(())
+    }
+
+    /// Starts the next chunk of the first queued snapshot: watermarks and the read run on
+    /// their own task while the replication stream is processed. None: the table is gone.
+    async fn start_chunk(&self, client: &Arc<tokio_postgres::Client>, state: &State) -> Result<Option<Chunk>, Stop> {
+        let task = state.snapshots[0].clone();
+        let (schema, name) = task.table.split_once('.').unwrap_or(("public", task.table.as_str()));
+        let Some(info) = snapshot::table_info(client, schema, name).await? else { return Ok(None) };
+        let limit = if task.keys.is_some() { task.keys.as_ref().map_or(0, |k| k.len()).max(1) } else { self.cfg.snapshot_chunk };
+        let marker = format!("{}:{}:{}:{}", self.name, task.id, task.chunks, fastrand::u64(..));
+        let (c, i, m) = (client.clone(), info.clone(), marker.clone());
+        let rows = tokio::spawn(async move { snapshot::read_chunk(&c, &i, &m, task.after.as_deref(), task.keys.as_deref(), limit).await });
+        Ok(Some(Chunk { marker, task: task.id, info, open: false, changed: HashSet::new(), rows, limit }))
+    }
+
+    /// At the high watermark: the chunk's rows that no change in the window touched become
+    /// `read` events at the watermark's position.
+    async fn finish_chunk(
+        &self,
+        c: Chunk,
+        lsn: u64,
+        database: &str,
+        state: &mut State,
+        streams: &mut HashMap<String, Arc<Stream>>,
+        pending: &mut Pending,
+    ) -> Result<bool, Stop> {
+        let rows = c.rows.await.map_err(|e| anyhow::anyhow!("snapshot read: {e}"))??;
+        let stream = self.stream_for(&c.info.schema, &c.info.name, streams, state)?;
+        let now = sluice_core::time::now_ms();
+        let mut emitted = 0u64;
+        let mut last_key: Option<Vec<String>> = None;
+        if !c.open {
+            // A truncate between the watermarks: the rows read may be gone. Read the chunk again.
+            return Ok(false);
+        }
+        for (seq, values) in rows.iter().enumerate() {
+            let (row, key) = c.info.row_json(values);
+            last_key = Some(c.info.columns.iter().zip(values).filter(|(col, _)| col.3).map(|(_, v)| v.clone().unwrap_or_default()).collect());
+            let k = key.to_string();
+            if c.changed.contains(&k) {
+                // Changed between the watermarks: the change event is as new or newer.
+                continue;
+            }
+            let event = json!({
+                "op": "read",
+                "before": null,
+                "after": row,
+                "key": key,
+                "source": {"connector": "postgres", "name": self.name, "db": database, "schema": c.info.schema, "table": c.info.name,
+                           "lsn": Lsn(lsn).to_string(), "txid": null, "commit_time": null, "snapshot": true},
+                "transaction": {"id": null, "lsn": Lsn(lsn).to_string(), "seq": seq},
+                "ts_ms": now,
+            });
+            let p = stream.partition_for_key(k.as_bytes());
+            pending.push(&stream, p, (lsn, seq as u64), Record::with_key(bytes::Bytes::from(k), bytes::Bytes::from(event.to_string()), now));
+            emitted += 1;
+        }
+        let finished = rows.len() < c.limit || state.snapshots[0].keys.is_some();
+        let task = &mut state.snapshots[0];
+        debug_assert_eq!(task.id, c.task);
+        task.rows += emitted;
+        task.chunks += 1;
+        if let Some(k) = last_key {
+            task.after = Some(k);
+        }
+        Ok(finished)
+    }
+
+    /// Records a chunk whose events are durable now: a restart resumes after it. The last
+    /// chunk finishes its snapshot.
+    fn chunk_done(&self, state: &mut State, finished: bool) -> Result<(), Stop> {
+        if finished {
+            let t = state.snapshots.remove(0);
+            self.save_state(state)?;
+            tracing::info!(source = self.name, table = t.table, rows = t.rows, "snapshot finished");
+            let mut list = self.status.snapshots.lock().unwrap_or_else(|e| e.into_inner());
+            list.retain(|j| j["id"] != t.id);
+            let mut j = t.to_json("done");
+            j["finished"] = rfc3339(sluice_core::time::now_ms()).into();
+            list.push(j);
+        } else {
+            self.save_state(state)?;
+        }
+        self.show_snapshots(state);
+        Ok(())
     }
 
     /// The change events of one message: (table, event) for each captured table it touches.

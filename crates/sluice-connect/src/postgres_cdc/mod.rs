@@ -377,7 +377,12 @@ impl PostgresSource {
         let conn = tokio::spawn(conn);
         let _stop_conn = AbortOnDrop(conn);
         // Snapshot reads print values like the replication session (see `types`).
-        client.batch_execute("SET DateStyle = ISO; SET TimeZone = 'UTC'; SET extra_float_digits = 3; SET IntervalStyle = iso_8601").await?;
+        client
+            .batch_execute(&format!(
+                "SET DateStyle = ISO; SET TimeZone = 'UTC'; SET extra_float_digits = 3; SET IntervalStyle = iso_8601; SET application_name = 'sluice-{}-snapshot'",
+                self.name
+            ))
+            .await?;
         let client = Arc::new(client);
         let slot = self.cfg.slot_name(&self.name);
         let publication = self.cfg.publication_name(&self.name);
@@ -625,7 +630,11 @@ impl PostgresSource {
                                 c.open = true;
                             } else if text == format!("high {}", c.marker) {
                                 if let Some(c) = chunk.take() {
-                                    let finished = self.finish_chunk(c, lsn.as_u64(), &database, &mut state, &mut streams, &mut pending).await?;
+                                    // A message's LSN is where its record ends, and the next
+                                    // commit record may start right there: the rows take the
+                                    // position just before it, which no commit can share.
+                                    let at = lsn.as_u64().saturating_sub(1);
+                                    let finished = self.finish_chunk(c, at, &database, &mut state, &mut streams, &mut pending).await?;
                                     self.write(&mut pending, &mut written, &repl).await?;
                                     self.chunk_done(&mut state, finished)?;
                                     last_chunk = std::time::Instant::now();
@@ -722,7 +731,8 @@ impl PostgresSource {
     }
 
     /// At the high watermark: the chunk's rows that no change in the window touched become
-    /// `read` events at the watermark's position.
+    /// `read` events at position `lsn` (just before the watermark's end: after every commit
+    /// before the watermark, before every commit after it).
     async fn finish_chunk(
         &self,
         c: Chunk,

@@ -2,13 +2,15 @@
 //! streaming: watermark-based reconciliation as published for Netflix's DBLog.
 //!
 //! For each chunk the source writes a low watermark to the WAL (a non-transactional logical
-//! message), selects the chunk (`WHERE key > last key ORDER BY key LIMIT n`, in its own
-//! statement, so it sees at least everything committed before the low watermark), then writes
-//! a high watermark. In the replication stream, every change to the table between the two
+//! message), waits until the transactions in progress at that moment have finished (one whose
+//! commit record precedes the watermark may not be visible yet), selects the chunk (`WHERE key
+//! > last key ORDER BY key LIMIT n`, in its own statement, so it sees everything committed
+//! before the low watermark), then writes a high watermark. In the replication stream, every change to the table between the two
 //! watermarks removes its key from the chunk: the change is as new as the selected row or
 //! newer. At the high watermark the remaining rows are written as `read` events, at the high
-//! watermark's position: they are the rows' state there, and every later change comes after
-//! them. A chunk is finished once its events are durable; the last finished key is kept in the
+//! watermark's position (its end LSN - 1: the next commit record may start exactly at its end,
+//! and positions must not collide): they are the rows' state there, and every later change
+//! comes after them. A chunk is finished once its events are durable; the last finished key is kept in the
 //! source's state, so a snapshot resumes from there after a crash.
 
 use serde_json::{Map, Value as Json};
@@ -120,6 +122,17 @@ pub async fn read_chunk(
 ) -> Result<Vec<Vec<Option<String>>>, tokio_postgres::Error> {
     let emit = "SELECT pg_logical_emit_message(false, $1::text, $2::text)";
     client.execute(emit, &[&WATERMARK_PREFIX, &format!("low {marker}")]).await?;
+    // A transaction's commit record can precede the low watermark in the WAL while it is not
+    // yet visible to new snapshots (PostgreSQL makes it visible just after). Its changes come
+    // before the window, so the chunk must see them: wait until every transaction in progress
+    // now has finished before reading. (Found by the convergence test.)
+    let in_progress: Vec<String> = client.query_one("SELECT array(SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) x)", &[]).await?.get(0);
+    if !in_progress.is_empty() {
+        let check = "SELECT bool_and(pg_visible_in_snapshot(x::xid8, pg_current_snapshot())) FROM unnest($1::text[]) x";
+        while !client.query_one(check, &[&in_progress]).await?.get::<_, Option<bool>>(0).unwrap_or(true) {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
     let sql = info.chunk_sql(after.is_some(), keys.is_some(), limit);
     let rows = match (keys, after) {
         (Some(k), _) => {

@@ -389,7 +389,7 @@ fn validate(cfg: &Config) -> Result<(), Invalid> {
         return Err((p(&["log", "zstd_level"]), "must be between 1 and 22".into()));
     }
     crate::source::validate(&cfg.sources)?;
-    crate::pipeline::validate(&cfg.pipelines, &cfg.streams, &cfg.lake.date_column)
+    crate::pipeline::validate(&cfg.pipelines, &cfg.streams, &cfg.sources, &cfg.lake.date_column)
 }
 
 pub(crate) fn is_column_name(s: &str) -> bool {
@@ -432,6 +432,12 @@ impl Config {
         let (file, text) = self.source.as_ref().map_or(("<default config>", ""), |(f, t)| (f.as_str(), t.as_str()));
         let (line, column) = locate(text, path).unwrap_or((1, 1));
         ConfigError { file: file.into(), line, column, key: path.join("."), message }
+    }
+
+    /// The change-data-capture source whose streams are named like `stream`
+    /// (`<source>_<table>`), if any.
+    pub fn cdc_source_of(&self, stream: &str) -> Option<(&str, &crate::source::SourceConfig)> {
+        crate::source::source_of_stream(&self.sources, stream)
     }
 
     /// Is this stream the source of a pipeline (and so not landed in its own table)?
@@ -686,6 +692,18 @@ mod tests {
         parse("x", "streams:\n  a: {}\npipelines:\n  p:\n    from: a\n    to:\n      a: { lake: {} }\n").unwrap();
         let two = "streams:\n  a: {}\npipelines:\n  p:\n    from: a\n    to:\n      t: { lake: {} }\n  q:\n    from: a\n    to:\n      u: { lake: { table: t } }\n";
         assert!(err(two).message.contains("already written by pipeline \"p\""));
+    }
+
+    #[test]
+    fn a_pipeline_may_read_a_sources_table_streams() {
+        let cfg = "sources:\n  shop:\n    postgres:\n      url: postgres://u@h/db\npipelines:\n  p:\n    from: shop_orders\n    to:\n      t: { lake: {} }\n";
+        let c = parse("x", cfg).unwrap();
+        assert_eq!(c.cdc_source_of("shop_orders").map(|(n, _)| n), Some("shop"));
+        assert_eq!(c.cdc_source_of("shopping"), None);
+        let e = err(&cfg.replace("from: shop_orders", "from: shopx_orders"));
+        assert!(e.message.contains("unknown stream \"shopx_orders\""), "{e}");
+        let e = err(&cfg.replace("url: postgres://u@h/db", "url: mysql://h"));
+        assert_eq!(e.key, "sources.shop.postgres.url", "{e}");
     }
 
     #[test]

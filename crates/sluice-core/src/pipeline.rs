@@ -724,6 +724,7 @@ pub(crate) type Invalid = (Vec<String>, String);
 pub(crate) fn validate(
     pipelines: &BTreeMap<String, PipelineConfig>,
     streams: &BTreeMap<String, crate::StreamConfig>,
+    sources: &BTreeMap<String, crate::source::SourceConfig>,
     date_column: &str,
 ) -> Result<(), Invalid> {
     let at = |name: &str, rest: &[&str]| {
@@ -740,8 +741,11 @@ pub(crate) fn validate(
         }
         for s in &p.from {
             let dead_letters_of = s.strip_suffix(crate::DLQ_SUFFIX).filter(|q| pipelines.contains_key(*q));
-            if !streams.contains_key(s) && dead_letters_of.is_none() {
-                return Err((at(name, &["from"]), format!("unknown stream {s:?}: declare it under `streams:`")));
+            // A table's change stream of a source (`<source>_<table>`): it exists once the
+            // source sees the table.
+            let changes_of = crate::source::source_of_stream(sources, s);
+            if !streams.contains_key(s) && dead_letters_of.is_none() && changes_of.is_none() {
+                return Err((at(name, &["from"]), format!("unknown stream {s:?}: declare it under `streams:` (or name a source's table stream, <source>_<table>)")));
             }
         }
         if p.to.is_empty() {

@@ -155,6 +155,16 @@ pub fn table_stream(source: &str, schema: &str, table: &str) -> String {
     name.chars().take(100).collect()
 }
 
+/// The source whose table streams are named like `stream` (`<source>_...`), if any: the
+/// longest source name that prefixes it.
+pub fn source_of_stream<'a>(sources: &'a BTreeMap<String, SourceConfig>, stream: &str) -> Option<(&'a str, &'a SourceConfig)> {
+    sources
+        .iter()
+        .filter(|(name, _)| stream.strip_prefix(name.as_str()).is_some_and(|rest| rest.starts_with('_') && rest.len() > 1))
+        .max_by_key(|(name, _)| name.len())
+        .map(|(n, c)| (n.as_str(), c))
+}
+
 /// Checks sources: names, URLs, slot and publication names, partitions.
 pub(crate) fn validate(sources: &BTreeMap<String, SourceConfig>) -> Result<(), (Vec<String>, String)> {
     for (name, s) in sources {

@@ -490,14 +490,18 @@ impl LakeTable {
                 .await
         }
         .await;
+        self.finish_maybe_empty(result.map(|(t, _)| t), before, txns).await
+    }
+
+    /// Like `finish_commit`, for operations that skip the commit when they change nothing
+    /// (MERGE, DELETE): then the txns are committed by themselves.
+    async fn finish_maybe_empty(&mut self, result: Result<DeltaTable, DeltaTableError>, before: i64, txns: &[(String, i64)]) -> Result<i64, LakeError> {
         match result {
-            // Nothing changed: deltalake skips the commit, so record the txns by themselves.
-            Ok((table, _)) if table.version().map(|v| v as i64) == Some(before) => {
+            Ok(table) if table.version().map(|v| v as i64) == Some(before) => {
                 self.table = table;
                 self.finish_commit(self.commit_txns_only(txns).await, before, txns).await
             }
-            Ok((table, _)) => self.finish_commit(Ok(table), before, txns).await,
-            Err(e) => self.finish_commit(Err(e), before, txns).await,
+            other => self.finish_commit(other, before, txns).await,
         }
     }
 
@@ -512,14 +516,7 @@ impl LakeTable {
             .with_writer_properties(writer_properties())
             .with_commit_properties(commit_properties(txns))
             .await;
-        match result {
-            Ok((table, _)) if table.version().map(|v| v as i64) == Some(before) => {
-                self.table = table;
-                self.finish_commit(self.commit_txns_only(txns).await, before, txns).await
-            }
-            Ok((table, _)) => self.finish_commit(Ok(table), before, txns).await,
-            Err(e) => self.finish_commit(Err(e), before, txns).await,
-        }
+        self.finish_maybe_empty(result.map(|(t, _)| t), before, txns).await
     }
 
     /// Rewrites the whole table with `new_schema` (used to widen Int64 columns to Float64,

@@ -144,7 +144,9 @@ impl App {
         // A pipeline's source lands where its pipelines send it; a replay stream is only
         // ever a pipeline's source; a pipeline writes its dead-letter table itself.
         let name = stream.name();
-        if !cfg.lake.enabled || cfg.is_pipeline_source(name) || name.ends_with(sluice_core::REPLAY_SUFFIX) || name.ends_with(sluice_core::DLQ_SUFFIX) {
+        // A table's change stream keeps its mirror even when pipelines read it.
+        let pipeline_only = cfg.is_pipeline_source(name) && self.source_of_stream(name).is_none();
+        if !cfg.lake.enabled || pipeline_only || name.ends_with(sluice_core::REPLAY_SUFFIX) || name.ends_with(sluice_core::DLQ_SUFFIX) {
             return;
         }
         let mut sinks = self.sinks.lock();
@@ -152,48 +154,34 @@ impl App {
             return;
         }
         let sc = cfg.stream(stream.name());
+        let opts = |partition_by: Vec<String>, mirror: bool, table: Option<String>| SinkOptions {
+            lake_root: cfg.lake_root(),
+            flush_interval: cfg.lake.flush_interval,
+            flush_bytes: cfg.lake.flush_bytes,
+            date_column: cfg.lake.date_column.clone(),
+            partition_by,
+            mirror,
+            table,
+        };
+        let mut spawn = |key: String, opts: SinkOptions| {
+            let sink = LakeSink::new(stream.clone(), opts);
+            let status = sink.status();
+            let task = tokio::spawn(sink.run(self.stop_sinks.subscribe()));
+            sinks.insert(key, LakeTask { status, task });
+        };
         // A table's change stream lands as the table's mirror (and, when asked, also as an
         // append-only changelog).
         let source = self.source_of_stream(stream.name());
-        let mirror = source.is_some();
         if let Some(src) = &source {
             let changelog = cfg.sources.get(src).is_some_and(|s| match s {
                 sluice_core::source::SourceConfig::Postgres(pg) => pg.changelog,
             });
-            let table = format!("{}{}", stream.name(), sluice_core::CHANGELOG_SUFFIX);
-            if changelog && !sinks.contains_key(&table) {
-                let sink = LakeSink::new(
-                    stream.clone(),
-                    SinkOptions {
-                        lake_root: cfg.lake_root(),
-                        flush_interval: cfg.lake.flush_interval,
-                        flush_bytes: cfg.lake.flush_bytes,
-                        date_column: cfg.lake.date_column.clone(),
-                        partition_by: Vec::new(),
-                        mirror: false,
-                        table: Some(table.clone()),
-                    },
-                );
-                let status = sink.status();
-                let task = tokio::spawn(sink.run(self.stop_sinks.subscribe()));
-                sinks.insert(table, LakeTask { status, task });
+            if changelog {
+                let table = format!("{}{}", stream.name(), sluice_core::CHANGELOG_SUFFIX);
+                spawn(table.clone(), opts(Vec::new(), false, Some(table)));
             }
         }
-        let sink = LakeSink::new(
-            stream.clone(),
-            SinkOptions {
-                lake_root: cfg.lake_root(),
-                flush_interval: cfg.lake.flush_interval,
-                flush_bytes: cfg.lake.flush_bytes,
-                date_column: cfg.lake.date_column.clone(),
-                partition_by: sc.partition_by.clone(),
-                mirror,
-                table: None,
-            },
-        );
-        let status = sink.status();
-        let task = tokio::spawn(sink.run(self.stop_sinks.subscribe()));
-        sinks.insert(stream.name().to_string(), LakeTask { status, task });
+        spawn(stream.name().to_string(), opts(sc.partition_by.clone(), source.is_some(), None));
     }
 
     fn sink_status(&self, stream: &str) -> Option<Arc<SinkStatus>> {
@@ -259,7 +247,18 @@ impl App {
         let open = |s: &str| match self.log.stream(s) {
             Some(stream) => Ok(stream),
             None if s.ends_with(sluice_core::DLQ_SUFFIX) => Ok(system(s)?),
-            None => Err(anyhow::anyhow!("pipeline {name}: stream {s:?} is not open")),
+            // A table's change stream, before its source has seen the table: made as the source
+            // will make it.
+            None => match cfg.cdc_source_of(s) {
+                Some((_, sluice_core::source::SourceConfig::Postgres(pg))) => {
+                    let sc = cfg.stream(s);
+                    Ok(self.log.create_stream(
+                        s,
+                        StreamOptions { partitions: pg.partitions, retention_bytes: sc.retention.bytes, retention_ms: sc.retention.time.map(|d| d.as_millis() as u64) },
+                    )?)
+                }
+                None => Err(anyhow::anyhow!("pipeline {name}: stream {s:?} is not open")),
+            },
         };
         let mut sources = p.from.iter().map(|s| open(s)).collect::<anyhow::Result<Vec<_>>>()?;
         sources.push(system(&sluice_core::replay_stream(name))?);
@@ -317,7 +316,8 @@ impl App {
     }
 
     /// The next offset of a partition not yet processed by whatever consumes the stream: its
-    /// lake sink, or the slowest pipeline reading it. (Log end when nothing consumes it.)
+    /// lake sink, or the slowest pipeline reading it (and a change stream's mirror). (Log end
+    /// when nothing consumes it.)
     fn processed(&self, stream: &Stream, partition: u32) -> u64 {
         let cfg = self.cfg();
         if cfg.is_pipeline_source(stream.name()) {
@@ -331,7 +331,12 @@ impl App {
                     }
                 }
             }
-            return min.unwrap_or(0);
+            let min = min.unwrap_or(0);
+            // A table's change stream also has its mirror to land.
+            return match self.sink_status(stream.name()) {
+                Some(s) => min.min(s.landed(partition as usize)),
+                None => min,
+            };
         }
         if !cfg.lake.enabled {
             return stream.partition(partition).map_or(0, |p| p.high_watermark());

@@ -24,6 +24,20 @@ fn source_cfg(pg: &servers::PgServer, extra: &str) -> String {
     )
 }
 
+/// A pipeline over a table's change stream (the table need not have changed yet).
+const PIPELINE_OVER_CHANGES: &str = "pipelines:
+  priced:
+    from: shop_items
+    steps:
+      - filter: op IN ('insert', 'update')
+      - select:
+          id: after.id
+          name: after.name
+          op: op
+    to:
+      priced: { lake: {} }
+";
+
 async fn sources(s: &Server) -> Value {
     let r = s.client.get(s.url("/v1/sources")).send().await.unwrap();
     serde_json::from_str(&r.text().await.unwrap()).unwrap()
@@ -78,7 +92,7 @@ async fn every_dml_kind_and_type_lands_in_the_changelog() {
     )
     .await
     .unwrap();
-    let s = Server::start(&source_cfg(&pg, "      tables:\n        exclude: [public.skipped]\n")).await;
+    let s = Server::start(&format!("{}{PIPELINE_OVER_CHANGES}", source_cfg(&pg, "      tables:\n        exclude: [public.skipped]\n"))).await;
     wait_state(&s, "streaming").await;
     // The rows that were there before: the initial snapshot reads them (3 chunks of 1024).
     wait_rows(&s, "shop_pre", 2500).await;
@@ -144,6 +158,15 @@ async fn every_dml_kind_and_type_lands_in_the_changelog() {
     let ops: Vec<&str> = logs.iter().map(|r| r["op"].as_str().unwrap()).collect();
     assert_eq!(ops, ["insert", "insert", "truncate"]);
     assert!(s.stream_info("shop_skipped").await.is_none(), "an excluded table is not captured");
+
+    // A pipeline reads the table's change stream (declared before the table had changes).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !s.lake().join("priced").join("_delta_log").is_dir() || s.scalar("SELECT count(*) FROM priced").await < 3.0 {
+        assert!(Instant::now() < deadline, "the pipeline over the change stream wrote nothing\n{}", s.server_log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let p = s.query("SELECT id, name, op FROM priced ORDER BY _offset").await;
+    assert_eq!(p.iter().map(|r| (r["id"].as_i64().unwrap(), r["op"].as_str().unwrap())).collect::<Vec<_>>(), [(1, "insert"), (2, "insert"), (1, "update")], "{p:?}");
 
     // The stream belongs to the source: ingest is refused.
     let (status, body) = s.post("shop_items", "{\"x\":1}").await;

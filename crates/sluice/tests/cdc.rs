@@ -277,7 +277,16 @@ async fn kill9_during_writes_loses_and_duplicates_no_change() {
     db.batch_execute("INSERT INTO ev VALUES (-1, 'last')").await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     while s.scalar("SELECT count(*) FROM shop_ev__changelog WHERE key.id = -1").await < 1.0 {
-        assert!(Instant::now() < deadline, "the last insert never arrived\n{}", s.server_log());
+        if Instant::now() >= deadline {
+            let log = std::fs::read_to_string(s.dir.join("server.log")).unwrap_or_default();
+            let problems: Vec<&str> = log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
+            panic!(
+                "the last insert never arrived\nsources: {}\nstreams: {}\nwarnings and errors:\n{}",
+                sources(&s).await,
+                s.streams().await,
+                problems[problems.len().saturating_sub(40)..].join("\n")
+            );
+        }
         s.wait_landed("shop_ev").await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

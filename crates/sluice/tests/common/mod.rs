@@ -66,7 +66,9 @@ impl Server {
         let child = Command::new(BIN)
             .args(["up", "-c"])
             .arg(&self.config)
-            .env("SLUICE_LOG", "info")
+            // Sluice's own info lines; the Delta kernel's would fill the log tail that
+            // failures print.
+            .env("SLUICE_LOG", "info,buoyant_kernel=warn,delta_kernel=warn,deltalake_core=warn,datafusion=warn")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)

@@ -30,6 +30,11 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   as_root apt-get update -qq
   as_root apt-get install -y -qq postgresql >/dev/null
 fi
+if ! need mariadbd || ! need mariadb-install-db || ! need mariadb; then
+  echo "installing the MariaDB server and client with apt-get (the tests start their own instances)..." >&2
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq mariadb-server mariadb-client >/dev/null
+fi
 # As root, initdb runs as the postgres user (it refuses root); runuser comes with util-linux.
 if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
   useradd --system --no-create-home postgres

@@ -3,11 +3,13 @@
 //! - [`http`]: the HTTP ingest source's request handling (body decoding, record
 //!   parsing, key and event-time extraction). The axum wiring lives in the binary.
 //! - [`postgres_cdc`]: change data capture from PostgreSQL (logical replication, pgoutput).
+//! - [`mysql_cdc`]: change data capture from MySQL and MariaDB (the binlog in ROW format).
 //! - [`postgres_sink`]: the PostgreSQL sink of pipelines (upsert by key, delete on tombstones).
 //! - [`redis_sink`]: the Redis sink of pipelines (latest value per key, positions).
 //! - [`webhook`]: the webhook sink of pipelines (records POSTed as JSON arrays).
 
 pub mod http;
+pub mod mysql_cdc;
 pub mod postgres_cdc;
 pub mod postgres_sink;
 pub mod redis_sink;

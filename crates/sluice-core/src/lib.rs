@@ -5,6 +5,7 @@
 //! workspace above it.
 
 pub mod config;
+pub mod fs;
 pub mod pipeline;
 pub mod source;
 pub mod time;

@@ -11,8 +11,17 @@
 //! ```
 //!
 //! Each captured table's changes go to the stream `<source>_<table>` (tables outside
-//! `public`: `<source>_<schema>_<table>`), which lands in the lake as the table's mirror
-//! (and, with `changelog: true`, also in `<stream>__changelog`).
+//! `public`, or for MySQL outside the URL's database: `<source>_<schema>_<table>`), which
+//! lands in the lake as the table's mirror (and, with `changelog: true`, also in
+//! `<stream>__changelog`).
+//!
+//! ```yaml
+//! sources:
+//!   legacy:
+//!     mysql:
+//!       url: mysql://sluice:secret@127.0.0.1:3306/shop
+//!       tables: { exclude: ["shop.sessions"] }
+//! ```
 
 use crate::units::Dur;
 use serde::Deserialize;
@@ -23,11 +32,30 @@ use std::time::Duration;
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceConfig {
     Postgres(PostgresSourceConfig),
+    Mysql(MysqlSourceConfig),
+}
+
+impl SourceConfig {
+    /// Partitions of each table's stream.
+    pub fn partitions(&self) -> u32 {
+        match self {
+            SourceConfig::Postgres(c) => c.partitions,
+            SourceConfig::Mysql(c) => c.partitions,
+        }
+    }
+
+    /// Does each table also land in an append-only changelog table?
+    pub fn changelog(&self) -> bool {
+        match self {
+            SourceConfig::Postgres(c) => c.changelog,
+            SourceConfig::Mysql(c) => c.changelog,
+        }
+    }
 }
 
 use serde::de::{MapAccess, Visitor};
 use serde::Deserializer;
-crate::pipeline::one_key_enum!(SourceConfig, "source", "postgres" => Postgres(PostgresSourceConfig));
+crate::pipeline::one_key_enum!(SourceConfig, "source", "postgres" => Postgres(PostgresSourceConfig), "mysql" => Mysql(MysqlSourceConfig));
 
 /// Logical replication from PostgreSQL (13 or later, `wal_level = logical`) with `pgoutput`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -68,6 +96,77 @@ pub struct PostgresSourceConfig {
     pub heartbeat: Dur,
 }
 
+/// Binlog replication from MySQL 8 or MariaDB 10.5+ (`log_bin` on, `binlog_format = ROW`,
+/// `binlog_row_image = FULL`, `binlog_row_metadata = FULL`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MysqlSourceConfig {
+    /// `mysql://user[:password]@host[:port][/database]`. The user needs REPLICATION SLAVE,
+    /// REPLICATION CLIENT and SELECT on the captured tables. Tables of `database` are named
+    /// without it (`<source>_<table>`).
+    pub url: String,
+    /// The replica server id Sluice registers with (unique among the server's replicas).
+    /// Default: derived from the source name.
+    #[serde(default)]
+    pub server_id: Option<u32>,
+    /// `database.table` patterns. Default: every table of the URL's database (every
+    /// database but the system ones when the URL names none).
+    #[serde(default)]
+    pub tables: TableFilter,
+    /// Partitions of each table's stream.
+    #[serde(default = "one")]
+    pub partitions: u32,
+    /// Also land every change in an append-only table `<stream>__changelog`.
+    #[serde(default)]
+    pub changelog: bool,
+    /// `initial`: snapshot every captured table when the source first starts; `never`: only
+    /// changes from then on (snapshots on demand still work).
+    #[serde(default = "default_snapshot")]
+    pub snapshot: String,
+    /// Rows per snapshot chunk.
+    #[serde(default = "default_snapshot_chunk")]
+    pub snapshot_chunk: usize,
+    /// Pause between snapshot chunks.
+    #[serde(default = "no_pause")]
+    pub snapshot_throttle: Dur,
+}
+
+impl MysqlSourceConfig {
+    /// The database named in the URL, if any.
+    pub fn database(&self) -> Option<String> {
+        let rest = self.url.split_once("://").map_or(self.url.as_str(), |(_, r)| r);
+        let path = rest.split_once('/').map(|(_, p)| p)?;
+        let db = path.split('?').next().unwrap_or("");
+        (!db.is_empty()).then(|| db.to_string())
+    }
+
+    /// Tables are named without this database (`<source>_<table>`).
+    pub fn home(&self) -> String {
+        self.database().unwrap_or_default()
+    }
+
+    /// Is `db.table` captured? System databases never are.
+    pub fn captures(&self, db: &str, table: &str) -> bool {
+        if matches!(db, "mysql" | "sys" | "information_schema" | "performance_schema") {
+            return false;
+        }
+        let default = match self.database() {
+            Some(d) => format!("{d}.*"),
+            None => "*.*".into(),
+        };
+        self.tables.captures_or(&default, db, table)
+    }
+
+    /// The replica server id: configured, or derived from the source name.
+    pub fn server_id(&self, source: &str) -> u32 {
+        self.server_id.unwrap_or_else(|| {
+            // FNV-1a: stable across versions, unlike std's hasher.
+            let h = source.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193));
+            0x5100_0000 | (h & 0x00ff_ffff)
+        })
+    }
+}
+
 fn one() -> u32 {
     1
 }
@@ -89,31 +188,27 @@ fn default_heartbeat() -> Dur {
 }
 
 /// Which tables a source captures: `schema.table` patterns where `*` matches any run of
-/// characters. Excludes win.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// characters. Excludes win. No include: the source's default (PostgreSQL: `public.*`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TableFilter {
-    #[serde(default = "default_include")]
+    #[serde(default)]
     pub include: Vec<String>,
     #[serde(default)]
     pub exclude: Vec<String>,
 }
 
-impl Default for TableFilter {
-    fn default() -> Self {
-        TableFilter { include: default_include(), exclude: Vec::new() }
-    }
-}
-
-fn default_include() -> Vec<String> {
-    vec!["public.*".into()]
-}
-
 impl TableFilter {
-    /// Is `schema.table` captured?
+    /// Is `schema.table` captured (a PostgreSQL source's default: `public.*`)?
     pub fn captures(&self, schema: &str, table: &str) -> bool {
+        self.captures_or("public.*", schema, table)
+    }
+
+    /// Is `schema.table` captured, with `default` as the include when none is given?
+    pub fn captures_or(&self, default: &str, schema: &str, table: &str) -> bool {
         let name = format!("{schema}.{table}");
-        self.include.iter().any(|p| glob(p, &name)) && !self.exclude.iter().any(|p| glob(p, &name))
+        let included = if self.include.is_empty() { glob(default, &name) } else { self.include.iter().any(|p| glob(p, &name)) };
+        included && !self.exclude.iter().any(|p| glob(p, &name))
     }
 }
 
@@ -150,8 +245,13 @@ impl PostgresSourceConfig {
 /// The stream a captured table's changes go to: `<source>_<table>`, or
 /// `<source>_<schema>_<table>` outside `public`; lower case, other characters as `_`.
 pub fn table_stream(source: &str, schema: &str, table: &str) -> String {
+    table_stream_in(source, "public", schema, table)
+}
+
+/// [`table_stream`] with `home` as the schema whose tables are named without it.
+pub fn table_stream_in(source: &str, home: &str, schema: &str, table: &str) -> String {
     let clean = |s: &str| s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c.to_ascii_lowercase() } else { '_' }).collect::<String>();
-    let name = if schema == "public" { format!("{source}_{}", clean(table)) } else { format!("{source}_{}_{}", clean(schema), clean(table)) };
+    let name = if schema == home { format!("{source}_{}", clean(table)) } else { format!("{source}_{}_{}", clean(schema), clean(table)) };
     name.chars().take(100).collect()
 }
 
@@ -189,9 +289,6 @@ pub(crate) fn validate(sources: &BTreeMap<String, SourceConfig>) -> Result<(), (
                 if !(1..=1024).contains(&pg.partitions) {
                     return Err((at(&["postgres", "partitions"]), "must be between 1 and 1024".into()));
                 }
-                if pg.tables.include.is_empty() {
-                    return Err((at(&["postgres", "tables", "include"]), "captures nothing: give at least one pattern".into()));
-                }
                 for p in pg.tables.include.iter().chain(&pg.tables.exclude) {
                     if !p.contains('.') {
                         return Err((at(&["postgres", "tables"]), format!("{p:?}: patterns are schema.table, e.g. public.* or public.orders")));
@@ -205,6 +302,28 @@ pub(crate) fn validate(sources: &BTreeMap<String, SourceConfig>) -> Result<(), (
                 }
                 if pg.heartbeat.0.is_zero() {
                     return Err((at(&["postgres", "heartbeat"]), "must be more than 0".into()));
+                }
+            }
+            SourceConfig::Mysql(my) => {
+                if !(my.url.starts_with("mysql://") || my.url.starts_with("mariadb://")) {
+                    return Err((at(&["mysql", "url"]), "must start with mysql:// (or mariadb://)".into()));
+                }
+                if !(1..=1024).contains(&my.partitions) {
+                    return Err((at(&["mysql", "partitions"]), "must be between 1 and 1024".into()));
+                }
+                for p in my.tables.include.iter().chain(&my.tables.exclude) {
+                    if !p.contains('.') {
+                        return Err((at(&["mysql", "tables"]), format!("{p:?}: patterns are database.table, e.g. shop.* or shop.orders")));
+                    }
+                }
+                if !matches!(my.snapshot.as_str(), "initial" | "never") {
+                    return Err((at(&["mysql", "snapshot"]), format!("{:?}: use initial or never", my.snapshot)));
+                }
+                if !(1..=1_000_000).contains(&my.snapshot_chunk) {
+                    return Err((at(&["mysql", "snapshot_chunk"]), "must be between 1 and 1000000".into()));
+                }
+                if my.server_id == Some(0) {
+                    return Err((at(&["mysql", "server_id"]), "must be more than 0".into()));
                 }
             }
         }
@@ -223,6 +342,7 @@ mod tests {
         assert!(!f.captures("public", "audit_log"));
         assert!(f.captures("sales", "orders"));
         assert!(!f.captures("sales", "items"));
+        assert!(TableFilter::default().captures("public", "x") && !TableFilter::default().captures("other", "x"));
         assert!(glob("a*b*c", "aXbYc") && !glob("a*b*c", "aXc") && glob("*", "") && glob("x", "x"));
     }
 
@@ -230,5 +350,28 @@ mod tests {
     fn stream_names() {
         assert_eq!(table_stream("shop", "public", "Orders"), "shop_orders");
         assert_eq!(table_stream("shop", "sales", "line items"), "shop_sales_line_items");
+        assert_eq!(table_stream_in("legacy", "shop", "shop", "orders"), "legacy_orders");
+        assert_eq!(table_stream_in("legacy", "shop", "crm", "users"), "legacy_crm_users");
+    }
+
+    #[test]
+    fn mysql_defaults() {
+        let c = |url: &str| MysqlSourceConfig {
+            url: url.into(),
+            server_id: None,
+            tables: TableFilter::default(),
+            partitions: 1,
+            changelog: false,
+            snapshot: "initial".into(),
+            snapshot_chunk: 1024,
+            snapshot_throttle: no_pause(),
+        };
+        let shop = c("mysql://u:p@h:3306/shop?x=1");
+        assert_eq!(shop.database().as_deref(), Some("shop"));
+        assert!(shop.captures("shop", "orders") && !shop.captures("crm", "users"));
+        let all = c("mysql://u@h");
+        assert_eq!(all.database(), None);
+        assert!(all.captures("crm", "users") && !all.captures("mysql", "user"));
+        assert_ne!(all.server_id("a"), all.server_id("b"));
     }
 }

@@ -104,7 +104,7 @@ pub fn reduce<'a>(records: impl IntoIterator<Item = (u32, u64, i64, &'a [u8])>) 
                 r
             }
         };
-        row.insert(crate::mirror::LSN_COLUMN.into(), lsn.into());
+        row.insert(LSN_COLUMN.into(), lsn.into());
         let k = Value::Object(key.clone()).to_string();
         match last.get(&k) {
             Some(&i) => {

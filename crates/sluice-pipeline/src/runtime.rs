@@ -1129,21 +1129,12 @@ fn load_schema(path: &std::path::Path) -> anyhow::Result<Option<SchemaRef>> {
 
 /// Writes the schema durably (temp file, fsync, rename, fsync of the directory).
 fn save_schema(path: &std::path::Path, schema: &Schema) -> anyhow::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().ok_or_else(|| anyhow::anyhow!("{} has no directory", path.display()))?;
-    std::fs::create_dir_all(dir)?;
     let mut buf = Vec::new();
     {
         let mut w = StreamWriter::try_new(&mut buf, schema)?;
         w.finish()?;
     }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&buf)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
+    Ok(sluice_core::fs::write_durably(path, &buf)?)
 }
 
 #[cfg(test)]

@@ -64,16 +64,7 @@ struct Intent {
 }
 
 fn write_durably(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().ok_or_else(|| anyhow::anyhow!("{} has no directory", path.display()))?;
-    std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
+    Ok(sluice_core::fs::write_durably(path, data)?)
 }
 
 /// Parses `--from`: an offset, an RFC 3339 time, or a date (midnight UTC).

@@ -95,6 +95,16 @@ impl App {
         }
     }
 
+    /// Ok when tokens are off or the request's token has read scope `'*'`; else the 401/403
+    /// to send (`what` says what needed it).
+    pub fn require_read_all(&self, headers: &HeaderMap, what: &str) -> Result<(), Response> {
+        match self.auth.token(headers) {
+            Err(d) => Err(self.denied(d)),
+            Ok(Some(t)) if !t.can_read_all() => Err(self.denied(Denied::Forbidden(format!("{what} needs read scope '*'")))),
+            Ok(_) => Ok(()),
+        }
+    }
+
     pub fn internal(&self, message: String) -> Response {
         tracing::error!(error = message, "internal error");
         error_response(StatusCode::INTERNAL_SERVER_ERROR, &message, None)
@@ -102,7 +112,8 @@ impl App {
 
     /// The log stream to write to, created (with its lake sink) on first write when allowed.
     pub fn stream_for_write(&self, name: &str) -> Result<Arc<Stream>, Response> {
-        if let Some(source) = self.source_of_stream(name) {
+        // The name test first: it keeps the sources' locks off the ingest path.
+        if let Some(source) = self.cfg().cdc_source_of(name).and_then(|_| self.source_of_stream(name)) {
             return Err(error_response(
                 StatusCode::CONFLICT,
                 &format!("stream {name:?} holds the changes source {source:?} captures; it takes no other writes"),
@@ -173,9 +184,7 @@ impl App {
         // append-only changelog).
         let source = self.source_of_stream(stream.name());
         if let Some(src) = &source {
-            let changelog = cfg.sources.get(src).is_some_and(|s| match s {
-                sluice_core::source::SourceConfig::Postgres(pg) => pg.changelog,
-            });
+            let changelog = cfg.sources.get(src).is_some_and(|s| s.changelog());
             if changelog {
                 let table = format!("{}{}", stream.name(), sluice_core::CHANGELOG_SUFFIX);
                 spawn(table.clone(), opts(Vec::new(), false, Some(table)));
@@ -194,7 +203,6 @@ impl App {
     fn start_sources(self: &Arc<Self>) {
         let cfg = self.cfg();
         for (name, sc) in &cfg.sources {
-            let sluice_core::source::SourceConfig::Postgres(pg) = sc;
             let app = Arc::downgrade(self);
             let open: sluice_connect::postgres_cdc::OpenStream = Arc::new(move |stream: &str, partitions: u32| {
                 let app = app.upgrade().ok_or_else(|| anyhow::anyhow!("shutting down"))?;
@@ -207,10 +215,18 @@ impl App {
                 app.ensure_sink(&s);
                 Ok(s)
             });
-            let source = sluice_connect::postgres_cdc::PostgresSource::new(name, pg, cfg.data_dir.join("sources").join(name), open);
-            let status = source.status();
-            let snapshots = source.snapshots();
-            let task = tokio::spawn(source.run(self.stop_sinks.subscribe()));
+            let dir = cfg.data_dir.join("sources").join(name);
+            let stop = self.stop_sinks.subscribe();
+            let (status, snapshots, task) = match sc {
+                sluice_core::source::SourceConfig::Postgres(pg) => {
+                    let source = sluice_connect::postgres_cdc::PostgresSource::new(name, pg, dir, open);
+                    (source.status(), source.snapshots(), tokio::spawn(source.run(stop)))
+                }
+                sluice_core::source::SourceConfig::Mysql(my) => {
+                    let source = sluice_connect::mysql_cdc::MysqlSource::new(name, my, dir, open);
+                    (source.status(), source.snapshots(), tokio::spawn(source.run(stop)))
+                }
+            };
             self.sources.lock().push(RunningSource { status, snapshots, task });
         }
     }
@@ -223,7 +239,7 @@ impl App {
     /// Is `stream` written by a change-data-capture source (and so not open to ingest)?
     pub fn source_of_stream(&self, stream: &str) -> Option<String> {
         self.sources.lock().iter().find_map(|s| {
-            let tables = s.status.tables.lock().unwrap_or_else(|e| e.into_inner());
+            let tables = s.status.tables.lock();
             tables.values().any(|t| t == stream).then(|| s.status.name.clone())
         })
     }
@@ -250,11 +266,11 @@ impl App {
             // A table's change stream, before its source has seen the table: made as the source
             // will make it.
             None => match cfg.cdc_source_of(s) {
-                Some((_, sluice_core::source::SourceConfig::Postgres(pg))) => {
+                Some((_, src)) => {
                     let sc = cfg.stream(s);
                     Ok(self.log.create_stream(
                         s,
-                        StreamOptions { partitions: pg.partitions, retention_bytes: sc.retention.bytes, retention_ms: sc.retention.time.map(|d| d.as_millis() as u64) },
+                        StreamOptions { partitions: src.partitions(), retention_bytes: sc.retention.bytes, retention_ms: sc.retention.time.map(|d| d.as_millis() as u64) },
                     )?)
                 }
                 None => Err(anyhow::anyhow!("pipeline {name}: stream {s:?} is not open")),
@@ -532,12 +548,8 @@ fn pipeline_lag(app: &App, st: &PipelineStatus) -> u64 {
 /// `GET /v1/sources`: each change-data-capture source's state, confirmed and received
 /// positions, counters, captured tables and last error.
 async fn list_sources(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    let token = match app.auth.token(&headers) {
-        Ok(t) => t,
-        Err(d) => return app.denied(d),
-    };
-    if token.is_some_and(|t| !t.can_read_all()) {
-        return app.denied(Denied::Forbidden("listing sources needs read scope '*'".into()));
+    if let Err(r) = app.require_read_all(&headers, "listing sources") {
+        return r;
     }
     let out: Vec<serde_json::Value> = app.sources.lock().iter().map(|s| s.status.to_json()).collect();
     axum::Json(serde_json::json!({ "sources": out })).into_response()
@@ -546,12 +558,8 @@ async fn list_sources(State(app): State<Arc<App>>, headers: HeaderMap) -> Respon
 /// `GET /v1/pipelines`: each pipeline's sources, position and lag, per-step counters, sinks,
 /// dead letters and last checkpoint.
 async fn list_pipelines(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    let token = match app.auth.token(&headers) {
-        Ok(t) => t,
-        Err(d) => return app.denied(d),
-    };
-    if token.is_some_and(|t| !t.can_read_all()) {
-        return app.denied(Denied::Forbidden("listing pipelines needs read scope '*'".into()));
+    if let Err(r) = app.require_read_all(&headers, "listing pipelines") {
+        return r;
     }
     let now = sluice_core::time::now_ms();
     let out: Vec<serde_json::Value> = app

@@ -53,7 +53,7 @@ pub async fn snapshot_endpoint(State(app): State<Arc<App>>, Path(name): Path<Str
 pub struct SnapshotArgs {
     /// The source (its name under `sources:`).
     pub source: String,
-    /// One table (`schema.table`, or `table` in `public`); default: every captured table.
+    /// One table (`schema.table`, or `table` in `public` / the MySQL URL's database); default: every captured table.
     #[arg(long)]
     pub table: Option<String>,
     /// Only these primary key values (tables with a one-column key). Repeat for more.

@@ -40,10 +40,8 @@ fn tap_point(steps: &[sluice_core::pipeline::StepConfig], step: Option<&str>) ->
 }
 
 pub async fn tap_endpoint(State(app): State<Arc<App>>, Path(name): Path<String>, Query(q): Query<TapQuery>, headers: HeaderMap) -> Response {
-    match app.auth.token(&headers) {
-        Err(d) => return app.denied(d),
-        Ok(Some(t)) if !t.can_read_all() => return app.denied(crate::auth::Denied::Forbidden("tap needs read scope '*'".into())),
-        Ok(_) => {}
+    if let Err(r) = app.require_read_all(&headers, "tap") {
+        return r;
     }
     let found = app.pipelines.lock().iter().find(|r| r.name == name).map(|r| (r.cfg.steps.clone(), r.status.clone()));
     let Some((steps, status)) = found else {

@@ -30,7 +30,8 @@ use sluice_log::{Record, Stream};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use parking_lot::Mutex;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -47,6 +48,8 @@ pub type OpenStream = Arc<dyn Fn(&str, u32) -> anyhow::Result<Arc<Stream>> + Sen
 #[derive(Debug, Default)]
 pub struct SourceStatus {
     pub name: String,
+    /// `postgres` or `mysql`.
+    pub kind: &'static str,
     /// `starting`, `streaming`, `retrying`, `stopped` or `failed`.
     pub state: Mutex<String>,
     pub last_error: Mutex<Option<String>>,
@@ -64,33 +67,56 @@ pub struct SourceStatus {
 
 impl SourceStatus {
     fn set_state(&self, s: &str) {
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s.to_string();
+        *self.state.lock() = s.to_string();
     }
 
     fn set_error(&self, e: Option<String>) {
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = e;
+        *self.last_error.lock() = e;
     }
 
     /// As JSON for the API.
     pub fn to_json(&self) -> Json {
-        let lsn = |a: &AtomicU64| Lsn(a.load(Ordering::Relaxed)).to_string();
+        let lsn = |a: &AtomicU64| {
+            let v = a.load(Ordering::Relaxed);
+            // A MySQL position is binlog file number and offset (see `mysql_cdc`).
+            if self.kind == "mysql" { format!("{:06}:{}", v >> 32, v & 0xffff_ffff) } else { Lsn(v).to_string() }
+        };
         json!({
             "name": self.name,
-            "kind": "postgres",
-            "state": *self.state.lock().unwrap_or_else(|e| e.into_inner()),
-            "last_error": *self.last_error.lock().unwrap_or_else(|e| e.into_inner()),
+            "kind": self.kind,
+            "state": *self.state.lock(),
+            "last_error": *self.last_error.lock(),
             "confirmed_lsn": lsn(&self.confirmed_lsn),
             "received_lsn": lsn(&self.received_lsn),
             "changes": self.changes.load(Ordering::Relaxed),
             "transactions": self.transactions.load(Ordering::Relaxed),
-            "tables": *self.tables.lock().unwrap_or_else(|e| e.into_inner()),
-            "snapshots": *self.snapshots.lock().unwrap_or_else(|e| e.into_inner()),
+            "tables": *self.tables.lock(),
+            "snapshots": *self.snapshots.lock(),
         })
+    }
+
+    /// Shows the queued and running snapshots (finished ones stay listed, the last 100).
+    pub(crate) fn show_snapshots(&self, tasks: &[SnapshotTask]) {
+        let mut list = self.snapshots.lock();
+        let active: Vec<Json> = tasks.iter().enumerate().map(|(i, t)| t.to_json(if i == 0 { "running" } else { "queued" })).collect();
+        list.retain(|j| j["state"] == "done" && !active.iter().any(|a| a["id"] == j["id"]));
+        let keep = list.len().saturating_sub(100);
+        list.drain(..keep);
+        list.extend(active);
+    }
+
+    /// Lists a snapshot as done.
+    pub(crate) fn snapshot_finished(&self, t: &SnapshotTask) {
+        let mut list = self.snapshots.lock();
+        list.retain(|j| j["id"] != t.id);
+        let mut j = t.to_json("done");
+        j["finished"] = rfc3339(sluice_core::time::now_ms()).into();
+        list.push(j);
     }
 }
 
 /// Why a session ended.
-enum Stop {
+pub(crate) enum Stop {
     /// Retry after a pause (connection lost, server restarting, ...).
     Retry(anyhow::Error),
     /// Do not retry: the source cannot go on without the user.
@@ -126,23 +152,23 @@ struct State {
 
 /// A snapshot of one table (all of it, or some keys), and how far it got.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct SnapshotTask {
-    id: u64,
+pub(crate) struct SnapshotTask {
+    pub(crate) id: u64,
     /// `schema.table`.
-    table: String,
+    pub(crate) table: String,
     /// Only these primary key values (single-column keys), else the whole table.
     #[serde(default)]
-    keys: Option<Vec<String>>,
+    pub(crate) keys: Option<Vec<String>>,
     /// The key of the last row of the last finished chunk (as text, one per key column).
     #[serde(default)]
-    after: Option<Vec<String>>,
-    rows: u64,
-    chunks: u64,
-    started_ms: i64,
+    pub(crate) after: Option<Vec<String>>,
+    pub(crate) rows: u64,
+    pub(crate) chunks: u64,
+    pub(crate) started_ms: i64,
 }
 
 impl SnapshotTask {
-    fn to_json(&self, state: &str) -> Json {
+    pub(crate) fn to_json(&self, state: &str) -> Json {
         json!({"id": self.id, "table": self.table, "keys": self.keys, "rows": self.rows, "chunks": self.chunks, "state": state,
                "started": rfc3339(self.started_ms)})
     }
@@ -160,7 +186,7 @@ pub struct SnapshotRequest {
 
 /// Sends snapshot requests to a running source; the answer lists the snapshots queued.
 pub type SnapshotSender = tokio::sync::mpsc::UnboundedSender<(SnapshotRequest, tokio::sync::oneshot::Sender<Result<Json, String>>)>;
-type SnapshotReceiver = tokio::sync::mpsc::UnboundedReceiver<(SnapshotRequest, tokio::sync::oneshot::Sender<Result<Json, String>>)>;
+pub(crate) type SnapshotReceiver = tokio::sync::mpsc::UnboundedReceiver<(SnapshotRequest, tokio::sync::oneshot::Sender<Result<Json, String>>)>;
 
 /// The chunk of a snapshot between its watermarks.
 struct Chunk {
@@ -175,7 +201,7 @@ struct Chunk {
 }
 
 /// A position in the log of changes: (commit LSN, sequence in the transaction).
-type Position = (u64, u64);
+pub(crate) type Position = (u64, u64);
 
 /// One PostgreSQL source. Run it with [`PostgresSource::run`] on its own task.
 pub struct PostgresSource {
@@ -199,16 +225,16 @@ struct Txn {
 
 /// Changes waiting to be written, per (stream, partition), in order.
 #[derive(Default)]
-struct Pending {
-    groups: Vec<(Arc<Stream>, u32, Vec<(Position, Record)>)>,
+pub(crate) struct Pending {
+    pub(crate) groups: Vec<(Arc<Stream>, u32, Vec<(Position, Record)>)>,
     index: HashMap<(String, u32), usize>,
-    records: usize,
+    pub(crate) records: usize,
     /// The end LSN of the last whole transaction in the group: confirmed once written.
-    commit_end: Option<u64>,
+    pub(crate) commit_end: Option<u64>,
 }
 
 impl Pending {
-    fn push(&mut self, stream: &Arc<Stream>, partition: u32, pos: Position, r: Record) {
+    pub(crate) fn push(&mut self, stream: &Arc<Stream>, partition: u32, pos: Position, r: Record) {
         let k = (stream.name().to_string(), partition);
         let i = *self.index.entry(k).or_insert_with(|| {
             self.groups.push((stream.clone(), partition, Vec::new()));
@@ -218,14 +244,14 @@ impl Pending {
         self.records += 1;
     }
 
-    fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.records == 0 && self.commit_end.is_none()
     }
 }
 
 impl PostgresSource {
     pub fn new(name: &str, cfg: &PostgresSourceConfig, state_dir: PathBuf, open_stream: OpenStream) -> PostgresSource {
-        let status = Arc::new(SourceStatus { name: name.to_string(), ..Default::default() });
+        let status = Arc::new(SourceStatus { name: name.to_string(), kind: "postgres", ..Default::default() });
         status.set_state("starting");
         let (request_sender, requests) = tokio::sync::mpsc::unbounded_channel();
         let source = PostgresSource {
@@ -240,7 +266,7 @@ impl PostgresSource {
         // The streams it wrote before are known at once (they land as mirrors).
         if let Ok(state) = source.load_state() {
             source.show_snapshots(&state);
-            *source.status.tables.lock().unwrap_or_else(|e| e.into_inner()) = state.tables;
+            *source.status.tables.lock() = state.tables;
         }
         source
     }
@@ -254,14 +280,8 @@ impl PostgresSource {
         self.request_sender.clone()
     }
 
-    /// Updates the status's list of snapshots from the state (finished ones stay listed).
     fn show_snapshots(&self, state: &State) {
-        let mut list = self.status.snapshots.lock().unwrap_or_else(|e| e.into_inner());
-        let active: Vec<Json> = state.snapshots.iter().enumerate().map(|(i, t)| t.to_json(if i == 0 { "running" } else { "queued" })).collect();
-        list.retain(|j| j["state"] == "done" && !active.iter().any(|a| a["id"] == j["id"]));
-        let keep = list.len().saturating_sub(100);
-        list.drain(..keep);
-        list.extend(active);
+        self.status.show_snapshots(&state.snapshots);
     }
 
     /// Queues snapshots of the tables a request names (all captured tables with a primary
@@ -358,16 +378,7 @@ impl PostgresSource {
 
     /// Writes the state durably (temp file, fsync, rename).
     fn save_state(&self, s: &State) -> anyhow::Result<()> {
-        use std::io::Write;
-        std::fs::create_dir_all(&self.state_dir)?;
-        let path = self.state_dir.join("state.json");
-        let tmp = self.state_dir.join("state.json.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(s)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(&self.state_dir)?.sync_all()?;
-        Ok(())
+        Ok(sluice_core::fs::write_durably(&self.state_dir.join("state.json"), &serde_json::to_vec_pretty(s)?)?)
     }
 
     /// One connection's life: set up the publication and slot, then stream.
@@ -457,7 +468,7 @@ impl PostgresSource {
                     written.insert((stream.clone(), p.id()), pos);
                 }
             }
-            self.status.tables.lock().unwrap_or_else(|e| e.into_inner()).insert(table.clone(), stream.clone());
+            self.status.tables.lock().insert(table.clone(), stream.clone());
             streams.insert(stream.clone(), s);
         }
 
@@ -702,7 +713,7 @@ impl PostgresSource {
             state.tables.insert(table.clone(), name.clone());
             self.save_state(state)?;
         }
-        self.status.tables.lock().unwrap_or_else(|e| e.into_inner()).insert(table, name.clone());
+        self.status.tables.lock().insert(table, name.clone());
         let s = (self.open_stream)(&name, self.cfg.partitions)?;
         streams.insert(name, s.clone());
         Ok(s)
@@ -791,11 +802,7 @@ impl PostgresSource {
             let t = state.snapshots.remove(0);
             self.save_state(state)?;
             tracing::info!(source = self.name, table = t.table, rows = t.rows, "snapshot finished");
-            let mut list = self.status.snapshots.lock().unwrap_or_else(|e| e.into_inner());
-            list.retain(|j| j["id"] != t.id);
-            let mut j = t.to_json("done");
-            j["finished"] = rfc3339(sluice_core::time::now_ms()).into();
-            list.push(j);
+            self.status.snapshot_finished(&t);
         } else {
             self.save_state(state)?;
         }
@@ -923,12 +930,12 @@ fn key_of(r: &Relation, row: &Json) -> Json {
     }
 }
 
-fn rfc3339(ms: i64) -> String {
+pub(crate) fn rfc3339(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)).unwrap_or_default()
 }
 
 /// The position of a partition's last record (commit LSN, sequence), if it has one.
-fn last_position(p: &sluice_log::Partition) -> anyhow::Result<Option<Position>> {
+pub(crate) fn last_position(p: &sluice_log::Partition) -> anyhow::Result<Option<Position>> {
     let hw = p.high_watermark();
     if hw == 0 || hw <= p.log_start_offset() {
         return Ok(None);

@@ -92,11 +92,7 @@ impl PgServer {
             assert!(ok, "chown of the PostgreSQL test directory");
         }
         let data = dir.path().join("data");
-        let out = pg_command(&bin, "initdb")
-            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "-D"])
-            .arg(&data)
-            .output()
-            .unwrap();
+        let out = pg_command(&bin, "initdb").args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "-D"]).arg(&data).output().unwrap();
         assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
         let port = free_port();
         let opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c timezone=UTC -c wal_level=logical -c max_wal_senders=10 -c max_replication_slots=10", dir.path().display());
@@ -122,5 +118,97 @@ impl PgServer {
 impl Drop for PgServer {
     fn drop(&mut self) {
         let _ = pg_command(&self.bin, "pg_ctl").args(["-m", "immediate", "-D"]).arg(&self.data).arg("stop").stdout(Stdio::null()).status();
+    }
+}
+
+/// A MariaDB server with the binlog in ROW format and full row metadata (what change data
+/// capture needs), root without a password on 127.0.0.1 and a database `shop`.
+pub struct MariaServer {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl MariaServer {
+    pub fn start() -> MariaServer {
+        let dir = tempfile::Builder::new().prefix("sluice-maria").tempdir().unwrap();
+        let out = Command::new("mariadb-install-db")
+            .args(["--no-defaults", "--auth-root-authentication-method=normal", "--skip-test-db"])
+            .arg(format!("--datadir={}", dir.path().join("data").display()))
+            .args(if is_root() { vec!["--user=root"] } else { vec![] })
+            .output()
+            .expect("mariadb-install-db (scripts/test.sh installs mariadb-server)");
+        assert!(out.status.success(), "mariadb-install-db: {}", String::from_utf8_lossy(&out.stderr));
+        let mut m = MariaServer { child: None, dir, port: free_port() };
+        m.spawn();
+        let out = m.cli("CREATE DATABASE shop");
+        assert!(out.status.success(), "create database: {}", String::from_utf8_lossy(&out.stderr));
+        m
+    }
+
+    fn spawn(&mut self) {
+        let d = self.dir.path();
+        let child = Command::new("mariadbd")
+            .arg("--no-defaults")
+            .args(if is_root() { vec!["--user=root"] } else { vec![] })
+            .arg(format!("--datadir={}", d.join("data").display()))
+            .arg(format!("--port={}", self.port))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--socket={}", d.join("sock").display()))
+            .arg(format!("--pid-file={}", d.join("pid").display()))
+            .arg(format!("--log-error={}", d.join("error.log").display()))
+            .arg(format!("--log-bin={}", d.join("data").join("binlog").display()))
+            .args(["--binlog-format=ROW", "--binlog-row-metadata=FULL", "--server-id=1", "--innodb-flush-log-at-trx-commit=2", "--sync-binlog=0"])
+            .args(["--innodb-buffer-pool-size=64M", "--max-connections=50", "--skip-name-resolve", "--default-time-zone=+00:00"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mariadbd (scripts/test.sh installs mariadb-server)");
+        self.child = Some(child);
+        wait_for_port(self.port, "mariadbd");
+    }
+
+    /// Runs SQL with the mariadb client (over the socket, as root).
+    pub fn cli(&self, sql: &str) -> std::process::Output {
+        Command::new("mariadb")
+            .args(["-u", "root", "-N", "-B"])
+            .arg(format!("--socket={}", self.dir.path().join("sock").display()))
+            .args(["-e", sql])
+            .output()
+            .unwrap()
+    }
+
+    /// Runs SQL in database `shop` and returns what it printed (tab-separated rows).
+    pub fn sql(&self, sql: &str) -> String {
+        let out = self.cli(&format!("USE shop; {sql}"));
+        assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn url(&self) -> String {
+        format!("mysql://root@127.0.0.1:{}/shop", self.port)
+    }
+
+    /// Stops the server (kill -9) until [`MariaServer::restart`].
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for MariaServer {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

@@ -1,0 +1,269 @@
+//! MySQL/MariaDB values to JSON, the same whether they come from the binlog (row events) or
+//! from a snapshot read (the binary protocol), so that a row read and a row changed look
+//! alike in the mirror:
+//!
+//! | MySQL | JSON |
+//! |---|---|
+//! | TINYINT … BIGINT (signed or unsigned), YEAR | number (exact) |
+//! | FLOAT, DOUBLE | number |
+//! | DECIMAL | string with every digit (`"1234.50"`): exact, never rounded through a float |
+//! | TIMESTAMP (an instant) | RFC 3339 in UTC (`2026-01-05T10:00:00.123Z`) |
+//! | DATETIME, DATE, TIME | `2026-01-05T10:00:00.123`, `2026-01-05`, `-838:59:59` |
+//! | JSON (MySQL) | the JSON value itself (MariaDB's JSON is LONGTEXT: a string) |
+//! | ENUM, SET | the member's name; a SET's names joined with `,` |
+//! | BIT | number |
+//! | BINARY, VARBINARY, BLOB | string `\x0a0b…` (as PostgreSQL's bytea) |
+//! | CHAR, VARCHAR, TEXT | string |
+//! | GEOMETRY, VECTOR, anything else | unsupported: the bytes as `\x…`, with a warning naming the column |
+
+use mysql_async::binlog::value::BinlogValue;
+use mysql_async::consts::ColumnType;
+use mysql_async::Value;
+use serde_json::Value as Json;
+
+/// The character set number of binary strings.
+pub const BINARY_CHARSET: u16 = 63;
+
+/// How a column's values map to JSON.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Kind {
+    Int,
+    Float,
+    Decimal,
+    Timestamp,
+    DateTime,
+    Date,
+    Time,
+    Year,
+    Bit,
+    Json,
+    Enum(Vec<String>),
+    Set(Vec<String>),
+    Text,
+    Binary,
+    /// Kept as `\x…` text; the name of the type for the warning.
+    Unsupported(String),
+}
+
+impl Kind {
+    /// From a binlog table map's column type (the real type) and character set.
+    pub fn of_binlog(t: ColumnType, charset: u16, enum_values: Option<Vec<String>>, set_values: Option<Vec<String>>) -> Kind {
+        use ColumnType::*;
+        match t {
+            MYSQL_TYPE_TINY | MYSQL_TYPE_SHORT | MYSQL_TYPE_INT24 | MYSQL_TYPE_LONG | MYSQL_TYPE_LONGLONG => Kind::Int,
+            MYSQL_TYPE_FLOAT | MYSQL_TYPE_DOUBLE => Kind::Float,
+            MYSQL_TYPE_DECIMAL | MYSQL_TYPE_NEWDECIMAL => Kind::Decimal,
+            MYSQL_TYPE_TIMESTAMP | MYSQL_TYPE_TIMESTAMP2 => Kind::Timestamp,
+            MYSQL_TYPE_DATETIME | MYSQL_TYPE_DATETIME2 => Kind::DateTime,
+            MYSQL_TYPE_DATE | MYSQL_TYPE_NEWDATE => Kind::Date,
+            MYSQL_TYPE_TIME | MYSQL_TYPE_TIME2 => Kind::Time,
+            MYSQL_TYPE_YEAR => Kind::Year,
+            MYSQL_TYPE_BIT => Kind::Bit,
+            MYSQL_TYPE_JSON => Kind::Json,
+            MYSQL_TYPE_ENUM => Kind::Enum(enum_values.unwrap_or_default()),
+            MYSQL_TYPE_SET => Kind::Set(set_values.unwrap_or_default()),
+            MYSQL_TYPE_STRING
+            | MYSQL_TYPE_VAR_STRING
+            | MYSQL_TYPE_VARCHAR
+            | MYSQL_TYPE_BLOB
+            | MYSQL_TYPE_TINY_BLOB
+            | MYSQL_TYPE_MEDIUM_BLOB
+            | MYSQL_TYPE_LONG_BLOB => {
+                if charset == BINARY_CHARSET {
+                    Kind::Binary
+                } else {
+                    Kind::Text
+                }
+            }
+            other => Kind::Unsupported(format!("{other:?}").trim_start_matches("MYSQL_TYPE_").to_lowercase()),
+        }
+    }
+
+    /// From `information_schema.COLUMNS`: `DATA_TYPE` and `COLUMN_TYPE` (which lists an
+    /// enum's or set's members).
+    pub fn of_schema(data_type: &str, column_type: &str) -> Kind {
+        match data_type.to_ascii_lowercase().as_str() {
+            "tinyint" | "smallint" | "mediumint" | "int" | "integer" | "bigint" => Kind::Int,
+            "float" | "double" | "real" => Kind::Float,
+            "decimal" | "numeric" => Kind::Decimal,
+            "timestamp" => Kind::Timestamp,
+            "datetime" => Kind::DateTime,
+            "date" => Kind::Date,
+            "time" => Kind::Time,
+            "year" => Kind::Year,
+            "bit" => Kind::Bit,
+            "json" => Kind::Json,
+            "enum" => Kind::Enum(members(column_type)),
+            "set" => Kind::Set(members(column_type)),
+            "char" | "varchar" | "tinytext" | "text" | "mediumtext" | "longtext" => Kind::Text,
+            "binary" | "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob" => Kind::Binary,
+            other => Kind::Unsupported(other.to_string()),
+        }
+    }
+}
+
+/// The members of `enum('a','b''c')` or `set(...)`.
+fn members(column_type: &str) -> Vec<String> {
+    let Some(inner) = column_type.split_once('(').and_then(|(_, r)| r.strip_suffix(')')) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = inner.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, quoted) {
+            ('\'', false) => quoted = true,
+            ('\'', true) if chars.peek() == Some(&'\'') => {
+                chars.next();
+                cur.push('\'');
+            }
+            ('\'', true) => {
+                quoted = false;
+                out.push(std::mem::take(&mut cur));
+            }
+            ('\\', true) => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+            }
+            (c, true) => cur.push(c),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// A value from the binlog as JSON.
+pub fn binlog_to_json(kind: &Kind, v: &BinlogValue<'_>) -> Json {
+    match v {
+        BinlogValue::Value(v) => value_to_json(kind, v, true),
+        BinlogValue::Jsonb(j) => serde_json::Value::try_from(j.clone()).unwrap_or_else(|e| Json::String(format!("unreadable JSON value: {e}"))),
+        // Only with binlog_row_value_options = PARTIAL_JSON (MySQL); the source asks for full rows.
+        BinlogValue::JsonDiff(_) => Json::Null,
+    }
+}
+
+/// A value as JSON. `binlog`: it came from a row event (whose TIMESTAMP is seconds since the
+/// epoch, ENUM a member's number and SET a bit mask), else from a query's result.
+pub fn value_to_json(kind: &Kind, v: &Value, binlog: bool) -> Json {
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    match (kind, v) {
+        (_, Value::NULL) => Json::Null,
+        (Kind::Int | Kind::Year, Value::Int(i)) => (*i).into(),
+        (Kind::Int | Kind::Year, Value::UInt(i)) => (*i).into(),
+        // YEAR 0000: the binlog decoder reads it as 1900 (not a valid YEAR otherwise).
+        (Kind::Year, Value::Bytes(b)) if binlog && b.as_slice() == b"1900" => 0.into(),
+        (Kind::Int | Kind::Year, Value::Bytes(b)) => {
+            let s = text(b);
+            s.parse::<i64>().map(Json::from).or_else(|_| s.parse::<u64>().map(Json::from)).unwrap_or(Json::String(s))
+        }
+        (Kind::Float, Value::Float(f)) => serde_json::Number::from_f64(*f as f64).map_or(Json::Null, Json::Number),
+        (Kind::Float, Value::Double(f)) => serde_json::Number::from_f64(*f).map_or(Json::Null, Json::Number),
+        (Kind::Float, Value::Bytes(b)) => text(b).parse::<f64>().ok().and_then(serde_json::Number::from_f64).map_or(Json::Null, Json::Number),
+        (Kind::Decimal, Value::Bytes(b)) => Json::String(text(b)),
+        (Kind::Timestamp, Value::Int(secs)) if binlog => Json::String(instant(*secs, 0)),
+        (Kind::Timestamp, Value::Bytes(b)) if binlog => {
+            // `secs` or `secs.micros` (TIMESTAMP2).
+            let s = text(b);
+            let (secs, frac) = s.split_once('.').unwrap_or((&s, "0"));
+            Json::String(instant(secs.parse().unwrap_or(0), format!("{frac:0<6}")[..6].parse().unwrap_or(0)))
+        }
+        // Read in a session with time_zone = '+00:00'.
+        (Kind::Timestamp, Value::Date(y, mo, d, h, mi, s, us)) => {
+            if *y == 0 {
+                // The zero timestamp (0000-00-00 00:00:00): no instant.
+                Json::String(datetime(*y, *mo, *d, *h, *mi, *s, *us))
+            } else {
+                Json::String(format!("{}Z", datetime(*y, *mo, *d, *h, *mi, *s, *us)))
+            }
+        }
+        (Kind::DateTime, Value::Date(y, mo, d, h, mi, s, us)) => Json::String(datetime(*y, *mo, *d, *h, *mi, *s, *us)),
+        (Kind::Date, Value::Date(y, mo, d, ..)) => Json::String(format!("{y:04}-{mo:02}-{d:02}")),
+        (Kind::Time, Value::Time(neg, days, h, mi, s, us)) => {
+            let hours = *days as u64 * 24 + *h as u64;
+            Json::String(format!("{}{hours:02}:{mi:02}:{s:02}{}", if *neg { "-" } else { "" }, micros(*us)))
+        }
+        (Kind::Bit, Value::Bytes(b)) => b.iter().fold(0u64, |acc, x| (acc << 8) | *x as u64).into(),
+        (Kind::Bit, Value::Int(i)) => (*i).into(),
+        (Kind::Bit, Value::UInt(i)) => (*i).into(),
+        (Kind::Json, Value::Bytes(b)) => serde_json::from_slice(b).unwrap_or_else(|_| Json::String(text(b))),
+        (Kind::Enum(names), Value::Int(i)) if binlog => {
+            match names.get((*i as usize).wrapping_sub(1)) {
+                Some(n) => Json::String(n.clone()),
+                // 0: the empty string MySQL stores for an invalid member.
+                None => Json::String(String::new()),
+            }
+        }
+        (Kind::Set(names), Value::Bytes(b)) if binlog => {
+            let mask = b.iter().rev().fold(0u64, |acc, x| (acc << 8) | *x as u64);
+            let on: Vec<&str> = names.iter().enumerate().filter(|(i, _)| *i < 64 && mask & (1 << i) != 0).map(|(_, n)| n.as_str()).collect();
+            Json::String(on.join(","))
+        }
+        (Kind::Text | Kind::Enum(_) | Kind::Set(_), Value::Bytes(b)) => Json::String(text(b)),
+        (_, Value::Bytes(b)) => Json::String(hex(b)),
+        // A shape not expected for the kind: its text, never dropped.
+        (_, other) => Json::String(other.as_sql(true).trim_matches('\'').to_string()),
+    }
+}
+
+fn micros(us: u32) -> String {
+    if us == 0 {
+        String::new()
+    } else {
+        format!(".{us:06}").trim_end_matches('0').to_string()
+    }
+}
+
+fn datetime(y: u16, mo: u8, d: u8, h: u8, mi: u8, s: u8, us: u32) -> String {
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}{}", micros(us))
+}
+
+fn instant(secs: i64, us: u32) -> String {
+    match chrono::DateTime::from_timestamp(secs, us * 1000) {
+        Some(t) if secs > 0 => {
+            let n = t.naive_utc();
+            use chrono::{Datelike, Timelike};
+            format!("{}Z", datetime(n.year() as u16, n.month() as u8, n.day() as u8, n.hour() as u8, n.minute() as u8, n.second() as u8, us))
+        }
+        _ => datetime(0, 0, 0, 0, 0, 0, 0),
+    }
+}
+
+pub fn hex(b: &[u8]) -> String {
+    let mut s = String::with_capacity(2 + 2 * b.len());
+    s.push_str("\\x");
+    for x in b {
+        s.push_str(&format!("{x:02x}"));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enum_members() {
+        assert_eq!(members("enum('a','b''c','d,e')"), vec!["a", "b'c", "d,e"]);
+        assert_eq!(Kind::of_schema("set", "set('x','y')"), Kind::Set(vec!["x".into(), "y".into()]));
+    }
+
+    #[test]
+    fn binlog_and_query_values_agree() {
+        // A TIMESTAMP: seconds in the binlog, a UTC date-time from a query.
+        let b = value_to_json(&Kind::Timestamp, &Value::Bytes(b"1767607200.123".to_vec()), true);
+        let q = value_to_json(&Kind::Timestamp, &Value::Date(2026, 1, 5, 10, 0, 0, 123000), false);
+        assert_eq!(b, q);
+        assert_eq!(b, Json::String("2026-01-05T10:00:00.123Z".into()));
+        // ENUM and SET: numbers in the binlog, names from a query.
+        let e = Kind::Enum(vec!["small".into(), "large".into()]);
+        assert_eq!(value_to_json(&e, &Value::Int(2), true), value_to_json(&e, &Value::Bytes(b"large".to_vec()), false));
+        let s = Kind::Set(vec!["a".into(), "b".into(), "c".into()]);
+        assert_eq!(value_to_json(&s, &Value::Bytes(vec![0b101]), true), Json::String("a,c".into()));
+        assert_eq!(value_to_json(&Kind::Time, &Value::Time(true, 1, 2, 3, 4, 500000), false), Json::String("-26:03:04.5".into()));
+        assert_eq!(value_to_json(&Kind::Binary, &Value::Bytes(vec![0, 255]), true), Json::String("\\x00ff".into()));
+        assert_eq!(value_to_json(&Kind::Int, &Value::UInt(u64::MAX), true), Json::from(u64::MAX));
+        assert_eq!(value_to_json(&Kind::Bit, &Value::Bytes(vec![1, 2]), true), Json::from(258));
+    }
+}

@@ -67,7 +67,8 @@ def main():
         step = 10_000
         for lo in range(0, half, step):
             hi = min(lo + step, half) - 1
-            db.sql(f"INSERT INTO bench.ev WITH RECURSIVE g(i) AS (SELECT {lo} UNION ALL SELECT i + 1 FROM g WHERE i < {hi}) "
+            db.sql("SET SESSION max_recursive_iterations = 1000000; "
+                   f"INSERT INTO bench.ev WITH RECURSIVE g(i) AS (SELECT {lo} UNION ALL SELECT i + 1 FROM g WHERE i < {hi}) "
                    "SELECT i, CONCAT('value ', i), 0 FROM g")
         for lo in range(0, half, step):
             db.sql(f"UPDATE bench.ev SET n = n + 1, v = CONCAT(v, '!') WHERE id >= {lo} AND id < {min(lo + step, half)}")
@@ -78,9 +79,9 @@ def main():
         ref = a.changes / (time.monotonic() - t)
 
         d = os.path.join(work, "stream"); os.makedirs(d)
-        os.makedirs(os.path.join(d, "sources", "bench"))
+        os.makedirs(os.path.join(d, "data", "sources", "bench"))
         # Start where the binlog starts (a source remembers its position in this file).
-        with open(os.path.join(d, "sources", "bench", "state.json"), "w") as f:
+        with open(os.path.join(d, "data", "sources", "bench", "state.json"), "w") as f:
             f.write('{"binlog_file": "%s", "binlog_pos": 4, "tables": {}}' % first)
         cfg = f"lake:\n  flush_interval: 1s\nsources:\n  bench:\n    mysql:\n      url: {db.url}\n      snapshot: never\n"
         t = time.monotonic()

@@ -21,6 +21,7 @@ pub mod snapshot;
 pub mod types;
 
 use crate::postgres_cdc::{
+    append_pending, load_state, run_sessions, save_state, Session,
     last_position, rfc3339, OpenStream, Pending, Position, SnapshotReceiver, SnapshotRequest, SnapshotSender, SnapshotTask, SourceStatus, Stop, GROUP_RECORDS,
 };
 use futures::StreamExt;
@@ -197,7 +198,7 @@ pub struct MysqlSource {
 impl MysqlSource {
     pub fn new(name: &str, cfg: &MysqlSourceConfig, state_dir: PathBuf, open_stream: OpenStream) -> MysqlSource {
         let status = Arc::new(SourceStatus { name: name.to_string(), kind: "mysql", ..Default::default() });
-        *status.state.lock() = "starting".into();
+        status.set_state("starting");
         let (request_sender, requests) = tokio::sync::mpsc::unbounded_channel();
         let source = MysqlSource {
             name: name.to_string(),
@@ -223,57 +224,18 @@ impl MysqlSource {
         self.request_sender.clone()
     }
 
-    fn set_state(&self, s: &str) {
-        *self.status.state.lock() = s.to_string();
-    }
-
     /// Captures changes until `shutdown` turns true, reconnecting after errors with backoff
     /// (up to 30 s); stops for good on a fault that needs the user.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            if *shutdown.borrow() {
-                self.set_state("stopped");
-                return;
-            }
-            match self.session(&mut shutdown).await {
-                Ok(()) => {
-                    self.set_state("stopped");
-                    return;
-                }
-                Err(Stop::Fatal(m)) => {
-                    tracing::error!(source = self.name, "{m}");
-                    self.set_state("failed");
-                    *self.status.last_error.lock() = Some(m);
-                    return;
-                }
-                Err(Stop::Retry(e)) => {
-                    let m = format!("{e:#}");
-                    tracing::warn!(source = self.name, error = m, "source: retrying in {backoff:?}");
-                    metrics::counter!("sluice_source_errors_total", "source" => self.name.clone()).increment(1);
-                    self.set_state("retrying");
-                    *self.status.last_error.lock() = Some(m);
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.changed() => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                }
-            }
-        }
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        run_sessions(&self, &self.name, &self.status, shutdown).await
     }
 
     fn load_state(&self) -> anyhow::Result<State> {
-        let path = self.state_dir.join("state.json");
-        match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| anyhow::anyhow!("{}: {e}", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
-            Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
-        }
+        load_state(&self.state_dir)
     }
 
     fn save_state(&self, s: &State) -> anyhow::Result<()> {
-        Ok(sluice_core::fs::write_durably(&self.state_dir.join("state.json"), &serde_json::to_vec_pretty(s)?)?)
+        save_state(&self.state_dir, s)
     }
 
     /// Checks the server's binlog settings: anything else loses or garbles changes.
@@ -355,7 +317,9 @@ impl MysqlSource {
         tracing::info!(source = self.name, snapshots = queued.len(), "snapshots queued");
         Ok(json!({"source": self.name, "snapshots": queued}))
     }
+}
 
+impl Session for MysqlSource {
     /// One connection's life: check the server, then stream the binlog from the saved
     /// position.
     async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Stop> {
@@ -413,8 +377,8 @@ impl MysqlSource {
         bconn.query_drop("SET @mariadb_slave_capability = 4").await?;
         let request = BinlogStreamRequest::new(self.cfg.server_id(&self.name)).with_filename(cur_file.as_bytes()).with_pos(cur_pos);
         let mut binlog = bconn.get_binlog_stream(request).await.map_err(|e| self.binlog_error(e, &cur_file))?;
-        self.set_state("streaming");
-        *self.status.last_error.lock() = None;
+        self.status.set_state("streaming");
+        self.status.set_error(None);
         self.status.confirmed_lsn.store(position(file_no, cur_pos), Ordering::Relaxed);
         tracing::info!(source = self.name, file = cur_file, pos = cur_pos, "streaming changes");
 
@@ -635,7 +599,9 @@ impl MysqlSource {
             }
         }
     }
+}
 
+impl MysqlSource {
     /// The error for a binlog position the server no longer has, else a retry.
     fn binlog_error(&self, e: mysql_async::Error, file: &str) -> Stop {
         if let mysql_async::Error::Server(s) = &e {
@@ -689,29 +655,8 @@ impl MysqlSource {
         state: &mut State,
         last_commit: &Option<(String, u64)>,
     ) -> Result<(), Stop> {
-        let p = std::mem::take(pending);
-        let mut appended = Vec::new();
-        for (stream, partition, recs) in p.groups {
-            let k = (stream.name().to_string(), partition);
-            let done = written.get(&k).copied();
-            let n = recs.len();
-            let fresh: Vec<(Position, Record)> = recs.into_iter().filter(|(pos, _)| done.is_none_or(|d| *pos > d)).collect();
-            if fresh.len() < n {
-                tracing::info!(source = self.name, stream = stream.name(), partition, "dropped {} re-sent changes the log already holds", n - fresh.len());
-            }
-            let Some(last) = fresh.last().map(|(pos, _)| *pos) else {
-                continue;
-            };
-            let records: Vec<Record> = fresh.into_iter().map(|(_, r)| r).collect();
-            let part = stream.partition(partition).ok_or_else(|| anyhow::anyhow!("stream {} has no partition {partition}", stream.name()))?.clone();
-            let a = part.append(&records)?;
-            appended.push((part, a));
-            written.insert(k, last);
-        }
-        for (part, a) in &appended {
-            part.sync(a).await?;
-        }
-        if let (Some(end), Some((file, pos))) = (p.commit_end, last_commit) {
+        let end = append_pending(&self.name, pending, written).await?;
+        if let (Some(end), Some((file, pos))) = (end, last_commit) {
             state.binlog_file = Some(file.clone());
             state.binlog_pos = *pos;
             self.save_state(state)?;

@@ -66,11 +66,11 @@ pub struct SourceStatus {
 }
 
 impl SourceStatus {
-    fn set_state(&self, s: &str) {
+    pub(crate) fn set_state(&self, s: &str) {
         *self.state.lock() = s.to_string();
     }
 
-    fn set_error(&self, e: Option<String>) {
+    pub(crate) fn set_error(&self, e: Option<String>) {
         *self.last_error.lock() = e;
     }
 
@@ -333,54 +333,20 @@ impl PostgresSource {
 
     /// Captures changes until `shutdown` turns true, reconnecting after errors with backoff
     /// (up to 30 s); stops for good on a fault that needs the user (see the module docs).
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            if *shutdown.borrow() {
-                self.status.set_state("stopped");
-                return;
-            }
-            match self.session(&mut shutdown).await {
-                Ok(()) => {
-                    self.status.set_state("stopped");
-                    return;
-                }
-                Err(Stop::Fatal(m)) => {
-                    tracing::error!(source = self.name, "{m}");
-                    self.status.set_state("failed");
-                    self.status.set_error(Some(m));
-                    return;
-                }
-                Err(Stop::Retry(e)) => {
-                    let m = format!("{e:#}");
-                    tracing::warn!(source = self.name, error = m, "source: retrying in {backoff:?}");
-                    metrics::counter!("sluice_source_errors_total", "source" => self.name.clone()).increment(1);
-                    self.status.set_state("retrying");
-                    self.status.set_error(Some(m));
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.changed() => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                }
-            }
-        }
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        run_sessions(&self, &self.name, &self.status, shutdown).await
     }
 
     fn load_state(&self) -> anyhow::Result<State> {
-        let path = self.state_dir.join("state.json");
-        match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| anyhow::anyhow!("{}: {e}", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
-            Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
-        }
+        load_state(&self.state_dir)
     }
 
-    /// Writes the state durably (temp file, fsync, rename).
     fn save_state(&self, s: &State) -> anyhow::Result<()> {
-        Ok(sluice_core::fs::write_durably(&self.state_dir.join("state.json"), &serde_json::to_vec_pretty(s)?)?)
+        save_state(&self.state_dir, s)
     }
+}
 
+impl Session for PostgresSource {
     /// One connection's life: set up the publication and slot, then stream.
     async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Stop> {
         let pg: tokio_postgres::Config = self.cfg.url.parse().map_err(|e| Stop::Fatal(format!("source {}: url: {e}", self.name)))?;
@@ -663,7 +629,9 @@ impl PostgresSource {
             }
         }
     }
+}
 
+impl PostgresSource {
     fn confirm(&self, repl: &ReplicationClient, lsn: u64) {
         if lsn > self.status.confirmed_lsn.load(Ordering::Relaxed) {
             repl.update_applied_lsn(Lsn(lsn));
@@ -675,27 +643,7 @@ impl PostgresSource {
     /// Appends the pending changes (skipping what the log already holds), makes them
     /// durable, then confirms the last whole transaction among them.
     async fn write(&self, pending: &mut Pending, written: &mut HashMap<(String, u32), Position>, repl: &ReplicationClient) -> Result<(), Stop> {
-        let p = std::mem::take(pending);
-        let mut appended = Vec::new();
-        for (stream, partition, recs) in p.groups {
-            let k = (stream.name().to_string(), partition);
-            let done = written.get(&k).copied();
-            let n = recs.len();
-            let fresh: Vec<(Position, Record)> = recs.into_iter().filter(|(pos, _)| done.is_none_or(|d| *pos > d)).collect();
-            if fresh.len() < n {
-                tracing::info!(source = self.name, stream = stream.name(), partition, "dropped {} re-sent changes the log already holds", n - fresh.len());
-            }
-            let Some(last) = fresh.last().map(|(pos, _)| *pos) else { continue };
-            let records: Vec<Record> = fresh.into_iter().map(|(_, r)| r).collect();
-            let part = stream.partition(partition).ok_or_else(|| anyhow::anyhow!("stream {} has no partition {partition}", stream.name()))?.clone();
-            let a = part.append(&records)?;
-            appended.push((part, a));
-            written.insert(k, last);
-        }
-        for (part, a) in &appended {
-            part.sync(a).await?;
-        }
-        if let Some(end) = p.commit_end {
+        if let Some(end) = append_pending(&self.name, pending, written).await? {
             self.confirm(repl, end);
         }
         Ok(())
@@ -879,6 +827,91 @@ impl PostgresSource {
         }
         Ok(out)
     }
+}
+
+// What the PostgreSQL and MySQL sources share.
+
+/// One connection's life of a source: Ok when asked to stop.
+pub(crate) trait Session {
+    fn session(&self, shutdown: &mut watch::Receiver<bool>) -> impl std::future::Future<Output = Result<(), Stop>> + Send;
+}
+
+/// Runs sessions until `shutdown` turns true, reconnecting after errors with backoff (up to
+/// 30 s); stops for good on a fault that needs the user.
+pub(crate) async fn run_sessions(source: &impl Session, name: &str, status: &SourceStatus, mut shutdown: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        if *shutdown.borrow() {
+            status.set_state("stopped");
+            return;
+        }
+        match source.session(&mut shutdown).await {
+            Ok(()) => {
+                status.set_state("stopped");
+                return;
+            }
+            Err(Stop::Fatal(m)) => {
+                tracing::error!(source = name, "{m}");
+                status.set_state("failed");
+                status.set_error(Some(m));
+                return;
+            }
+            Err(Stop::Retry(e)) => {
+                let m = format!("{e:#}");
+                tracing::warn!(source = name, error = m, "source: retrying in {backoff:?}");
+                metrics::counter!("sluice_source_errors_total", "source" => name.to_string()).increment(1);
+                status.set_state("retrying");
+                status.set_error(Some(m));
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// A source's state (`<dir>/state.json`), or the default before its first run.
+pub(crate) fn load_state<T: serde::de::DeserializeOwned + Default>(dir: &std::path::Path) -> anyhow::Result<T> {
+    let path = dir.join("state.json");
+    match std::fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| anyhow::anyhow!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
+    }
+}
+
+/// Writes a source's state durably (temp file, fsync, rename).
+pub(crate) fn save_state<T: serde::Serialize>(dir: &std::path::Path, s: &T) -> anyhow::Result<()> {
+    Ok(sluice_core::fs::write_durably(&dir.join("state.json"), &serde_json::to_vec_pretty(s)?)?)
+}
+
+/// Appends the pending changes, skipping those at or before what each partition already
+/// holds, and makes them durable. Returns the end of the last whole transaction among them,
+/// which the caller may now acknowledge.
+pub(crate) async fn append_pending(source: &str, pending: &mut Pending, written: &mut HashMap<(String, u32), Position>) -> Result<Option<u64>, Stop> {
+    let p = std::mem::take(pending);
+    let mut appended = Vec::new();
+    for (stream, partition, recs) in p.groups {
+        let k = (stream.name().to_string(), partition);
+        let done = written.get(&k).copied();
+        let n = recs.len();
+        let fresh: Vec<(Position, Record)> = recs.into_iter().filter(|(pos, _)| done.is_none_or(|d| *pos > d)).collect();
+        if fresh.len() < n {
+            tracing::info!(source, stream = stream.name(), partition, "dropped {} re-sent changes the log already holds", n - fresh.len());
+        }
+        let Some(last) = fresh.last().map(|(pos, _)| *pos) else { continue };
+        let records: Vec<Record> = fresh.into_iter().map(|(_, r)| r).collect();
+        let part = stream.partition(partition).ok_or_else(|| anyhow::anyhow!("stream {} has no partition {partition}", stream.name()))?.clone();
+        let a = part.append(&records)?;
+        appended.push((part, a));
+        written.insert(k, last);
+    }
+    for (part, a) in &appended {
+        part.sync(a).await?;
+    }
+    Ok(p.commit_end)
 }
 
 /// A tuple as a JSON object of its columns, and the names of the unchanged TOASTed columns

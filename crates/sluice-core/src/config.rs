@@ -88,6 +88,23 @@ pub struct StreamConfig {
     pub partition_by: Vec<String>,
     #[serde(default)]
     pub retention: Retention,
+    /// How new log batches are compressed: `lz4` (fastest), `zstd` (smaller, more CPU)
+    /// or `none`. Old batches keep theirs, so this can change at any time.
+    #[serde(default)]
+    pub codec: Codec,
+    /// zstd level when `codec: zstd` (negative = zstd's fast modes, 19 = small).
+    #[serde(default = "default_zstd")]
+    pub zstd_level: i32,
+}
+
+/// Log batch compression of a stream.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Codec {
+    None,
+    #[default]
+    Lz4,
+    Zstd,
 }
 
 /// How long the log keeps records. Never deletes what the lake has not committed.
@@ -178,9 +195,6 @@ pub struct LogSettings {
     /// Roll to a new segment file after this many bytes.
     #[serde(default = "default_segment", deserialize_with = "de_size")]
     pub segment_bytes: u64,
-    /// zstd level of log batches (1 = fast, 19 = small).
-    #[serde(default = "default_zstd")]
-    pub zstd_level: i32,
 }
 
 fn yes() -> bool {
@@ -385,9 +399,6 @@ fn validate(cfg: &Config) -> Result<(), Invalid> {
     if cfg.log.segment_bytes < 4096 {
         return Err((p(&["log", "segment_bytes"]), "must be at least 4KiB".into()));
     }
-    if !(1..=22).contains(&cfg.log.zstd_level) {
-        return Err((p(&["log", "zstd_level"]), "must be between 1 and 22".into()));
-    }
     crate::source::validate(&cfg.sources)?;
     crate::pipeline::validate(&cfg.pipelines, &cfg.streams, &cfg.sources, &cfg.lake.date_column)
 }
@@ -421,6 +432,9 @@ fn validate_stream(s: &StreamConfig) -> Result<(), Invalid> {
     }
     if s.retention.bytes == Some(0) {
         return Err((vec!["retention".into(), "bytes".into()], "must be more than 0".into()));
+    }
+    if !(-7..=22).contains(&s.zstd_level) {
+        return Err((k("zstd_level"), "must be between -7 and 22".into()));
     }
     Ok(())
 }
@@ -619,8 +633,11 @@ mod tests {
         assert_eq!((e.line, e.key.as_str()), (2, "streams.Bad"), "{e}");
         let e = err("tokens:\n  - token: abcdefghij\n    write: [a]\n  - name: x\n    write: [b]\n");
         assert_eq!((e.line, e.key.as_str()), (4, "tokens.1.token"), "{e}");
-        let e = err("log:\n  zstd_level: 40\n");
-        assert_eq!((e.line, e.key.as_str()), (2, "log.zstd_level"), "{e}");
+        let e = err("streams:\n  s:\n    zstd_level: 40\n");
+        assert_eq!((e.line, e.key.as_str()), (3, "streams.s.zstd_level"), "{e}");
+        let e = err("stream_defaults:\n  codec: snappy\n");
+        assert_eq!(e.line, 2, "{e}");
+        assert!(e.message.contains("lz4"), "{e}");
         let e = err("lake:\n  flush_interval: 1 fortnight\n");
         assert_eq!(e.line, 2, "{e}");
     }

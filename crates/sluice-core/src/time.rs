@@ -10,6 +10,9 @@ pub fn now_ms() -> i64 {
 /// Parses an event-time string: RFC 3339 (`2026-01-01T12:00:00.123Z`, with any offset),
 /// `YYYY-MM-DD HH:MM:SS[.fff]` or `YYYY-MM-DDTHH:MM:SS[.fff]` (taken as UTC), or a bare date.
 pub fn parse_time_str(s: &str) -> Option<i64> {
+    if let Some(ms) = parse_utc_fast(s.as_bytes()) {
+        return Some(ms);
+    }
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Some(t.timestamp_millis());
     }
@@ -22,6 +25,58 @@ pub fn parse_time_str(s: &str) -> Option<i64> {
         .ok()
         .and_then(|d| d.and_hms_opt(0, 0, 0))
         .map(|t| t.and_utc().timestamp_millis())
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.f]Z` (1 to 9 fraction digits), the common form, read without
+/// chrono: ingest reads one per record and chrono's general parser costs ~10x more. Anything
+/// else (offsets, leap seconds, other separators) is `None` and left to chrono.
+fn parse_utc_fast(s: &[u8]) -> Option<i64> {
+    if s.len() < 20 || s.len() > 30 || s[s.len() - 1] != b'Z' {
+        return None;
+    }
+    let digit = |i: usize| -> Option<i64> { s[i].is_ascii_digit().then(|| i64::from(s[i] - b'0')) };
+    let two = |i: usize| -> Option<i64> { Some(digit(i)? * 10 + digit(i + 1)?) };
+    if s[4] != b'-' || s[7] != b'-' || s[10] != b'T' || s[13] != b':' || s[16] != b':' {
+        return None;
+    }
+    let (year, month, day) = (two(0)? * 100 + two(2)?, two(5)?, two(8)?);
+    let (hour, minute, second) = (two(11)?, two(14)?, two(17)?);
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let days_in_month = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return None,
+    };
+    if day < 1 || day > days_in_month || hour > 23 || minute > 59 || second > 59 {
+        return None;
+    }
+    let mut millis = 0;
+    match s.len() {
+        20 => {}
+        n if s[19] == b'.' && n >= 22 => {
+            for (k, i) in (20..n - 1).enumerate() {
+                let d = digit(i)?;
+                if k < 3 {
+                    millis = millis * 10 + d;
+                }
+            }
+            for _ in (n - 21)..3 {
+                millis *= 10;
+            }
+        }
+        _ => return None,
+    }
+    // Days from 1970-01-01 of a proleptic Gregorian date (H. Hinnant's days_from_civil).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + hour * 3600 + minute * 60 + second) * 1000 + millis)
 }
 
 /// Interprets a numeric event time as epoch seconds, milliseconds or microseconds by
@@ -67,5 +122,40 @@ mod tests {
         assert_eq!(from_epoch_number(1_700_000_000_000_000.0), Some(1_700_000_000_000));
         assert_eq!(date_of_ms(0), "1970-01-01");
         assert_eq!(date_of_ms(-1), "1969-12-31");
+        assert_eq!(parse_time_str("2024-02-29T23:59:59.9Z"), Some(1_709_251_199_900));
+        assert_eq!(parse_time_str("0001-01-01T00:00:00Z"), Some(-62_135_596_800_000));
+        // Not the fast form, still read (by chrono): offsets, lower-case, leap second.
+        assert_eq!(parse_time_str("1970-01-01t00:00:01Z"), Some(1000));
+        assert_eq!(parse_utc_fast(b"2023-02-29T00:00:00Z"), None);
+        assert_eq!(parse_time_str("2023-02-29T00:00:00Z"), None);
+    }
+
+    proptest::proptest! {
+        /// The fast form agrees with chrono wherever it answers, and answers for every
+        /// valid `YYYY-MM-DDTHH:MM:SS[.f]Z`.
+        #[test]
+        fn fast_form_equals_chrono(
+            y in 0i32..10000, mo in 1u32..13, d in 1u32..32, h in 0u32..24, mi in 0u32..60, sec in 0u32..61,
+            frac in proptest::option::of("[0-9]{1,10}"),
+        ) {
+            let s = format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{sec:02}{}Z", frac.as_ref().map(|f| format!(".{f}")).unwrap_or_default());
+            let chrono = DateTime::parse_from_rfc3339(&s).ok().map(|t| t.timestamp_millis());
+            let fast = parse_utc_fast(s.as_bytes());
+            if fast.is_some() {
+                proptest::prop_assert_eq!(fast, chrono, "{}", s);
+            }
+            let plain = sec < 60 && frac.as_ref().is_none_or(|f| f.len() <= 9);
+            if plain && chrono.is_some() {
+                proptest::prop_assert!(fast.is_some(), "{} not read by the fast form", s);
+            }
+        }
+
+        #[test]
+        fn fast_form_never_disagrees(s in "[0-9T:.Z-]{18,31}") {
+            if let Some(ms) = parse_utc_fast(s.as_bytes()) {
+                let chrono = DateTime::parse_from_rfc3339(&s).ok().map(|t| t.timestamp_millis());
+                proptest::prop_assert_eq!(Some(ms), chrono, "{}", s);
+            }
+        }
     }
 }

@@ -53,6 +53,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
 pub use consume::{collect, commit_while_reading, Collected, FlushPolicy};
+pub use format::Codec;
 pub use partition::{Appended, Partition, SegmentInfo};
 use partition::Retention;
 
@@ -63,14 +64,13 @@ pub struct LogConfig {
     pub segment_bytes: u64,
     /// One sparse index entry per about this many bytes of batches. Default 4096.
     pub index_interval_bytes: u32,
-    /// zstd level for batch payloads (a batch is stored uncompressed when zstd does not
-    /// shrink it). Default 1.
-    pub zstd_level: i32,
+    /// Codec of new batches in streams that do not set their own. Default lz4.
+    pub codec: Codec,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { segment_bytes: 64 << 20, index_interval_bytes: 4096, zstd_level: 1 }
+        LogConfig { segment_bytes: 64 << 20, index_interval_bytes: 4096, codec: Codec::default() }
     }
 }
 
@@ -83,11 +83,14 @@ pub struct StreamOptions {
     pub retention_bytes: Option<u64>,
     /// Age limit (by record timestamp) enforced by [`Partition::apply_retention`].
     pub retention_ms: Option<u64>,
+    /// Codec of new batches; `None` = the log's [`LogConfig::codec`]. Not persisted: each
+    /// batch names its own codec, so it can change between runs.
+    pub codec: Option<Codec>,
 }
 
 impl Default for StreamOptions {
     fn default() -> Self {
-        StreamOptions { partitions: 1, retention_bytes: None, retention_ms: None }
+        StreamOptions { partitions: 1, retention_bytes: None, retention_ms: None, codec: None }
     }
 }
 
@@ -254,6 +257,7 @@ impl Log {
         let _g = self.create_lock.lock();
         if let Some(s) = self.streams.read().get(name).cloned() {
             s.set_retention(opts.retention_bytes, opts.retention_ms)?;
+            s.set_codec(opts.codec.unwrap_or(self.cfg.codec));
             return Ok(s);
         }
         let sdir = self.dir.join(name);
@@ -281,6 +285,7 @@ pub struct Stream {
     dir: PathBuf,
     partitions: Vec<Arc<Partition>>,
     retention: Arc<RwLock<Retention>>,
+    codec: Arc<RwLock<Codec>>,
 }
 
 impl std::fmt::Debug for Stream {
@@ -328,15 +333,16 @@ impl Stream {
         };
         fs::create_dir_all(dir).map_err(|e| io_err("create stream directory", dir, e))?;
         let retention = Arc::new(RwLock::new(Retention { bytes: meta.retention_bytes, ms: meta.retention_ms }));
+        let codec = Arc::new(RwLock::new(create.and_then(|o| o.codec).unwrap_or(cfg.codec)));
         let mut partitions = Vec::with_capacity(meta.partitions as usize);
         for p in 0..meta.partitions {
             let pdir = dir.join(p.to_string());
-            partitions.push(Arc::new(Partition::open(pdir, p, name, cfg, retention.clone())?));
+            partitions.push(Arc::new(Partition::open(pdir, p, name, cfg, retention.clone(), codec.clone())?));
         }
         if write_meta {
             write_meta_file(&meta_path, &meta)?;
         }
-        Ok(Stream { name: name.to_string(), dir: dir.to_path_buf(), partitions, retention })
+        Ok(Stream { name: name.to_string(), dir: dir.to_path_buf(), partitions, retention, codec })
     }
 
     fn set_retention(&self, bytes: Option<u64>, ms: Option<u64>) -> Result<(), LogError> {
@@ -359,6 +365,11 @@ impl Stream {
         &self.name
     }
 
+    /// Compresses the next batches with `codec`; batches written before keep theirs.
+    pub fn set_codec(&self, codec: Codec) {
+        *self.codec.write() = codec;
+    }
+
     /// The stream's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -367,7 +378,7 @@ impl Stream {
     /// The stream's current options.
     pub fn options(&self) -> StreamOptions {
         let r = *self.retention.read();
-        StreamOptions { partitions: self.partitions.len() as u32, retention_bytes: r.bytes, retention_ms: r.ms }
+        StreamOptions { partitions: self.partitions.len() as u32, retention_bytes: r.bytes, retention_ms: r.ms, codec: Some(*self.codec.read()) }
     }
 
     pub fn partitions(&self) -> &[Arc<Partition>] {

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 
-use crate::format::{self, HEADER_LEN};
+use crate::format::{self, Codec, HEADER_LEN};
 use crate::segment::{parse_segment_name, Segment, Window};
 use crate::{fsync_dir, io_err, write_atomic, LogConfig, LogError, Record, StoredRecord};
 
@@ -62,6 +62,8 @@ pub struct Partition {
     dir: PathBuf,
     cfg: LogConfig,
     retention: Arc<RwLock<Retention>>,
+    /// The stream's codec for new batches (shared by its partitions, changed by reload).
+    codec: Arc<RwLock<Codec>>,
     segments: RwLock<Vec<Arc<Segment>>>,
     writer: Mutex<Writer>,
     sync_lock: tokio::sync::Mutex<()>,
@@ -99,6 +101,7 @@ impl Partition {
         stream: &str,
         cfg: LogConfig,
         retention: Arc<RwLock<Retention>>,
+        codec: Arc<RwLock<Codec>>,
     ) -> Result<Partition, LogError> {
         let created = !dir.exists();
         fs::create_dir_all(&dir).map_err(|e| io_err("create partition directory", &dir, e))?;
@@ -177,6 +180,7 @@ impl Partition {
             dir,
             cfg,
             retention,
+            codec,
             segments: RwLock::new(segments),
             writer: Mutex::new(Writer {
                 active,
@@ -226,8 +230,8 @@ impl Partition {
                 message: "cannot append an empty batch".into(),
             });
         }
-        let level = Some(self.cfg.zstd_level);
-        let res = format::with_encoded(records, level, |pending, out| -> Result<Appended, LogError> {
+        let codec = *self.codec.read();
+        let res = format::with_encoded(records, codec, |pending, out| -> Result<Appended, LogError> {
             let total = out.len() as u64;
             let mut w = self.writer.lock();
             self.check_failed()?;
@@ -727,7 +731,7 @@ mod tests {
     #[test]
     fn sealed_indexes_in_memory_stay_bounded() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = LogConfig { segment_bytes: 1, index_interval_bytes: 1, zstd_level: 1 };
+        let cfg = LogConfig { segment_bytes: 1, index_interval_bytes: 1, codec: Codec::Zstd(1) };
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         {
             let log = Log::open(dir.path(), cfg).unwrap();

@@ -5,7 +5,7 @@ mod common;
 use bytes::Bytes;
 use common::*;
 use proptest::prelude::*;
-use sluice_log::{Log, Record, StreamOptions};
+use sluice_log::{Codec, Log, Record, StreamOptions};
 
 fn record() -> impl Strategy<Value = Record> {
     let key = proptest::option::of(proptest::collection::vec(any::<u8>(), 0..24));
@@ -28,12 +28,12 @@ proptest! {
     fn write_read_reopen_round_trip(
         batches in proptest::collection::vec(proptest::collection::vec(record(), 1..12), 1..25),
         segment_bytes in prop_oneof![Just(1u64), 300u64..3000],
-        zstd_level in prop_oneof![Just(1), Just(3), Just(-1)],
+        // The stream's codec changes between batches (as a reload would): reads decode all.
+        codecs in proptest::collection::vec(prop_oneof![Just(Codec::None), Just(Codec::Lz4), Just(Codec::Zstd(1)), Just(Codec::Zstd(3)), Just(Codec::Zstd(-1))], 1..4),
         max_bytes in prop_oneof![Just(0usize), 1usize..5000, Just(usize::MAX)],
     ) {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = cfg(segment_bytes);
-        config.zstd_level = zstd_level;
+        let config = cfg(segment_bytes);
         let written: Vec<Record> = batches.iter().flatten().cloned().collect();
         let rt = rt();
         {
@@ -42,6 +42,9 @@ proptest! {
             let p = s.partition(1).unwrap();
             let mut next = 0u64;
             for (i, b) in batches.iter().enumerate() {
+                let codec = codecs[i % codecs.len()];
+                log.create_stream("rt", StreamOptions { partitions: 2, codec: Some(codec), ..Default::default() }).unwrap();
+                prop_assert_eq!(s.options().codec, Some(codec));
                 let a = p.append(b).unwrap();
                 prop_assert_eq!(a.first_offset, next);
                 prop_assert_eq!(a.last_offset, next + b.len() as u64 - 1);
@@ -120,7 +123,7 @@ fn streams_are_listed_sorted_and_create_is_idempotent() {
     for n in ["zeta", "alpha", "mid-1"] {
         log.create_stream(n, StreamOptions { partitions: 3, ..Default::default() }).unwrap();
     }
-    let again = log.create_stream("alpha", StreamOptions { partitions: 7, retention_bytes: Some(10), retention_ms: None }).unwrap();
+    let again = log.create_stream("alpha", StreamOptions { partitions: 7, retention_bytes: Some(10), retention_ms: None, codec: None }).unwrap();
     assert_eq!(again.partitions().len(), 3);
     assert_eq!(again.options().retention_bytes, Some(10));
     assert!(matches!(log.create_stream("Bad.Name", StreamOptions::default()), Err(sluice_log::LogError::InvalidName(_))));

@@ -103,13 +103,16 @@ fn runtime() -> tokio::runtime::Runtime {
 /// MiB per flush on several threads; by default glibc gives each thread its own arena (up to
 /// 8 per core) and raises its mmap threshold after every large free, so freed flushes stayed
 /// in the heap: the 1M-event bulk benchmark peaked at ~560 MiB RSS. Two arenas and a fixed
-/// 1 MiB mmap threshold (large buffers are mapped and returned on free) brought it to ~400
-/// MiB at the same throughput (mimalloc was measured too: faster by a little, no smaller).
+/// mmap threshold (larger buffers are mapped and returned on free) keep it bounded (mimalloc
+/// was measured too: faster by a little, no smaller). The threshold is 16 MiB, not lower: at
+/// 1 MiB every request body and `sluice send` batch (a few MB) was mapped fresh and faulted in
+/// page by page, a third of the sender's time; 16 MiB keeps those in the heap, still maps the
+/// lake's flush-sized buffers, and the bulk run peaks at ~460 MiB (bench/RESULTS.md).
 fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
     }
 }

@@ -2,8 +2,8 @@
 //! restart.
 //!
 //! What a reload applies: pipelines (added, removed, changed), newly declared streams,
-//! `limits`, `auto_create_streams` and stream settings read per request (key and event-time
-//! fields). Everything else (listen, data_dir, lake, log, sources, tokens, partition counts) is
+//! `limits`, `auto_create_streams`, stream settings read per request (key and event-time
+//! fields) and stream codecs (the next batch written uses the new one). Everything else (listen, data_dir, lake, log, sources, tokens, partition counts) is
 //! reported as needing a restart and keeps its running value.
 //!
 //! Why nothing is lost or duplicated: a pipeline that is changed or removed is halted after
@@ -140,6 +140,7 @@ pub async fn reload(app: &Arc<App>) -> anyhow::Result<ReloadReport> {
         }
     }
     for s in app.log.streams() {
+        s.set_codec(crate::server::codec_of(cfg.stream(s.name())));
         app.ensure_sink(&s);
     }
     // One pipeline that cannot start (its connector refuses its options) does not keep the

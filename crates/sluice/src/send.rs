@@ -131,6 +131,8 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
 
 async fn post_with_retry(client: &reqwest::Client, url: &str, token: Option<&str>, body: Vec<u8>, zstd: bool) -> anyhow::Result<()> {
     let (payload, encoding) = if zstd { (zstd::encode_all(&body[..], 3)?, Some("zstd")) } else { (body, None) };
+    // Shared, not copied, by every attempt.
+    let payload = bytes::Bytes::from(payload);
     let mut delay = Duration::from_millis(100);
     for attempt in 0.. {
         let mut req = client.post(url).header("content-type", "application/x-ndjson").body(payload.clone());

@@ -11,7 +11,7 @@ use serde::Serialize;
 use sluice_core::pipeline::SinkConfig;
 use sluice_core::Config;
 use sluice_lake::sink::{LakeSink, SinkOptions, SinkStatus};
-use sluice_log::{FlushPolicy, Log, LogConfig, Stream, StreamOptions};
+use sluice_log::{Codec, FlushPolicy, Log, LogConfig, Stream, StreamOptions};
 use sluice_pipeline::{Pipeline, PipelineSpec, PipelineStatus};
 use sluice_query::{render, OutputFormat, QueryEngine, QueryLimits};
 use std::collections::HashMap;
@@ -144,7 +144,7 @@ impl App {
         let sc = cfg.stream(name);
         let stream = self.log.create_stream(
             name,
-            StreamOptions { partitions: sc.partitions, retention_bytes: sc.retention.bytes, retention_ms: sc.retention.time.map(|d| d.as_millis() as u64) },
+            stream_options(sc, sc.partitions),
         )?;
         self.ensure_sink(&stream);
         Ok(stream)
@@ -210,7 +210,7 @@ impl App {
                 let sc = cfg.stream(stream);
                 let s = app.log.create_stream(
                     stream,
-                    StreamOptions { partitions, retention_bytes: sc.retention.bytes, retention_ms: sc.retention.time.map(|d| d.as_millis() as u64) },
+                    stream_options(sc, partitions),
                 )?;
                 app.ensure_sink(&s);
                 Ok(s)
@@ -259,7 +259,7 @@ impl App {
         // The replay stream (see `crate::replay`) and the dead-letter streams: one partition,
         // kept a week past processing.
         let week = Some(7 * 24 * 3600 * 1000);
-        let system = |s: &str| self.log.create_stream(s, StreamOptions { partitions: 1, retention_bytes: None, retention_ms: week });
+        let system = |s: &str| self.log.create_stream(s, StreamOptions { partitions: 1, retention_ms: week, codec: Some(codec_of(cfg.stream(s))), ..Default::default() });
         let open = |s: &str| match self.log.stream(s) {
             Some(stream) => Ok(stream),
             None if s.ends_with(sluice_core::DLQ_SUFFIX) => Ok(system(s)?),
@@ -270,7 +270,7 @@ impl App {
                     let sc = cfg.stream(s);
                     Ok(self.log.create_stream(
                         s,
-                        StreamOptions { partitions: src.partitions(), retention_bytes: sc.retention.bytes, retention_ms: sc.retention.time.map(|d| d.as_millis() as u64) },
+                        stream_options(sc, src.partitions()),
                     )?)
                 }
                 None => Err(anyhow::anyhow!("pipeline {name}: stream {s:?} is not open")),
@@ -397,7 +397,7 @@ pub async fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> anyhow
     if !lake_root.contains("://") {
         std::fs::create_dir_all(&lake_root)?;
     }
-    let log = Arc::new(Log::open(&cfg.data_dir.join("log"), LogConfig { segment_bytes: cfg.log.segment_bytes, zstd_level: cfg.log.zstd_level, ..LogConfig::default() })?);
+    let log = Arc::new(Log::open(&cfg.data_dir.join("log"), LogConfig { segment_bytes: cfg.log.segment_bytes, ..LogConfig::default() })?);
     let listener = tokio::net::TcpListener::bind(&cfg.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
     let (stop_sinks, _) = watch::channel(false);
     let app = Arc::new(App {
@@ -638,6 +638,8 @@ struct StreamInfo {
     key_field: Option<String>,
     event_time_field: Option<String>,
     partition_by: Vec<String>,
+    /// Codec of new log batches: `none`, `lz4` or `zstd (level N)`.
+    codec: String,
     lake_rows_written: u64,
     dead_letters: u64,
     lake_error: Option<String>,
@@ -675,6 +677,7 @@ async fn list_streams(State(app): State<Arc<App>>, headers: HeaderMap) -> Respon
             key_field: sc.key_field.clone(),
             event_time_field: sc.event_time_field.clone(),
             partition_by: sc.partition_by.clone(),
+            codec: s.options().codec.map(|c| c.to_string()).unwrap_or_default(),
             lake_rows_written: status.as_ref().map_or(0, |s| s.rows.load(Ordering::Relaxed)),
             dead_letters: status.as_ref().map_or(0, |s| s.dead_letters.load(Ordering::Relaxed)),
             lake_error: status.as_ref().and_then(|s| s.last_error.lock().clone()),
@@ -752,4 +755,20 @@ async fn query(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body
 async fn metrics_endpoint(State(app): State<Arc<App>>) -> Response {
     update_gauges(&app);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render()).into_response()
+}
+
+/// The log options of a configured stream.
+fn stream_options(sc: &sluice_core::config::StreamConfig, partitions: u32) -> StreamOptions {
+    let retention_ms = sc.retention.time.map(|d| d.as_millis() as u64);
+    StreamOptions { partitions, retention_bytes: sc.retention.bytes, retention_ms, codec: Some(codec_of(sc)) }
+}
+
+/// The log codec a stream's settings ask for.
+pub(crate) fn codec_of(sc: &sluice_core::config::StreamConfig) -> Codec {
+    use sluice_core::config::Codec as C;
+    match sc.codec {
+        C::None => Codec::None,
+        C::Lz4 => Codec::Lz4,
+        C::Zstd => Codec::Zstd(sc.zstd_level),
+    }
 }

@@ -115,7 +115,18 @@ fn located(body: &[u8], part: &[u8], e: serde_json::Error) -> RecordError {
     RecordError { line, column, message: clean(&e) }
 }
 
+/// The key and event time of one record: the fast scan when it accepts the record and its
+/// two fields read cleanly, else serde_json's pass, which words every error exactly.
 fn probe_one(probe: Probe, bytes: &[u8]) -> Result<(Option<Vec<u8>>, Option<i64>), serde_json::Error> {
+    if let Some(found) = super::scan::scan_object(bytes, probe.key_field, probe.time_field) {
+        if let Some(fields) = probe.read_found(found) {
+            return Ok(fields);
+        }
+    }
+    probe_serde(probe, bytes)
+}
+
+fn probe_serde(probe: Probe, bytes: &[u8]) -> Result<(Option<Vec<u8>>, Option<i64>), serde_json::Error> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let found = probe.deserialize(&mut de)?;
     de.end()?;
@@ -126,6 +137,41 @@ fn probe_one(probe: Probe, bytes: &[u8]) -> Result<(Option<Vec<u8>>, Option<i64>
 struct Probe<'f> {
     key_field: Option<&'f str>,
     time_field: Option<&'f str>,
+}
+
+impl Probe<'_> {
+    /// The two fields the scan found, read as the serde pass reads them; `None` when either
+    /// does not read cleanly (the serde pass then gives the error).
+    fn read_found(self, found: super::scan::Found) -> Option<(Option<Vec<u8>>, Option<i64>)> {
+        let key = match found.key {
+            Some(raw) => serde_json::from_slice::<Scalar>(raw).ok()?.0,
+            None => None,
+        };
+        let time = match found.time {
+            // A plain string (no escapes) is read in place, without serde.
+            Some([b'"', inner @ .., b'"']) if !inner.contains(&b'\\') => {
+                Some(sluice_core::time::parse_time_str(std::str::from_utf8(inner).ok()?)?)
+            }
+            Some(raw) => self.time_value(serde_json::from_slice::<TimeValue>(raw).ok()?).ok()?,
+            None => None,
+        };
+        Some((key, time))
+    }
+
+    /// The event time a time field's value gives, or why it gives none.
+    fn time_value(self, v: TimeValue) -> Result<Option<i64>, String> {
+        let field = self.time_field.unwrap_or_default();
+        match v {
+            TimeValue::Null => Ok(None),
+            TimeValue::Str(s) => sluice_core::time::parse_time_str(&s).map(Some).ok_or_else(|| {
+                format!("event-time field {field:?}: cannot read {s:?} as a time (use RFC 3339, e.g. 2026-01-01T12:00:00Z, or epoch seconds/milliseconds)")
+            }),
+            TimeValue::Num(n) => sluice_core::time::from_epoch_number(n)
+                .map(Some)
+                .ok_or_else(|| format!("event-time field {field:?}: {n} is out of range")),
+            TimeValue::Other => Err(format!("event-time field {field:?} must be a string or a number")),
+        }
+    }
 }
 
 impl<'de> DeserializeSeed<'de> for Probe<'_> {
@@ -145,23 +191,7 @@ impl<'de> Visitor<'de> for Probe<'_> {
         while let Some(which) = map.next_key_seed(KeyMatch(self))? {
             match which {
                 Field::Key => key = map.next_value::<Scalar>()?.0,
-                Field::Time => {
-                    let field = self.time_field.unwrap_or_default();
-                    time = match map.next_value::<TimeValue>()? {
-                        TimeValue::Null => None,
-                        TimeValue::Str(s) => Some(sluice_core::time::parse_time_str(&s).ok_or_else(|| {
-                            de::Error::custom(format!("event-time field {field:?}: cannot read {s:?} as a time (use RFC 3339, e.g. 2026-01-01T12:00:00Z, or epoch seconds/milliseconds)"))
-                        })?),
-                        TimeValue::Num(n) => Some(sluice_core::time::from_epoch_number(n).ok_or_else(|| {
-                            de::Error::custom(format!("event-time field {field:?}: {n} is out of range"))
-                        })?),
-                        TimeValue::Other => {
-                            return Err(de::Error::custom(format!(
-                                "event-time field {field:?} must be a string or a number"
-                            )))
-                        }
-                    };
-                }
+                Field::Time => time = self.time_value(map.next_value::<TimeValue>()?).map_err(de::Error::custom)?,
                 Field::Other => {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -291,6 +321,7 @@ impl<'de> de::Deserialize<'de> for TimeValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy;
 
     fn parse(s: &str) -> Result<Vec<ParsedRecord<'_>>, RecordError> {
         parse_events(s.as_bytes(), Some("id"), Some("ts"))
@@ -342,7 +373,72 @@ mod tests {
         assert_eq!(e.line, 3, "{e}");
     }
 
+    /// JSON objects as text: nested values, the probed field names (also escaped and
+    /// repeated), times as strings and numbers, odd whitespace and unicode.
+    fn json_object() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just("null".to_string()),
+            Just("true".to_string()),
+            Just("false".to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<f64>().prop_map(|f| serde_json::to_string(&f).unwrap()),
+            Just("1e400".to_string()),
+            Just("-0.0e-5".to_string()),
+            // Number- and literal-like text, valid or not (`01`, `1.`, `-`, `2e+`, `nul`).
+            "-?[0-9]{0,3}(\\.[0-9]{0,2})?([eE][+-]?[0-9]{0,2})?",
+            "(true|false|null|tru|nul|fals)[a-z]?",
+            "\\PC{0,12}".prop_map(|s| serde_json::to_string(&s).unwrap()),
+            Just(r#""2026-01-01T12:00:00.5Z""#.to_string()),
+            Just(r#""2026-02-30T12:00:00Z""#.to_string()),
+            Just(r#""1970-01-01 00:00:02""#.to_string()),
+            Just(r#""\u0032026-01-01T00:00:00Z""#.to_string()),
+            Just(r#""\ud83d\ude00""#.to_string()),
+        ];
+        let value = leaf.prop_recursive(4, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(|v| format!("[{}]", v.join(","))),
+                proptest::collection::vec(("[a-z]{1,3}", inner), 0..4)
+                    .prop_map(|v| format!("{{{}}}", v.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect::<Vec<_>>().join(","))),
+            ]
+        });
+        let name = prop_oneof![Just("id"), Just("ts"), Just("i\\u0064"), Just("t\\u0073"), Just("x"), Just("é")];
+        let ws = prop_oneof![Just(""), Just(" "), Just("\t"), Just("\r\n ")];
+        proptest::collection::vec((name, value, ws.clone()), 0..6).prop_map(move |fields| {
+            let body: Vec<String> = fields.iter().map(|(k, v, w)| format!("{w}\"{k}\"{w}:{w}{v}{w}")).collect();
+            format!("{{{}}}", body.join(","))
+        })
+    }
+
     proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 2000, ..Default::default() })]
+
+        /// The fast scan never changes an outcome: every record, valid or not, gets exactly
+        /// what serde_json's pass alone gives (the same key and time, or the same error).
+        #[test]
+        fn fast_scan_agrees_with_serde(
+            text in json_object(),
+            edits in proptest::collection::vec((proptest::prelude::any::<proptest::sample::Index>(), proptest::prelude::prop_oneof![
+                proptest::prelude::Just(None),
+                proptest::prelude::any::<u8>().prop_map(Some),
+                proptest::sample::select(b"{}[]\",:\\u0123456789.eE+-tfn \x01\x80\xff".to_vec()).prop_map(Some),
+            ]), 0..3),
+        ) {
+            let mut b = text.into_bytes();
+            for (at, edit) in edits {
+                let i = at.index(b.len() + 1);
+                match edit {
+                    None if i < b.len() => { b.remove(i); }
+                    None => {}
+                    Some(c) => b.insert(i, c),
+                }
+            }
+            let probe = Probe { key_field: Some("id"), time_field: Some("ts") };
+            let fast = probe_one(probe, &b).map_err(|e| e.to_string());
+            let slow = probe_serde(probe, &b).map_err(|e| e.to_string());
+            proptest::prop_assert_eq!(fast, slow, "{}", String::from_utf8_lossy(&b));
+        }
+
         #[test]
         fn never_panics(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
             let _ = parse_events(&body, Some("id"), Some("ts"));

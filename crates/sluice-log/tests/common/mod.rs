@@ -4,10 +4,10 @@ use std::path::Path;
 
 use bytes::Bytes;
 use sluice_log::format::{parse_header, HEADER_LEN};
-use sluice_log::{LogConfig, Partition, Record, StoredRecord};
+use sluice_log::{Codec, LogConfig, Partition, Record, StoredRecord};
 
 pub fn cfg(segment_bytes: u64) -> LogConfig {
-    LogConfig { segment_bytes, index_interval_bytes: 64, zstd_level: 1 }
+    LogConfig { segment_bytes, index_interval_bytes: 64, codec: Codec::Zstd(1) }
 }
 
 pub fn rt() -> tokio::runtime::Runtime {

@@ -27,15 +27,23 @@ pub struct FlushPolicy {
 /// Reads durable records of `streams` from the positions in `next` (`next[s][p]`, advanced
 /// past what is returned) until the policy says flush; when `shutdown` turns true, until
 /// nothing more is durable. Partitions are read in turn so none starves.
+///
+/// `previous` is when the caller's previous `collect` returned. Records already waiting when
+/// this call starts have waited since then at the latest (the previous call read up to the
+/// end, or stopped at `policy.bytes` with these behind it), so their interval counts from
+/// `previous`: a flush that waits for the interval right after a long commit does not wait a
+/// whole interval more. Records that arrive later count from their arrival.
 pub async fn collect(
     streams: &[Arc<Stream>],
     next: &mut [Vec<u64>],
     policy: FlushPolicy,
+    previous: Option<Instant>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<Vec<Collected>, LogError> {
     let mut out = Vec::new();
     let mut bytes = 0u64;
     let mut deadline: Option<Instant> = None;
+    let mut first_pass = true;
     loop {
         let mut got = false;
         for (s, stream) in streams.iter().enumerate() {
@@ -57,8 +65,10 @@ pub async fn collect(
             }
         }
         if !out.is_empty() && deadline.is_none() {
-            deadline = Some(Instant::now() + policy.interval);
+            let since = previous.filter(|_| first_pass).unwrap_or_else(Instant::now);
+            deadline = Some(since + policy.interval);
         }
+        first_pass = false;
         let stopping = *shutdown.borrow();
         if bytes >= policy.bytes || deadline.is_some_and(|d| Instant::now() >= d) || (stopping && !got) {
             return Ok(out);
@@ -141,5 +151,26 @@ mod tests {
         )
         .await;
         assert_eq!((r, ahead), (Ok(1), Some(2)));
+    }
+
+    /// Records already waiting when a flush starts count their interval from the previous
+    /// flush: with a one-hour interval that ended long ago they are returned at once (the
+    /// timeout only keeps a broken build from hanging the suite).
+    #[tokio::test]
+    async fn waiting_records_count_from_the_previous_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = crate::Log::open(dir.path(), crate::LogConfig::default()).unwrap();
+        let stream = log.create_stream("s", crate::StreamOptions::default()).unwrap();
+        let p = stream.partition(0).unwrap();
+        let a = p.append(&[crate::Record::new(bytes::Bytes::from_static(b"{}"), 1)]).unwrap();
+        p.sync(&a).await.unwrap();
+        let policy = FlushPolicy { bytes: 1 << 30, interval: Duration::from_secs(3600) };
+        let previous = Instant::now().checked_sub(Duration::from_secs(2 * 3600));
+        assert!(previous.is_some(), "the clock is too young for this test");
+        let (_tx, mut shutdown) = watch::channel(false);
+        let mut next = vec![vec![0]];
+        let got = tokio::time::timeout(Duration::from_secs(60), collect(&[stream.clone()], &mut next, policy, previous, &mut shutdown)).await;
+        assert_eq!(got.expect("returned without waiting for the interval").unwrap().len(), 1);
+        assert_eq!(next, vec![vec![1]]);
     }
 }

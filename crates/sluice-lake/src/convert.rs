@@ -45,6 +45,7 @@
 //! accepted ones are decoded by arrow-json against the final schema in chunks of
 //! [`MAX_BATCH_ROWS`], and the metadata columns are added.
 
+mod decode;
 mod fast;
 mod slow;
 mod tree;
@@ -155,7 +156,120 @@ pub fn convert(
     records: &[InputRecord],
     opts: &ConvertOptions,
 ) -> Converted {
+    convert_from(table_schema, Origin::Table, records, opts)
+}
+
+/// Where the schema a conversion starts from comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// The table's schema.
+    Table,
+    /// Inferred from earlier records of the same flush (no column exists in the table yet:
+    /// reasons say "inferred", and widening lists nothing).
+    Inferred,
+}
+
+fn convert_from(
+    table_schema: Option<&Schema>,
+    origin: Origin,
+    records: &[InputRecord],
+    opts: &ConvertOptions,
+) -> Converted {
+    one_pass(table_schema, origin, records, opts)
+        .unwrap_or_else(|| two_pass(table_schema, origin, records, opts))
+}
+
+/// [`convert`] by the two-pass path alone (check every record, then decode the accepted
+/// ones with arrow-json against the final schema). For tests that hold the one-pass path to
+/// it.
+#[doc(hidden)]
+pub fn convert_two_pass(
+    table_schema: Option<&Schema>,
+    records: &[InputRecord],
+    opts: &ConvertOptions,
+) -> Converted {
+    two_pass(table_schema, Origin::Table, records, opts)
+}
+
+/// The steady state: every record is checked and decoded in one pass against the schema it
+/// starts with ([`decode`]). `None` when that cannot give [`two_pass`]'s result: the schema
+/// has a type the decoder does not build, or some record evolves the schema (or fits only in
+/// a way the decoder leaves to the other path), or assembling a batch fails.
+fn one_pass(
+    table_schema: Option<&Schema>,
+    origin: Origin,
+    records: &[InputRecord],
+    opts: &ConvertOptions,
+) -> Option<Converted> {
     let (mut root, fatal) = initial_tree(table_schema, opts);
+    if fatal.is_some() {
+        return None;
+    }
+    if origin == Origin::Inferred {
+        root.mark_inferred();
+    }
+    let metadata = table_schema.map(|s| s.metadata().clone()).unwrap_or_default();
+    let schema = Arc::new(Schema::new_with_metadata(root.to_fields(), metadata));
+    let builder = BatchBuilder::new(&root, schema.clone());
+    let mut decoder = decode::Decoder::new(&root, builder.data_schema.clone())?;
+    let mut dates = DateCache::default();
+    let mut out = Converted {
+        schema,
+        batches: Vec::new(),
+        rejects: Vec::new(),
+        widened: Vec::new(),
+    };
+    let mut rows: Vec<usize> = Vec::with_capacity(records.len().min(MAX_BATCH_ROWS));
+    let flush = |rows: &mut Vec<usize>, decoder: &mut decode::Decoder, dates: &mut DateCache| {
+        let data = decoder.finish().ok()?;
+        let data = (data.num_columns() > 0).then_some(data);
+        let batch = builder.assemble(records, rows, data, dates).ok()?;
+        rows.clear();
+        Some(batch)
+    };
+    for (i, r) in records.iter().enumerate() {
+        if let Some(reason) = check_envelope(r, &mut dates) {
+            out.rejects.push(make_reject(r, reason));
+            continue;
+        }
+        if let fast::Outcome::Fits = decoder.decode(&root, &opts.partition_by, r.value) {
+            rows.push(i);
+            if rows.len() == MAX_BATCH_ROWS {
+                out.batches.push(flush(&mut rows, &mut decoder, &mut dates)?);
+            }
+            continue;
+        }
+        // Not taken: the two-pass check decides why, in its own words (the decoder reads
+        // floats differently and can stop at another error first).
+        match fast::check(&root, &opts.partition_by, r.value) {
+            fast::Outcome::Fits => return None,
+            fast::Outcome::Invalid(e) => out.rejects.push(make_reject(r, format!("invalid JSON: {e}"))),
+            fast::Outcome::NotObject(kind) => {
+                out.rejects.push(make_reject(r, format!("not a JSON object: the value is {kind}")))
+            }
+            fast::Outcome::Mismatch => match slow_path(&root, &opts.partition_by, r.value) {
+                Err(reason) => out.rejects.push(make_reject(r, reason)),
+                Ok(_) => return None,
+            },
+        }
+    }
+    if !rows.is_empty() {
+        debug_assert_eq!(rows.len(), decoder.rows());
+        out.batches.push(flush(&mut rows, &mut decoder, &mut dates)?);
+    }
+    Some(out)
+}
+
+fn two_pass(
+    table_schema: Option<&Schema>,
+    origin: Origin,
+    records: &[InputRecord],
+    opts: &ConvertOptions,
+) -> Converted {
+    let (mut root, fatal) = initial_tree(table_schema, opts);
+    if origin == Origin::Inferred {
+        root.mark_inferred();
+    }
     let schema_metadata = table_schema
         .map(|s| s.metadata().clone())
         .unwrap_or_default();
@@ -231,8 +345,8 @@ pub fn convert(
 /// chunk's records were checked against a prefix of that schema's evolution, and evolution
 /// only adds columns and widens Int64 to Float64 (so no decision can differ). Otherwise
 /// (chunks evolved differently) the records are converted again on one thread. Without a
-/// table schema (a new table) chunks would infer columns in different orders and always fall
-/// back, so that case runs on one thread from the start.
+/// table schema (a new table) chunks would infer columns in different orders, so a first
+/// slice is converted on one thread and the rest from its schema (`convert_new_table`).
 pub fn convert_parallel(
     table_schema: Option<&Schema>,
     records: &[InputRecord],
@@ -240,14 +354,30 @@ pub fn convert_parallel(
     threads: usize,
 ) -> Converted {
     let threads = threads.min(records.len()).max(1);
-    if threads == 1 || table_schema.is_none() {
+    if threads == 1 {
         return convert(table_schema, records, opts);
     }
+    match table_schema {
+        Some(schema) => convert_chunks(schema, Origin::Table, records, opts, threads),
+        None => convert_new_table(records, opts, threads),
+    }
+}
+
+/// Converts contiguous chunks of `records` at once, each from `schema` (see
+/// [`convert_parallel`]).
+fn convert_chunks(
+    schema: &Schema,
+    origin: Origin,
+    records: &[InputRecord],
+    opts: &ConvertOptions,
+    threads: usize,
+) -> Converted {
+    let table_schema = Some(schema);
     let per = records.len().div_ceil(threads);
     let parts: Vec<Converted> = std::thread::scope(|scope| {
         let handles: Vec<_> = records
             .chunks(per)
-            .map(|chunk| scope.spawn(move || convert(table_schema, chunk, opts)))
+            .map(|chunk| scope.spawn(move || convert_from(table_schema, origin, chunk, opts)))
             .collect();
         handles
             .into_iter()
@@ -255,7 +385,15 @@ pub fn convert_parallel(
             .collect()
     });
     if parts.iter().any(|p| p.schema != parts[0].schema) {
-        return convert(table_schema, records, opts);
+        return convert_from(table_schema, origin, records, opts);
+    }
+    // Where the chunks evolved the schema (alike), a later chunk judged its records against
+    // its own evolution, not the earlier chunks': the same decisions, but a reject's reason
+    // can name another conflict. Then only the sequential run gives the exact reasons.
+    if parts[1..].iter().any(|p| !p.rejects.is_empty())
+        && parts[0].schema != convert_from(table_schema, origin, &[], opts).schema
+    {
+        return convert_from(table_schema, origin, records, opts);
     }
     let mut parts = parts.into_iter();
     let mut out = parts.next().expect("threads >= 2 chunks");
@@ -269,6 +407,31 @@ pub fn convert_parallel(
         }
     }
     out
+}
+
+/// At most this many records of a new table's first flush are converted on one thread to
+/// infer its schema, before the rest is converted in parallel.
+const NEW_TABLE_PREFIX: usize = 4096;
+
+/// [`convert_parallel`] for a new table: a first slice (an eighth of one thread's share, at
+/// most [`NEW_TABLE_PREFIX`] records) is converted on one thread, which fixes the column
+/// order; the rest are converted in parallel from that
+/// schema. This is [`convert`] cut at one more chunk boundary, so when the rest ends with
+/// the prefix's schema the result is [`convert`]'s; when the rest evolved it (a field the
+/// prefix never saw), everything is converted again on one thread.
+fn convert_new_table(records: &[InputRecord], opts: &ConvertOptions, threads: usize) -> Converted {
+    let k = (records.len() / (8 * threads)).clamp(1, NEW_TABLE_PREFIX);
+    let mut head = convert(None, &records[..k], opts);
+    if k == records.len() {
+        return head;
+    }
+    let tail = convert_chunks(&head.schema, Origin::Inferred, &records[k..], opts, threads);
+    if tail.schema != head.schema {
+        return convert(None, records, opts);
+    }
+    head.batches.extend(tail.batches);
+    head.rejects.extend(tail.rejects);
+    head
 }
 
 fn make_reject(r: &InputRecord, reason: String) -> Reject {

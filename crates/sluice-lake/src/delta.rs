@@ -405,8 +405,12 @@ impl LakeTable {
         let batches = self.conform(batches)?;
         let before = self.version();
 
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        let writers = parallel_writers(rows);
         let result = if batches.is_empty() {
             self.commit_txns_only(txns).await
+        } else if writers > 1 {
+            self.write_parallel(batches, txns, writers).await
         } else {
             self.table
                 .clone()
@@ -636,6 +640,89 @@ impl LakeTable {
             .map_err(schema_err)
     }
 
+    /// Writes `batches` (conformed to one schema) as Parquet files from `writers` tasks at
+    /// once and commits them as one append with `txns`.
+    ///
+    /// deltalake's write operation hash-partitions its input by the partition columns, so all
+    /// rows of one date are encoded by one task, and a bulk load (a few dates) by one core.
+    /// Here each task gets a contiguous share of the rows and writes its own file per
+    /// partition value through deltalake's `RecordBatchWriter` (the same Parquet writer,
+    /// statistics and durable object store); the commit is one Delta transaction of all their
+    /// add actions, the txns and, if the batches brought new columns, the merged schema.
+    /// Files of a failed attempt are left unreferenced, as with the write operation.
+    async fn write_parallel(
+        &self,
+        batches: Vec<RecordBatch>,
+        txns: &[(String, i64)],
+        writers: usize,
+    ) -> Result<DeltaTable, DeltaTableError> {
+        use deltalake::kernel::{Action, MetadataExt as _};
+        use deltalake::writer::{DeltaWriter as _, RecordBatchWriter};
+
+        let state = self.table.snapshot()?;
+        let partition_columns = state.metadata().partition_columns().to_vec();
+        let batches = batches
+            .into_iter()
+            .map(|b| plain_partition_values(b, &partition_columns))
+            .collect::<Result<Vec<_>, _>>()?;
+        let schema = batches[0].schema();
+        let url = self.table.table_url().to_string();
+        let total: usize = batches.iter().map(|b| b.num_rows()).sum();
+        let share = total.div_ceil(writers);
+
+        let mut groups: Vec<Vec<RecordBatch>> = vec![Vec::new()];
+        let mut in_group = 0;
+        for b in batches {
+            if in_group >= share {
+                groups.push(Vec::new());
+                in_group = 0;
+            }
+            in_group += b.num_rows();
+            groups.last_mut().expect("one group").push(b);
+        }
+        let handle = tokio::runtime::Handle::current();
+        let tasks: Vec<_> = groups
+            .into_iter()
+            .map(|group| {
+                let mut writer = RecordBatchWriter::try_new(&url, schema.clone(), Some(partition_columns.clone()), None)
+                    .map(|w| w.with_writer_properties(writer_properties()));
+                let handle = handle.clone();
+                // Parquet encoding is CPU work: on blocking threads, off the async workers
+                // that serve ingest.
+                tokio::task::spawn_blocking(move || {
+                    handle.block_on(async move {
+                        let w = writer.as_mut().map_err(|e| DeltaTableError::Generic(e.to_string()))?;
+                        for b in group {
+                            w.write(b).await?;
+                        }
+                        w.flush().await
+                    })
+                })
+            })
+            .collect();
+        let mut actions = Vec::new();
+        for task in tasks {
+            let adds = task.await.map_err(|e| DeltaTableError::Generic(format!("parquet writer task: {e}")))??;
+            actions.extend(adds.into_iter().map(Action::Add));
+        }
+        let new_schema: StructType = schema.as_ref().try_into_kernel()?;
+        if &new_schema != state.schema().as_ref() {
+            actions.push(Action::Metadata(state.metadata().clone().with_schema(&new_schema)?));
+        }
+        let operation = DeltaOperation::Write {
+            mode: SaveMode::Append,
+            partition_by: (!partition_columns.is_empty()).then_some(partition_columns),
+            predicate: None,
+        };
+        let finalized = CommitBuilder::from(commit_properties(txns))
+            .with_actions(actions)
+            .build(Some(state), self.table.log_store(), operation)
+            .await?;
+        let mut table = self.table.clone();
+        table.update_incremental(Some(finalized.version())).await?;
+        Ok(table)
+    }
+
     /// A commit with only txn actions (the batches had no rows).
     async fn commit_txns_only(
         &self,
@@ -721,6 +808,44 @@ impl LakeTable {
             }
         }
     }
+}
+
+/// Rows an append must have before it is written by several tasks at once.
+const PARALLEL_WRITE_ROWS: usize = 65_536;
+
+/// How many tasks write an append of `rows` rows: one per core, each with at least half of
+/// [`PARALLEL_WRITE_ROWS`] (small appends stay one file per partition value).
+fn parallel_writers(rows: usize) -> usize {
+    if rows < PARALLEL_WRITE_ROWS {
+        return 1;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cores.min(rows / (PARALLEL_WRITE_ROWS / 2)).max(1)
+}
+
+/// `batch` with dictionary-encoded partition columns (as deltalake reports them in a table's
+/// Arrow schema) cast to their value type, as the writer expects partition values.
+fn plain_partition_values(batch: RecordBatch, partition_columns: &[String]) -> Result<RecordBatch, DeltaTableError> {
+    let schema = batch.schema();
+    if !schema.fields().iter().any(|f| matches!(f.data_type(), DataType::Dictionary(..)) && partition_columns.contains(f.name())) {
+        return Ok(batch);
+    }
+    let mut fields = Vec::with_capacity(schema.fields().len());
+    let mut columns = Vec::with_capacity(schema.fields().len());
+    for (f, c) in schema.fields().iter().zip(batch.columns()) {
+        match f.data_type() {
+            DataType::Dictionary(_, value) if partition_columns.contains(f.name()) => {
+                columns.push(deltalake::arrow::compute::cast(c, value)?);
+                fields.push(f.as_ref().clone().with_data_type(value.as_ref().clone()));
+            }
+            _ => {
+                columns.push(c.clone());
+                fields.push(f.as_ref().clone());
+            }
+        }
+    }
+    let schema = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
+    Ok(RecordBatch::try_new(schema, columns)?)
 }
 
 /// Parquet settings of every data file Sluice writes.

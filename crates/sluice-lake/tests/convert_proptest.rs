@@ -8,7 +8,7 @@ use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_schema::DataType;
 use proptest::prelude::*;
 use serde_json::{Map, Number, Value};
-use sluice_lake::convert::{convert, convert_parallel, ConvertOptions, Converted, InputRecord};
+use sluice_lake::convert::{convert, convert_parallel, convert_two_pass, ConvertOptions, Converted, InputRecord};
 
 // ---------- generators ----------
 
@@ -349,6 +349,47 @@ proptest! {
                 }
             };
             prop_assert_eq!(cat(&par), cat(&seq));
+        }
+    }
+
+    #[test]
+    fn one_pass_equals_two_pass(
+        first in prop::collection::vec(typed_record(), 1..12),
+        second in prop::collection::vec(any_record(), 1..12),
+        cuts in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
+    ) {
+        // The one-pass decoder runs where records fit the schema they start from (a known
+        // table, typed records); elsewhere `convert` falls back. Either way it must equal
+        // the two-pass path, rejects (mangled records) included.
+        let c1 = run(&first, None)?;
+        let mut texts: Vec<Vec<u8>> = first.iter().chain(&second).map(|r| serde_json::to_vec(r).unwrap()).collect();
+        for (t, (at, byte)) in texts.iter_mut().zip(cuts) {
+            let i = at.index(t.len());
+            let chars = b"{}[],:\"\\ 0e-.n";
+            t[i] = chars[byte as usize % chars.len()];
+        }
+        let sets: [&[Vec<u8>]; 2] = [&texts[..first.len()], &texts];
+        for records in sets {
+            for table in [Some(c1.schema.as_ref()), None] {
+                let inputs: Vec<InputRecord> = records
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| InputRecord { partition: 0, offset: i as u64, timestamp_ms: 0, value: t })
+                    .collect();
+                let one = convert(table, &inputs, &ConvertOptions::default());
+                let two = convert_two_pass(table, &inputs, &ConvertOptions::default());
+                prop_assert_eq!(&one.schema, &two.schema);
+                prop_assert_eq!(&one.rejects, &two.rejects);
+                prop_assert_eq!(&one.widened, &two.widened);
+                let cat = |c: &Converted| {
+                    if c.batches.is_empty() {
+                        None
+                    } else {
+                        Some(deltalake::arrow::compute::concat_batches(&c.schema, &c.batches).unwrap())
+                    }
+                };
+                prop_assert_eq!(cat(&one), cat(&two));
+            }
         }
     }
 

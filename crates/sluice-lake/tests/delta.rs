@@ -616,3 +616,88 @@ async fn works_on_a_current_thread_runtime() {
     let reopened = LakeTable::open(&root, "ct").await.unwrap().unwrap();
     assert_eq!(reopened.txn_version("ct"), Some(1));
 }
+
+/// A large append is written by several tasks at once (one file per task and partition
+/// value) and still lands as one commit with its txns, its new column and exact rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_append_is_written_in_parallel_as_one_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = root(&dir);
+    let schema = Schema::new(vec![
+        Field::new("v", DataType::Int64, true),
+        Field::new("_partition", DataType::Int32, false),
+        Field::new("_offset", DataType::Int64, false),
+        Field::new("day", DataType::Utf8, true),
+    ]);
+    let mut table = LakeTable::create(&root, "bulk", &schema, &["day".to_string()])
+        .await
+        .unwrap();
+    // A small append first: one file, the ordinary path.
+    let small = RecordBatch::try_new(
+        Arc::new(schema.clone()),
+        vec![
+            Arc::new(Int64Array::from(vec![-1])),
+            Arc::new(Int32Array::from(vec![0])),
+            Arc::new(Int64Array::from(vec![0])),
+            Arc::new(StringArray::from(vec!["d0"])),
+        ],
+    )
+    .unwrap();
+    table.append(vec![small], &[("bulk:0".into(), 0)]).await.unwrap();
+    let before = table.version();
+
+    // 160,000 rows over two days, in batches of 8192, bringing a new column.
+    let wider = Arc::new(Schema::new(vec![
+        Field::new("v", DataType::Int64, true),
+        Field::new("_partition", DataType::Int32, false),
+        Field::new("_offset", DataType::Int64, false),
+        Field::new("day", DataType::Utf8, true),
+        Field::new("note", DataType::Utf8, true),
+    ]));
+    let n: i64 = 160_000;
+    let batches: Vec<RecordBatch> = (0..n)
+        .step_by(8192)
+        .map(|start| {
+            let ids: Vec<i64> = (start..(start + 8192).min(n)).collect();
+            RecordBatch::try_new(
+                wider.clone(),
+                vec![
+                    Arc::new(Int64Array::from(ids.clone())),
+                    Arc::new(Int32Array::from(vec![0; ids.len()])),
+                    Arc::new(Int64Array::from(ids.iter().map(|i| i + 1).collect::<Vec<_>>())),
+                    Arc::new(StringArray::from(ids.iter().map(|i| if *i < n / 2 { "d1" } else { "d2" }).collect::<Vec<_>>())),
+                    Arc::new(StringArray::from(ids.iter().map(|i| format!("n{i}")).collect::<Vec<_>>())),
+                ],
+            )
+            .unwrap()
+        })
+        .collect();
+    let version = table.append(batches, &[("bulk:0".into(), n)]).await.unwrap();
+    assert_eq!(version, before + 1, "one commit");
+
+    let reopened = LakeTable::open(&root, "bulk").await.unwrap().unwrap();
+    assert_eq!(reopened.txn_version("bulk:0"), Some(n));
+    assert_eq!(reopened.file_stats().num_rows, Some(n as u64 + 1));
+    assert!(reopened.arrow_schema().field_with_name("note").is_ok());
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let files = |day: &str| {
+        std::fs::read_dir(dir.path().join("bulk").join(format!("day={day}")))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".parquet"))
+            .count()
+    };
+    if cores > 1 {
+        // The first writer's share ends inside d2: d1 has one file, d2 one per writer.
+        assert_eq!(files("d2"), 2, "each writer writes its share of the day");
+    }
+    let rows = read_all(&reopened, "v").await;
+    let vs = i64s(&rows, "v");
+    assert_eq!(vs.len(), n as usize + 1);
+    assert_eq!(vs, std::iter::once(-1).chain(0..n).map(Some).collect::<Vec<_>>());
+    let notes = strings(rows.column_by_name("note").unwrap());
+    assert_eq!(notes[0], None);
+    assert_eq!(notes[1 + 12_345], Some("n12345".into()));
+    let days = strings(rows.column_by_name("day").unwrap());
+    assert_eq!(days.iter().filter(|d| d.as_deref() == Some("d1")).count(), n as usize / 2);
+}

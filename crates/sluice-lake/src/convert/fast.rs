@@ -33,34 +33,50 @@ enum Fail {
     NotObject(&'static str),
 }
 
-struct Ctx<'p> {
+/// Why a pass stopped, beside serde_json's own error (shared with [`super::decode`]).
+pub(crate) struct Ctx<'p> {
     fail: Cell<Fail>,
-    partition_by: &'p [String],
+    pub(crate) partition_by: &'p [String],
 }
 
-impl Ctx<'_> {
+impl<'p> Ctx<'p> {
+    pub(crate) fn new(partition_by: &'p [String]) -> Self {
+        Ctx {
+            fail: Cell::new(Fail::None),
+            partition_by,
+        }
+    }
+
     #[cold]
-    fn mismatch<E: de::Error>(&self) -> Result<(), E> {
+    pub(crate) fn mismatch<E: de::Error>(&self) -> Result<(), E> {
         self.fail.set(Fail::Mismatch);
         Err(E::custom("record does not fit the schema"))
+    }
+
+    #[cold]
+    pub(crate) fn not_object<E: de::Error>(&self, kind: &'static str) -> Result<(), E> {
+        self.fail.set(Fail::NotObject(kind));
+        Err(E::custom("not an object"))
+    }
+
+    /// The outcome of a pass that ended with `res`.
+    pub(crate) fn outcome(&self, res: Result<(), serde_json::Error>) -> Outcome {
+        match (res, self.fail.get()) {
+            (Ok(()), _) => Outcome::Fits,
+            (Err(_), Fail::Mismatch) => Outcome::Mismatch,
+            (Err(_), Fail::NotObject(kind)) => Outcome::NotObject(kind),
+            (Err(e), Fail::None) => Outcome::Invalid(e.to_string()),
+        }
     }
 }
 
 pub(crate) fn check(root: &StructNode, partition_by: &[String], bytes: &[u8]) -> Outcome {
-    let ctx = Ctx {
-        fail: Cell::new(Fail::None),
-        partition_by,
-    };
+    let ctx = Ctx::new(partition_by);
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let res = RootSeed { root, ctx: &ctx }
         .deserialize(&mut de)
         .and_then(|()| de.end());
-    match (res, ctx.fail.get()) {
-        (Ok(()), _) => Outcome::Fits,
-        (Err(_), Fail::Mismatch) => Outcome::Mismatch,
-        (Err(_), Fail::NotObject(kind)) => Outcome::NotObject(kind),
-        (Err(e), Fail::None) => Outcome::Invalid(e.to_string()),
-    }
+    ctx.outcome(res)
 }
 
 struct RootSeed<'a> {
@@ -77,8 +93,7 @@ impl<'de> DeserializeSeed<'de> for RootSeed<'_> {
 
 impl RootSeed<'_> {
     fn not_object<E: de::Error>(&self, kind: &'static str) -> Result<(), E> {
-        self.ctx.fail.set(Fail::NotObject(kind));
-        Err(E::custom("not an object"))
+        self.ctx.not_object(kind)
     }
 }
 
@@ -114,13 +129,13 @@ impl<'de> Visitor<'de> for RootSeed<'_> {
 }
 
 /// Tracks which fields of a struct were seen (duplicates, required fields).
-enum Seen {
+pub(crate) enum Seen {
     Small(u128),
     Large(Vec<bool>),
 }
 
 impl Seen {
-    fn new(n: usize) -> Seen {
+    pub(crate) fn new(n: usize) -> Seen {
         if n <= 128 {
             Seen::Small(0)
         } else {
@@ -129,7 +144,7 @@ impl Seen {
     }
     /// Marks `i`; returns false if it was already marked.
     #[inline]
-    fn insert(&mut self, i: usize) -> bool {
+    pub(crate) fn insert(&mut self, i: usize) -> bool {
         match self {
             Seen::Small(bits) => {
                 let m = 1u128 << i;
@@ -140,7 +155,7 @@ impl Seen {
             Seen::Large(v) => !std::mem::replace(&mut v[i], true),
         }
     }
-    fn contains(&self, i: usize) -> bool {
+    pub(crate) fn contains(&self, i: usize) -> bool {
         match self {
             Seen::Small(bits) => *bits & (1u128 << i) != 0,
             Seen::Large(v) => v[i],
@@ -196,7 +211,7 @@ fn visit_struct<'de, A: MapAccess<'de>>(
     Ok(())
 }
 
-struct KeySeed;
+pub(crate) struct KeySeed;
 
 impl<'de> DeserializeSeed<'de> for KeySeed {
     type Value = Cow<'de, str>;
@@ -323,9 +338,15 @@ impl<'de> Visitor<'de> for ValueSeed<'_> {
 
 /// A value of a field the schema does not have: fine only if it carries no type
 /// information (null, `[]`, `{}`); anything else needs the slow path (new column).
-struct UntypedSeed<'a> {
+pub(crate) struct UntypedSeed<'a> {
     ctx: &'a Ctx<'a>,
     partition: bool,
+}
+
+impl<'a> UntypedSeed<'a> {
+    pub(crate) fn new(ctx: &'a Ctx<'a>, partition: bool) -> Self {
+        UntypedSeed { ctx, partition }
+    }
 }
 
 impl<'de> DeserializeSeed<'de> for UntypedSeed<'_> {

@@ -193,6 +193,20 @@ pub(crate) struct StructNode {
 }
 
 impl StructNode {
+    /// Marks every node (nested ones too) as inferred rather than from the table: a schema
+    /// inferred from earlier records of the same flush, converted further in parallel.
+    pub(crate) fn mark_inferred(&mut self) {
+        fn mark(node: &mut Node) {
+            node.existing = false;
+            match &mut node.kind {
+                Kind::Struct(s) => s.mark_inferred(),
+                Kind::List { item, .. } => mark(item),
+                _ => {}
+            }
+        }
+        self.fields.iter_mut().for_each(mark);
+    }
+
     pub(crate) fn from_fields(fields: &Fields) -> StructNode {
         let mut s = StructNode {
             fields: fields.iter().map(|f| Node::from_field(f)).collect(),

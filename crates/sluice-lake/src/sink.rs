@@ -82,8 +82,6 @@ pub struct LakeSink {
     stream: Arc<Stream>,
     opts: SinkOptions,
     status: Arc<SinkStatus>,
-    /// When the last read of a flush returned (see `sluice_log::collect`).
-    collected_at: parking_lot::Mutex<Option<Instant>>,
 }
 
 /// What the commit stage owns.
@@ -112,7 +110,7 @@ struct Prepared {
 impl LakeSink {
     pub fn new(stream: Arc<Stream>, opts: SinkOptions) -> LakeSink {
         let status = Arc::new(SinkStatus::new(stream.partitions().len()));
-        LakeSink { stream, opts, status, collected_at: parking_lot::Mutex::new(None) }
+        LakeSink { stream, opts, status }
     }
 
     pub fn status(&self) -> Arc<SinkStatus> {
@@ -279,9 +277,7 @@ impl LakeSink {
     async fn collect(&self, next: &mut Vec<u64>, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<Vec<(u32, StoredRecord)>> {
         let policy = FlushPolicy { bytes: self.opts.flush_bytes, interval: self.opts.flush_interval };
         let mut positions = [std::mem::take(next)];
-        let previous = *self.collected_at.lock();
-        let got = sluice_log::collect(std::slice::from_ref(&self.stream), &mut positions, policy, previous, shutdown).await;
-        *self.collected_at.lock() = Some(Instant::now());
+        let got = sluice_log::collect(std::slice::from_ref(&self.stream), &mut positions, policy, shutdown).await;
         *next = std::mem::take(&mut positions[0]);
         let out: Vec<(u32, StoredRecord)> = got?.into_iter().map(|c| (c.partition, c.record)).collect();
         tracing::trace!(table = self.table_name(), records = out.len(), "collected");

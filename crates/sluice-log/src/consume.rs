@@ -28,22 +28,21 @@ pub struct FlushPolicy {
 /// past what is returned) until the policy says flush; when `shutdown` turns true, until
 /// nothing more is durable. Partitions are read in turn so none starves.
 ///
-/// `previous` is when the caller's previous `collect` returned. Records already waiting when
-/// this call starts have waited since then at the latest (the previous call read up to the
-/// end, or stopped at `policy.bytes` with these behind it), so their interval counts from
-/// `previous`: a flush that waits for the interval right after a long commit does not wait a
-/// whole interval more. Records that arrive later count from their arrival.
+/// The interval counts from when the oldest record read became durable
+/// ([`Partition::arrived`]), so records that waited in the log while the consumer was busy
+/// (a long commit, a backlog) are flushed as soon as it gets to them, and a record that
+/// arrives at an idle consumer waits at most the interval. Records recovered from disk
+/// have waited since before this process and are due at once.
 pub async fn collect(
     streams: &[Arc<Stream>],
     next: &mut [Vec<u64>],
     policy: FlushPolicy,
-    previous: Option<Instant>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<Vec<Collected>, LogError> {
     let mut out = Vec::new();
     let mut bytes = 0u64;
-    let mut deadline: Option<Instant> = None;
-    let mut first_pass = true;
+    // When the oldest record read so far arrived (`Some(None)`: before this process).
+    let mut oldest: Option<Option<Instant>> = None;
     loop {
         let mut got = false;
         for (s, stream) in streams.iter().enumerate() {
@@ -54,7 +53,12 @@ pub async fn collect(
                 }
                 let budget = (policy.bytes - bytes).clamp(64 << 10, 8 << 20) as usize;
                 let recs = p.read(next[s][i], budget)?;
-                if let Some(last) = recs.last() {
+                if let (Some(first), Some(last)) = (recs.first(), recs.last()) {
+                    let arrived = p.arrived(first.offset);
+                    oldest = Some(match oldest {
+                        None => arrived,
+                        Some(o) => o.zip(arrived).map(|(a, b)| a.min(b)),
+                    });
                     next[s][i] = last.offset + 1;
                     got = true;
                 }
@@ -64,19 +68,17 @@ pub async fn collect(
                 }
             }
         }
-        if !out.is_empty() && deadline.is_none() {
-            let since = previous.filter(|_| first_pass).unwrap_or_else(Instant::now);
-            deadline = Some(since + policy.interval);
-        }
-        first_pass = false;
+        let now = Instant::now();
+        let deadline = oldest.map(|o| o.map_or(now, |t| t + policy.interval));
         let stopping = *shutdown.borrow();
-        if bytes >= policy.bytes || deadline.is_some_and(|d| Instant::now() >= d) || (stopping && !got) {
+        // Once due, what is already durable still goes into this flush (up to the bytes).
+        if bytes >= policy.bytes || (!got && (stopping || deadline.is_some_and(|d| now >= d))) {
             return Ok(out);
         }
         if got {
             continue;
         }
-        let wait = deadline.map_or(Duration::from_millis(500), |d| d.saturating_duration_since(Instant::now()));
+        let wait = deadline.map_or(Duration::from_millis(500), |d| d.saturating_duration_since(now));
         let mut waits: Vec<Pin<Box<dyn Future<Output = ()> + Send + '_>>> = Vec::new();
         for (s, stream) in streams.iter().enumerate() {
             for p in stream.partitions() {
@@ -153,11 +155,32 @@ mod tests {
         assert_eq!((r, ahead), (Ok(1), Some(2)));
     }
 
-    /// Records already waiting when a flush starts count their interval from the previous
-    /// flush: with a one-hour interval that ended long ago they are returned at once (the
-    /// timeout only keeps a broken build from hanging the suite).
+    /// Records recovered from disk have waited since before this process: with a one-hour
+    /// interval they are returned at once (the timeout only keeps a broken build from
+    /// hanging the suite).
     #[tokio::test]
-    async fn waiting_records_count_from_the_previous_flush() {
+    async fn recovered_records_are_due_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = crate::Log::open(dir.path(), crate::LogConfig::default()).unwrap();
+            let stream = log.create_stream("s", crate::StreamOptions::default()).unwrap();
+            let p = stream.partition(0).unwrap();
+            let a = p.append(&[crate::Record::new(bytes::Bytes::from_static(b"{}"), 1)]).unwrap();
+            p.sync(&a).await.unwrap();
+        }
+        let log = crate::Log::open(dir.path(), crate::LogConfig::default()).unwrap();
+        let stream = log.stream("s").unwrap();
+        let policy = FlushPolicy { bytes: 1 << 30, interval: Duration::from_secs(3600) };
+        let (_tx, mut shutdown) = watch::channel(false);
+        let mut next = vec![vec![0]];
+        let got = tokio::time::timeout(Duration::from_secs(60), collect(&[stream.clone()], &mut next, policy, &mut shutdown)).await;
+        assert_eq!(got.expect("returned without waiting for the interval").unwrap().len(), 1);
+        assert_eq!(next, vec![vec![1]]);
+    }
+
+    /// A record that just arrived waits for the interval (here: longer than the test waits).
+    #[tokio::test]
+    async fn a_new_record_waits_for_the_interval() {
         let dir = tempfile::tempdir().unwrap();
         let log = crate::Log::open(dir.path(), crate::LogConfig::default()).unwrap();
         let stream = log.create_stream("s", crate::StreamOptions::default()).unwrap();
@@ -165,12 +188,9 @@ mod tests {
         let a = p.append(&[crate::Record::new(bytes::Bytes::from_static(b"{}"), 1)]).unwrap();
         p.sync(&a).await.unwrap();
         let policy = FlushPolicy { bytes: 1 << 30, interval: Duration::from_secs(3600) };
-        let previous = Instant::now().checked_sub(Duration::from_secs(2 * 3600));
-        assert!(previous.is_some(), "the clock is too young for this test");
         let (_tx, mut shutdown) = watch::channel(false);
         let mut next = vec![vec![0]];
-        let got = tokio::time::timeout(Duration::from_secs(60), collect(&[stream.clone()], &mut next, policy, previous, &mut shutdown)).await;
-        assert_eq!(got.expect("returned without waiting for the interval").unwrap().len(), 1);
-        assert_eq!(next, vec![vec![1]]);
+        let got = tokio::time::timeout(Duration::from_millis(300), collect(&[stream.clone()], &mut next, policy, &mut shutdown)).await;
+        assert!(got.is_err(), "a fresh record was flushed before its interval");
     }
 }

@@ -37,6 +37,7 @@
 //! # Ok(()) }
 //! ```
 
+mod arrivals;
 mod consume;
 pub mod format;
 mod partition;

@@ -69,6 +69,8 @@ pub struct Partition {
     sync_lock: tokio::sync::Mutex<()>,
     hw: AtomicU64,
     hw_tx: watch::Sender<u64>,
+    /// When offsets became durable (for consumers' flush intervals).
+    arrivals: Mutex<crate::arrivals::Arrivals>,
     fsyncs: AtomicU64,
     failed: AtomicBool,
     /// Committed consumer offsets; `None` = an offset file that could not be read.
@@ -192,6 +194,7 @@ impl Partition {
             sync_lock: tokio::sync::Mutex::new(()),
             hw: AtomicU64::new(next_offset),
             hw_tx,
+            arrivals: Mutex::new(crate::arrivals::Arrivals::new(next_offset)),
             fsyncs: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             consumers: Mutex::new(consumers),
@@ -309,7 +312,10 @@ impl Partition {
     }
 
     fn advance_hw(&self, to: u64) {
-        self.hw.fetch_max(to, Ordering::AcqRel);
+        let before = self.hw.fetch_max(to, Ordering::AcqRel);
+        if to > before {
+            self.arrivals.lock().record(before, std::time::Instant::now());
+        }
         self.hw_tx.send_if_modified(|v| {
             if to > *v {
                 *v = to;
@@ -383,6 +389,12 @@ impl Partition {
     /// Number of fsyncs of segment data done by this partition since it was opened.
     pub fn fsync_count(&self) -> u64 {
         self.fsyncs.load(Ordering::Relaxed)
+    }
+
+    /// When the record at `offset` became durable, at the latest (coarsely, to ~10 ms);
+    /// `None` if it was already in the log when the partition was opened.
+    pub fn arrived(&self, offset: u64) -> Option<std::time::Instant> {
+        self.arrivals.lock().arrived(offset)
     }
 
     /// Offset one past the last durable record. Readers never see records at or beyond it.

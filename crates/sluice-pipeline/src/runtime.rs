@@ -297,8 +297,6 @@ pub struct Pipeline {
     sink_names: Vec<String>,
     status: Arc<PipelineStatus>,
     step_stats: Vec<Arc<StepStats>>,
-    /// When the last read of a flush returned (see `sluice_log::collect`).
-    collected_at: parking_lot::Mutex<Option<std::time::Instant>>,
 }
 
 impl Pipeline {
@@ -322,7 +320,7 @@ impl Pipeline {
             last_error: parking_lot::Mutex::new(None),
             taps: Taps::default(),
         });
-        Pipeline { spec, sink_names, status, step_stats, collected_at: parking_lot::Mutex::new(None) }
+        Pipeline { spec, sink_names, status, step_stats }
     }
 
     pub fn status(&self) -> Arc<PipelineStatus> {
@@ -542,9 +540,7 @@ impl Pipeline {
         prep: &mut Option<Prep>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> anyhow::Result<Option<Prepared>> {
-        let previous = *self.collected_at.lock();
-        let records = sluice_log::collect(&self.spec.sources, next, self.spec.flush, previous, shutdown).await;
-        *self.collected_at.lock() = Some(std::time::Instant::now());
+        let records = sluice_log::collect(&self.spec.sources, next, self.spec.flush, shutdown).await;
         let records = records?;
         if records.is_empty() {
             return Ok(None);

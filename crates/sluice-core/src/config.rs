@@ -147,7 +147,7 @@ pub struct LakeConfig {
     /// Land streams in the lake at all (false: log only, e.g. to measure ingest alone).
     #[serde(default = "yes")]
     pub enabled: bool,
-    /// Commit at least this often when there is data.
+    /// A record waits at most this long after it became durable before its flush starts.
     #[serde(default = "default_flush_interval", deserialize_with = "de_dur")]
     pub flush_interval: Duration,
     /// ... or as soon as this many bytes of records are waiting.

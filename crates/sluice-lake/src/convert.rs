@@ -44,6 +44,12 @@
 //! (new columns, widening, or a precise reject). After all records are classified, the
 //! accepted ones are decoded by arrow-json against the final schema in chunks of
 //! [`MAX_BATCH_ROWS`], and the metadata columns are added.
+//!
+//! That is the two-pass path. The steady state (no record changes the schema) takes one
+//! pass instead ([`decode`]): the same exact check, visitor for visitor, appending each
+//! record's values to column builders as it goes. It hands over to the two-pass path as
+//! soon as a record would evolve the schema, and its result is held equal to it by a
+//! property test.
 
 mod decode;
 mod fast;

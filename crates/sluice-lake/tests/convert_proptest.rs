@@ -236,6 +236,15 @@ fn check_row(batch: &RecordBatch, row: usize, rec: &Value) -> Result<(), String>
     Ok(())
 }
 
+/// All rows of a conversion as one batch (`None` without rows).
+fn all_rows(c: &Converted) -> Option<RecordBatch> {
+    if c.batches.is_empty() {
+        None
+    } else {
+        Some(deltalake::arrow::compute::concat_batches(&c.schema, &c.batches).unwrap())
+    }
+}
+
 fn run(
     records: &[Value],
     table: Option<&arrow_schema::Schema>,
@@ -341,14 +350,7 @@ proptest! {
             w1.sort();
             w2.sort();
             prop_assert_eq!(w1, w2);
-            let cat = |c: &Converted| {
-                if c.batches.is_empty() {
-                    None
-                } else {
-                    Some(deltalake::arrow::compute::concat_batches(&c.schema, &c.batches).unwrap())
-                }
-            };
-            prop_assert_eq!(cat(&par), cat(&seq));
+            prop_assert_eq!(all_rows(&par), all_rows(&seq));
         }
     }
 
@@ -381,14 +383,7 @@ proptest! {
                 prop_assert_eq!(&one.schema, &two.schema);
                 prop_assert_eq!(&one.rejects, &two.rejects);
                 prop_assert_eq!(&one.widened, &two.widened);
-                let cat = |c: &Converted| {
-                    if c.batches.is_empty() {
-                        None
-                    } else {
-                        Some(deltalake::arrow::compute::concat_batches(&c.schema, &c.batches).unwrap())
-                    }
-                };
-                prop_assert_eq!(cat(&one), cat(&two));
+                prop_assert_eq!(all_rows(&one), all_rows(&two));
             }
         }
     }

@@ -305,8 +305,10 @@ async fn kill9_during_writes_loses_and_duplicates_no_change() {
     let rows = s.query("SELECT id, v FROM shop_ev ORDER BY id").await;
     if let Some(bad) = rows.iter().find(|r| r["v"].as_str().is_none()) {
         // Seen once in CI (session 8): say what the changelog holds for that key.
+        let full = s.query("SELECT * FROM shop_ev WHERE id IS NULL OR v IS NULL LIMIT 5").await;
         let id = bad["id"].as_i64().unwrap_or(i64::MIN);
-        let history = s.query(&format!("SELECT op, after, unchanged, transaction, _partition, _offset FROM shop_ev__changelog WHERE key.id = {id}")).await;
+        let history = s.query(&format!("SELECT op, after, transaction, _partition, _offset FROM shop_ev__changelog WHERE key.id = {id}")).await;
+        eprintln!("mirror rows without id or v: {full:?}");
         let log = std::fs::read_to_string(s.dir.join("server.log")).unwrap_or_default();
         let problems: Vec<&str> = log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
         panic!(

@@ -217,6 +217,11 @@ impl App {
             });
             let dir = cfg.data_dir.join("sources").join(name);
             let stop = self.stop_sinks.subscribe();
+            // Registered before its task can open a stream: `ensure_sink` asks
+            // `source_of_stream`, and a stream not yet known as a source's would get a plain
+            // sink that appends raw change events to the mirror table (a kill -9 test under
+            // load found that).
+            let mut sources = self.sources.lock();
             let (status, snapshots, task) = match sc {
                 sluice_core::source::SourceConfig::Postgres(pg) => {
                     let source = sluice_connect::postgres_cdc::PostgresSource::new(name, pg, dir, open);
@@ -227,7 +232,7 @@ impl App {
                     (source.status(), source.snapshots(), tokio::spawn(source.run(stop)))
                 }
             };
-            self.sources.lock().push(RunningSource { status, snapshots, task });
+            sources.push(RunningSource { status, snapshots, task });
         }
     }
 

@@ -88,23 +88,56 @@ pub struct StreamConfig {
     pub partition_by: Vec<String>,
     #[serde(default)]
     pub retention: Retention,
-    /// How new log batches are compressed: `lz4` (fastest), `zstd` (smaller, more CPU)
-    /// or `none`. Old batches keep theirs, so this can change at any time.
+    /// How new log batches are compressed: `auto` (zstd level 3 with the stream's
+    /// trained dictionary for batches under 64 KiB, lz4 for bigger ones), `lz4`
+    /// (fastest), `zstd` (smaller, more CPU; with the dictionary) or `none`. Old batches
+    /// keep theirs, so this can change at any time.
     #[serde(default)]
     pub codec: Codec,
     /// zstd level when `codec: zstd` (negative = zstd's fast modes, 19 = small).
     #[serde(default = "default_zstd")]
     pub zstd_level: i32,
+    /// Trained zstd dictionaries for small batches.
+    #[serde(default)]
+    pub dictionary: DictionaryConfig,
+    /// Re-pack the small batches of sealed log segments into big ones in the background
+    /// (same offsets and records; stored like big batches).
+    #[serde(default = "yes")]
+    pub repack: bool,
 }
 
 /// Log batch compression of a stream.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Codec {
-    None,
     #[default]
+    Auto,
+    None,
     Lz4,
     Zstd,
+}
+
+/// When a stream trains its compression dictionary.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DictionaryConfig {
+    /// Train and use a dictionary (for zstd batches: `codec: zstd`, or `auto`'s small ones).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Train once the stream holds this many records; retrain after drift at most once
+    /// per this many new records.
+    #[serde(default = "default_train_after")]
+    pub train_after_records: u64,
+    /// Train on this many of the newest records.
+    #[serde(default = "default_sample_records")]
+    pub sample_records: u32,
+    /// Largest dictionary (it is kept in memory and sent to clients that ask).
+    #[serde(default = "default_dict_size", deserialize_with = "de_size")]
+    pub max_size: u64,
+    /// Retrain when the newest records compress this many percent worse than the
+    /// dictionary's held-out sample did when it was trained.
+    #[serde(default = "default_retrain_drift")]
+    pub retrain_drift_percent: u32,
 }
 
 /// How long the log keeps records. Never deletes what the lake has not committed.
@@ -251,6 +284,18 @@ fn default_segment() -> u64 {
 fn default_zstd() -> i32 {
     1
 }
+fn default_train_after() -> u64 {
+    5_000
+}
+fn default_sample_records() -> u32 {
+    20_000
+}
+fn default_dict_size() -> u64 {
+    64 << 10
+}
+fn default_retrain_drift() -> u32 {
+    25
+}
 
 macro_rules! default_from_serde {
     ($($t:ty),*) => {$(
@@ -261,7 +306,7 @@ macro_rules! default_from_serde {
         }
     )*};
 }
-default_from_serde!(Config, StreamConfig, Retention, LakeConfig, Limits, LogSettings);
+default_from_serde!(Config, StreamConfig, Retention, LakeConfig, Limits, LogSettings, DictionaryConfig);
 
 // Durations and sizes are written with units in YAML (`1s`, `64MiB`); these adapters
 // keep the public structs in std types.
@@ -435,6 +480,16 @@ fn validate_stream(s: &StreamConfig) -> Result<(), Invalid> {
     }
     if !(-7..=22).contains(&s.zstd_level) {
         return Err((k("zstd_level"), "must be between -7 and 22".into()));
+    }
+    let d = |f: &str| vec!["dictionary".to_string(), f.to_string()];
+    if !(1024..=(1 << 20)).contains(&s.dictionary.max_size) {
+        return Err((d("max_size"), "must be between 1KiB and 1MiB".into()));
+    }
+    if !(100..=1_000_000).contains(&s.dictionary.sample_records) {
+        return Err((d("sample_records"), "must be between 100 and 1000000".into()));
+    }
+    if s.dictionary.train_after_records == 0 {
+        return Err((d("train_after_records"), "must be more than 0".into()));
     }
     Ok(())
 }

@@ -16,9 +16,11 @@
 //!     17    4 record count             (>= 1)
 //!     21    8 min timestamp (ms)
 //!     29    8 max timestamp (ms)
-//!     37    1 codec                    (0 = none, 1 = zstd, 2 = lz4 block)
+//!     37    1 codec                    (0 = none, 1 = zstd, 2 = lz4 block, 3 = zstd with a
+//!                                       trained dictionary)
 //!     38    4 uncompressed payload length
-//!     42    . payload                  (compressed unless codec = 0)
+//!     42    . payload                  (compressed unless codec = 0; with codec 3 it
+//!                                       starts with the dictionary id, u32)
 //! ```
 //!
 //! The uncompressed payload is the records, one after another, each framed as
@@ -30,7 +32,9 @@
 
 use bytes::Bytes;
 use std::cell::RefCell;
+use std::sync::Arc;
 
+use crate::dict::Dictionary;
 use crate::{Record, StoredRecord};
 
 /// Magic/version byte of a version-1 batch.
@@ -45,6 +49,14 @@ pub const CODEC_NONE: u8 = 0;
 pub const CODEC_ZSTD: u8 = 1;
 /// Codec byte: payload compressed as one LZ4 block (lz4_flex).
 pub const CODEC_LZ4: u8 = 2;
+/// Codec byte: payload = dictionary id (u32) + a zstd frame compressed with that
+/// stream dictionary (see [`crate::dict`]).
+pub const CODEC_ZSTD_DICT: u8 = 3;
+/// Under [`Codec::Auto`], batches with less than this many bytes of records are
+/// compressed with zstd (and the stream's dictionary), larger ones with lz4.
+pub const AUTO_SMALL_BATCH_BYTES: usize = 64 << 10;
+/// The zstd level of [`Codec::Auto`]'s small batches.
+pub const AUTO_ZSTD_LEVEL: i32 = 3;
 
 /// How new batch payloads are compressed. Every batch records its codec, so a stream's
 /// codec can change at any time and readers decode old and new batches alike. A batch
@@ -54,15 +66,39 @@ pub const CODEC_LZ4: u8 = 2;
 /// (`examples/ingest_costs.rs` of sluice-connect): lz4 adds ~240 ns per event over storing
 /// as is and keeps 79 bytes/event; zstd level 1 adds ~400 ns and keeps 49. lz4 is the default
 /// because ingest and landing are CPU-bound on the hot path; zstd trades CPU for disk.
+///
+/// `Auto` (the default) picks per batch: small batches (one event per request, a few
+/// credit decisions) get zstd level 3 with the stream's trained dictionary, where it
+/// stores them 3-4x smaller than lz4 for about the same CPU per batch; big batches get
+/// lz4, whose speed matters there and whose ratio is fine at that size. The numbers are
+/// in `bench/RESULTS.md` (dictionary table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Codec {
     /// Stored as is.
     None,
     /// LZ4 block compression.
-    #[default]
     Lz4,
-    /// zstd at this level (negative levels are zstd's fast modes).
+    /// zstd at this level (negative levels are zstd's fast modes), with the stream's
+    /// dictionary when it has one.
     Zstd(i32),
+    /// zstd (+ dictionary) below [`AUTO_SMALL_BATCH_BYTES`], lz4 above.
+    #[default]
+    Auto,
+}
+
+impl Codec {
+    /// Whether batches of this codec can use a trained dictionary.
+    pub fn uses_zstd(self) -> bool {
+        matches!(self, Codec::Zstd(_) | Codec::Auto)
+    }
+
+    /// The zstd level this codec compresses small batches at.
+    pub fn zstd_level(self) -> i32 {
+        match self {
+            Codec::Zstd(l) => l,
+            _ => AUTO_ZSTD_LEVEL,
+        }
+    }
 }
 
 impl std::fmt::Display for Codec {
@@ -71,7 +107,37 @@ impl std::fmt::Display for Codec {
             Codec::None => f.write_str("none"),
             Codec::Lz4 => f.write_str("lz4"),
             Codec::Zstd(l) => write!(f, "zstd (level {l})"),
+            Codec::Auto => f.write_str("auto"),
         }
+    }
+}
+
+/// How to compress the next batch: the stream's codec and its current dictionary.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Plan<'a> {
+    pub codec: Codec,
+    pub dict: Option<&'a Dictionary>,
+}
+
+impl Plan<'_> {
+    /// A plan without dictionary.
+    pub fn plain(codec: Codec) -> Plan<'static> {
+        Plan { codec, dict: None }
+    }
+}
+
+/// Finds the dictionary a batch names.
+pub trait DictLookup {
+    /// The dictionary with this id, or why it cannot be used.
+    fn dictionary(&self, id: u32) -> Result<Arc<Dictionary>, String>;
+}
+
+/// No dictionaries at all (batches that need one fail to decode).
+pub struct NoDictionaries;
+
+impl DictLookup for NoDictionaries {
+    fn dictionary(&self, _id: u32) -> Result<Arc<Dictionary>, String> {
+        Err("is unknown (no dictionaries available)".into())
     }
 }
 
@@ -105,6 +171,8 @@ pub enum FormatError {
     Payload(&'static str),
     #[error("decompression failed: {0}")]
     Decompress(String),
+    #[error("dictionary {id} {reason}")]
+    Dictionary { id: u32, reason: String },
 }
 
 /// The parsed fixed header of a batch (not yet CRC-verified).
@@ -163,7 +231,7 @@ pub fn parse_header(buf: &[u8]) -> Result<BatchHeader, FormatError> {
         uncompressed_len: u32_at(buf, ULEN_AT),
         total_len: total as usize,
     };
-    if !matches!(h.codec, CODEC_NONE | CODEC_ZSTD | CODEC_LZ4) {
+    if !matches!(h.codec, CODEC_NONE | CODEC_ZSTD | CODEC_LZ4 | CODEC_ZSTD_DICT) {
         return Err(FormatError::UnknownCodec(h.codec));
     }
     if h.record_count == 0 {
@@ -193,6 +261,11 @@ pub fn verify_crc(h: &BatchHeader, batch: &[u8]) -> Result<(), FormatError> {
 /// Decodes one whole batch at the start of `buf`: header, CRC, payload.
 /// Returns the header and all its records. This is the entry point fuzzed by the tests.
 pub fn decode_batch(buf: &[u8]) -> Result<(BatchHeader, Vec<StoredRecord>), FormatError> {
+    decode_batch_with(buf, &NoDictionaries)
+}
+
+/// [`decode_batch`] with the dictionaries a batch may name.
+pub fn decode_batch_with(buf: &[u8], dicts: &dyn DictLookup) -> Result<(BatchHeader, Vec<StoredRecord>), FormatError> {
     let h = parse_header(buf)?;
     if buf.len() < h.total_len {
         return Err(FormatError::Truncated { needed: h.total_len as u64, available: buf.len() as u64 });
@@ -201,12 +274,13 @@ pub fn decode_batch(buf: &[u8]) -> Result<(BatchHeader, Vec<StoredRecord>), Form
     verify_crc(&h, batch)?;
     let mut out = Vec::with_capacity((h.record_count as usize).min(4096));
     let payload = &batch[HEADER_LEN..];
-    decode_payload(&h, payload, None, 0, &mut out)?;
+    decode_payload(&h, payload, None, 0, &mut out, dicts)?;
     Ok((h, out))
 }
 
 thread_local! {
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+    static DCTX: RefCell<Option<zstd::zstd_safe::DCtx<'static>>> = const { RefCell::new(None) };
     static SCRATCH: RefCell<EncodeScratch> = RefCell::new(EncodeScratch::default());
 }
 
@@ -220,6 +294,7 @@ pub(crate) fn decode_payload(
     owned: Option<Bytes>,
     from: u64,
     out: &mut Vec<StoredRecord>,
+    dicts: &dyn DictLookup,
 ) -> Result<usize, FormatError> {
     let data: Bytes = match h.codec {
         CODEC_NONE => {
@@ -231,15 +306,29 @@ pub(crate) fn decode_payload(
                 _ => Bytes::copy_from_slice(payload),
             }
         }
-        CODEC_ZSTD => {
-            let ulen = h.uncompressed_len as usize;
-            // Refuse before allocating when the frame announces another size.
-            match zstd::zstd_safe::get_frame_content_size(payload) {
-                Ok(Some(n)) if n == ulen as u64 => {}
-                Ok(None) => {}
-                Ok(Some(_)) => return Err(FormatError::Payload("zstd frame size mismatch")),
-                Err(_) => return Err(FormatError::Decompress("not a zstd frame".into())),
+        CODEC_ZSTD_DICT => {
+            if payload.len() < 4 {
+                return Err(FormatError::Payload("dictionary id missing"));
             }
+            let id = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+            let frame = &payload[4..];
+            let ulen = check_frame_size(frame, h.uncompressed_len as usize)?;
+            let dict = dicts.dictionary(id).map_err(|reason| FormatError::Dictionary { id, reason })?;
+            let mut buf: Vec<u8> = Vec::with_capacity(ulen);
+            DCTX.with(|d| -> Result<(), FormatError> {
+                let mut d = d.borrow_mut();
+                let dctx = d.get_or_insert_with(zstd::zstd_safe::DCtx::create);
+                dctx.decompress_using_ddict(&mut buf, frame, dict.ddict())
+                    .map_err(|e| FormatError::Decompress(zstd::zstd_safe::get_error_name(e).to_string()))?;
+                Ok(())
+            })?;
+            if buf.len() != ulen {
+                return Err(FormatError::Payload("uncompressed length mismatch"));
+            }
+            Bytes::from(buf)
+        }
+        CODEC_ZSTD => {
+            let ulen = check_frame_size(payload, h.uncompressed_len as usize)?;
             let mut buf: Vec<u8> = Vec::with_capacity(ulen);
             DECOMPRESSOR.with(|d| -> Result<(), FormatError> {
                 let mut d = d.borrow_mut();
@@ -274,6 +363,16 @@ pub(crate) fn decode_payload(
         c => return Err(FormatError::UnknownCodec(c)),
     };
     parse_records(h, &data, from, out)
+}
+
+/// Refuses a zstd frame before allocating when it announces another size than the header.
+fn check_frame_size(frame: &[u8], ulen: usize) -> Result<usize, FormatError> {
+    match zstd::zstd_safe::get_frame_content_size(frame) {
+        Ok(Some(n)) if n == ulen as u64 => Ok(ulen),
+        Ok(None) => Ok(ulen),
+        Ok(Some(_)) => Err(FormatError::Payload("zstd frame size mismatch")),
+        Err(_) => Err(FormatError::Decompress("not a zstd frame".into())),
+    }
 }
 
 fn parse_records(h: &BatchHeader, data: &Bytes, from: u64, out: &mut Vec<StoredRecord>) -> Result<usize, FormatError> {
@@ -377,6 +476,7 @@ struct EncodeScratch {
     raw: Vec<u8>,
     out: Vec<u8>,
     compressor: Option<(i32, zstd::bulk::Compressor<'static>)>,
+    cctx: Option<zstd::zstd_safe::CCtx<'static>>,
 }
 
 /// A batch encoded everywhere but its base offset (and so its CRC), which are only
@@ -391,13 +491,13 @@ pub(crate) struct PendingBatch {
 /// the buffer (header + payload); `f` must call [`finish_batch`] before writing it.
 pub(crate) fn with_encoded<R>(
     records: &[Record],
-    codec: Codec,
+    plan: Plan<'_>,
     f: impl FnOnce(&PendingBatch, &mut Vec<u8>) -> R,
 ) -> Result<R, FormatError> {
     SCRATCH.with(|s| {
         let mut s = s.borrow_mut();
         let s = &mut *s;
-        let pending = encode_into(records, codec, s)?;
+        let pending = encode_into(records, plan, s)?;
         let r = f(&pending, &mut s.out);
         // Do not keep huge buffers alive on every thread after one big batch.
         const KEEP: usize = 8 << 20;
@@ -411,7 +511,21 @@ pub(crate) fn with_encoded<R>(
     })
 }
 
-fn encode_into(records: &[Record], codec: Codec, s: &mut EncodeScratch) -> Result<PendingBatch, FormatError> {
+/// Appends one record in the payload framing (timestamp relative to `min_ts`).
+pub(crate) fn frame_record(raw: &mut Vec<u8>, r: &Record, min_ts: i64) {
+    match &r.key {
+        None => raw.push(0),
+        Some(k) => {
+            put_varint(raw, k.len() as u64 + 1);
+            raw.extend_from_slice(k);
+        }
+    }
+    put_varint(raw, zigzag(r.timestamp_ms.wrapping_sub(min_ts)));
+    put_varint(raw, r.value.len() as u64);
+    raw.extend_from_slice(&r.value);
+}
+
+fn encode_into(records: &[Record], plan: Plan<'_>, s: &mut EncodeScratch) -> Result<PendingBatch, FormatError> {
     if records.is_empty() {
         return Err(FormatError::Empty);
     }
@@ -432,25 +546,33 @@ fn encode_into(records: &[Record], codec: Codec, s: &mut EncodeScratch) -> Resul
     raw.clear();
     raw.reserve(approx);
     for r in records {
-        match &r.key {
-            None => raw.push(0),
-            Some(k) => {
-                put_varint(raw, k.len() as u64 + 1);
-                raw.extend_from_slice(k);
-            }
-        }
-        put_varint(raw, zigzag(r.timestamp_ms.wrapping_sub(min_ts)));
-        put_varint(raw, r.value.len() as u64);
-        raw.extend_from_slice(&r.value);
+        frame_record(raw, r, min_ts);
     }
     if raw.len() > MAX_BATCH_BYTES {
         return Err(FormatError::TooLarge(raw.len() as u64));
     }
     let out = &mut s.out;
     out.clear();
-    let compressed = match codec {
-        Codec::None => None,
-        Codec::Zstd(level) => {
+    let codec = match plan.codec {
+        Codec::Auto if raw.len() < AUTO_SMALL_BATCH_BYTES => Codec::Zstd(AUTO_ZSTD_LEVEL),
+        Codec::Auto => Codec::Lz4,
+        c => c,
+    };
+    let cdict = match (codec, plan.dict) {
+        (Codec::Zstd(level), Some(d)) => d.cdict(level).map(|c| (d.id(), c)),
+        _ => None,
+    };
+    let compressed = match (codec, cdict) {
+        (Codec::None | Codec::Auto, _) => None,
+        (Codec::Zstd(_), Some((id, cd))) => {
+            out.resize(HEADER_LEN + 4 + zstd::zstd_safe::compress_bound(raw.len()), 0);
+            out[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&id.to_le_bytes());
+            let cctx = s.cctx.get_or_insert_with(zstd::zstd_safe::CCtx::create);
+            cctx.compress_using_cdict(&mut out[HEADER_LEN + 4..], raw.as_slice(), &cd)
+                .ok()
+                .map(|n| (n + 4, CODEC_ZSTD_DICT))
+        }
+        (Codec::Zstd(level), None) => {
             out.resize(HEADER_LEN + zstd::zstd_safe::compress_bound(raw.len()), 0);
             let reuse = matches!(&s.compressor, Some((l, _)) if *l == level);
             if !reuse {
@@ -461,7 +583,7 @@ fn encode_into(records: &[Record], codec: Codec, s: &mut EncodeScratch) -> Resul
                 None => None,
             }
         }
-        Codec::Lz4 => {
+        (Codec::Lz4, _) => {
             out.resize(HEADER_LEN + lz4_flex::block::get_maximum_output_size(raw.len()), 0);
             lz4_flex::block::compress_into(raw, &mut out[HEADER_LEN..]).ok().map(|n| (n, CODEC_LZ4))
         }
@@ -508,7 +630,12 @@ pub(crate) fn finish_batch(p: &PendingBatch, out: &mut [u8], base_offset: u64) {
 
 /// Encodes one complete batch into a new vector (convenience for tools and tests).
 pub fn encode_batch(records: &[Record], base_offset: u64, codec: Codec) -> Result<Vec<u8>, FormatError> {
-    with_encoded(records, codec, |p, out| {
+    encode_batch_with(records, base_offset, Plan::plain(codec))
+}
+
+/// [`encode_batch`] with a dictionary.
+pub fn encode_batch_with(records: &[Record], base_offset: u64, plan: Plan<'_>) -> Result<Vec<u8>, FormatError> {
+    with_encoded(records, plan, |p, out| {
         finish_batch(p, out, base_offset);
         out.clone()
     })
@@ -606,8 +733,75 @@ mod tests {
         b
     }
 
+    /// A dictionary of raw content (zstd takes any bytes as one) under id 9.
+    struct OneDict(Arc<Dictionary>);
+
+    impl DictLookup for OneDict {
+        fn dictionary(&self, id: u32) -> Result<Arc<Dictionary>, String> {
+            if id == self.0.id() {
+                Ok(self.0.clone())
+            } else {
+                Err("is unknown".into())
+            }
+        }
+    }
+
+    fn one_dict() -> OneDict {
+        let info = crate::dict::DictInfo { id: 9, created_ms: 0, sample_records: 0, sample_bytes: 0, size_bytes: 0, holdout_ratio: 1.0, level: 3 };
+        let content = b"{\"type\":\"ride_start\",\"scooter_id\":\"sc-00042\",\"battery\":87}".repeat(20);
+        OneDict(Arc::new(Dictionary::new(info, Bytes::from(content)).unwrap()))
+    }
+
+    #[test]
+    fn dictionary_batches_round_trip_and_name_a_missing_dictionary() {
+        let d = one_dict();
+        let recs = vec![rec(Some(b"k"), b"{\"type\":\"ride_start\",\"scooter_id\":\"sc-00043\",\"battery\":86}", 5)];
+        for codec in [Codec::Auto, Codec::Zstd(3), Codec::Zstd(-1)] {
+            let b = encode_batch_with(&recs, 4, Plan { codec, dict: Some(&d.0) }).unwrap();
+            assert_eq!(b[CODEC_AT], CODEC_ZSTD_DICT, "{codec}");
+            let (_, out) = decode_batch_with(&b, &d).unwrap();
+            assert_eq!((out[0].offset, &out[0].value), (4, &recs[0].value));
+            let e = decode_batch(&b).unwrap_err();
+            assert!(matches!(e, FormatError::Dictionary { id: 9, .. }), "{e}");
+            // The dictionary shrinks a single record well below plain zstd.
+            let plain = encode_batch(&recs, 4, codec).unwrap();
+            assert!(b.len() + 10 < plain.len(), "{codec}: {} vs {}", b.len(), plain.len());
+        }
+        // lz4, none and Auto's big batches do not use it.
+        let big: Vec<Record> = (0..10_000).map(|i| rec(None, format!("{{\"n\":{i}}}").as_bytes(), i)).collect();
+        for (codec, byte) in [(Codec::Lz4, CODEC_LZ4), (Codec::None, CODEC_NONE)] {
+            assert_eq!(encode_batch_with(&big, 0, Plan { codec, dict: Some(&d.0) }).unwrap()[CODEC_AT], byte);
+        }
+        let b = encode_batch_with(&big, 0, Plan { codec: Codec::Auto, dict: Some(&d.0) }).unwrap();
+        assert_eq!(b[CODEC_AT], CODEC_LZ4);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn mutated_dictionary_batches_never_panic(
+            values in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..80), 1..6),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+            fix_crc in any::<bool>(),
+        ) {
+            let d = one_dict();
+            let recs: Vec<Record> = values.iter().enumerate().map(|(i, v)| rec(None, v, i as i64)).collect();
+            let mut b = encode_batch_with(&recs, 0, Plan { codec: Codec::Zstd(3), dict: Some(&d.0) }).unwrap();
+            if flips.is_empty() {
+                let (_, out) = decode_batch_with(&b, &d).unwrap();
+                prop_assert_eq!(out.len(), recs.len());
+                for (o, r) in out.iter().zip(&recs) {
+                    prop_assert_eq!(&o.value, &r.value);
+                }
+            }
+            for (idx, x) in flips {
+                let i = idx.index(b.len());
+                b[i] ^= x | 1;
+            }
+            if fix_crc { b = with_valid_crc(b); }
+            let _ = decode_batch_with(&b, &d);
+        }
 
         #[test]
         fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
@@ -618,7 +812,7 @@ mod tests {
         #[test]
         fn decoding_arbitrary_payload_with_valid_crc_never_panics(
             bytes in proptest::collection::vec(any::<u8>(), HEADER_LEN..400),
-            codec in 0u8..4,
+            codec in 0u8..5,
             count in 0u32..20,
             ulen in prop_oneof![Just(None), (0u32..1000).prop_map(Some)],
         ) {

@@ -10,6 +10,7 @@
 //!
 //! ```text
 //! <dir>/<stream>/meta.json                          partitions + retention (written atomically)
+//! <dir>/<stream>/dictionaries/                      trained zstd dictionaries (see [`dict`])
 //! <dir>/<stream>/<partition>/<20-digit base>.log    segment: a sequence of batches
 //! <dir>/<stream>/<partition>/<20-digit base>.idx    sparse offset index of a sealed segment
 //! <dir>/<stream>/<partition>/consumers/<name>.offset  committed consumer offset (text)
@@ -39,7 +40,9 @@
 
 mod arrivals;
 mod consume;
+pub mod dict;
 pub mod format;
+mod maintain;
 mod partition;
 mod segment;
 
@@ -54,7 +57,9 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
 pub use consume::{collect, commit_while_reading, Collected, FlushPolicy};
+pub use dict::{DictInfo, Dictionary};
 pub use format::Codec;
+pub use maintain::{DictionaryAction, DictionaryStats, RepackReport, StreamStats};
 pub use partition::{Appended, Partition, SegmentInfo};
 use partition::Retention;
 
@@ -65,7 +70,7 @@ pub struct LogConfig {
     pub segment_bytes: u64,
     /// One sparse index entry per about this many bytes of batches. Default 4096.
     pub index_interval_bytes: u32,
-    /// Codec of new batches in streams that do not set their own. Default lz4.
+    /// Codec of new batches in streams that do not set their own. Default auto.
     pub codec: Codec,
 }
 
@@ -87,11 +92,60 @@ pub struct StreamOptions {
     /// Codec of new batches; `None` = the log's [`LogConfig::codec`]. Not persisted: each
     /// batch names its own codec, so it can change between runs.
     pub codec: Option<Codec>,
+    /// Trained dictionaries; `None` = the defaults.
+    pub dictionary: Option<DictionarySettings>,
 }
 
 impl Default for StreamOptions {
     fn default() -> Self {
-        StreamOptions { partitions: 1, retention_bytes: None, retention_ms: None, codec: None }
+        StreamOptions { partitions: 1, retention_bytes: None, retention_ms: None, codec: None, dictionary: None }
+    }
+}
+
+/// When and how a stream trains its zstd dictionary (see [`dict`]). Used by batches
+/// whose codec is zstd (`Zstd` always, `Auto` for small batches).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DictionarySettings {
+    /// Train and use dictionaries at all.
+    pub enabled: bool,
+    /// Train once the stream holds this many records, and retrain (after drift) only
+    /// once this many more were written since the last training.
+    pub train_after_records: u64,
+    /// Train on (at most) this many of the newest records.
+    pub sample_records: u32,
+    /// Largest dictionary to train.
+    pub max_bytes: u32,
+    /// Retrain when recent records compress this many percent worse with the current
+    /// dictionary than its held-out sample did when it was trained.
+    pub retrain_drift_pct: u32,
+}
+
+impl Default for DictionarySettings {
+    fn default() -> Self {
+        DictionarySettings {
+            enabled: true,
+            train_after_records: 5_000,
+            sample_records: 20_000,
+            max_bytes: 64 << 10,
+            retrain_drift_pct: 25,
+        }
+    }
+}
+
+/// A stream's compression state, shared by its partitions.
+pub(crate) struct Compression {
+    pub codec: RwLock<Codec>,
+    pub settings: RwLock<DictionarySettings>,
+    pub dicts: dict::Dictionaries,
+    pub maint: Mutex<maintain::MaintState>,
+}
+
+impl Compression {
+    /// The codec and dictionary of the next batch.
+    pub fn plan(&self) -> (Codec, Option<Arc<Dictionary>>) {
+        let codec = *self.codec.read();
+        let dict = if codec.uses_zstd() && self.settings.read().enabled { self.dicts.current() } else { None };
+        (codec, dict)
     }
 }
 
@@ -147,6 +201,8 @@ pub enum LogError {
     Failed { stream: String, partition: u32 },
     #[error("bad stream metadata {}: {message}", path.display())]
     Metadata { path: PathBuf, message: String },
+    #[error("stream {stream:?}: dictionary {id} {message}")]
+    Dictionary { stream: String, id: u32, message: String },
 }
 
 pub(crate) fn io_err(op: &'static str, path: &Path, source: io::Error) -> LogError {
@@ -259,6 +315,7 @@ impl Log {
         if let Some(s) = self.streams.read().get(name).cloned() {
             s.set_retention(opts.retention_bytes, opts.retention_ms)?;
             s.set_codec(opts.codec.unwrap_or(self.cfg.codec));
+            s.set_dictionary(opts.dictionary.unwrap_or_default());
             return Ok(s);
         }
         let sdir = self.dir.join(name);
@@ -286,7 +343,7 @@ pub struct Stream {
     dir: PathBuf,
     partitions: Vec<Arc<Partition>>,
     retention: Arc<RwLock<Retention>>,
-    codec: Arc<RwLock<Codec>>,
+    comp: Arc<Compression>,
 }
 
 impl std::fmt::Debug for Stream {
@@ -334,16 +391,21 @@ impl Stream {
         };
         fs::create_dir_all(dir).map_err(|e| io_err("create stream directory", dir, e))?;
         let retention = Arc::new(RwLock::new(Retention { bytes: meta.retention_bytes, ms: meta.retention_ms }));
-        let codec = Arc::new(RwLock::new(create.and_then(|o| o.codec).unwrap_or(cfg.codec)));
+        let comp = Arc::new(Compression {
+            codec: RwLock::new(create.and_then(|o| o.codec).unwrap_or(cfg.codec)),
+            settings: RwLock::new(create.and_then(|o| o.dictionary).unwrap_or_default()),
+            dicts: dict::Dictionaries::open(dir, name)?,
+            maint: Mutex::new(maintain::MaintState::default()),
+        });
         let mut partitions = Vec::with_capacity(meta.partitions as usize);
         for p in 0..meta.partitions {
             let pdir = dir.join(p.to_string());
-            partitions.push(Arc::new(Partition::open(pdir, p, name, cfg, retention.clone(), codec.clone())?));
+            partitions.push(Arc::new(Partition::open(pdir, p, name, cfg, retention.clone(), comp.clone())?));
         }
         if write_meta {
             write_meta_file(&meta_path, &meta)?;
         }
-        Ok(Stream { name: name.to_string(), dir: dir.to_path_buf(), partitions, retention, codec })
+        Ok(Stream { name: name.to_string(), dir: dir.to_path_buf(), partitions, retention, comp })
     }
 
     fn set_retention(&self, bytes: Option<u64>, ms: Option<u64>) -> Result<(), LogError> {
@@ -368,7 +430,38 @@ impl Stream {
 
     /// Compresses the next batches with `codec`; batches written before keep theirs.
     pub fn set_codec(&self, codec: Codec) {
-        *self.codec.write() = codec;
+        *self.comp.codec.write() = codec;
+    }
+
+    /// Changes when and how the stream trains dictionaries (off: new batches use none;
+    /// old ones still decode).
+    pub fn set_dictionary(&self, settings: DictionarySettings) {
+        *self.comp.settings.write() = settings;
+    }
+
+    /// The dictionary new batches use, if any.
+    pub fn current_dictionary(&self) -> Option<Arc<Dictionary>> {
+        self.comp.plan().1
+    }
+
+    /// The dictionary with this id, or why there is none usable.
+    pub fn dictionary(&self, id: u32) -> Result<Arc<Dictionary>, LogError> {
+        self.comp.dicts.get(id).map_err(|message| LogError::Dictionary { stream: self.name.clone(), id, message })
+    }
+
+    /// Whether a client may compress a request body with dictionary `id`: the current
+    /// one and the one it replaced are accepted. The error says why not, naming the id.
+    pub fn dictionary_for_wire(&self, id: u32) -> Result<Arc<Dictionary>, String> {
+        let (current, previous) = self.comp.dicts.accepted_on_wire();
+        let hint = match current {
+            Some(c) => format!("the current one is {c}: GET /v1/streams/{}/dictionary", self.name),
+            None => "the stream has no dictionary now".to_string(),
+        };
+        if Some(id) != current && Some(id) != previous {
+            let what = if id < self.comp.dicts.next_id() { "is retired" } else { "is unknown" };
+            return Err(format!("dictionary {id} of stream {:?} {what}; {hint}", self.name));
+        }
+        self.comp.dicts.get(id).map_err(|why| format!("dictionary {id} of stream {:?} {why}; {hint}", self.name))
     }
 
     /// The stream's directory.
@@ -379,7 +472,13 @@ impl Stream {
     /// The stream's current options.
     pub fn options(&self) -> StreamOptions {
         let r = *self.retention.read();
-        StreamOptions { partitions: self.partitions.len() as u32, retention_bytes: r.bytes, retention_ms: r.ms, codec: Some(*self.codec.read()) }
+        StreamOptions {
+            partitions: self.partitions.len() as u32,
+            retention_bytes: r.bytes,
+            retention_ms: r.ms,
+            codec: Some(*self.comp.codec.read()),
+            dictionary: Some(*self.comp.settings.read()),
+        }
     }
 
     pub fn partitions(&self) -> &[Arc<Partition>] {

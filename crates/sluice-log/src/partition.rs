@@ -13,7 +13,7 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 
-use crate::format::{self, Codec, HEADER_LEN};
+use crate::format::{self, DictLookup, Plan, HEADER_LEN};
 use crate::segment::{parse_segment_name, Segment, Window};
 use crate::{fsync_dir, io_err, write_atomic, LogConfig, LogError, Record, StoredRecord};
 
@@ -62,8 +62,8 @@ pub struct Partition {
     dir: PathBuf,
     cfg: LogConfig,
     retention: Arc<RwLock<Retention>>,
-    /// The stream's codec for new batches (shared by its partitions, changed by reload).
-    codec: Arc<RwLock<Codec>>,
+    /// The stream's codec and dictionaries (shared by its partitions).
+    comp: Arc<crate::Compression>,
     segments: RwLock<Vec<Arc<Segment>>>,
     writer: Mutex<Writer>,
     sync_lock: tokio::sync::Mutex<()>,
@@ -75,6 +75,8 @@ pub struct Partition {
     failed: AtomicBool,
     /// Committed consumer offsets; `None` = an offset file that could not be read.
     consumers: Mutex<BTreeMap<String, Option<u64>>>,
+    /// Held by retention and re-packing, which both replace sealed segments.
+    maint_lock: Mutex<()>,
 }
 
 impl std::fmt::Debug for Partition {
@@ -103,7 +105,7 @@ impl Partition {
         stream: &str,
         cfg: LogConfig,
         retention: Arc<RwLock<Retention>>,
-        codec: Arc<RwLock<Codec>>,
+        comp: Arc<crate::Compression>,
     ) -> Result<Partition, LogError> {
         let created = !dir.exists();
         fs::create_dir_all(&dir).map_err(|e| io_err("create partition directory", &dir, e))?;
@@ -129,6 +131,9 @@ impl Partition {
                 bases.push(base);
             } else if name.ends_with(".idx") || name.ends_with(".idx.tmp") {
                 idx_files.push(entry.path());
+            } else if name.ends_with(".repack") {
+                // A re-pack that did not finish: the original segment is intact.
+                let _ = fs::remove_file(entry.path());
             }
         }
         bases.sort_unstable();
@@ -182,7 +187,7 @@ impl Partition {
             dir,
             cfg,
             retention,
-            codec,
+            comp,
             segments: RwLock::new(segments),
             writer: Mutex::new(Writer {
                 active,
@@ -198,6 +203,7 @@ impl Partition {
             fsyncs: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             consumers: Mutex::new(consumers),
+            maint_lock: Mutex::new(()),
         })
     }
 
@@ -233,8 +239,9 @@ impl Partition {
                 message: "cannot append an empty batch".into(),
             });
         }
-        let codec = *self.codec.read();
-        let res = format::with_encoded(records, codec, |pending, out| -> Result<Appended, LogError> {
+        let (codec, dict) = self.comp.plan();
+        let plan = Plan { codec, dict: dict.as_deref() };
+        let res = format::with_encoded(records, plan, |pending, out| -> Result<Appended, LogError> {
             let total = out.len() as u64;
             let mut w = self.writer.lock();
             self.check_failed()?;
@@ -445,28 +452,35 @@ impl Partition {
             value_bytes: 0,
             loaded: false,
         };
-        let res = Self::read_segments(&segs, &mut ctx);
+        let res = self.read_segments(&segs, &mut ctx);
         if ctx.loaded {
             self.trim_indexes();
         }
         res.map(|()| ctx.out)
     }
 
-    fn read_segments(segs: &[Arc<Segment>], ctx: &mut ReadCtx) -> Result<(), LogError> {
+    fn read_segments(&self, segs: &[Arc<Segment>], ctx: &mut ReadCtx) -> Result<(), LogError> {
         for seg in segs {
             if seg.base >= ctx.hw {
                 break;
             }
-            match read_segment(seg, ctx) {
+            match read_segment(seg, ctx, &self.comp.dicts).map_err(|e| self.dictionary_error(e)) {
                 Ok(true) => break,
                 Ok(false) => {}
                 // Hand out the good records before the bad batch; the next read starting
                 // at the bad batch reports it.
-                Err(LogError::Corrupt { .. }) if !ctx.out.is_empty() => break,
+                Err(LogError::Corrupt { .. } | LogError::Dictionary { .. }) if !ctx.out.is_empty() => break,
                 Err(e) => return Err(e),
             }
         }
         Ok(())
+    }
+
+    fn dictionary_error(&self, e: ReadError) -> LogError {
+        match e {
+            ReadError::Log(e) => e,
+            ReadError::Dictionary { id, reason } => LogError::Dictionary { stream: self.stream.clone(), id, message: reason },
+        }
     }
 
     /// Keeps at most [`MAX_LOADED_SEALED_INDEXES`] sealed-segment indexes in memory, so
@@ -561,6 +575,7 @@ impl Partition {
         if ret.bytes.is_none() && ret.ms.is_none() {
             return Ok(0);
         }
+        let _m = self.maint_lock.lock();
         let min_committed = self.consumers.lock().values().map(|v| v.unwrap_or(0)).min();
         let cutoff = ret.ms.map(|ms| now_ms.saturating_sub(i64::try_from(ms).unwrap_or(i64::MAX)));
         let removed: Vec<Arc<Segment>> = {
@@ -626,6 +641,159 @@ impl Partition {
         total
     }
 
+    /// The sealed segments, oldest first.
+    pub(crate) fn sealed_segments(&self) -> Vec<Arc<Segment>> {
+        self.segment_handles().0
+    }
+
+    /// The sealed segments and the active one.
+    pub(crate) fn segment_handles(&self) -> (Vec<Arc<Segment>>, Option<Arc<Segment>>) {
+        let segs = self.segments.read();
+        let n = segs.len().saturating_sub(1);
+        (segs[..n].to_vec(), segs.last().cloned())
+    }
+
+    /// Rewrites a sealed segment with its records in batches of about `batch_bytes`
+    /// (see [`crate::Stream::repack`]). `None` when the segment is gone or cannot be
+    /// re-packed safely (a bad batch: it is left exactly as it is).
+    pub(crate) fn repack_segment(
+        &self,
+        seg: &Arc<Segment>,
+        plan: Plan<'_>,
+        batch_bytes: usize,
+        dicts: &dyn DictLookup,
+    ) -> Result<Option<crate::RepackReport>, LogError> {
+        let _m = self.maint_lock.lock();
+        if !self.sealed_segments().iter().any(|s| Arc::ptr_eq(s, seg)) {
+            return Ok(None);
+        }
+        let end = seg.readable_end.load(Ordering::Acquire);
+        let next_offset = seg.next_offset.load(Ordering::Acquire);
+        let tmp = seg.path.with_extension("repack");
+        let result = self.write_repacked(seg, &tmp, end, next_offset, plan, batch_bytes, dicts);
+        let report = match result {
+            Ok(Some(r)) => r,
+            other => {
+                let _ = fs::remove_file(&tmp);
+                return other;
+            }
+        };
+        remove_if_exists(&seg.idx_path())?;
+        fs::rename(&tmp, &seg.path).map_err(|e| io_err("replace segment with its re-packed copy", &seg.path, e))?;
+        fsync_dir(&self.dir)?;
+        let interval = u64::from(self.cfg.index_interval_bytes.max(1));
+        let new = Arc::new(Segment::open_sealed(seg.path.clone(), seg.base, interval)?);
+        let mut segs = self.segments.write();
+        if let Some(i) = segs.iter().position(|s| Arc::ptr_eq(s, seg)) {
+            segs[i] = new;
+        }
+        tracing::debug!(segment = %seg.path.display(), ?report, "re-packed segment");
+        Ok(Some(report))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_repacked(
+        &self,
+        seg: &Segment,
+        tmp: &Path,
+        end: u64,
+        next_offset: u64,
+        plan: Plan<'_>,
+        batch_bytes: usize,
+        dicts: &dyn DictLookup,
+    ) -> Result<Option<crate::RepackReport>, LogError> {
+        let skip = |why: &str| {
+            tracing::warn!(segment = %seg.path.display(), reason = why, "segment not re-packed");
+            Ok(None)
+        };
+        let mut out = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(tmp)
+            .map_err(|e| io_err("create", tmp, e))?;
+        let mut rep = crate::RepackReport { segments: 1, bytes_before: end, ..Default::default() };
+        let mut w = Window::new(&seg.file, end, 1 << 20);
+        let (mut pos, mut expected) = (0u64, seg.base);
+        let mut group: Vec<StoredRecord> = Vec::new();
+        let mut group_bytes = 0usize;
+        let rd = |e| io_err("read segment", &seg.path, e);
+        while pos < end {
+            let Some(h) = w.get(pos, HEADER_LEN).map_err(rd)?.and_then(|b| format::parse_header(b).ok()) else {
+                return skip("bad batch header");
+            };
+            if h.base_offset != expected {
+                return skip("batch out of sequence");
+            }
+            let Some(batch) = w.get(pos, h.total_len).map_err(rd)? else { return skip("truncated batch") };
+            if format::verify_crc(&h, batch).is_err() {
+                return skip("CRC mismatch");
+            }
+            let mut recs = Vec::with_capacity(h.record_count as usize);
+            if let Err(e) = format::decode_payload(&h, &batch[HEADER_LEN..], None, 0, &mut recs, dicts) {
+                return skip(&e.to_string());
+            }
+            for r in recs {
+                group_bytes += r.value.len() + r.key.as_ref().map_or(0, |k| k.len()) + 8;
+                group.push(r);
+                if group_bytes >= batch_bytes {
+                    self.write_group(&mut group, plan, dicts, &mut out, tmp, &mut rep)?;
+                    group_bytes = 0;
+                }
+            }
+            rep.batches_before += 1;
+            pos += h.total_len as u64;
+            expected = h.next_offset();
+        }
+        if expected != next_offset {
+            return skip("records missing at the end");
+        }
+        self.write_group(&mut group, plan, dicts, &mut out, tmp, &mut rep)?;
+        out.sync_all().map_err(|e| io_err("fsync", tmp, e))?;
+        // The whole new file, CRC-checked as recovery would read it.
+        let len = out.metadata().map_err(|e| io_err("stat", tmp, e))?.len();
+        let scan = crate::segment::scan(&out, tmp, seg.base, len, u64::MAX)?;
+        if scan.torn_at.is_some() || scan.next_offset != next_offset {
+            return Err(LogError::InvalidArgument {
+                stream: self.stream.clone(),
+                partition: self.id,
+                message: format!("re-packed copy of {} does not read back whole", seg.path.display()),
+            });
+        }
+        Ok(Some(rep))
+    }
+
+    /// Encodes `group` as one batch, checks that it decodes to exactly those records, and
+    /// appends it to `out`.
+    fn write_group(
+        &self,
+        group: &mut Vec<StoredRecord>,
+        plan: Plan<'_>,
+        dicts: &dyn DictLookup,
+        out: &mut File,
+        tmp: &Path,
+        rep: &mut crate::RepackReport,
+    ) -> Result<(), LogError> {
+        let Some(first) = group.first().map(|r| r.offset) else { return Ok(()) };
+        let records: Vec<Record> = group
+            .iter()
+            .map(|r| Record { key: r.key.clone(), value: r.value.clone(), timestamp_ms: r.timestamp_ms })
+            .collect();
+        let bad = |message: String| LogError::InvalidArgument { stream: self.stream.clone(), partition: self.id, message };
+        let bytes = format::encode_batch_with(&records, first, plan).map_err(|e| bad(format!("re-pack: {e}")))?;
+        let (_, back) = format::decode_batch_with(&bytes, dicts).map_err(|e| bad(format!("re-packed batch does not decode: {e}")))?;
+        if back != *group {
+            return Err(bad(format!("re-packed batch at offset {first} does not decode to the same records")));
+        }
+        out.write_all(&bytes).map_err(|e| io_err("write", tmp, e))?;
+        rep.records += group.len() as u64;
+        rep.batches_after += 1;
+        rep.bytes_after += bytes.len() as u64;
+        group.clear();
+        Ok(())
+    }
+
     /// The segment files, oldest first.
     pub fn segments(&self) -> Vec<SegmentInfo> {
         let segs = self.segments.read();
@@ -665,8 +833,21 @@ struct ReadCtx {
     loaded: bool,
 }
 
+/// Why reading a segment failed: a log error, or a batch whose dictionary is unusable
+/// (named with the stream by the caller).
+enum ReadError {
+    Log(LogError),
+    Dictionary { id: u32, reason: String },
+}
+
+impl From<LogError> for ReadError {
+    fn from(e: LogError) -> Self {
+        ReadError::Log(e)
+    }
+}
+
 /// Reads batches of one segment into `ctx.out`. Returns true when the read is complete.
-fn read_segment(seg: &Segment, ctx: &mut ReadCtx) -> Result<bool, LogError> {
+fn read_segment(seg: &Segment, ctx: &mut ReadCtx, dicts: &dyn DictLookup) -> Result<bool, ReadError> {
     let (from, hw) = (ctx.from, ctx.hw);
     let (entry, loaded) = seg.lookup(from)?;
     ctx.loaded |= loaded;
@@ -682,10 +863,10 @@ fn read_segment(seg: &Segment, ctx: &mut ReadCtx) -> Result<bool, LogError> {
         }
         let h = match w.get(pos, HEADER_LEN).map_err(rd)? {
             Some(b) => format::parse_header(b).map_err(|_| corrupt(expected))?,
-            None => return Err(corrupt(expected)),
+            None => return Err(corrupt(expected).into()),
         };
         if h.base_offset != expected {
-            return Err(corrupt(expected));
+            return Err(corrupt(expected).into());
         }
         let next = h.next_offset();
         if next <= from {
@@ -697,8 +878,10 @@ fn read_segment(seg: &Segment, ctx: &mut ReadCtx) -> Result<bool, LogError> {
         format::verify_crc(&h, batch).map_err(|_| corrupt(expected))?;
         let payload = &batch[HEADER_LEN..];
         let owned = (h.codec == format::CODEC_NONE).then(|| Bytes::copy_from_slice(payload));
-        ctx.value_bytes +=
-            format::decode_payload(&h, payload, owned, from, &mut ctx.out).map_err(|_| corrupt(expected))?;
+        ctx.value_bytes += format::decode_payload(&h, payload, owned, from, &mut ctx.out, dicts).map_err(|e| match e {
+            format::FormatError::Dictionary { id, reason } => ReadError::Dictionary { id, reason },
+            _ => ReadError::Log(corrupt(expected)),
+        })?;
         pos += h.total_len as u64;
         expected = next;
         if ctx.value_bytes >= ctx.max_bytes {
@@ -743,7 +926,7 @@ mod tests {
     #[test]
     fn sealed_indexes_in_memory_stay_bounded() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = LogConfig { segment_bytes: 1, index_interval_bytes: 1, codec: Codec::Zstd(1) };
+        let cfg = LogConfig { segment_bytes: 1, index_interval_bytes: 1, codec: crate::Codec::Zstd(1) };
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         {
             let log = Log::open(dir.path(), cfg).unwrap();

@@ -54,7 +54,7 @@ fn consumer_offsets_persist_across_reopen() {
 fn retention_by_bytes_deletes_oldest_sealed_segments() {
     let dir = tempfile::tempdir().unwrap();
     let log = Log::open(dir.path(), cfg(1)).unwrap(); // one batch per segment
-    let s = log.create_stream("r", StreamOptions { partitions: 1, retention_bytes: Some(1), retention_ms: None, codec: None }).unwrap();
+    let s = log.create_stream("r", StreamOptions { partitions: 1, retention_bytes: Some(1), retention_ms: None, codec: None, dictionary: None }).unwrap();
     let p = s.partition(0).unwrap();
     fill(p, 10, |_| 0);
     let before = p.size_bytes();
@@ -88,7 +88,7 @@ fn retention_by_bytes_keeps_the_limit() {
     let segs = p.segments();
     let limit: u64 = segs[6..].iter().map(|s| s.size_bytes).sum();
     // Retention is configured later through create_stream (it updates retention).
-    log.create_stream("r", StreamOptions { partitions: 1, retention_bytes: Some(limit), retention_ms: None, codec: None }).unwrap();
+    log.create_stream("r", StreamOptions { partitions: 1, retention_bytes: Some(limit), retention_ms: None, codec: None, dictionary: None }).unwrap();
     p.apply_retention(0).unwrap();
     assert_eq!(p.log_start_offset(), segs[6].base_offset);
     assert!(p.size_bytes() <= limit);
@@ -98,7 +98,7 @@ fn retention_by_bytes_keeps_the_limit() {
 fn retention_never_passes_the_min_committed_offset() {
     let dir = tempfile::tempdir().unwrap();
     let log = Log::open(dir.path(), cfg(1)).unwrap();
-    let s = log.create_stream("r", StreamOptions { partitions: 1, retention_bytes: Some(1), retention_ms: Some(1), codec: None }).unwrap();
+    let s = log.create_stream("r", StreamOptions { partitions: 1, retention_bytes: Some(1), retention_ms: Some(1), codec: None, dictionary: None }).unwrap();
     let p = s.partition(0).unwrap();
     fill(p, 10, |_| 0);
     p.commit_offset("fast", 40).unwrap();
@@ -131,7 +131,7 @@ fn retention_never_passes_the_min_committed_offset() {
 fn retention_by_time() {
     let dir = tempfile::tempdir().unwrap();
     let log = Log::open(dir.path(), cfg(1)).unwrap();
-    let s = log.create_stream("t", StreamOptions { partitions: 1, retention_bytes: None, retention_ms: Some(1000), codec: None }).unwrap();
+    let s = log.create_stream("t", StreamOptions { partitions: 1, retention_bytes: None, retention_ms: Some(1000), codec: None, dictionary: None }).unwrap();
     let p = s.partition(0).unwrap();
     // Batch i has timestamp i * 1000; batch 3 is "late" (newest).
     fill(p, 8, |i| if i == 3 { 100_000 } else { i as i64 * 1000 });

@@ -123,7 +123,7 @@ fn streams_are_listed_sorted_and_create_is_idempotent() {
     for n in ["zeta", "alpha", "mid-1"] {
         log.create_stream(n, StreamOptions { partitions: 3, ..Default::default() }).unwrap();
     }
-    let again = log.create_stream("alpha", StreamOptions { partitions: 7, retention_bytes: Some(10), retention_ms: None, codec: None }).unwrap();
+    let again = log.create_stream("alpha", StreamOptions { partitions: 7, retention_bytes: Some(10), retention_ms: None, codec: None, dictionary: None }).unwrap();
     assert_eq!(again.partitions().len(), 3);
     assert_eq!(again.options().retention_bytes, Some(10));
     assert!(matches!(log.create_stream("Bad.Name", StreamOptions::default()), Err(sluice_log::LogError::InvalidName(_))));

@@ -6,7 +6,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
-use sluice_connect::http::{decode_body, parse_events, partition_for_key, Encoding, IngestError};
+use sluice_connect::http::{decode_body, decode_zstd_with_dictionary, parse_events, partition_for_key, Encoding, IngestError};
 use sluice_log::Record;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -54,6 +54,22 @@ async fn handle(app: &App, stream: &str, headers: &HeaderMap, body: Bytes) -> Re
     }
     let log_stream = app.stream_for_write(stream)?;
     app.check_backpressure(&log_stream)?;
+    // A body compressed with the stream's trained dictionary names it.
+    let dict = match headers.get("sluice-dictionary-id") {
+        None => None,
+        Some(v) => {
+            let bad = |m: String| error_response(StatusCode::BAD_REQUEST, &m, None);
+            if encoding != Encoding::Zstd {
+                return Err(bad("Sluice-Dictionary-Id needs Content-Encoding: zstd".into()));
+            }
+            let id = v
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u32>().ok())
+                .ok_or_else(|| bad(format!("Sluice-Dictionary-Id {v:?} is not a dictionary id")))?;
+            Some(log_stream.dictionary_for_wire(id).map_err(bad)?)
+        }
+    };
 
     // Memory bound: at most max_inflight_bytes of decoded bodies are being handled at once.
     let reserve = match encoding {
@@ -66,10 +82,14 @@ async fn handle(app: &App, stream: &str, headers: &HeaderMap, body: Bytes) -> Re
         error_response(StatusCode::TOO_MANY_REQUESTS, "too many bytes in flight: retry shortly", Some(1))
     })?;
 
-    let decoded = decode_body(encoding, &body, limits.max_decoded_bytes).map_err(|e| ingest_error(&e))?;
-    let decoded: Bytes = match decoded {
-        std::borrow::Cow::Borrowed(_) => body.clone(),
-        std::borrow::Cow::Owned(v) => Bytes::from(v),
+    let decoded: Bytes = match &dict {
+        Some(d) => decode_zstd_with_dictionary(&body, d.decoder_dictionary(), limits.max_decoded_bytes)
+            .map_err(|e| ingest_error(&e))?
+            .into(),
+        None => match decode_body(encoding, &body, limits.max_decoded_bytes).map_err(|e| ingest_error(&e))? {
+            std::borrow::Cow::Borrowed(_) => body.clone(),
+            std::borrow::Cow::Owned(v) => Bytes::from(v),
+        },
     };
     let cfg = app.cfg();
     let settings = cfg.stream(stream);

@@ -11,6 +11,7 @@ mod tap;
 mod send;
 mod snapshot;
 mod server;
+mod stream_cli;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -51,6 +52,9 @@ enum Cmd {
     /// Re-read tables of a change-data-capture source (all captured tables, one, or some
     /// keys) while changes keep streaming. Progress bar.
     Snapshot(snapshot::SnapshotArgs),
+    /// Streams of a running server: `sluice stream stats [STREAM]` shows raw vs stored
+    /// bytes per record, by codec and by compression-dictionary version.
+    Stream(stream_cli::StreamArgs),
 }
 
 fn main() -> ExitCode {
@@ -77,6 +81,7 @@ fn main() -> ExitCode {
         Cmd::Replay(args) => runtime().block_on(replay::run_cli(args)),
         Cmd::Tap(args) => runtime().block_on(tap::run_cli(args)),
         Cmd::Snapshot(args) => runtime().block_on(snapshot::run_cli(args)),
+        Cmd::Stream(args) => runtime().block_on(stream_cli::run_cli(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -141,6 +141,7 @@ pub async fn reload(app: &Arc<App>) -> anyhow::Result<ReloadReport> {
     }
     for s in app.log.streams() {
         s.set_codec(crate::server::codec_of(cfg.stream(s.name())));
+        s.set_dictionary(crate::server::dictionary_of(cfg.stream(s.name())));
         app.ensure_sink(&s);
     }
     // One pipeline that cannot start (its connector refuses its options) does not keep the

@@ -6,6 +6,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use tower_http::compression::Predicate;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use sluice_core::pipeline::SinkConfig;
@@ -101,6 +102,15 @@ impl App {
         match self.auth.token(headers) {
             Err(d) => Err(self.denied(d)),
             Ok(Some(t)) if !t.can_read_all() => Err(self.denied(Denied::Forbidden(format!("{what} needs read scope '*'")))),
+            Ok(_) => Ok(()),
+        }
+    }
+
+    /// Ok when tokens are off or the request's token may read `stream`.
+    pub fn require_read(&self, headers: &HeaderMap, stream: &str) -> Result<(), Response> {
+        match self.auth.token(headers) {
+            Err(d) => Err(self.denied(d)),
+            Ok(Some(t)) if !t.can_read(stream) => Err(self.denied(Denied::Forbidden(format!("reading stream {stream:?} needs read scope for it")))),
             Ok(_) => Ok(()),
         }
     }
@@ -264,7 +274,7 @@ impl App {
         // The replay stream (see `crate::replay`) and the dead-letter streams: one partition,
         // kept a week past processing.
         let week = Some(7 * 24 * 3600 * 1000);
-        let system = |s: &str| self.log.create_stream(s, StreamOptions { partitions: 1, retention_ms: week, codec: Some(codec_of(cfg.stream(s))), ..Default::default() });
+        let system = |s: &str| self.log.create_stream(s, StreamOptions { partitions: 1, retention_ms: week, codec: Some(codec_of(cfg.stream(s))), dictionary: Some(dictionary_of(cfg.stream(s))), ..Default::default() });
         let open = |s: &str| match self.log.stream(s) {
             Some(stream) => Ok(stream),
             None if s.ends_with(sluice_core::DLQ_SUFFIX) => Ok(system(s)?),
@@ -447,10 +457,19 @@ pub async fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> anyhow
         .route("/v1/sources/{name}/snapshot", post(crate::snapshot::snapshot_endpoint))
         .route("/v1/reload", post(crate::reload::reload_endpoint))
         .route("/v1/pipelines/{name}/replay", post(crate::replay::replay_endpoint))
-        .route("/v1/pipelines/{name}/tap", get(crate::tap::tap_endpoint))
+        .route("/v1/streams/{stream}/dictionary", get(get_dictionary).post(train_dictionary))
+        .route("/v1/streams/{stream}/stats", get(stream_stats))
         .route("/v1/query", post(query))
         .route("/metrics", get(metrics_endpoint))
         .route("/healthz", get(|| async { "ok\n" }))
+        // Responses over 1 KiB are compressed as the client's Accept-Encoding asks (gzip,
+        // br, zstd); acks stay plain, and the tap below streams uncompressed.
+        .layer(tower_http::compression::CompressionLayer::new().compress_when(
+            tower_http::compression::predicate::SizeAbove::new(1024)
+                .and(tower_http::compression::predicate::NotForContentType::GRPC)
+                .and(tower_http::compression::predicate::NotForContentType::IMAGES),
+        ))
+        .route("/v1/pipelines/{name}/tap", get(crate::tap::tap_endpoint))
         .layer(DefaultBodyLimit::max(app.cfg().limits.max_body_bytes as usize))
         .with_state(app.clone());
     let addr = listener.local_addr()?;
@@ -605,12 +624,25 @@ async fn list_pipelines(State(app): State<Arc<App>>, headers: HeaderMap) -> Resp
     axum::Json(serde_json::json!({ "pipelines": out })).into_response()
 }
 
-/// Retention every 30 s.
+/// Dictionary training every 5 s; retention and re-packing of sealed segments every 30 s.
 async fn housekeeping(app: Arc<App>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(30));
-    loop {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    for round in 0u64.. {
         tick.tick().await;
         for s in app.log.streams() {
+            let s2 = s.clone();
+            match tokio::task::spawn_blocking(move || s2.maintain_dictionary()).await {
+                Ok(Ok(sluice_log::DictionaryAction::Trained { info, reason })) => tracing::info!(
+                    stream = s.name(), id = info.id, reason, size = info.size_bytes, holdout_ratio = info.holdout_ratio,
+                    "trained a compression dictionary"
+                ),
+                Ok(Ok(sluice_log::DictionaryAction::NotYet(why))) => tracing::debug!(stream = s.name(), %why, "dictionary not trained yet"),
+                Ok(Err(e)) => tracing::warn!(stream = s.name(), error = %e, "dictionary"),
+                _ => {}
+            }
+            if round % 6 != 0 {
+                continue;
+            }
             let s2 = s.clone();
             let res = tokio::task::spawn_blocking(move || s2.apply_retention(sluice_core::time::now_ms())).await;
             match res {
@@ -618,7 +650,77 @@ async fn housekeeping(app: Arc<App>) {
                 Ok(Err(e)) => tracing::warn!(stream = s.name(), error = %e, "retention"),
                 _ => {}
             }
+            if app.cfg().stream(s.name()).repack {
+                let s2 = s.clone();
+                match tokio::task::spawn_blocking(move || s2.repack(REPACK_BATCH_BYTES)).await {
+                    Ok(Ok(r)) if r.segments > 0 => tracing::info!(
+                        stream = s.name(), segments = r.segments, records = r.records, batches_before = r.batches_before,
+                        batches_after = r.batches_after, bytes_before = r.bytes_before, bytes_after = r.bytes_after,
+                        "re-packed small batches of sealed segments"
+                    ),
+                    Ok(Err(e)) => tracing::warn!(stream = s.name(), error = %e, "re-pack"),
+                    _ => {}
+                }
+            }
         }
+    }
+}
+
+/// Records per re-packed batch: about this many bytes (big batches compress like files).
+pub(crate) const REPACK_BATCH_BYTES: usize = 1 << 20;
+
+/// `GET /v1/streams/{stream}/dictionary`: the current zstd dictionary, its id in
+/// `Sluice-Dictionary-Id` (send that header with bodies compressed with it).
+async fn get_dictionary(State(app): State<Arc<App>>, axum::extract::Path(stream): axum::extract::Path<String>, headers: HeaderMap) -> Response {
+    if let Err(d) = app.auth.check_write(&headers, &stream) {
+        return app.denied(d);
+    }
+    let Some(s) = app.log.stream(&stream) else {
+        return error_response(StatusCode::NOT_FOUND, &format!("no stream {stream:?}"), None);
+    };
+    match s.current_dictionary() {
+        None => error_response(StatusCode::NOT_FOUND, &format!("stream {stream:?} has no dictionary yet (it trains one once it holds enough records)"), None),
+        Some(d) => (
+            [
+                (header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream")),
+                (header::HeaderName::from_static("sluice-dictionary-id"), HeaderValue::from(d.id())),
+                (header::ETAG, HeaderValue::from_str(&format!("\"{}\"", d.id())).unwrap_or(HeaderValue::from_static("\"\""))),
+            ],
+            d.content().clone(),
+        )
+            .into_response(),
+    }
+}
+
+/// `POST /v1/streams/{stream}/dictionary`: train a new dictionary from the newest records
+/// now and make it current (normally Sluice does this by itself).
+async fn train_dictionary(State(app): State<Arc<App>>, axum::extract::Path(stream): axum::extract::Path<String>, headers: HeaderMap) -> Response {
+    if let Err(d) = app.auth.check_write(&headers, &stream) {
+        return app.denied(d);
+    }
+    let Some(s) = app.log.stream(&stream) else {
+        return error_response(StatusCode::NOT_FOUND, &format!("no stream {stream:?}"), None);
+    };
+    match tokio::task::spawn_blocking(move || s.train_dictionary()).await {
+        Ok(Ok(Ok(info))) => axum::Json(info).into_response(),
+        Ok(Ok(Err(why))) => error_response(StatusCode::CONFLICT, &format!("stream {stream:?}: no new dictionary: {why}"), None),
+        Ok(Err(e)) => app.internal(e.to_string()),
+        Err(e) => app.internal(e.to_string()),
+    }
+}
+
+/// `GET /v1/streams/{stream}/stats`: raw vs stored bytes of the retained log.
+async fn stream_stats(State(app): State<Arc<App>>, axum::extract::Path(stream): axum::extract::Path<String>, headers: HeaderMap) -> Response {
+    if let Err(r) = app.require_read(&headers, &stream) {
+        return r;
+    }
+    let Some(s) = app.log.stream(&stream) else {
+        return error_response(StatusCode::NOT_FOUND, &format!("no stream {stream:?}"), None);
+    };
+    match tokio::task::spawn_blocking(move || s.stats()).await {
+        Ok(Ok(st)) => axum::Json(st).into_response(),
+        Ok(Err(e)) => app.internal(e.to_string()),
+        Err(e) => app.internal(e.to_string()),
     }
 }
 
@@ -643,8 +745,10 @@ struct StreamInfo {
     key_field: Option<String>,
     event_time_field: Option<String>,
     partition_by: Vec<String>,
-    /// Codec of new log batches: `none`, `lz4` or `zstd (level N)`.
+    /// Codec of new log batches: `auto`, `none`, `lz4` or `zstd (level N)`.
     codec: String,
+    /// Id of the zstd dictionary new batches use (see `GET .../dictionary`).
+    dictionary: Option<u32>,
     lake_rows_written: u64,
     dead_letters: u64,
     lake_error: Option<String>,
@@ -683,6 +787,7 @@ async fn list_streams(State(app): State<Arc<App>>, headers: HeaderMap) -> Respon
             event_time_field: sc.event_time_field.clone(),
             partition_by: sc.partition_by.clone(),
             codec: s.options().codec.map(|c| c.to_string()).unwrap_or_default(),
+            dictionary: s.current_dictionary().map(|d| d.id()),
             lake_rows_written: status.as_ref().map_or(0, |s| s.rows.load(Ordering::Relaxed)),
             dead_letters: status.as_ref().map_or(0, |s| s.dead_letters.load(Ordering::Relaxed)),
             lake_error: status.as_ref().and_then(|s| s.last_error.lock().clone()),
@@ -765,13 +870,26 @@ async fn metrics_endpoint(State(app): State<Arc<App>>) -> Response {
 /// The log options of a configured stream.
 fn stream_options(sc: &sluice_core::config::StreamConfig, partitions: u32) -> StreamOptions {
     let retention_ms = sc.retention.time.map(|d| d.as_millis() as u64);
-    StreamOptions { partitions, retention_bytes: sc.retention.bytes, retention_ms, codec: Some(codec_of(sc)) }
+    StreamOptions { partitions, retention_bytes: sc.retention.bytes, retention_ms, codec: Some(codec_of(sc)), dictionary: Some(dictionary_of(sc)) }
+}
+
+/// The dictionary settings of a configured stream.
+pub(crate) fn dictionary_of(sc: &sluice_core::config::StreamConfig) -> sluice_log::DictionarySettings {
+    let d = &sc.dictionary;
+    sluice_log::DictionarySettings {
+        enabled: d.enabled,
+        train_after_records: d.train_after_records,
+        sample_records: d.sample_records,
+        max_bytes: d.max_size.min(u64::from(u32::MAX)) as u32,
+        retrain_drift_pct: d.retrain_drift_percent,
+    }
 }
 
 /// The log codec a stream's settings ask for.
 pub(crate) fn codec_of(sc: &sluice_core::config::StreamConfig) -> Codec {
     use sluice_core::config::Codec as C;
     match sc.codec {
+        C::Auto => Codec::Auto,
         C::None => Codec::None,
         C::Lz4 => Codec::Lz4,
         C::Zstd => Codec::Zstd(sc.zstd_level),

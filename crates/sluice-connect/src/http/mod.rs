@@ -97,6 +97,23 @@ pub fn decode_body(encoding: Encoding, body: &[u8], max_decoded: u64) -> Result<
     Ok(std::borrow::Cow::Owned(out))
 }
 
+/// Decompresses a zstd body compressed with a stream's dictionary (the client names it
+/// in `Sluice-Dictionary-Id`), with the same limit as [`decode_body`].
+pub fn decode_zstd_with_dictionary(
+    body: &[u8],
+    dict: &zstd::dict::DecoderDictionary<'_>,
+    max_decoded: u64,
+) -> Result<Vec<u8>, IngestError> {
+    let bad = |e: std::io::Error| IngestError::BadEncoding { encoding: "zstd with the named dictionary", message: e.to_string() };
+    let reader = zstd::stream::read::Decoder::with_prepared_dictionary(std::io::BufReader::new(body), dict).map_err(bad)?;
+    let mut out = Vec::with_capacity((body.len() * 4).min(max_decoded as usize));
+    let n = reader.take(max_decoded + 1).read_to_end(&mut out).map_err(bad)?;
+    if n as u64 > max_decoded {
+        return Err(IngestError::TooLarge { limit: max_decoded, what: "after decompression" });
+    }
+    Ok(out)
+}
+
 /// Picks the partition of a key: FNV-1a 64 of the key bytes modulo the partition count.
 /// Stable across versions and machines (records with one key stay in one partition).
 pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {

@@ -137,8 +137,29 @@ fn main() {
     }
     say(String::new());
 
+    // The defaults (64 KiB trained on 20,000 records) against smaller and bigger ones.
+    say("### Dictionary size and training sample (zstd-3 + dictionary)\n".into());
+    say("| dictionary | trained on | training CPU | batch 1 | batch 16 |".into());
+    say("|---|---|---|---|---|".into());
+    for (size_kib, n) in [(16usize, 20_000usize), (32, 20_000), (64, 5_000), (64, 20_000), (110, 20_000)] {
+        let n = n.min(samples.len());
+        let t = cpu_ns();
+        let Ok(content) = zstd::dict::from_samples(&samples[samples.len() - n..], size_kib << 10) else { continue };
+        let train_ms = (cpu_ns() - t) / 1_000_000;
+        let info = DictInfo { id: 1, created_ms: 0, sample_records: n as u64, sample_bytes: 0, size_bytes: content.len() as u64, holdout_ratio: 0.0, level: 3 };
+        let d = One(std::sync::Arc::new(Dictionary::new(info, Bytes::from(content)).unwrap()));
+        let mut row = format!("| {size_kib} KiB | {n} records | {train_ms} ms |");
+        for bs in [1usize, 16] {
+            let (bytes, enc, _) = measure_one(measure, bs, Kind::Log(Codec::Zstd(3), true), &d);
+            let n = measure.len() as f64;
+            row.push_str(&format!(" {:.1} B · {:.0} ns |", bytes as f64 / n, enc as f64 / n));
+        }
+        say(row);
+    }
+    say(String::new());
+
     say("### Part 2: through the log (one batch per request), then re-packed\n".into());
-    say("| batch size | codec | as written B/event | write CPU ns/event | re-packed B/event | re-pack CPU ns/event | dictionaries |".into());
+    say("| batch size | codec | as written B/event | write CPU ns/event (appends + fsyncs) | dictionaries trained · CPU | re-packed B/event | re-pack CPU ns/event |".into());
     say("|---|---|---|---|---|---|---|".into());
     for bs in [1usize, 16] {
         for (name, codec, dict_on) in [("zstd-3", Codec::Zstd(3), false), ("zstd-3 + dictionary", Codec::Zstd(3), true), ("auto (default)", Codec::Auto, true)] {
@@ -214,6 +235,7 @@ fn through_log(recs: &[Record], bs: usize, name: &str, codec: Codec, dict_on: bo
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let t = process_cpu_ns();
     let mut since = 0;
+    let mut training = 0;
     for (i, b) in recs.chunks(bs).enumerate() {
         p.append(b).unwrap();
         since += b.len();
@@ -223,12 +245,14 @@ fn through_log(recs: &[Record], bs: usize, name: &str, codec: Codec, dict_on: bo
         // The server's housekeeping runs every few seconds; here every 5,000 records.
         if since >= 5_000 {
             rt.block_on(p.sync_all()).unwrap();
+            let t = process_cpu_ns();
             s.maintain_dictionary().unwrap();
+            training += process_cpu_ns() - t;
             since = 0;
         }
     }
     rt.block_on(p.sync_all()).unwrap();
-    let write = process_cpu_ns() - t;
+    let write = process_cpu_ns() - t - training;
     let before = s.stats().unwrap();
     let t = process_cpu_ns();
     let r = s.repack(1 << 20).unwrap();
@@ -237,12 +261,13 @@ fn through_log(recs: &[Record], bs: usize, name: &str, codec: Codec, dict_on: bo
     let n = recs.len() as f64;
     let b_after = after.stored_bytes as f64 / n;
     format!(
-        "| {bs} | {name} | {:.1} | {:.0} | {b_after:.1} ({:.2}x zstd-3 batch 1000) | {:.0} ({} segments) | {} |",
+        "| {bs} | {name} | {:.1} | {:.0} | {} · {} ms | {b_after:.1} ({:.2}x zstd-3 batch 1000) | {:.0} ({} segments) |",
         before.stored_bytes as f64 / n,
         write as f64 / n,
+        after.dictionaries.len(),
+        training / 1_000_000,
         b_after / zstd1000,
         repack as f64 / n,
         r.segments,
-        after.dictionaries.len()
     )
 }

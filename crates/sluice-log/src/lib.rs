@@ -138,6 +138,9 @@ pub(crate) struct Compression {
     pub settings: RwLock<DictionarySettings>,
     pub dicts: dict::Dictionaries,
     pub maint: Mutex<maintain::MaintState>,
+    /// Batches small enough for the dictionary: those in the active segments at open,
+    /// and those appended since (a stream that only gets big batches never trains one).
+    pub small_batches: std::sync::atomic::AtomicU64,
 }
 
 impl Compression {
@@ -396,6 +399,7 @@ impl Stream {
             settings: RwLock::new(create.and_then(|o| o.dictionary).unwrap_or_default()),
             dicts: dict::Dictionaries::open(dir, name)?,
             maint: Mutex::new(maintain::MaintState::default()),
+            small_batches: std::sync::atomic::AtomicU64::new(0),
         });
         let mut partitions = Vec::with_capacity(meta.partitions as usize);
         for p in 0..meta.partitions {

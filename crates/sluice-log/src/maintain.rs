@@ -31,6 +31,8 @@ pub(crate) struct MaintState {
     trained_at: Option<u64>,
     /// Records written at the last drift check.
     checked_at: u64,
+    /// Small batches written at the last drift check.
+    small_at_check: u64,
     /// Batch statistics of sealed segments (immutable until re-packed), by file and size.
     sealed: HashMap<(PathBuf, u64), SegStats>,
 }
@@ -302,7 +304,13 @@ impl Stream {
         }
         let written = self.written();
         let every = settings.train_after_records.max(1);
+        // Only batches up to DICT_MAX_BATCH_BYTES use a dictionary: while none are being
+        // written (bulk loads), training and drift checks would be wasted CPU.
+        let small = self.comp.small_batches.load(std::sync::atomic::Ordering::Relaxed);
         let Some(current) = self.comp.dicts.current() else {
+            if small == 0 {
+                return Ok(DictionaryAction::Nothing);
+            }
             if self.retained() < every {
                 return Ok(DictionaryAction::Nothing);
             }
@@ -313,10 +321,14 @@ impl Stream {
             let trained_at = *m.trained_at.get_or_insert(written);
             // Retrain at most once per `train_after_records` records, and look for
             // drift about four times in that span.
-            if written.saturating_sub(trained_at) < every || written.saturating_sub(m.checked_at) < (every / 4).max(1) {
+            if written.saturating_sub(trained_at) < every
+                || written.saturating_sub(m.checked_at) < (every / 4).max(1)
+                || small == m.small_at_check
+            {
                 return Ok(DictionaryAction::Nothing);
             }
             m.checked_at = written;
+            m.small_at_check = small;
         }
         let recent = self.sample(DRIFT_SAMPLE)?;
         let recent: Vec<&[u8]> = recent.iter().map(Vec::as_slice).collect();
@@ -343,8 +355,8 @@ impl Stream {
 
     /// Re-packs sealed segments whose batches are small (under
     /// [`format::AUTO_SMALL_BATCH_BYTES`] on average) into batches of about
-    /// `batch_bytes` of records, compressed with zstd and the current dictionary (lz4 or
-    /// none when that is the stream's codec). Offsets, keys, values and timestamps stay
+    /// `batch_bytes` of records, compressed with zstd (lz4 or none when that is the
+    /// stream's codec; batches that big gain nothing from the dictionary). Offsets, keys, values and timestamps stay
     /// exactly the same; each new batch is decoded and compared with the records it
     /// replaces before it is written, and the new file is fsync'd and CRC-checked before
     /// it replaces the old one.

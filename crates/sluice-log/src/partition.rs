@@ -161,7 +161,9 @@ impl Partition {
                 if i < last {
                     segments.push(Arc::new(Segment::open_sealed(path, base, interval)?));
                 } else {
-                    let (seg, _truncated) = Segment::open_active(path, base, interval)?;
+                    let (seg, _truncated, small) = Segment::open_active(path, base, interval)?;
+                    // Recent small batches: the stream is worth a dictionary.
+                    comp.small_batches.fetch_add(small, Ordering::Relaxed);
                     segments.push(Arc::new(seg));
                 }
             }
@@ -269,6 +271,9 @@ impl Partition {
             seg.size.store(w.size, Ordering::Release);
             seg.next_offset.store(w.next_offset, Ordering::Release);
             seg.max_ts.fetch_max(pending.max_timestamp, Ordering::AcqRel);
+            if pending.raw_len <= format::DICT_MAX_BATCH_BYTES {
+                self.comp.small_batches.fetch_add(1, Ordering::Relaxed);
+            }
             Ok(Appended { first_offset: base, last_offset: w.next_offset - 1 })
         });
         match res {

@@ -162,7 +162,8 @@ impl Segment {
 
     /// Opens the active (last) segment: scans every batch with CRC checks and truncates a
     /// torn tail. Returns the segment and the number of bytes truncated.
-    pub fn open_active(path: PathBuf, base: u64, index_interval: u64) -> Result<(Segment, u64), LogError> {
+    /// Also returns how many of its batches are small enough for a dictionary.
+    pub fn open_active(path: PathBuf, base: u64, index_interval: u64) -> Result<(Segment, u64, u64), LogError> {
         let (file, len) = Self::open_file(&path)?;
         let scan = scan(&file, &path, base, len, index_interval)?;
         let mut end = len;
@@ -192,6 +193,7 @@ impl Segment {
                 last_used: AtomicU64::new(0),
             },
             truncated,
+            scan.small_batches,
         ))
     }
 
@@ -384,6 +386,8 @@ pub(crate) struct ScanResult {
     pub max_ts: i64,
     /// Start of trailing bytes after which no valid batch follows.
     pub torn_at: Option<u64>,
+    /// Batches small enough for a compression dictionary.
+    pub small_batches: u64,
 }
 
 impl ScanResult {
@@ -426,6 +430,7 @@ pub(crate) fn scan(file: &File, path: &Path, base: u64, len: u64, interval: u64)
     let mut max_ts = i64::MIN;
     let mut since_index = u64::MAX;
     let mut torn_at = None;
+    let mut small_batches = 0;
     let rd = |e| io_err("scan segment", path, e);
     while pos < len {
         match valid_batch_at(&mut w, pos).map_err(rd)? {
@@ -438,6 +443,7 @@ pub(crate) fn scan(file: &File, path: &Path, base: u64, len: u64, interval: u64)
                 expected = h.next_offset();
                 max_ts = max_ts.max(h.max_timestamp);
                 pos += h.total_len as u64;
+                small_batches += u64::from(h.uncompressed_len as usize <= format::DICT_MAX_BATCH_BYTES);
             }
             _ => match resync(&mut w, pos + 1, len, expected).map_err(rd)? {
                 Some((q, h)) => {
@@ -457,7 +463,7 @@ pub(crate) fn scan(file: &File, path: &Path, base: u64, len: u64, interval: u64)
             },
         }
     }
-    Ok(ScanResult { entries, next_offset: expected, max_ts, torn_at })
+    Ok(ScanResult { entries, next_offset: expected, max_ts, torn_at, small_batches })
 }
 
 /// Finds the first valid batch at or after `from` whose base offset is after `expected`.

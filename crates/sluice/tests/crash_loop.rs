@@ -21,7 +21,12 @@ struct Ledger {
 async fn crash_loop_lake_holds_exactly_the_acknowledged_records() {
     let rounds: usize = std::env::var("SLUICE_CRASH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
     let tmp = tempfile::tempdir().unwrap();
-    let mut s = Server::new_in(tmp.path(), "lake:\n  flush_interval: 30ms\nstreams:\n  crash:\n    partitions: 3\nlog:\n  segment_bytes: 256KiB\n");
+    // Small segments and an early dictionary: restarts train and rotate dictionaries and
+    // re-pack sealed segments (both run at start), so kills land in those too.
+    let mut s = Server::new_in(
+        tmp.path(),
+        "lake:\n  flush_interval: 30ms\nstreams:\n  crash:\n    partitions: 3\n    dictionary:\n      train_after_records: 1000\n      sample_records: 6000\nlog:\n  segment_bytes: 256KiB\n",
+    );
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let next_id = Arc::new(AtomicUsize::new(0));
     let seed = std::env::var("SLUICE_CRASH_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| fastrand::u64(..));
@@ -68,6 +73,8 @@ async fn crash_loop_lake_holds_exactly_the_acknowledged_records() {
     // Final start: everything durable lands.
     s.spawn().await;
     s.wait_landed("crash").await;
+    let st: serde_json::Value = serde_json::from_str(&s.client.get(s.url("/v1/streams/crash/stats")).send().await.unwrap().text().await.unwrap()).unwrap();
+    eprintln!("log: {} records, {} batches, dictionaries {}", st["records"], st["batches"], st["dictionaries"]);
     let rows = s.query("SELECT event_id FROM crash").await;
     let mut seen: HashMap<usize, usize> = HashMap::new();
     for r in &rows {

@@ -291,7 +291,7 @@ fn default_sample_records() -> u32 {
     20_000
 }
 fn default_dict_size() -> u64 {
-    64 << 10
+    16 << 10
 }
 fn default_retrain_drift() -> u32 {
     25

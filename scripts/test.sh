@@ -20,6 +20,11 @@ if ! need cc || ! need python3 || ! python3 -m pip --version >/dev/null 2>&1; th
   as_root apt-get install -y -qq build-essential python3 python3-pip >/dev/null
 fi
 # Servers the connector tests start their own instances of (never the machine's shared ones).
+if ! need openssl; then
+  echo "installing openssl with apt-get (the https tests make a private CA with it)..." >&2
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq openssl >/dev/null
+fi
 if ! need redis-server; then
   echo "installing redis-server with apt-get (the tests start their own instances)..." >&2
   as_root apt-get update -qq

@@ -241,8 +241,12 @@ pub enum OnError {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EnrichConfig {
-    /// `http://` URL template, e.g. `http://users:8080/v1/users/${user_id}`.
+    /// `http://` or `https://` URL template, e.g. `http://users:8080/v1/users/${user_id}`.
     pub url: String,
+    /// With `https://`: a PEM file of CA certificates to trust besides the system's (a
+    /// private CA, or a self-signed service).
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
     /// GET (default) or POST.
     #[serde(default = "default_method")]
     pub method: String,
@@ -283,6 +287,23 @@ pub struct EnrichConfig {
 
 fn default_batch_size() -> usize {
     1
+}
+
+/// Checks an enrich or webhook URL and its `ca_file` (readable, holding PEM certificates;
+/// the HTTP client parses them when the pipeline starts). Errors: (key, message).
+fn check_http_url(url: &str, ca_file: Option<&std::path::Path>) -> Result<(), (&'static str, String)> {
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(("url", "must start with http:// or https://".into()));
+    }
+    let Some(path) = ca_file else { return Ok(()) };
+    if !url.starts_with("https://") {
+        return Err(("ca_file", "only applies to https:// URLs".into()));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| ("ca_file", format!("cannot read {}: {e}", path.display())))?;
+    if !text.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(("ca_file", format!("{} holds no PEM certificate", path.display())));
+    }
+    Ok(())
 }
 
 fn default_method() -> String {
@@ -523,8 +544,11 @@ fn default_redis_value() -> String {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookSinkConfig {
-    /// `http://` URL the records are POSTed to.
+    /// `http://` or `https://` URL the records are POSTed to.
     pub url: String,
+    /// With `https://`: a PEM file of CA certificates to trust besides the system's.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     /// Records per request (a JSON array).
@@ -538,7 +562,8 @@ pub struct WebhookSinkConfig {
     pub timeout: std::time::Duration,
     /// Retries of a request after the first attempt (connection errors, timeouts, 429, 5xx).
     #[serde(default = "default_retries")]
-    pub retries: u32,    /// At most this many records per second (averaged over a second); records wait in the log.
+    pub retries: u32,
+    /// At most this many records per second (averaged over a second); records wait in the log.
     #[serde(default)]
     pub rate_limit: Option<f64>,
 }
@@ -848,9 +873,7 @@ pub(crate) fn validate(
                         k.extend(["enrich".to_string(), sub.to_string()]);
                         k
                     };
-                    if !e.url.starts_with("http://") {
-                        return Err((k("url"), "must start with http:// (https is not supported yet)".into()));
-                    }
+                    check_http_url(&e.url, e.ca_file.as_deref()).map_err(|(f, m)| (k(f), m))?;
                     EnrichConfig::placeholders(&e.url).map_err(|m| (k("url"), m))?;
                     if let Some(b) = &e.body {
                         EnrichConfig::placeholders(b).map_err(|m| (k("body"), m))?;
@@ -941,8 +964,8 @@ pub(crate) fn validate(
                     }
                 }
                 SinkConfig::Webhook(w) => {
-                    if !w.url.starts_with("http://") {
-                        return Err((key, "url must start with http:// (https is not supported yet)".into()));
+                    if let Err((f, m)) = check_http_url(&w.url, w.ca_file.as_deref()) {
+                        return Err((key, format!("{f}: {m}")));
                     }
                     if w.batch_records == 0 || !(1..=256).contains(&w.concurrency) || w.timeout.is_zero() {
                         return Err((key, "batch_records, concurrency (1-256) and timeout must be more than 0".into()));

@@ -55,6 +55,12 @@ pub fn check_config(cfg: &Config) -> Result<(), ConfigError> {
                     }
                 }
                 sluice_core::pipeline::SinkConfig::Postgres(pg) => exprs.extend(pg.delete_when.iter().map(|w| ("postgres delete_when", w))),
+                sluice_core::pipeline::SinkConfig::Webhook(w) => {
+                    if let Err(e) = crate::enrich::http_client(w.timeout, w.concurrency, w.ca_file.as_deref()) {
+                        let key = vec!["pipelines".to_string(), name.clone(), "to".into(), sink.clone(), "webhook".into(), "ca_file".into()];
+                        return Err(cfg.error_at(&key, e));
+                    }
+                }
                 _ => {}
             }
             for (what, sql) in exprs {
@@ -86,6 +92,9 @@ pub fn check_config(cfg: &Config) -> Result<(), ConfigError> {
                     }
                 }
                 StepConfig::Enrich(e) => {
+                    if let Err(err) = crate::enrich::http_client(e.timeout, e.concurrency, e.ca_file.as_deref()) {
+                        return Err(cfg.error_at(&key(&["enrich", "ca_file"]), err));
+                    }
                     for (key, template) in [("url", Some(&e.url)), ("body", e.body.as_ref())] {
                         let Some(t) = template else { continue };
                         for sql in EnrichConfig::placeholders(t).unwrap_or_default() {

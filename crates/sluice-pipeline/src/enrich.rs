@@ -108,6 +108,21 @@ pub struct Enricher {
     answers: Option<SchemaRef>,
 }
 
+/// The HTTP client of enrich steps and webhook sinks: `http://` and `https://` (rustls, the
+/// system's roots), plus the CA certificates of `ca_file` (PEM) when given.
+pub fn http_client(timeout: std::time::Duration, concurrency: usize, ca_file: Option<&std::path::Path>) -> Result<reqwest::Client, String> {
+    let mut b = reqwest::Client::builder().timeout(timeout).pool_max_idle_per_host(concurrency);
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{}: not PEM certificates: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!("{} holds no PEM certificate", path.display()));
+        }
+        b = b.tls_certs_merge(certs);
+    }
+    b.build().map_err(|e| format!("HTTP client: {e}"))
+}
+
 impl Enricher {
     pub fn new(cfg: &EnrichConfig) -> Enricher {
         let url_exprs = EnrichConfig::placeholders(&cfg.url).unwrap_or_default();
@@ -116,11 +131,12 @@ impl Enricher {
         let body = cfg.body.as_deref().map(|b| template(b, url_exprs.len()));
         let mut exprs = url_exprs;
         exprs.extend(body_exprs);
-        let client = reqwest::Client::builder()
-            .timeout(cfg.timeout)
-            .pool_max_idle_per_host(cfg.concurrency)
-            .build()
-            .unwrap_or_default();
+        // The config check built this client already; should the CA file have changed
+        // since, the calls fail (and follow `on_error`) with the error logged here.
+        let client = http_client(cfg.timeout, cfg.concurrency, cfg.ca_file.as_deref()).unwrap_or_else(|e| {
+            tracing::error!(url = %cfg.url, error = %e, "enrich: HTTP client without the configured CA file");
+            reqwest::Client::builder().timeout(cfg.timeout).build().unwrap_or_default()
+        });
         Enricher {
             cache: Cache { ttl: cfg.cache_ttl, max: cfg.cache_entries, map: HashMap::new(), order: VecDeque::new() },
             cfg: cfg.clone(),

@@ -18,6 +18,7 @@ pub mod runtime;
 pub mod step;
 mod validate;
 
+pub use enrich::http_client;
 pub use expr::{Filter, Map, StepError};
 pub use lookup::LookupSource;
 pub use runtime::{rows_to_json, ExternalSink, Pipeline, PipelineSpec, PipelineStatus, TapPoint};

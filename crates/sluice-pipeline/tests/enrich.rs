@@ -88,6 +88,7 @@ async fn start_resetting() -> (String, Arc<AtomicUsize>) {
 fn cfg(url: String) -> EnrichConfig {
     EnrichConfig {
         url,
+        ca_file: None,
         method: "GET".into(),
         body: None,
         headers: Default::default(),

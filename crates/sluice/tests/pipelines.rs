@@ -724,3 +724,106 @@ pipelines:
     let p = pipelines_json(&s).await;
     assert!(p["pipelines"][0]["steps"][1]["cache_hits"].as_u64().unwrap() >= 1, "{p}");
 }
+
+/// A CA and a certificate it signed for 127.0.0.1 (openssl CLI): (ca.pem, cert.pem, key.pem).
+fn private_ca(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let p = |n: &str| dir.join(n);
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("openssl (scripts/test.sh installs it)");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=sluice test CA"]);
+    run(&["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "key.pem", "-out", "leaf.csr", "-subj", "/CN=127.0.0.1"]);
+    std::fs::write(p("leaf.ext"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n").unwrap();
+    run(&["x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "cert.pem", "-days", "2", "-extfile", "leaf.ext"]);
+    (p("ca.pem"), p("cert.pem"), p("key.pem"))
+}
+
+/// A real HTTPS service (Python's http.server behind ssl): `GET /accounts/{id}` answers
+/// `{"id", "name"}`; `POST /hook` adds the JSON array's length to the number in `counter`.
+struct HttpsService {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for HttpsService {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn https_service(cert: &std::path::Path, key: &std::path::Path, counter: &std::path::Path) -> HttpsService {
+    const SCRIPT: &str = r#"
+import http.server, json, ssl, sys
+total = 0
+class H(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+    def reply(self, body):
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_GET(self):
+        i = int(self.path.rsplit("/", 1)[1])
+        self.reply(json.dumps({"id": i, "name": "acct-%d" % i}).encode())
+    def do_POST(self):
+        global total
+        n = int(self.headers.get("content-length", 0))
+        total += len(json.loads(self.rfile.read(n)))
+        open(sys.argv[3], "w").write(str(total))
+        self.reply(b"{}")
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+print(srv.server_address[1], flush=True)
+srv.serve_forever()
+"#;
+    use std::io::BufRead;
+    let mut child = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(SCRIPT)
+        .args([cert, key, counter])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    HttpsService { port: line.trim().parse().unwrap_or_else(|_| panic!("https service did not start: {line:?}")), child }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_enrichment_and_webhook_trust_a_private_ca() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = private_ca(tmp.path());
+    let counter = tmp.path().join("hook-count");
+    let svc = https_service(&cert, &key, &counter);
+    let base = format!("https://127.0.0.1:{}", svc.port);
+    let ca = ca.display();
+    let cfg = format!(
+        "lake:\n  flush_interval: 100ms\nstreams:\n  events: {{}}\npipelines:\n  enriched:\n    from: events\n    steps:\n      - enrich:\n          url: \"{base}/accounts/${{account.id}}\"\n          ca_file: {ca}\n          into: acct\n          retries: 0\n      - drop: [account, tags]\n    to:\n      accounts:\n        lake: {{}}\n      hook:\n        webhook:\n          url: {base}/hook\n          ca_file: {ca}\n          batch_records: 100\n  untrusted:\n    from: events\n    steps:\n      - enrich:\n          url: \"{base}/accounts/${{account.id}}\"\n          into: acct\n          retries: 0\n    to:\n      plain:\n        lake: {{}}\n"
+    );
+    let s = Server::start(&cfg).await;
+    assert_eq!(s.post("events", events(0, 300)).await.0, 200);
+    s.wait_landed("events").await;
+    // Trusting the private CA: every record enriched over https, and all of them POSTed.
+    assert_eq!(s.scalar("SELECT count(*) FROM accounts WHERE acct.name = 'acct-' || CAST(acct.id AS VARCHAR)").await, 300.0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::read_to_string(&counter).unwrap_or_default() != "300" {
+        assert!(std::time::Instant::now() < deadline, "webhook got {:?} records\n{}", std::fs::read_to_string(&counter), s.server_log());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Without it, the service's certificate is not trusted: every call fails, and the records
+    // go to the dead letters with the reason.
+    assert_eq!(s.scalar("SELECT count(*) FROM untrusted__dlq WHERE step = '0:enrich'").await, 300.0, "{:?}", s.query("SELECT error FROM untrusted__dlq LIMIT 1").await);
+
+    // A CA file that is missing is a config error naming the key and line.
+    let bad = tmp.path().join("bad.yaml");
+    std::fs::write(&bad, cfg.replace(&format!("ca_file: {ca}\n          into"), "ca_file: /nonexistent/ca.pem\n          into")).unwrap();
+    let (code, _, err) = cli(&["check", "-c", bad.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("enrich.ca_file") && err.contains("/nonexistent/ca.pem"), "{err}");
+}

@@ -19,7 +19,7 @@ pub struct WebhookSink {
 
 impl WebhookSink {
     pub fn new(cfg: &WebhookSinkConfig, date_column: &str) -> anyhow::Result<WebhookSink> {
-        let client = reqwest::Client::builder().timeout(cfg.timeout).pool_max_idle_per_host(cfg.concurrency).build()?;
+        let client = sluice_pipeline::http_client(cfg.timeout, cfg.concurrency, cfg.ca_file.as_deref()).map_err(|e| anyhow::anyhow!("webhook {}: {e}", cfg.url))?;
         Ok(WebhookSink { cfg: cfg.clone(), client, date_column: date_column.to_string() })
     }
 

@@ -775,7 +775,10 @@ class H(http.server.BaseHTTPRequestHandler):
         total += len(json.loads(self.rfile.read(n)))
         open(sys.argv[3], "w").write(str(total))
         self.reply(b"{}")
-srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+class S(http.server.ThreadingHTTPServer):
+    request_queue_size = 256
+    daemon_threads = True
+srv = S(("127.0.0.1", 0), H)
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 ctx.load_cert_chain(sys.argv[1], sys.argv[2])
 srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
@@ -804,7 +807,7 @@ async fn https_enrichment_and_webhook_trust_a_private_ca() {
     let base = format!("https://127.0.0.1:{}", svc.port);
     let ca = ca.display();
     let cfg = format!(
-        "lake:\n  flush_interval: 100ms\nstreams:\n  events: {{}}\npipelines:\n  enriched:\n    from: events\n    steps:\n      - enrich:\n          url: \"{base}/accounts/${{account.id}}\"\n          ca_file: {ca}\n          into: acct\n          retries: 0\n      - drop: [account, tags]\n    to:\n      accounts:\n        lake: {{}}\n      hook:\n        webhook:\n          url: {base}/hook\n          ca_file: {ca}\n          batch_records: 100\n  untrusted:\n    from: events\n    steps:\n      - enrich:\n          url: \"{base}/accounts/${{account.id}}\"\n          into: acct\n          retries: 0\n    to:\n      plain:\n        lake: {{}}\n"
+        "lake:\n  flush_interval: 100ms\nstreams:\n  events: {{}}\npipelines:\n  enriched:\n    from: events\n    steps:\n      - enrich:\n          url: \"{base}/accounts/${{account.id}}\"\n          ca_file: {ca}\n          into: acct\n          retries: 2\n          backoff: 50ms\n      - drop: [account, tags]\n    to:\n      accounts:\n        lake: {{}}\n      hook:\n        webhook:\n          url: {base}/hook\n          ca_file: {ca}\n          batch_records: 100\n  untrusted:\n    from: events\n    steps:\n      - enrich:\n          url: \"{base}/accounts/${{account.id}}\"\n          into: acct\n          retries: 0\n    to:\n      plain:\n        lake: {{}}\n"
     );
     let s = Server::start(&cfg).await;
     assert_eq!(s.post("events", events(0, 300)).await.0, 200);

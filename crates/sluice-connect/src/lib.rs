@@ -10,6 +10,7 @@
 
 pub mod http;
 pub mod mysql_cdc;
+pub mod pg_tls;
 pub mod postgres_cdc;
 pub mod postgres_sink;
 pub mod redis_sink;

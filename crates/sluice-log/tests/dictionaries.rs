@@ -170,18 +170,20 @@ fn retention_keeps_the_dictionaries_old_segments_need() {
     assert!(dict_batches(&s).iter().all(|(id, n)| *id != 1 || *n == 0));
 }
 
+/// 600 records, dictionary 1 trained on them, 100 more written with it; the log closed.
+fn trained_and_closed(dir: &std::path::Path) -> Vec<(u32, Record)> {
+    let log = open(dir, 64 << 10);
+    let s = stream(&log, None);
+    let mut w = write_singles(&s, 0, 600, false);
+    s.train_dictionary().unwrap().unwrap();
+    w.extend(write_singles(&s, 600, 700, false));
+    w
+}
+
 #[test]
 fn a_crash_during_training_or_rotation_leaves_the_log_readable() {
     let dir = tempfile::tempdir().unwrap();
-    let written;
-    {
-        let log = open(dir.path(), 64 << 10);
-        let s = stream(&log, None);
-        let mut w = write_singles(&s, 0, 600, false);
-        s.train_dictionary().unwrap().unwrap();
-        w.extend(write_singles(&s, 600, 700, false));
-        written = w;
-    }
+    let written = trained_and_closed(dir.path());
     let ddir = dir.path().join("ev/dictionaries");
     // A crash while writing the next dictionary file (the tmp file of write_atomic) ...
     std::fs::write(ddir.join("0000000002.dict.tmp"), b"half a dictio").unwrap();
@@ -209,15 +211,7 @@ fn a_crash_during_training_or_rotation_leaves_the_log_readable() {
 #[test]
 fn a_corrupt_dictionary_file_is_reported_and_never_used() {
     let dir = tempfile::tempdir().unwrap();
-    let written;
-    {
-        let log = open(dir.path(), 64 << 10);
-        let s = stream(&log, None);
-        let mut w = write_singles(&s, 0, 600, false);
-        s.train_dictionary().unwrap().unwrap();
-        w.extend(write_singles(&s, 600, 700, false));
-        written = w;
-    }
+    let written = trained_and_closed(dir.path());
     let f = dir.path().join("ev/dictionaries/0000000001.dict");
     let mut b = std::fs::read(&f).unwrap();
     let at = b.len() - 100;

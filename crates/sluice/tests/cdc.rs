@@ -501,3 +501,49 @@ async fn snapshot_during_writes_and_kill9_converges_to_the_source() {
     eprintln!("snapshot convergence ok: {} rows, {statements} concurrent statements, killed mid-snapshot", want.len());
     let _ = s.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_and_sink_over_verified_tls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = servers::private_ca(tmp.path());
+    let pg = servers::PgServer::start_with_tls(Some((&cert, &key)));
+    // Set up over the unix socket (TCP takes TLS only).
+    let (admin, conn) = tokio_postgres::Config::new()
+        .host_path(pg.socket_dir())
+        .port(pg.port)
+        .user("postgres")
+        .dbname("postgres")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    admin.batch_execute("CREATE TABLE items (id int PRIMARY KEY, name text)").await.unwrap();
+    let url = format!("postgres://postgres@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}", pg.port, ca.display());
+    let cfg = format!(
+        "lake:\n  flush_interval: 100ms\nsources:\n  shop:\n    postgres:\n      url: \"{url}\"\n      heartbeat: 200ms\npipelines:\n  copy:\n    from: shop_items\n    steps:\n      - filter: op = 'insert'\n      - select:\n          id: after.id\n          name: after.name\n    to:\n      copies:\n        postgres:\n          url: \"{url}\"\n          table: public.copies\n          key: [id]\n"
+    );
+    let s = Server::start(&cfg).await;
+    wait_state(&s, "streaming").await;
+    admin.batch_execute("INSERT INTO items SELECT g, 'item-' || g FROM generate_series(1, 50) g").await.unwrap();
+    // Captured over TLS into the mirror, and written back over TLS by the sink.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let copied: i64 = admin.query_one("SELECT count(*) FROM information_schema.tables WHERE table_name = 'copies'", &[]).await.unwrap().get(0);
+        if copied == 1 {
+            let n: i64 = admin.query_one("SELECT count(*) FROM copies WHERE name = 'item-' || id", &[]).await.unwrap().get(0);
+            if n == 50 {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "copies did not fill: {}\n{}", sources(&s).await, s.server_log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.wait_landed("shop_items").await;
+    assert_eq!(s.scalar("SELECT count(*) FROM shop_items").await, 50.0);
+    let ssl: i64 = admin
+        .query_one("SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE ssl AND client_addr IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ssl >= 2, "the replication and sink connections use TLS: {ssl}");
+}

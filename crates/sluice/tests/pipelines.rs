@@ -725,20 +725,6 @@ pipelines:
     assert!(p["pipelines"][0]["steps"][1]["cache_hits"].as_u64().unwrap() >= 1, "{p}");
 }
 
-/// A CA and a certificate it signed for 127.0.0.1 (openssl CLI): (ca.pem, cert.pem, key.pem).
-fn private_ca(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let p = |n: &str| dir.join(n);
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("openssl (scripts/test.sh installs it)");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    run(&["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=sluice test CA"]);
-    run(&["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "key.pem", "-out", "leaf.csr", "-subj", "/CN=127.0.0.1"]);
-    std::fs::write(p("leaf.ext"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n").unwrap();
-    run(&["x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "cert.pem", "-days", "2", "-extfile", "leaf.ext"]);
-    (p("ca.pem"), p("cert.pem"), p("key.pem"))
-}
-
 /// A real HTTPS service (Python's http.server behind ssl): `GET /accounts/{id}` answers
 /// `{"id", "name"}`; `POST /hook` adds the JSON array's length to the number in `counter`.
 struct HttpsService {
@@ -801,10 +787,10 @@ srv.serve_forever()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_enrichment_and_webhook_trust_a_private_ca() {
     let tmp = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = private_ca(tmp.path());
+    let (ca, cert, key) = servers::private_ca(tmp.path());
     let counter = tmp.path().join("hook-count");
     let svc = https_service(&cert, &key, &counter);
-    let base = format!("https://127.0.0.1:{}", svc.port);
+    let base = format!("https://localhost:{}", svc.port);
     let ca = ca.display();
     let cfg = format!(
         "lake:\n  flush_interval: 100ms\nstreams:\n  events: {{}}\npipelines:\n  enriched:\n    from: events\n    steps:\n      - enrich:\n          url: \"{base}/accounts/${{account.id}}\"\n          ca_file: {ca}\n          into: acct\n          retries: 2\n          backoff: 50ms\n      - drop: [account, tags]\n    to:\n      accounts:\n        lake: {{}}\n      hook:\n        webhook:\n          url: {base}/hook\n          ca_file: {ca}\n          batch_records: 100\n  untrusted:\n    from: events\n    steps:\n      - enrich:\n          url: \"{base}/accounts/${{account.id}}\"\n          into: acct\n          retries: 0\n    to:\n      plain:\n        lake: {{}}\n"

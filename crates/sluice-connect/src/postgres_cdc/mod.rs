@@ -349,9 +349,9 @@ impl PostgresSource {
 impl Session for PostgresSource {
     /// One connection's life: set up the publication and slot, then stream.
     async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), Stop> {
-        let pg: tokio_postgres::Config = self.cfg.url.parse().map_err(|e| Stop::Fatal(format!("source {}: url: {e}", self.name)))?;
-        let (client, conn) = tokio_postgres::connect(&self.cfg.url, tokio_postgres::NoTls).await?;
-        let conn = tokio::spawn(conn);
+        let url = crate::pg_tls::parse(&self.cfg.url).map_err(|e| Stop::Fatal(format!("source {}: {e}", self.name)))?;
+        let pg = url.config.clone();
+        let (client, conn) = url.connect("change data capture").await?;
         let _stop_conn = AbortOnDrop(conn);
         // Snapshot reads print values like the replication session (see `types`).
         client
@@ -452,7 +452,8 @@ impl Session for PostgresSource {
             // Text output as the type mapping expects it (see `types`).
             .with_options("-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3 -c IntervalStyle=iso_8601")
             .with_application_name(format!("sluice-{}", self.name))
-            .with_status_interval(Duration::from_secs(1));
+            .with_status_interval(Duration::from_secs(1))
+            .with_tls(url.replication_tls());
         let mut repl = ReplicationClient::connect(rcfg).await.map_err(|e| anyhow::anyhow!("replication connection: {e}"))?;
         tokio::select! {
             r = repl.wait_started() => r.map_err(|e| anyhow::anyhow!("start replication from slot {slot}: {e}"))?,
@@ -982,7 +983,7 @@ pub(crate) fn last_position(p: &sluice_log::Partition) -> anyhow::Result<Option<
 }
 
 /// Aborts a task when dropped (the session's plain connection).
-struct AbortOnDrop(tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>);
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

@@ -70,7 +70,7 @@ fn pg_type(t: &DataType) -> &'static str {
 
 impl PostgresSink {
     pub fn new(cfg: &PostgresSinkConfig, date_column: &str) -> anyhow::Result<PostgresSink> {
-        let _: tokio_postgres::Config = cfg.url.parse().map_err(|e| anyhow::anyhow!("postgres url: {e}"))?;
+        crate::pg_tls::parse(&cfg.url)?.tls()?;
         let table_sql = cfg.table.split('.').map(quote).collect::<Vec<_>>().join(".");
         Ok(PostgresSink { cfg: cfg.clone(), date_column: date_column.to_string(), table_sql, conn: Mutex::new(None) })
     }
@@ -125,12 +125,7 @@ impl PostgresSink {
     }
 
     async fn connect(&self) -> anyhow::Result<Conn> {
-        let (client, connection) = tokio_postgres::connect(&self.cfg.url, tokio_postgres::NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!(error = %e, "postgres sink connection closed");
-            }
-        });
+        let (client, _task) = crate::pg_tls::parse(&self.cfg.url)?.connect("postgres sink").await?;
         let mut conn = Conn { client, columns: Vec::new() };
         self.load_columns(&mut conn).await?;
         Ok(conn)
@@ -262,7 +257,7 @@ pub struct PostgresLookup {
 
 impl PostgresLookup {
     pub fn new(cfg: &sluice_core::pipeline::PostgresLookup) -> anyhow::Result<PostgresLookup> {
-        let _: tokio_postgres::Config = cfg.url.parse().map_err(|e| anyhow::anyhow!("postgres url: {e}"))?;
+        crate::pg_tls::parse(&cfg.url)?.tls()?;
         let table = cfg.table.split('.').map(quote).collect::<Vec<_>>().join(".");
         let column = quote(&cfg.column);
         let sql = format!("SELECT t.{column}::text, row_to_json(t)::text FROM {table} t WHERE t.{column}::text = ANY($1)");
@@ -275,12 +270,10 @@ impl sluice_pipeline::LookupSource for PostgresLookup {
         Box::pin(async move {
             let mut guard = self.client.lock().await;
             if guard.is_none() {
-                let (client, connection) = tokio_postgres::connect(&self.cfg.url, tokio_postgres::NoTls)
+                let (client, _task) = crate::pg_tls::parse(&self.cfg.url)?
+                    .connect("postgres lookup")
                     .await
                     .map_err(|e| anyhow::anyhow!("postgres {}: {e}", self.cfg.table))?;
-                tokio::spawn(async move {
-                    let _ = connection.await;
-                });
                 *guard = Some(client);
             }
             let client = guard.as_ref().expect("connected above");

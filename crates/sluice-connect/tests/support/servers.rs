@@ -85,6 +85,12 @@ fn pg_command(bin: &PathBuf, tool: &str) -> Command {
 
 impl PgServer {
     pub fn start() -> PgServer {
+        Self::start_with_tls(None)
+    }
+
+    /// A cluster that takes TCP connections only over TLS, with this certificate and key
+    /// (`hostnossl` is rejected; the unix socket in [`PgServer::socket_dir`] stays open).
+    pub fn start_with_tls(tls: Option<(&std::path::Path, &std::path::Path)>) -> PgServer {
         let bin = pg_bin();
         let dir = tempfile::Builder::new().prefix("sluice-pg").tempdir().unwrap();
         if is_root() {
@@ -95,7 +101,27 @@ impl PgServer {
         let out = pg_command(&bin, "initdb").args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "-D"]).arg(&data).output().unwrap();
         assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
         let port = free_port();
-        let opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c timezone=UTC -c wal_level=logical -c max_wal_senders=10 -c max_replication_slots=10", dir.path().display());
+        let mut opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c timezone=UTC -c wal_level=logical -c max_wal_senders=10 -c max_replication_slots=10", dir.path().display());
+        if let Some((cert, key)) = tls {
+            std::fs::copy(cert, data.join("server.crt")).unwrap();
+            std::fs::copy(key, data.join("server.key")).unwrap();
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl replication all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\nhostnossl replication all 127.0.0.1/32 reject\n",
+            )
+            .unwrap();
+            let own = |f: &str| {
+                if is_root() {
+                    assert!(Command::new("chown").args(["postgres:postgres"]).arg(data.join(f)).status().unwrap().success());
+                }
+            };
+            own("server.crt");
+            own("server.key");
+            own("pg_hba.conf");
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(data.join("server.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+            opts.push_str(" -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key");
+        }
         let out = pg_command(&bin, "pg_ctl")
             .args(["-w", "-t", "60", "-l"])
             .arg(dir.path().join("log"))
@@ -112,6 +138,11 @@ impl PgServer {
 
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// The directory of its unix socket (no TLS needed there).
+    pub fn socket_dir(&self) -> &std::path::Path {
+        self._dir.path()
     }
 }
 
@@ -211,4 +242,19 @@ impl Drop for MariaServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A CA and a certificate it signed for `localhost` (openssl CLI; no IP address in it, so
+/// `127.0.0.1` does not match its name): (ca.pem, cert.pem, key.pem).
+pub fn private_ca(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let p = |n: &str| dir.join(n);
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("openssl (scripts/test.sh installs it)");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=sluice test CA"]);
+    run(&["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "key.pem", "-out", "leaf.csr", "-subj", "/CN=localhost"]);
+    std::fs::write(p("leaf.ext"), "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n").unwrap();
+    run(&["x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "cert.pem", "-days", "2", "-extfile", "leaf.ext"]);
+    (p("ca.pem"), p("cert.pem"), p("key.pem"))
 }

@@ -110,6 +110,11 @@ impl Dictionary {
         &self.info
     }
 
+    /// Records how well it compressed the held-out sample (measured with it after training).
+    pub(crate) fn set_holdout_ratio(&mut self, ratio: f64) {
+        self.info.holdout_ratio = ratio;
+    }
+
     /// The zstd dictionary itself (what `GET /v1/streams/{s}/dictionary` serves).
     pub fn content(&self) -> &Bytes {
         &self.content

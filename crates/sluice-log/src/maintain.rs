@@ -110,23 +110,17 @@ pub struct CodecStats {
     pub stored_bytes: u64,
 }
 
-/// Totals of one segment's batches.
+/// Totals of one segment's batches, overall and by codec byte (and dictionary id for
+/// codec 3).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct SegStats {
-    pub batches: u64,
-    pub records: u64,
-    pub raw: u64,
-    pub stored: u64,
-    /// By codec byte (and dictionary id for codec 3).
+    pub all: CodecStats,
     pub by: BTreeMap<(u8, u32), CodecStats>,
 }
 
 impl SegStats {
     fn add(&mut self, o: &SegStats) {
-        self.batches += o.batches;
-        self.records += o.records;
-        self.raw += o.raw;
-        self.stored += o.stored;
+        self.all.add(&o.all);
         for (k, v) in &o.by {
             self.by.entry(*k).or_default().add(v);
         }
@@ -158,16 +152,14 @@ pub(crate) fn scan_stats(file: &std::fs::File, end: u64) -> Result<SegStats, std
         } else {
             0
         };
-        st.batches += 1;
-        st.records += u64::from(h.record_count);
-        st.raw += u64::from(h.uncompressed_len);
-        st.stored += h.total_len as u64;
-        st.by.entry((h.codec, dict)).or_default().add(&CodecStats {
+        let batch = CodecStats {
             batches: 1,
             records: u64::from(h.record_count),
             raw_bytes: u64::from(h.uncompressed_len),
             stored_bytes: h.total_len as u64,
-        });
+        };
+        st.all.add(&batch);
+        st.by.entry((h.codec, dict)).or_default().add(&batch);
         pos += h.total_len as u64;
     }
     Ok(st)
@@ -265,7 +257,7 @@ impl Stream {
             return Ok(DictionaryAction::NotYet("the newest records give the current dictionary again".into()));
         }
         let id = self.comp.dicts.next_id();
-        let mut info = DictInfo {
+        let info = DictInfo {
             id,
             created_ms: now_ms(),
             sample_records: train.len() as u64,
@@ -274,11 +266,11 @@ impl Stream {
             holdout_ratio: 1.0,
             level,
         };
-        let probe = Dictionary::new(info.clone(), content.clone().into())
+        let mut dict = Dictionary::new(info, content.into())
             .map_err(|message| LogError::Dictionary { stream: self.name.clone(), id, message })?;
-        info.holdout_ratio = one_at_a_time_ratio(&probe, &holdout, level).unwrap_or(1.0);
-        let dict = Dictionary::new(info.clone(), content.into())
-            .map_err(|message| LogError::Dictionary { stream: self.name.clone(), id, message })?;
+        let ratio = one_at_a_time_ratio(&dict, &holdout, level).unwrap_or(1.0);
+        dict.set_holdout_ratio(ratio);
+        let info = dict.info().clone();
         self.comp.dicts.install(dict)?;
         let mut m = self.comp.maint.lock();
         m.trained_at = Some(written);
@@ -369,7 +361,7 @@ impl Stream {
         for p in &self.partitions {
             for seg in p.sealed_segments() {
                 let st = self.segment_stats(&seg)?;
-                if st.batches < 2 || st.raw / st.batches >= format::AUTO_SMALL_BATCH_BYTES as u64 {
+                if st.all.batches < 2 || st.all.raw_bytes / st.all.batches >= format::AUTO_SMALL_BATCH_BYTES as u64 {
                     continue;
                 }
                 let dict = if codec.uses_zstd() && self.comp.settings.read().enabled { self.comp.dicts.current() } else { None };
@@ -401,12 +393,12 @@ impl Stream {
     /// Raw vs stored bytes of the retained log, by codec and by dictionary version.
     pub fn stats(&self) -> Result<StreamStats, LogError> {
         let mut total = SegStats::default();
-        let mut live = Vec::new();
+        let mut live = std::collections::HashSet::new();
         for p in &self.partitions {
             let (sealed, active) = p.segment_handles();
             for seg in &sealed {
                 total.add(&self.segment_stats(seg)?);
-                live.push((seg.path.clone(), seg.readable_end.load(std::sync::atomic::Ordering::Acquire)));
+                live.insert((seg.path.clone(), seg.readable_end.load(std::sync::atomic::Ordering::Acquire)));
             }
             if let Some(a) = active {
                 let end = a.readable_end.load(std::sync::atomic::Ordering::Acquire);
@@ -458,16 +450,17 @@ impl Stream {
                 }
             })
             .collect();
-        let per = |b: u64| (total.records > 0).then(|| b as f64 / total.records as f64);
+        let t = &total.all;
+        let per = |b: u64| (t.records > 0).then(|| b as f64 / t.records as f64);
         Ok(StreamStats {
             stream: self.name.clone(),
             codec: self.comp.codec.read().to_string(),
-            records: total.records,
-            batches: total.batches,
-            raw_bytes: total.raw,
-            stored_bytes: total.stored,
-            raw_bytes_per_record: per(total.raw),
-            stored_bytes_per_record: per(total.stored),
+            records: t.records,
+            batches: t.batches,
+            raw_bytes: t.raw_bytes,
+            stored_bytes: t.stored_bytes,
+            raw_bytes_per_record: per(t.raw_bytes),
+            stored_bytes_per_record: per(t.stored_bytes),
             by_codec,
             dictionaries,
         })

@@ -208,8 +208,9 @@ impl Enricher {
         // Distinct requests not in the cache are fetched.
         let mut answers: HashMap<Request, Result<Option<Bytes>, String>> = HashMap::new();
         let mut misses: Vec<Request> = Vec::new();
+        let mut missed: std::collections::HashSet<&Request> = std::collections::HashSet::new();
         for r in requests.iter().flatten() {
-            if answers.contains_key(r) || misses.contains(r) {
+            if answers.contains_key(r) || missed.contains(r) {
                 continue;
             }
             match self.cache.get(r) {
@@ -217,7 +218,10 @@ impl Enricher {
                     stats.cache_hits.fetch_add(1, Ordering::Relaxed);
                     answers.insert(r.clone(), Ok(v));
                 }
-                None => misses.push(r.clone()),
+                None => {
+                    missed.insert(r);
+                    misses.push(r.clone());
+                }
             }
         }
         // Rows sharing a request in this batch count as hits after the first.

@@ -160,8 +160,31 @@ impl QueryEngine {
 
     /// Runs one SQL statement. Only read-only statements (SELECT / WITH / EXPLAIN / SHOW /
     /// DESCRIBE) are accepted; tables are referenced by their directory name and read at their
-    /// latest version.
+    /// latest version. The whole result is held in memory, up to the configured limit.
     pub async fn sql(&self, sql: &str) -> Result<QueryResult, QueryError> {
+        let (df_schema, mut stream) = self.sql_stream(sql).await?;
+        let mut batches = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(batch) = stream.next().await {
+            let batch = batch?;
+            bytes += result_size(&batch);
+            if let Some(limit) = self.inner.limits.result_bytes {
+                if bytes > limit {
+                    return Err(QueryError::ResultTooLarge { limit });
+                }
+            }
+            batches.push(batch);
+        }
+        let schema = batches.first().map(|b| b.schema()).unwrap_or(df_schema);
+        Ok(QueryResult { schema, batches })
+    }
+
+    /// Like [`QueryEngine::sql`], but the result arrives batch by batch, with no limit on its
+    /// total size: for readers that pass rows on as they come (a backfill of a whole table).
+    pub async fn sql_stream(
+        &self,
+        sql: &str,
+    ) -> Result<(SchemaRef, deltalake::datafusion::execution::SendableRecordBatchStream), QueryError> {
         let ctx = &self.inner.ctx;
         let state = ctx.state();
         let dialect = state.config().options().sql_parser.dialect;
@@ -187,21 +210,7 @@ impl QueryEngine {
             .map_err(|e| QueryError::NotReadOnly(e.to_string()))?;
         let df = ctx.execute_logical_plan(plan).await?;
         let df_schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-        let mut stream = df.execute_stream().await?;
-        let mut batches = Vec::new();
-        let mut bytes = 0usize;
-        while let Some(batch) = stream.next().await {
-            let batch = batch?;
-            bytes += result_size(&batch);
-            if let Some(limit) = self.inner.limits.result_bytes {
-                if bytes > limit {
-                    return Err(QueryError::ResultTooLarge { limit });
-                }
-            }
-            batches.push(batch);
-        }
-        let schema = batches.first().map(|b| b.schema()).unwrap_or(df_schema);
-        Ok(QueryResult { schema, batches })
+        Ok((df_schema, df.execute_stream().await?))
     }
 
     /// Metadata of every table under the lake root, sorted by name: version, schema,

@@ -12,6 +12,11 @@
 //!   they flow through today's steps into today's sinks like new records (and fail into the
 //!   dead letters again if they still fail).
 //!
+//! A table is read as a stream of batches and appended in chunks as it is read, so it may be
+//! larger than a query result may be (`limits.max_query_result_bytes`) or than memory; a
+//! table replay interrupted by a crash is not resumed (run it again: what was appended is
+//! processed, and the rest with the second run). Dead letters are read as one query result.
+//!
 //! Dead letters are replayed once: `<data_dir>/pipelines/<name>/dlq-replayed.json` keeps, per
 //! source stream and partition, the highest offset replayed. The cursor moves with the copy
 //! through a write-ahead intent (cursor + the replay stream's end before the append): after a
@@ -117,77 +122,96 @@ async fn replay(app: &Arc<App>, pipeline: &str, req: ReplayRequest) -> Result<Re
     let state = cfg.data_dir.join("pipelines").join(pipeline);
     let _one = app.reloading.lock().await;
     let before = part.next_offset();
-    let (records, intent) = if req.dlq {
-        let cursor_path = state.join("dlq-replayed.json");
-        let intent_path = state.join("dlq-replay.intent");
-        let mut cursor = settle_intent(&cursor_path, &intent_path, before)?;
-        let dlq = format!("{pipeline}{}", sluice_core::DLQ_SUFFIX);
+    if let Some(table) = &req.table {
+        sluice_core::validate_stream_name(table).or_else(|e| if table.ends_with(sluice_core::DLQ_SUFFIX) { Ok(()) } else { Err(e) }).map_err(Failure::Bad)?;
         let cond = req.filter.as_deref().map(|w| format!(" WHERE {w}")).unwrap_or_default();
-        let sql = format!("SELECT stream, _partition, _offset, raw FROM {dlq}{cond} ORDER BY stream, _partition, _offset");
-        let rows = match app.query.sql(&sql).await {
-            Ok(r) => r,
-            Err(e) if e.to_string().contains("not found") => return Err(Failure::Bad(format!("pipeline {pipeline:?} has no dead letters ({dlq}): {e}"))),
-            Err(e) if e.is_user_error() => return Err(Failure::Bad(format!("{e}"))),
-            Err(e) => return Err(Failure::Internal(e.into())),
-        };
-        let mut records = Vec::new();
-        let now = sluice_core::time::now_ms();
-        for b in &rows.batches {
-            use deltalake::arrow::array::{Array, AsArray};
-            use deltalake::arrow::compute::cast;
-            use deltalake::arrow::datatypes::{DataType, Int64Type};
-            // The engine may answer strings as views and integers narrower: normalise.
-            let col = |i: usize, t: DataType| cast(b.column(i), &t).map_err(|e| Failure::Internal(e.into()));
-            let (s, p, o, raw) = (col(0, DataType::Utf8)?, col(1, DataType::Int64)?, col(2, DataType::Int64)?, col(3, DataType::Utf8)?);
-            let (s, p, o, raw) = (s.as_string::<i32>(), p.as_primitive::<Int64Type>(), o.as_primitive::<Int64Type>(), raw.as_string::<i32>());
-            for i in 0..b.num_rows() {
-                if s.is_null(i) || p.is_null(i) || o.is_null(i) || raw.is_null(i) {
-                    continue;
-                }
-                let key = format!("{}/{}", s.value(i), p.value(i));
-                if cursor.get(&key).is_some_and(|c| *c >= o.value(i)) {
-                    continue;
-                }
-                cursor.insert(key, o.value(i));
-                records.push(Record::new(bytes::Bytes::copy_from_slice(raw.value(i).as_bytes()), now));
-            }
-        }
-        (records, Some((cursor, cursor_path, intent_path)))
-    } else {
-        let table = req.table.clone().expect("checked above");
-        sluice_core::validate_stream_name(&table).or_else(|e| if table.ends_with(sluice_core::DLQ_SUFFIX) { Ok(()) } else { Err(e) }).map_err(Failure::Bad)?;
-        let cond = req.filter.as_deref().map(|w| format!(" WHERE {w}")).unwrap_or_default();
-        let rows = match app.query.sql(&format!("SELECT * FROM {table}{cond}")).await {
-            Ok(r) => r,
+        // Streamed: a table can be far larger than a query result may be, or than memory.
+        let mut rows = match app.query.sql_stream(&format!("SELECT * FROM {table}{cond}")).await {
+            Ok((_, rows)) => rows,
             Err(e) if e.is_user_error() || e.to_string().contains("not found") => return Err(Failure::Bad(format!("{e}"))),
             Err(e) => return Err(Failure::Internal(e.into())),
         };
         let now = sluice_core::time::now_ms();
-        let mut records = Vec::new();
-        for b in &rows.batches {
-            for line in sluice_pipeline::rows_to_json(b, &cfg.lake.date_column)? {
-                records.push(Record::new(line, now));
+        let mut n = 0u64;
+        let mut chunk = Vec::new();
+        loop {
+            let batch = match futures::StreamExt::next(&mut rows).await {
+                Some(Ok(b)) => Some(b),
+                Some(Err(e)) => return Err(Failure::Internal(anyhow::anyhow!("read {table}: {e}"))),
+                None => None,
+            };
+            if let Some(b) = &batch {
+                for line in sluice_pipeline::rows_to_json(b, &cfg.lake.date_column)? {
+                    chunk.push(Record::new(line, now));
+                }
+            }
+            if chunk.len() >= REPLAY_CHUNK || (batch.is_none() && !chunk.is_empty()) {
+                append_durably(&part, &chunk).await?;
+                n += chunk.len() as u64;
+                chunk.clear();
+            }
+            if batch.is_none() {
+                break;
             }
         }
-        (records, None)
+        tracing::info!(pipeline, records = n, table, "replay: records appended to {replay_name}");
+        return Ok(ReplayStarted { pipeline: pipeline.to_string(), stream: replay_name, records: n, from: vec![before], until: vec![part.next_offset()] });
+    }
+    let cursor_path = state.join("dlq-replayed.json");
+    let intent_path = state.join("dlq-replay.intent");
+    let mut cursor = settle_intent(&cursor_path, &intent_path, before)?;
+    let dlq = format!("{pipeline}{}", sluice_core::DLQ_SUFFIX);
+    let cond = req.filter.as_deref().map(|w| format!(" WHERE {w}")).unwrap_or_default();
+    let sql = format!("SELECT stream, _partition, _offset, raw FROM {dlq}{cond} ORDER BY stream, _partition, _offset");
+    let rows = match app.query.sql(&sql).await {
+        Ok(r) => r,
+        Err(e) if e.to_string().contains("not found") => return Err(Failure::Bad(format!("pipeline {pipeline:?} has no dead letters ({dlq}): {e}"))),
+        Err(e) if e.is_user_error() => return Err(Failure::Bad(format!("{e}"))),
+        Err(e) => return Err(Failure::Internal(e.into())),
     };
+    let mut records = Vec::new();
+    let now = sluice_core::time::now_ms();
+    for b in &rows.batches {
+        use deltalake::arrow::array::{Array, AsArray};
+        use deltalake::arrow::compute::cast;
+        use deltalake::arrow::datatypes::{DataType, Int64Type};
+        // The engine may answer strings as views and integers narrower: normalise.
+        let col = |i: usize, t: DataType| cast(b.column(i), &t).map_err(|e| Failure::Internal(e.into()));
+        let (s, p, o, raw) = (col(0, DataType::Utf8)?, col(1, DataType::Int64)?, col(2, DataType::Int64)?, col(3, DataType::Utf8)?);
+        let (s, p, o, raw) = (s.as_string::<i32>(), p.as_primitive::<Int64Type>(), o.as_primitive::<Int64Type>(), raw.as_string::<i32>());
+        for i in 0..b.num_rows() {
+            if s.is_null(i) || p.is_null(i) || o.is_null(i) || raw.is_null(i) {
+                continue;
+            }
+            let key = format!("{}/{}", s.value(i), p.value(i));
+            if cursor.get(&key).is_some_and(|c| *c >= o.value(i)) {
+                continue;
+            }
+            cursor.insert(key, o.value(i));
+            records.push(Record::new(bytes::Bytes::copy_from_slice(raw.value(i).as_bytes()), now));
+        }
+    }
     let n = records.len() as u64;
-    if let Some((cursor, _, intent_path)) = &intent {
-        let data = serde_json::to_vec(&Intent { cursor: cursor.clone(), replay_end_before: before })
-            .map_err(|e| Failure::Internal(e.into()))?;
-        write_durably(intent_path, &data)?;
+    // The cursor after this replay is noted first: a crash part way through is finished (or
+    // dropped) by the next replay (see `settle_intent`).
+    let data = serde_json::to_vec(&Intent { cursor: cursor.clone(), replay_end_before: before }).map_err(|e| Failure::Internal(e.into()))?;
+    write_durably(&intent_path, &data)?;
+    for chunk in records.chunks(REPLAY_CHUNK) {
+        append_durably(&part, chunk).await?;
     }
-    // One append per chunk: each is one log batch, whole or absent after a crash.
-    for chunk in records.chunks(10_000) {
-        let a = part.append(chunk).map_err(|e| Failure::Internal(e.into()))?;
-        part.sync(&a).await.map_err(|e| Failure::Internal(e.into()))?;
-    }
-    if let Some((cursor, cursor_path, intent_path)) = intent {
-        write_durably(&cursor_path, &serde_json::to_vec(&cursor).map_err(|e| Failure::Internal(e.into()))?)?;
-        let _ = std::fs::remove_file(&intent_path);
-    }
-    tracing::info!(pipeline, records = n, dlq = req.dlq, table = ?req.table, "replay: records appended to {replay_name}");
+    write_durably(&cursor_path, &serde_json::to_vec(&cursor).map_err(|e| Failure::Internal(e.into()))?)?;
+    let _ = std::fs::remove_file(&intent_path);
+    tracing::info!(pipeline, records = n, "replay: dead letters appended to {replay_name}");
     Ok(ReplayStarted { pipeline: pipeline.to_string(), stream: replay_name, records: n, from: vec![before], until: vec![part.next_offset()] })
+}
+
+/// Records per append of a replay.
+const REPLAY_CHUNK: usize = 10_000;
+
+/// One append: one log batch, whole or absent after a crash.
+async fn append_durably(part: &sluice_log::Partition, records: &[Record]) -> Result<(), Failure> {
+    let a = part.append(records).map_err(|e| Failure::Internal(e.into()))?;
+    part.sync(&a).await.map_err(|e| Failure::Internal(e.into()))
 }
 
 /// The dead-letter cursor, after finishing or dropping an interrupted copy.

@@ -606,6 +606,30 @@ async fn replay_dead_letters_tables_and_streams() {
     assert!(err.contains("no pipeline \"nope\""), "{err}");
 }
 
+/// `--from-table` streams the table: it may be far larger than one query result may be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_from_a_table_larger_than_a_query_result() {
+    let cfg = "lake:\n  flush_interval: 50ms\nlimits:\n  max_query_result_bytes: 1024\nstreams:\n  events: {}\npipelines:\n  q:\n    from: events\n    to:\n      archive:\n        lake: {}\n";
+    let mut s = Server::start(cfg).await;
+    let url = s.url("");
+    let body: String = (0..3000).map(|i| format!("{{\"event_id\":\"e{i}\",\"note\":\"some text to make the rows wide {i}\"}}\n")).collect();
+    assert_eq!(s.post("events", body).await.0, 200);
+    s.wait_landed("events").await;
+    assert_eq!(s.scalar("SELECT count(*) FROM archive").await, 3000.0);
+    // The table is over the result limit as one query...
+    let r = s.client.post(s.url("/v1/query")).body("SELECT * FROM archive").send().await.unwrap();
+    let (status, text) = (r.status(), r.text().await.unwrap());
+    assert!(!status.is_success() && text.contains("max_query_result_bytes"), "{status} {text}");
+    // ...and replays whole (into itself: the pipeline archives it again).
+    let (code, out, err) = cli(&["replay", "--pipeline", "q", "--from-table", "archive", "--url", &url]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("replaying 3000 records"), "{err}");
+    s.wait_landed("events").await;
+    assert_eq!(s.scalar("SELECT count(*) FROM archive").await, 6000.0);
+    assert_eq!(s.scalar("SELECT count(DISTINCT event_id) FROM archive").await, 3000.0);
+    let _ = s.stop();
+}
+
 /// `sluice tap` prints live records after a step; an unknown step is refused by name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tap_prints_live_records_passing_a_step() {
@@ -649,9 +673,18 @@ async fn lookup_joins_rows_from_lake_redis_and_postgres() {
     let redis = servers::RedisServer::start();
     let (pgc, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
-    pgc.batch_execute("CREATE TABLE regions (code text PRIMARY KEY, name text, vat int); INSERT INTO regions VALUES ('de', 'Germany', 19), ('fr', 'France', 20)")
-        .await
-        .unwrap();
+    pgc.batch_execute(
+        "CREATE TABLE regions (code text PRIMARY KEY, name text, vat int); INSERT INTO regions VALUES ('de', 'Germany', 19), ('fr', 'France', 20);
+         CREATE TABLE customers (id int PRIMARY KEY, name text); INSERT INTO customers SELECT g, 'c' || g FROM generate_series(1, 20000) g; ANALYZE customers",
+    )
+    .await
+    .unwrap();
+    let scans = "SELECT coalesce(seq_scan, 0), coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = 'customers'";
+    // The setup's own scans (ANALYZE reads the table) are counted before the baseline.
+    pgc.batch_execute("SELECT pg_stat_force_next_flush()").await.unwrap();
+    pgc.batch_execute("SELECT pg_stat_clear_snapshot()").await.unwrap();
+    let r = pgc.query_one(scans, &[]).await.unwrap();
+    let (seq0, idx0): (i64, i64) = (r.get(0), r.get(1));
     let mut rc = redis::Client::open(redis.url().as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
     for (k, v) in [("acct:1", r#"{"tier":"gold","limit":100}"#), ("acct:2", r#"{"tier":"basic","limit":5}"#)] {
         let _: () = redis::cmd("SET").arg(k).arg(v).query_async(&mut rc).await.unwrap();
@@ -681,6 +714,10 @@ pipelines:
           from: {{ postgres: {{ url: "{pg}", table: regions, column: code }} }}
           refresh: 50ms
           on_missing: dead_letter
+      - lookup:
+          key: cust
+          into: customer
+          from: {{ postgres: {{ url: "{pg}", table: customers, column: id }} }}
     to:
       out:
         lake: {{}}
@@ -691,22 +728,34 @@ pipelines:
     let s = Server::start(&cfg).await;
     assert_eq!(s.post("plans", "{\"id\":10,\"name\":\"pro\"}\n{\"id\":11,\"name\":\"free\"}\n").await.0, 200);
     s.wait_landed("plans").await;
-    let body = "{\"event_id\":\"a\",\"plan_id\":10,\"acct\":1,\"region\":\"de\"}\n\
-                {\"event_id\":\"b\",\"plan_id\":11,\"acct\":2,\"region\":\"fr\"}\n\
-                {\"event_id\":\"c\",\"plan_id\":12,\"acct\":3,\"region\":\"de\"}\n\
-                {\"event_id\":\"d\",\"plan_id\":10,\"acct\":1,\"region\":\"xx\"}\n";
+    let body = "{\"event_id\":\"a\",\"plan_id\":10,\"acct\":1,\"region\":\"de\",\"cust\":\"7\"}\n\
+                {\"event_id\":\"b\",\"plan_id\":11,\"acct\":2,\"region\":\"fr\",\"cust\":\"19999\"}\n\
+                {\"event_id\":\"c\",\"plan_id\":12,\"acct\":3,\"region\":\"de\",\"cust\":\"30000\"}\n\
+                {\"event_id\":\"d\",\"plan_id\":10,\"acct\":1,\"region\":\"xx\",\"cust\":\"7\"}\n";
     assert_eq!(s.post("events", body).await.0, 200);
     s.wait_landed("events").await;
-    let rows = s.query("SELECT event_id, plan.name AS plan, account.tier AS tier, reg.name AS region, reg.vat AS vat FROM out ORDER BY event_id").await;
+    let rows = s.query("SELECT event_id, plan.name AS plan, account.tier AS tier, reg.name AS region, reg.vat AS vat, customer.name AS cust FROM out ORDER BY event_id").await;
     assert_eq!(
         rows,
         vec![
-            serde_json::json!({"event_id":"a","plan":"pro","tier":"gold","region":"Germany","vat":19}),
-            serde_json::json!({"event_id":"b","plan":"free","tier":"basic","region":"France","vat":20}),
-            // No plan 12, no account 3: NULL (on_missing: null).
-            serde_json::json!({"event_id":"c","plan":null,"tier":null,"region":"Germany","vat":19}),
+            serde_json::json!({"event_id":"a","plan":"pro","tier":"gold","region":"Germany","vat":19,"cust":"c7"}),
+            serde_json::json!({"event_id":"b","plan":"free","tier":"basic","region":"France","vat":20,"cust":"c19999"}),
+            // No plan 12, no account 3, no customer 30000: NULL (on_missing: null).
+            serde_json::json!({"event_id":"c","plan":null,"tier":null,"region":"Germany","vat":19,"cust":null}),
         ]
     );
+    // The integer key column was compared as an integer: its primary key index answered, and
+    // the table was never scanned whole. (Statistics reach pg_stat_user_tables with a delay.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = pgc.query_one(scans, &[]).await.unwrap();
+        let (seq, idx): (i64, i64) = (r.get::<_, i64>(0) - seq0, r.get::<_, i64>(1) - idx0);
+        if idx > 0 || std::time::Instant::now() > deadline {
+            assert!(idx > 0 && seq == 0, "customers: {seq} sequential scans, {idx} index scans");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let dl = s.query("SELECT step, error FROM p__dlq").await;
     assert_eq!(dl.len(), 1, "{dl:?}");
     assert_eq!(dl[0]["step"], "2:lookup");
@@ -721,6 +770,11 @@ pipelines:
     s.wait_landed("events").await;
     let e = s.query("SELECT plan.name AS plan, reg.vat AS vat FROM out WHERE event_id = 'e'").await;
     assert_eq!(e, vec![serde_json::json!({"plan":"team","vat":21})]);
+    // A key that is no integer finds no customer (and is no error).
+    assert_eq!(s.post("events", "{\"event_id\":\"f\",\"plan_id\":12,\"acct\":2,\"region\":\"de\",\"cust\":\"abc\"}\n").await.0, 200);
+    s.wait_landed("events").await;
+    let f = s.query("SELECT customer.name AS cust FROM out WHERE event_id = 'f'").await;
+    assert_eq!(f, vec![serde_json::json!({"cust":null})]);
     let p = pipelines_json(&s).await;
     assert!(p["pipelines"][0]["steps"][1]["cache_hits"].as_u64().unwrap() >= 1, "{p}");
 }

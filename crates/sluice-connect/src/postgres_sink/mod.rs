@@ -248,21 +248,46 @@ impl ExternalSink for PostgresSink {
 }
 
 /// The `lookup` source for a PostgreSQL table: one query per batch for the keys it needs,
-/// `row_to_json` of each matching row (the key column compared as text).
+/// `row_to_json` of each matching row. The keys are cast to the key column's type, so an index
+/// on the column answers; a key that is no value of that type (`abc` for an integer column)
+/// falls back, for that batch, to comparing the column as text.
 pub struct PostgresLookup {
     cfg: sluice_core::pipeline::PostgresLookup,
-    sql: String,
-    client: Mutex<Option<tokio_postgres::Client>>,
+    table: String,
+    column: String,
+    /// The connection and the typed query (the column's type is read on connect).
+    client: Mutex<Option<(tokio_postgres::Client, String)>>,
 }
 
 impl PostgresLookup {
     pub fn new(cfg: &sluice_core::pipeline::PostgresLookup) -> anyhow::Result<PostgresLookup> {
         crate::pg_tls::parse(&cfg.url)?.tls()?;
         let table = cfg.table.split('.').map(quote).collect::<Vec<_>>().join(".");
-        let column = quote(&cfg.column);
-        let sql = format!("SELECT t.{column}::text, row_to_json(t)::text FROM {table} t WHERE t.{column}::text = ANY($1)");
-        Ok(PostgresLookup { cfg: cfg.clone(), sql, client: Mutex::new(None) })
+        Ok(PostgresLookup { cfg: cfg.clone(), table, column: quote(&cfg.column), client: Mutex::new(None) })
     }
+
+    fn sql(&self, condition: &str) -> String {
+        format!("SELECT t.{c}::text, row_to_json(t)::text FROM {} t WHERE {condition}", self.table, c = self.column)
+    }
+
+    async fn connect(&self) -> anyhow::Result<(tokio_postgres::Client, String)> {
+        let (client, _task) = crate::pg_tls::parse(&self.cfg.url)?.connect("postgres lookup").await?;
+        let ty: Option<String> = client
+            .query_opt(
+                "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a WHERE a.attrelid = to_regclass($1::text) AND a.attname = $2 AND NOT a.attisdropped",
+                &[&self.table, &self.cfg.column],
+            )
+            .await?
+            .map(|r| r.get(0));
+        let ty = ty.ok_or_else(|| anyhow::anyhow!("table {} has no column {:?}", self.cfg.table, self.cfg.column))?;
+        let typed = self.sql(&format!("t.{} = ANY($1::text[]::{ty}[])", self.column));
+        Ok((client, typed))
+    }
+}
+
+/// A key that is no value of the column's type (class 22: data exception).
+fn bad_value(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| c.code().starts_with("22"))
 }
 
 impl sluice_pipeline::LookupSource for PostgresLookup {
@@ -270,14 +295,14 @@ impl sluice_pipeline::LookupSource for PostgresLookup {
         Box::pin(async move {
             let mut guard = self.client.lock().await;
             if guard.is_none() {
-                let (client, _task) = crate::pg_tls::parse(&self.cfg.url)?
-                    .connect("postgres lookup")
-                    .await
-                    .map_err(|e| anyhow::anyhow!("postgres {}: {e}", self.cfg.table))?;
-                *guard = Some(client);
+                *guard = Some(self.connect().await.map_err(|e| anyhow::anyhow!("postgres {}: {e:#}", self.cfg.table))?);
             }
-            let client = guard.as_ref().expect("connected above");
-            match client.query(&self.sql, &[&keys]).await {
+            let (client, typed) = guard.as_ref().expect("connected above");
+            let result = match client.query(typed, &[&keys]).await {
+                Err(e) if bad_value(&e) => client.query(&self.sql(&format!("t.{}::text = ANY($1)", self.column)), &[&keys]).await,
+                r => r,
+            };
+            match result {
                 Ok(rows) => Ok(rows
                     .iter()
                     .filter_map(|r| Some((r.get::<_, Option<String>>(0)?, bytes::Bytes::from(r.get::<_, String>(1)))))

@@ -56,7 +56,8 @@ pub struct SnapshotArgs {
     /// One table (`schema.table`, or `table` in `public` / the MySQL URL's database); default: every captured table.
     #[arg(long)]
     pub table: Option<String>,
-    /// Only these primary key values (tables with a one-column key). Repeat for more.
+    /// Only these primary key values: the value for a one-column key, or a JSON object of
+    /// every key column (`{"order_id": 7, "line": 1}`). Repeat for more.
     #[arg(long = "key", requires = "table")]
     pub keys: Vec<String>,
     /// Do not wait for the snapshots to finish.

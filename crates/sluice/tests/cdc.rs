@@ -88,7 +88,9 @@ async fn every_dml_kind_and_type_lands_in_the_changelog() {
          CREATE TABLE skipped (id int PRIMARY KEY);
          CREATE TABLE logs (id int PRIMARY KEY, msg text);
          CREATE TABLE pre (id int PRIMARY KEY, v text);
-         INSERT INTO pre SELECT g, 'v' || g FROM generate_series(1, 2500) g;",
+         INSERT INTO pre SELECT g, 'v' || g FROM generate_series(1, 2500) g;
+         CREATE TABLE lines (order_id int, line int, note text, PRIMARY KEY (order_id, line));
+         INSERT INTO lines VALUES (1, 1, 'a'), (1, 2, 'b'), (2, 1, 'c');",
     )
     .await
     .unwrap();
@@ -208,6 +210,21 @@ async fn every_dml_kind_and_type_lands_in_the_changelog() {
     assert!(r.text().await.unwrap().contains("not captured"));
     let r = s.client.post(s.url("/v1/sources/nope/snapshot")).send().await.unwrap();
     assert_eq!(r.status(), 404);
+    // A two-column primary key: each key a JSON object; a bare value is refused by name.
+    wait_rows(&s, "shop_lines", 3).await;
+    let out = std::process::Command::new(BIN)
+        .args(["snapshot", "shop", "--table", "lines", "--key", r#"{"order_id": 1, "line": 2}"#, "--key", r#"{"line": 1, "order_id": "2"}"#, "--quiet", "--url", &s.url("")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "sluice snapshot: {}", String::from_utf8_lossy(&out.stderr));
+    wait_rows(&s, "shop_lines", 5).await;
+    let reads = s.query("SELECT key.order_id AS o, key.line AS l, count(*) AS n FROM shop_lines__changelog WHERE op = 'read' GROUP BY 1, 2 ORDER BY 1, 2").await;
+    let reads: Vec<(i64, i64, i64)> = reads.iter().map(|r| (r["o"].as_i64().unwrap(), r["l"].as_i64().unwrap(), r["n"].as_i64().unwrap())).collect();
+    assert_eq!(reads, [(1, 1, 1), (1, 2, 2), (2, 1, 2)], "the initial snapshot, then the two keys again");
+    let r = s.client.post(s.url("/v1/sources/shop/snapshot")).body(r#"{"table": "lines", "keys": ["7"]}"#).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("primary key of 2 columns (order_id, line)") && text.contains("JSON object"), "{text}");
 
     // An update in a later flush that does not carry the TOASTed column: the merge keeps it.
     db.batch_execute("UPDATE items SET flag = true WHERE id = 1").await.unwrap();

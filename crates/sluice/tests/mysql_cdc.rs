@@ -203,6 +203,25 @@ async fn every_dml_kind_and_type_lands_in_the_changelog_and_the_mirror() {
     let r = s.client.post(s.url("/v1/sources/shop/snapshot")).body(r#"{"table": "skipped"}"#).send().await.unwrap();
     assert_eq!(r.status(), 400);
     assert!(r.text().await.unwrap().contains("not captured"));
+    // A two-column primary key: each key a JSON object; a bare value is refused by name.
+    let out = std::process::Command::new(BIN)
+        .args(["snapshot", "shop", "--table", "pair", "--key", r#"{"a": 1, "b": "y"}"#, "--key", r#"{"b": "x", "a": "2"}"#, "--quiet", "--url", &s.url("")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "sluice snapshot: {}", String::from_utf8_lossy(&out.stderr));
+    wait_rows(&s, "shop_pair", 6).await;
+    let reads = s.query("SELECT key.a AS a, key.b AS b, after.v AS v, count(*) AS n FROM shop_pair__changelog WHERE op = 'read' GROUP BY 1, 2, 3 ORDER BY 1, 2, 3").await;
+    let reads: Vec<(i64, String, i64, i64)> =
+        reads.iter().map(|r| (r["a"].as_i64().unwrap(), r["b"].as_str().unwrap().to_string(), r["v"].as_i64().unwrap(), r["n"].as_i64().unwrap())).collect();
+    assert_eq!(
+        reads,
+        [(1, "x".into(), 1, 1), (1, "y".into(), 2, 1), (1, "y".into(), 20, 1), (2, "x".into(), 3, 2)],
+        "the initial snapshot, then the two keys again as they are now"
+    );
+    let r = s.client.post(s.url("/v1/sources/shop/snapshot")).body(r#"{"table": "pair", "keys": ["1"]}"#).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("primary key of 2 columns (a, b)") && text.contains("JSON object"), "{text}");
 
     s.wait_landed("shop_logs").await;
     assert_eq!(s.scalar("SELECT count(*) FROM shop_logs").await, 0.0, "truncated");

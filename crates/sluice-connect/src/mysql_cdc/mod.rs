@@ -296,8 +296,9 @@ impl MysqlSource {
                 tracing::warn!(source = self.name, "table {db}.{name} has no primary key: not snapshotted");
                 continue;
             }
-            if !req.keys.is_empty() && info.keys.len() > 1 {
-                return Err(format!("table {db}.{name} has a primary key of {} columns: --key takes single-column keys", info.keys.len()));
+            if !req.keys.is_empty() {
+                let names: Vec<&str> = info.keys.iter().map(|&i| info.columns[i].0.as_str()).collect();
+                crate::snapshot_keys(&format!("{db}.{name}"), &names, &req.keys)?;
             }
             state.next_snapshot += 1;
             let task = SnapshotTask {
@@ -406,7 +407,7 @@ impl Session for MysqlSource {
                     Some(c) => chunk = Some(c),
                     None => {
                         let t = state.snapshots.remove(0);
-                        tracing::warn!(source = self.name, table = t.table, "snapshot skipped: the table does not exist (any more)");
+                        tracing::warn!(source = self.name, table = t.table, "snapshot skipped: the table does not exist (any more), or its primary key changed");
                         self.save_state(&state)?;
                         self.status.show_snapshots(&state.snapshots);
                     }
@@ -691,7 +692,16 @@ impl MysqlSource {
             return Ok(None);
         };
         let limit = if task.keys.is_some() { task.keys.as_ref().map_or(0, |k| k.len()).max(1) } else { self.cfg.snapshot_chunk };
-        let read = snapshot::read_chunk(conn, &info, task.after.as_deref(), task.keys.as_deref(), limit).await.map_err(|e| {
+        let keys = match task.keys.as_ref().map(|k| crate::snapshot_keys(&task.table, &info.keys.iter().map(|&i| info.columns[i].0.as_str()).collect::<Vec<_>>(), k)) {
+            Some(Ok(k)) => Some(k),
+            Some(Err(e)) => {
+                // The primary key changed since the request was queued.
+                tracing::warn!(source = self.name, "snapshot of {}: {e}", task.table);
+                return Ok(None);
+            }
+            None => None,
+        };
+        let read = snapshot::read_chunk(conn, &info, task.after.as_deref(), keys.as_deref(), limit).await.map_err(|e| {
             if e.to_string().contains("binlog_snapshot_file") {
                 Stop::Fatal(format!("source {}: {e:#}", self.name))
             } else {

@@ -80,15 +80,17 @@ fn key_param(kind: &Kind, text: &str) -> Value {
 
 /// Reads the chunk after key `after` (or the rows with primary key in `keys`), up to
 /// `limit` rows in key order, with the binlog position it is as of.
-pub async fn read_chunk(conn: &mut Conn, info: &TableInfo, after: Option<&[String]>, keys: Option<&[String]>, limit: usize) -> anyhow::Result<ChunkRows> {
+pub async fn read_chunk(conn: &mut Conn, info: &TableInfo, after: Option<&[String]>, keys: Option<&[Vec<String>]>, limit: usize) -> anyhow::Result<ChunkRows> {
     let cols = info.columns.iter().map(|(n, _)| quote(n)).collect::<Vec<_>>().join(", ");
     let key_cols: Vec<String> = info.keys.iter().map(|&i| quote(&info.columns[i].0)).collect();
     let mut params: Vec<Value> = Vec::new();
     let filter = match (keys, after) {
         (Some(keys), _) => {
-            let k = info.keys[0];
-            params.extend(keys.iter().map(|v| key_param(&info.columns[k].1, v)));
-            format!("WHERE {} IN ({})", key_cols[0], vec!["?"; keys.len()].join(", "))
+            for key in keys {
+                params.extend(info.keys.iter().zip(key).map(|(&k, v)| key_param(&info.columns[k].1, v)));
+            }
+            let one = format!("({})", vec!["?"; key_cols.len()].join(", "));
+            format!("WHERE ({}) IN ({})", key_cols.join(", "), vec![one; keys.len()].join(", "))
         }
         (None, Some(after)) => {
             // (k1, k2, ...) > (a1, a2, ...), spelled out so that every server uses the key's index.

@@ -156,7 +156,7 @@ pub(crate) struct SnapshotTask {
     pub(crate) id: u64,
     /// `schema.table`.
     pub(crate) table: String,
-    /// Only these primary key values (single-column keys), else the whole table.
+    /// Only these primary key values (see [`crate::snapshot_keys`]), else the whole table.
     #[serde(default)]
     pub(crate) keys: Option<Vec<String>>,
     /// The key of the last row of the last finished chunk (as text, one per key column).
@@ -309,8 +309,9 @@ impl PostgresSource {
                 tracing::warn!(source = self.name, "table {schema}.{name} has no primary key: not snapshotted");
                 continue;
             }
-            if !req.keys.is_empty() && nkeys > 1 {
-                return Err(format!("table {schema}.{name} has a primary key of {nkeys} columns: --key takes single-column keys"));
+            if !req.keys.is_empty() {
+                let names: Vec<&str> = info.keys().map(|k| k.0.as_str()).collect();
+                crate::snapshot_keys(&format!("{schema}.{name}"), &names, &req.keys)?;
             }
             state.next_snapshot += 1;
             let task = SnapshotTask {
@@ -479,7 +480,7 @@ impl Session for PostgresSource {
                 if chunk.is_none() {
                     // The table is gone: nothing to read.
                     let t = state.snapshots.remove(0);
-                    tracing::warn!(source = self.name, table = t.table, "snapshot skipped: the table does not exist (any more)");
+                    tracing::warn!(source = self.name, table = t.table, "snapshot skipped: the table does not exist (any more), or its primary key changed");
                     self.save_state(&state)?;
                     self.show_snapshots(&state);
                     continue;
@@ -686,7 +687,16 @@ impl PostgresSource {
         let limit = if task.keys.is_some() { task.keys.as_ref().map_or(0, |k| k.len()).max(1) } else { self.cfg.snapshot_chunk };
         let marker = format!("{}:{}:{}:{}", self.name, task.id, task.chunks, fastrand::u64(..));
         let (c, i, m) = (client.clone(), info.clone(), marker.clone());
-        let rows = tokio::spawn(async move { snapshot::read_chunk(&c, &i, &m, task.after.as_deref(), task.keys.as_deref(), limit).await });
+        let keys = match task.keys.as_ref().map(|k| crate::snapshot_keys(&task.table, &info.keys().map(|k| k.0.as_str()).collect::<Vec<_>>(), k)) {
+            Some(Ok(k)) => Some(k),
+            Some(Err(e)) => {
+                // The primary key changed since the request was queued.
+                tracing::warn!(source = self.name, "snapshot of {}: {e}", task.table);
+                return Ok(None);
+            }
+            None => None,
+        };
+        let rows = tokio::spawn(async move { snapshot::read_chunk(&c, &i, &m, task.after.as_deref(), keys.as_deref(), limit).await });
         Ok(Some(Chunk { marker, task: task.id, info, open: false, changed: HashSet::new(), rows, limit }))
     }
 

@@ -134,25 +134,20 @@ async fn replay(app: &Arc<App>, pipeline: &str, req: ReplayRequest) -> Result<Re
         let now = sluice_core::time::now_ms();
         let mut n = 0u64;
         let mut chunk = Vec::new();
-        loop {
-            let batch = match futures::StreamExt::next(&mut rows).await {
-                Some(Ok(b)) => Some(b),
-                Some(Err(e)) => return Err(Failure::Internal(anyhow::anyhow!("read {table}: {e}"))),
-                None => None,
-            };
-            if let Some(b) = &batch {
-                for line in sluice_pipeline::rows_to_json(b, &cfg.lake.date_column)? {
-                    chunk.push(Record::new(line, now));
-                }
+        while let Some(b) = futures::StreamExt::next(&mut rows).await {
+            let b = b.map_err(|e| Failure::Internal(anyhow::anyhow!("read {table}: {e}")))?;
+            for line in sluice_pipeline::rows_to_json(&b, &cfg.lake.date_column)? {
+                chunk.push(Record::new(line, now));
             }
-            if chunk.len() >= REPLAY_CHUNK || (batch.is_none() && !chunk.is_empty()) {
+            if chunk.len() >= REPLAY_CHUNK {
                 append_durably(&part, &chunk).await?;
                 n += chunk.len() as u64;
                 chunk.clear();
             }
-            if batch.is_none() {
-                break;
-            }
+        }
+        if !chunk.is_empty() {
+            append_durably(&part, &chunk).await?;
+            n += chunk.len() as u64;
         }
         tracing::info!(pipeline, records = n, table, "replay: records appended to {replay_name}");
         return Ok(ReplayStarted { pipeline: pipeline.to_string(), stream: replay_name, records: n, from: vec![before], until: vec![part.next_offset()] });

@@ -297,8 +297,7 @@ impl MysqlSource {
                 continue;
             }
             if !req.keys.is_empty() {
-                let names: Vec<&str> = info.keys.iter().map(|&i| info.columns[i].0.as_str()).collect();
-                crate::snapshot_keys(&format!("{db}.{name}"), &names, &req.keys)?;
+                crate::snapshot_keys(&format!("{db}.{name}"), &info.key_names(), &req.keys)?;
             }
             state.next_snapshot += 1;
             let task = SnapshotTask {
@@ -692,7 +691,7 @@ impl MysqlSource {
             return Ok(None);
         };
         let limit = if task.keys.is_some() { task.keys.as_ref().map_or(0, |k| k.len()).max(1) } else { self.cfg.snapshot_chunk };
-        let keys = match task.keys.as_ref().map(|k| crate::snapshot_keys(&task.table, &info.keys.iter().map(|&i| info.columns[i].0.as_str()).collect::<Vec<_>>(), k)) {
+        let keys = match task.keys.as_ref().map(|k| crate::snapshot_keys(&task.table, &info.key_names(), k)) {
             Some(Ok(k)) => Some(k),
             Some(Err(e)) => {
                 // The primary key changed since the request was queued.

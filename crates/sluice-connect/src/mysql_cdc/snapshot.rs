@@ -31,6 +31,13 @@ pub struct ChunkRows {
     pub rows: Vec<Vec<Value>>,
 }
 
+impl TableInfo {
+    /// The primary key's column names, in key order.
+    pub fn key_names(&self) -> Vec<&str> {
+        self.keys.iter().map(|&i| self.columns[i].0.as_str()).collect()
+    }
+}
+
 fn quote(ident: &str) -> String {
     format!("`{}`", ident.replace('`', "``"))
 }

@@ -310,8 +310,7 @@ impl PostgresSource {
                 continue;
             }
             if !req.keys.is_empty() {
-                let names: Vec<&str> = info.keys().map(|k| k.0.as_str()).collect();
-                crate::snapshot_keys(&format!("{schema}.{name}"), &names, &req.keys)?;
+                crate::snapshot_keys(&format!("{schema}.{name}"), &info.key_names(), &req.keys)?;
             }
             state.next_snapshot += 1;
             let task = SnapshotTask {
@@ -687,7 +686,7 @@ impl PostgresSource {
         let limit = if task.keys.is_some() { task.keys.as_ref().map_or(0, |k| k.len()).max(1) } else { self.cfg.snapshot_chunk };
         let marker = format!("{}:{}:{}:{}", self.name, task.id, task.chunks, fastrand::u64(..));
         let (c, i, m) = (client.clone(), info.clone(), marker.clone());
-        let keys = match task.keys.as_ref().map(|k| crate::snapshot_keys(&task.table, &info.keys().map(|k| k.0.as_str()).collect::<Vec<_>>(), k)) {
+        let keys = match task.keys.as_ref().map(|k| crate::snapshot_keys(&task.table, &info.key_names(), k)) {
             Some(Ok(k)) => Some(k),
             Some(Err(e)) => {
                 // The primary key changed since the request was queued.

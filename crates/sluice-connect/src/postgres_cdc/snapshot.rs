@@ -41,6 +41,11 @@ impl TableInfo {
         self.columns.iter().filter(|c| c.3)
     }
 
+    /// The primary key's column names.
+    pub fn key_names(&self) -> Vec<&str> {
+        self.keys().map(|k| k.0.as_str()).collect()
+    }
+
     /// The chunk query: every column as text, keys after `after` (or in `keys`), in key order.
     pub fn chunk_sql(&self, after: bool, by_keys: bool, limit: usize) -> String {
         // Output columns get their own names: ORDER BY must see the typed columns, not their

@@ -54,22 +54,43 @@ pub fn parse_lsn(s: &str) -> Option<u64> {
     (hi <= u32::MAX as u64 && lo <= u32::MAX as u64).then_some(hi << 32 | lo)
 }
 
+/// The fields of a change event the mirror reads; the rest (`source`, `before`, ...) is
+/// skipped, and `after` and `key` stay text.
+#[derive(serde::Deserialize)]
+struct Event<'a> {
+    op: Option<&'a str>,
+    #[serde(borrow)]
+    after: Option<&'a serde_json::value::RawValue>,
+    key: Option<Value>,
+    unchanged: Option<Vec<String>>,
+    #[serde(borrow)]
+    transaction: Option<Transaction<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct Transaction<'a> {
+    lsn: Option<&'a str>,
+}
+
 /// Reduces a flush: `records` are (partition, offset, log time, value) in log order per
 /// partition.
 pub fn reduce<'a>(records: impl IntoIterator<Item = (u32, u64, i64, &'a [u8])>) -> Reduced {
     let mut out = Reduced::default();
-    // key text -> (partition, offset, time, row)
+    // key text -> index in rows
     let mut last: HashMap<String, usize> = HashMap::new();
-    let mut rows: Vec<(u32, u64, i64, Map<String, Value>)> = Vec::new();
     for (partition, offset, time, value) in records {
-        let ev: Value = match serde_json::from_slice(value) {
+        let ev: Event = match serde_json::from_slice(value) {
             Ok(v) => v,
-            Err(e) => {
+            Err(e) if serde_json::from_slice::<serde::de::IgnoredAny>(value).is_err() => {
                 out.invalid.push((partition, offset, format!("not JSON: {e}")));
                 continue;
             }
+            Err(e) => {
+                out.invalid.push((partition, offset, format!("not a change event: {e}")));
+                continue;
+            }
         };
-        let (Some(op), Some(lsn)) = (ev["op"].as_str(), ev["transaction"]["lsn"].as_str().and_then(parse_lsn)) else {
+        let (Some(op), Some(lsn)) = (ev.op, ev.transaction.as_ref().and_then(|t| t.lsn).and_then(parse_lsn)) else {
             out.invalid.push((partition, offset, "not a change event (no op or transaction.lsn)".into()));
             continue;
         };
@@ -78,66 +99,85 @@ pub fn reduce<'a>(records: impl IntoIterator<Item = (u32, u64, i64, &'a [u8])>) 
             out.truncate_lsn = Some(out.truncate_lsn.map_or(lsn, |t| t.max(lsn)));
             continue;
         }
-        let Some(key) = ev["key"].as_object().filter(|k| !k.is_empty()) else {
+        let Some(key) = ev.key.as_ref().and_then(Value::as_object).filter(|k| !k.is_empty()) else {
             out.keyless += 1;
             continue;
         };
         if out.keys.is_empty() {
             out.keys = key.keys().cloned().collect();
         }
+        // The row as JSON text: the columns (the key's for a delete, else `after`'s) and the
+        // mirror's own fields, spliced in as text: the values are not parsed here.
+        let unchanged = ev.unchanged.filter(|u| !u.is_empty());
         let mut row = match op {
-            "delete" => {
-                let mut r = key.clone();
-                r.insert("__op".into(), "delete".into());
-                r
-            }
-            _ => {
-                let Some(after) = ev["after"].as_object() else {
+            "delete" => serde_json::to_vec(key).expect("JSON to memory"),
+            _ => match ev.after.map(|a| a.get().trim()).filter(|a| a.starts_with('{')) {
+                Some(after) => {
+                    let mut r = Vec::with_capacity(after.len() + 64);
+                    r.extend_from_slice(after.as_bytes());
+                    r
+                }
+                None => {
                     out.invalid.push((partition, offset, format!("{op} without `after`")));
                     continue;
-                };
-                let mut r = after.clone();
-                r.insert("__op".into(), "upsert".into());
-                if let Some(u) = ev["unchanged"].as_array().filter(|u| !u.is_empty()) {
-                    r.insert("__unchanged".into(), Value::Array(u.clone()));
                 }
-                r
-            }
+            },
         };
-        row.insert(LSN_COLUMN.into(), lsn.into());
-        let k = Value::Object(key.clone()).to_string();
+        row.pop(); // the closing brace
+        if row.iter().any(|b| !b.is_ascii_whitespace() && *b != b'{') {
+            row.push(b',');
+        }
+        row.extend_from_slice(if op == "delete" { br#""__op":"delete","# } else { br#""__op":"upsert","# });
+        if let (Some(u), true) = (&unchanged, op != "delete") {
+            row.extend_from_slice(br#""__unchanged":"#);
+            serde_json::to_writer(&mut row, u).expect("JSON to memory");
+            row.push(b',');
+        }
+        row.extend_from_slice(br#""_lsn":"#);
+        row.extend_from_slice(lsn.to_string().as_bytes());
+        row.push(b'}');
+        let k = serde_json::to_string(key).expect("JSON to memory");
         match last.get(&k) {
             Some(&i) => {
-                // Columns this update did not carry come from the earlier event, if it had them.
-                let prev = &rows[i].3;
-                if let Some(Value::Array(unchanged)) = row.remove("__unchanged") {
-                    let still: Vec<Value> = unchanged
-                        .into_iter()
-                        .filter(|c| {
-                            let Some(name) = c.as_str() else { return false };
-                            match prev.get(name) {
-                                Some(v) if prev.get("__op").and_then(|o| o.as_str()) == Some("upsert") && !prev_unchanged(prev, name) => {
-                                    row.insert(name.to_string(), v.clone());
-                                    false
-                                }
-                                _ => true,
-                            }
-                        })
-                        .collect();
-                    if !still.is_empty() {
-                        row.insert("__unchanged".into(), Value::Array(still));
-                    }
+                if unchanged.is_some() && op != "delete" {
+                    row = take_unsent_columns(&out.rows[i].3, &row);
                 }
-                rows[i] = (partition, offset, time, row);
+                out.rows[i] = (partition, offset, time, row);
             }
             None => {
-                last.insert(k, rows.len());
-                rows.push((partition, offset, time, row));
+                last.insert(k, out.rows.len());
+                out.rows.push((partition, offset, time, row));
             }
         }
     }
-    out.rows = rows.into_iter().map(|(p, o, t, r)| (p, o, t, Value::Object(r).to_string().into_bytes())).collect();
     out
+}
+
+/// An update that did not carry some (TOASTed) columns takes them from the key's earlier
+/// event in the same flush, when that one had them.
+fn take_unsent_columns(prev: &[u8], row: &[u8]) -> Vec<u8> {
+    let (Ok(prev), Ok(mut row)) = (serde_json::from_slice::<Map<String, Value>>(prev), serde_json::from_slice::<Map<String, Value>>(row)) else {
+        return row.to_vec();
+    };
+    if let Some(Value::Array(unchanged)) = row.remove("__unchanged") {
+        let still: Vec<Value> = unchanged
+            .into_iter()
+            .filter(|c| {
+                let Some(name) = c.as_str() else { return false };
+                match prev.get(name) {
+                    Some(v) if prev.get("__op").and_then(|o| o.as_str()) == Some("upsert") && !prev_unchanged(&prev, name) => {
+                        row.insert(name.to_string(), v.clone());
+                        false
+                    }
+                    _ => true,
+                }
+            })
+            .collect();
+        if !still.is_empty() {
+            row.insert("__unchanged".into(), Value::Array(still));
+        }
+    }
+    Value::Object(row).to_string().into_bytes()
 }
 
 /// A mirror table's schema from converted change rows: without `__op`, `__unchanged` and the

@@ -727,39 +727,29 @@ impl MysqlSource {
         // Chunks read with no binlog event in between share their position: their sequence
         // numbers go on from the last chunk's, so the log's de-duplication keeps them apart.
         let base = written.iter().filter(|((s, _), (pos, _))| s == stream.name() && *pos == at).map(|(_, (_, seq))| seq + 1).max().unwrap_or(0);
-        let mut last_key = None;
+        let source = json!({"connector": "mysql", "name": self.name, "db": c.info.db, "schema": c.info.db, "table": c.info.name,
+                            "file": null, "pos": null, "gtid": null, "commit_time": null, "snapshot": true});
+        let keys: Vec<bool> = (0..c.info.columns.len()).map(|i| c.info.keys.contains(&i)).collect();
+        let events = crate::ReadEvents::new(c.info.columns.iter().zip(&keys).map(|((n, _), k)| (n.as_str(), *k)), &source, &lsn_text(at), now);
+        let mut size = 256;
         for (i, values) in c.rows.iter().enumerate() {
             let seq = base + i as u64;
-            let mut row = Map::new();
-            for ((name, kind), v) in c.info.columns.iter().zip(values) {
-                row.insert(name.clone(), types::value_to_json(kind, v, false));
-            }
-            let row = Json::Object(row);
-            let key = key_of(c.info.keys.iter().map(|&i| c.info.columns[i].0.as_str()), &row);
-            last_key = Some(
-                c.info
-                    .keys
-                    .iter()
-                    .map(|&i| match &row[&c.info.columns[i].0] {
-                        Json::String(s) => s.clone(),
-                        v => v.to_string(),
-                    })
-                    .collect::<Vec<_>>(),
-            );
-            let event = json!({
-                "op": "read",
-                "before": null,
-                "after": row,
-                "key": key,
-                "source": {"connector": "mysql", "name": self.name, "db": c.info.db, "schema": c.info.db, "table": c.info.name,
-                           "file": null, "pos": null, "gtid": null, "commit_time": null, "snapshot": true},
-                "transaction": {"id": null, "lsn": lsn_text(at), "seq": seq},
-                "ts_ms": now,
-            });
-            let k = key.to_string();
-            let p = stream.partition_for_key(k.as_bytes());
-            pending.push(&stream, p, (at, seq), Record::with_key(bytes::Bytes::from(k), bytes::Bytes::from(event.to_string()), now));
+            let (mut key, mut event) = (Vec::with_capacity(32), Vec::with_capacity(size + size / 8));
+            events.write(seq, &mut key, &mut event, |col, out| types::write_value(&c.info.columns[col].1, &values[col], out));
+            size = event.len();
+            let p = stream.partition_for_key(&key);
+            pending.push(&stream, p, (at, seq), Record::with_key(bytes::Bytes::from(key), bytes::Bytes::from(event), now));
         }
+        let last_key = c.rows.last().map(|values| {
+            c.info
+                .keys
+                .iter()
+                .map(|&i| match types::value_to_json(&c.info.columns[i].1, &values[i], false) {
+                    Json::String(s) => s,
+                    v => v.to_string(),
+                })
+                .collect::<Vec<_>>()
+        });
         let finished = c.rows.len() < c.limit || state.snapshots[0].keys.is_some();
         let task = &mut state.snapshots[0];
         debug_assert_eq!(task.id, c.task);

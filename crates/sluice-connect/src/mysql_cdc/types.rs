@@ -207,6 +207,20 @@ pub fn value_to_json(kind: &Kind, v: &Value, binlog: bool) -> Json {
     }
 }
 
+/// Writes `value_to_json(kind, v, false)` as JSON text to `out`, the same bytes as
+/// serializing it, without building the value for the common kinds (snapshot rows).
+pub fn write_value(kind: &Kind, v: &Value, out: &mut Vec<u8>) {
+    match (kind, v) {
+        (_, Value::NULL) => out.extend_from_slice(b"null"),
+        (Kind::Int | Kind::Year, Value::Int(i)) => out.extend_from_slice(itoa::Buffer::new().format(*i).as_bytes()),
+        (Kind::Int | Kind::Year, Value::UInt(i)) => out.extend_from_slice(itoa::Buffer::new().format(*i).as_bytes()),
+        (Kind::Text | Kind::Enum(_) | Kind::Set(_) | Kind::Decimal, Value::Bytes(b)) if std::str::from_utf8(b).is_ok() => {
+            serde_json::to_writer(out, std::str::from_utf8(b).expect("checked")).expect("JSON to memory")
+        }
+        _ => serde_json::to_writer(out, &value_to_json(kind, v, false)).expect("JSON to memory"),
+    }
+}
+
 fn micros(us: u32) -> String {
     if us == 0 {
         String::new()
@@ -242,6 +256,30 @@ pub fn hex(b: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn written_values_are_the_values_text() {
+        let cases = [
+            (Kind::Int, Value::Int(-5)),
+            (Kind::Int, Value::UInt(u64::MAX)),
+            (Kind::Int, Value::Bytes(b"12".to_vec())),
+            (Kind::Year, Value::Int(2026)),
+            (Kind::Text, Value::Bytes("a \"q\"\n é".as_bytes().to_vec())),
+            (Kind::Text, Value::Bytes(vec![0xff, b'a'])),
+            (Kind::Decimal, Value::Bytes(b"1.50".to_vec())),
+            (Kind::Enum(vec!["a".into()]), Value::Bytes(b"a".to_vec())),
+            (Kind::Float, Value::Double(1.5)),
+            (Kind::DateTime, Value::Date(2026, 1, 5, 10, 0, 0, 120_000)),
+            (Kind::Binary, Value::Bytes(vec![0, 10])),
+            (Kind::Json, Value::Bytes(br#"{"b":1,"a":2}"#.to_vec())),
+            (Kind::Text, Value::NULL),
+        ];
+        for (kind, v) in cases {
+            let mut out = Vec::new();
+            write_value(&kind, &v, &mut out);
+            assert_eq!(String::from_utf8(out).unwrap(), value_to_json(&kind, &v, false).to_string(), "{kind:?} {v:?}");
+        }
+    }
 
     #[test]
     fn enum_members() {

@@ -196,8 +196,9 @@ struct Chunk {
     /// The low watermark has passed: changes to the table remove their keys from the chunk.
     open: bool,
     changed: HashSet<String>,
-    rows: tokio::task::JoinHandle<Result<Vec<Vec<Option<String>>>, tokio_postgres::Error>>,
+    rows: tokio::task::JoinHandle<Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>,
     limit: usize,
+    started: std::time::Instant,
 }
 
 /// A position in the log of changes: (commit LSN, sequence in the transaction).
@@ -227,7 +228,6 @@ struct Txn {
 #[derive(Default)]
 pub(crate) struct Pending {
     pub(crate) groups: Vec<(Arc<Stream>, u32, Vec<(Position, Record)>)>,
-    index: HashMap<(String, u32), usize>,
     pub(crate) records: usize,
     /// The end LSN of the last whole transaction in the group: confirmed once written.
     pub(crate) commit_end: Option<u64>,
@@ -235,11 +235,14 @@ pub(crate) struct Pending {
 
 impl Pending {
     pub(crate) fn push(&mut self, stream: &Arc<Stream>, partition: u32, pos: Position, r: Record) {
-        let k = (stream.name().to_string(), partition);
-        let i = *self.index.entry(k).or_insert_with(|| {
-            self.groups.push((stream.clone(), partition, Vec::new()));
-            self.groups.len() - 1
-        });
+        // Few groups (streams × partitions written together): a scan beats hashing a name.
+        let i = match self.groups.iter().position(|(s, p, _)| *p == partition && Arc::ptr_eq(s, stream)) {
+            Some(i) => i,
+            None => {
+                self.groups.push((stream.clone(), partition, Vec::new()));
+                self.groups.len() - 1
+            }
+        };
         self.groups[i].2.push((pos, r));
         self.records += 1;
     }
@@ -612,9 +615,19 @@ impl Session for PostgresSource {
                                     // commit record may start right there: the rows take the
                                     // position just before it, which no commit can share.
                                     let at = lsn.as_u64().saturating_sub(1);
+                                    let t0 = std::time::Instant::now();
+                                    let waited = c.started.elapsed();
                                     let finished = self.finish_chunk(c, at, &database, &mut state, &mut streams, &mut pending).await?;
+                                    let built = t0.elapsed();
+                                    if !finished && self.cfg.snapshot_throttle.0.is_zero() {
+                                        // The next chunk is read while this one's events are written:
+                                        // they are pending before its low watermark comes.
+                                        chunk = self.start_chunk(&client, &state).await?;
+                                    }
                                     self.write(&mut pending, &mut written, &repl).await?;
+                                    let wrote = t0.elapsed();
                                     self.chunk_done(&mut state, finished)?;
+                                    tracing::debug!(source = self.name, ?waited, ?built, ?wrote, saved = ?t0.elapsed(), "snapshot chunk");
                                     last_chunk = std::time::Instant::now();
                                 }
                             }
@@ -696,7 +709,7 @@ impl PostgresSource {
             None => None,
         };
         let rows = tokio::spawn(async move { snapshot::read_chunk(&c, &i, &m, task.after.as_deref(), keys.as_deref(), limit).await });
-        Ok(Some(Chunk { marker, task: task.id, info, open: false, changed: HashSet::new(), rows, limit }))
+        Ok(Some(Chunk { marker, task: task.id, info, open: false, changed: HashSet::new(), rows, limit, started: std::time::Instant::now() }))
     }
 
     /// At the high watermark: the chunk's rows that no change in the window touched become
@@ -720,27 +733,30 @@ impl PostgresSource {
             // A truncate between the watermarks: the rows read may be gone. Read the chunk again.
             return Ok(false);
         }
-        for (seq, values) in rows.iter().enumerate() {
-            let (row, key) = c.info.row_json(values);
-            last_key = Some(c.info.columns.iter().zip(values).filter(|(col, _)| col.3).map(|(_, v)| v.clone().unwrap_or_default()).collect());
-            let k = key.to_string();
+        let at = Lsn(lsn).to_string();
+        let source = json!({"connector": "postgres", "name": self.name, "db": database, "schema": c.info.schema, "table": c.info.name,
+                            "lsn": at, "txid": null, "commit_time": null, "snapshot": true});
+        let events = crate::ReadEvents::new(c.info.columns.iter().map(|col| (col.0.as_str(), col.3)), &source, &at, now);
+        let oids: Vec<u32> = c.info.columns.iter().map(|col| col.1).collect();
+        let mut size = 256;
+        for (seq, r) in rows.iter().enumerate() {
+            let (mut key, mut event) = (Vec::with_capacity(32), Vec::with_capacity(size + size / 8));
+            events.write(seq as u64, &mut key, &mut event, |i, out| match r.get::<_, Option<&str>>(i) {
+                Some(text) => types::write_json(oids[i], text, out),
+                None => out.extend_from_slice(b"null"),
+            });
+            size = event.len();
+            let k = String::from_utf8(key).expect("JSON text is UTF-8");
             if c.changed.contains(&k) {
                 // Changed between the watermarks: the change event is as new or newer.
                 continue;
             }
-            let event = json!({
-                "op": "read",
-                "before": null,
-                "after": row,
-                "key": key,
-                "source": {"connector": "postgres", "name": self.name, "db": database, "schema": c.info.schema, "table": c.info.name,
-                           "lsn": Lsn(lsn).to_string(), "txid": null, "commit_time": null, "snapshot": true},
-                "transaction": {"id": null, "lsn": Lsn(lsn).to_string(), "seq": seq},
-                "ts_ms": now,
-            });
             let p = stream.partition_for_key(k.as_bytes());
-            pending.push(&stream, p, (lsn, seq as u64), Record::with_key(bytes::Bytes::from(k), bytes::Bytes::from(event.to_string()), now));
+            pending.push(&stream, p, (lsn, seq as u64), Record::with_key(bytes::Bytes::from(k), bytes::Bytes::from(event), now));
             emitted += 1;
+        }
+        if let Some(r) = rows.last() {
+            last_key = Some(c.info.columns.iter().enumerate().filter(|(_, col)| col.3).map(|(i, _)| r.get::<_, Option<&str>>(i).unwrap_or_default().to_string()).collect());
         }
         let finished = rows.len() < c.limit || state.snapshots[0].keys.is_some();
         let task = &mut state.snapshots[0];

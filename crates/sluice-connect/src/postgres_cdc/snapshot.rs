@@ -13,7 +13,6 @@
 //! comes after them. A chunk is finished once its events are durable; the last finished key is kept in the
 //! source's state, so a snapshot resumes from there after a crash.
 
-use serde_json::{Map, Value as Json};
 use tokio_postgres::types::ToSql;
 
 /// Logical message prefix of the watermarks.
@@ -68,20 +67,6 @@ impl TableInfo {
         };
         format!("SELECT {cols} FROM {} t{cond} ORDER BY {order} LIMIT {limit}", self.qualified())
     }
-
-    /// A selected row as JSON (types mapped like the change events) and its key.
-    pub fn row_json(&self, values: &[Option<String>]) -> (Json, Json) {
-        let mut row = Map::new();
-        let mut key = Map::new();
-        for ((name, oid, _, is_key), v) in self.columns.iter().zip(values) {
-            let j = v.as_deref().map_or(Json::Null, |t| super::types::to_json(*oid, t));
-            if *is_key {
-                key.insert(name.clone(), j.clone());
-            }
-            row.insert(name.clone(), j);
-        }
-        (Json::Object(row), Json::Object(key))
-    }
 }
 
 /// Reads a table's columns and primary key from the catalog; None if it does not exist.
@@ -120,7 +105,7 @@ pub async fn all_tables(client: &tokio_postgres::Client) -> Result<Vec<(String, 
 }
 
 /// Writes the low watermark, selects one chunk, writes the high watermark. Returns the rows,
-/// each column as text.
+/// each column as text (see [`TableInfo::chunk_sql`]).
 pub async fn read_chunk(
     client: &tokio_postgres::Client,
     info: &TableInfo,
@@ -128,7 +113,7 @@ pub async fn read_chunk(
     after: Option<&[String]>,
     keys: Option<&[Vec<String>]>,
     limit: usize,
-) -> Result<Vec<Vec<Option<String>>>, tokio_postgres::Error> {
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
     let emit = "SELECT pg_logical_emit_message(false, $1::text, $2::text)";
     client.execute(emit, &[&WATERMARK_PREFIX, &format!("low {marker}")]).await?;
     // A transaction's commit record can precede the low watermark in the WAL while it is not
@@ -144,6 +129,7 @@ pub async fn read_chunk(
     while !client.query_one(done, &[&mark]).await?.get::<_, bool>(0) {
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
+    let t = std::time::Instant::now();
     let sql = info.chunk_sql(after.is_some(), keys.is_some(), limit);
     let rows = match (keys, after) {
         (Some(k), _) => {
@@ -158,6 +144,7 @@ pub async fn read_chunk(
         }
         (None, None) => client.query(&sql, &[]).await?,
     };
+    tracing::debug!(select = ?t.elapsed(), rows = rows.len(), "snapshot chunk read");
     client.execute(emit, &[&WATERMARK_PREFIX, &format!("high {marker}")]).await?;
     // A non-transactional message waits in the WAL buffers until something flushes them (the
     // WAL writer: up to wal_writer_delay later). A tiny synchronous commit flushes now, so the
@@ -165,8 +152,7 @@ pub async fn read_chunk(
     client
         .batch_execute("BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_logical_emit_message(true, 'sluice-flush', ''); COMMIT;")
         .await?;
-    let n = info.columns.len();
-    Ok(rows.iter().map(|r| (0..n).map(|i| r.get::<_, Option<String>>(i)).collect()).collect())
+    Ok(rows)
 }
 
 #[cfg(test)]
@@ -191,8 +177,5 @@ mod tests {
         );
         assert!(t.chunk_sql(false, false, 5).ends_with("t ORDER BY t.\"order_id\", t.\"line\" LIMIT 5"));
         assert!(t.chunk_sql(false, true, 5).contains("WHERE (t.\"order_id\", t.\"line\") IN (SELECT * FROM unnest($1::text[]::bigint[], $2::text[]::integer[]))"));
-        let (row, key) = t.row_json(&[Some("7".into()), Some("1".into()), None]);
-        assert_eq!(row, serde_json::json!({"order_id": 7, "line": 1, "note": null}));
-        assert_eq!(key, serde_json::json!({"order_id": 7, "line": 1}));
     }
 }

@@ -123,6 +123,78 @@ pub fn to_json(type_oid: u32, text: &str) -> Json {
     }
 }
 
+/// Writes `to_json(type_oid, text)` as JSON text to `out`, the same bytes as serializing it,
+/// without building the value for the common types (snapshots write millions of them).
+pub fn write_json(type_oid: u32, text: &str, out: &mut Vec<u8>) {
+    match type_oid {
+        oid::BOOL if text == "t" => out.extend_from_slice(b"true"),
+        oid::BOOL if text == "f" => out.extend_from_slice(b"false"),
+        oid::INT2 | oid::INT4 | oid::INT8 | oid::OID => match text.parse::<i64>() {
+            Ok(n) => out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes()),
+            Err(_) => write_str(text, out),
+        },
+        oid::TEXT | oid::VARCHAR | 1042 | 19 | oid::NUMERIC | oid::UUID | oid::BYTEA | oid::DATE | oid::TIME | 1266 | 1186 => write_str(text, out),
+        oid::TIMESTAMPTZ => match timestamptz_utc(text, out) {
+            true => {}
+            false => write_str(&timestamptz(text).unwrap_or_else(|| text.to_string()), out),
+        },
+        _ => serde_json::to_writer(out, &to_json(type_oid, text)).expect("writing JSON to memory"),
+    }
+}
+
+/// A string as JSON text.
+pub fn write_str(s: &str, out: &mut Vec<u8>) {
+    serde_json::to_writer(out, s).expect("writing JSON to memory")
+}
+
+/// The fast path of [`timestamptz`] for what a UTC session prints (`2026-01-05
+/// 10:00:00.12+00`): written as JSON (`"2026-01-05T10:00:00.120Z"`, fractions padded to 3
+/// or 6 digits as chrono's `AutoSi` does). False, writing nothing, for anything else.
+fn timestamptz_utc(text: &str, out: &mut Vec<u8>) -> bool {
+    let b = text.as_bytes();
+    let Some(body) = text.strip_suffix("+00") else { return false };
+    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+    let shape = body.len() >= 19
+        && digits(0..4)
+        && b[4] == b'-'
+        && digits(5..7)
+        && b[7] == b'-'
+        && digits(8..10)
+        && b[10] == b' '
+        && digits(11..13)
+        && b[13] == b':'
+        && digits(14..16)
+        && b[16] == b':'
+        && digits(17..19);
+    if !shape {
+        return false;
+    }
+    let frac = &body[19..];
+    let frac = match frac.strip_prefix('.') {
+        Some(f) if (1..=6).contains(&f.len()) && f.bytes().all(|c| c.is_ascii_digit()) => f,
+        None if frac.is_empty() => "",
+        _ => return false,
+    };
+    // Let chrono judge the calendar (Feb 30, leap seconds, hour 24): only plain values here.
+    let num = |r: std::ops::Range<usize>| body[r].parse::<u32>().unwrap_or(99);
+    if !(1..=12).contains(&num(5..7)) || !(1..=28).contains(&num(8..10)) || num(11..13) > 23 || num(14..16) > 59 || num(17..19) > 59 || num(0..4) == 0 {
+        return false;
+    }
+    out.push(b'"');
+    out.extend_from_slice(&b[..10]);
+    out.push(b'T');
+    out.extend_from_slice(&b[11..19]);
+    if frac.bytes().any(|c| c != b'0') {
+        let trimmed = frac.trim_end_matches('0');
+        let width = if trimmed.len() <= 3 { 3 } else { 6 };
+        out.push(b'.');
+        out.extend_from_slice(trimmed.as_bytes());
+        out.resize(out.len() + width - trimmed.len(), b'0');
+    }
+    out.extend_from_slice(b"Z\"");
+    true
+}
+
 /// `2026-01-05 10:00:00.123456+00` (ISO style, UTC session) as
 /// `2026-01-05T10:00:00.123456Z`; other offsets are converted to UTC.
 fn timestamptz(text: &str) -> Option<String> {
@@ -262,11 +334,57 @@ mod tests {
         assert_eq!(to_json(1007, "{1,2"), json!("{1,2"), "not an array literal: kept as text");
     }
 
+    fn written(t: u32, s: &str) -> String {
+        let mut out = Vec::new();
+        write_json(t, s, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn written_like_the_values() {
+        for (t, s) in [
+            (oid::BOOL, "t"),
+            (oid::BOOL, "f"),
+            (oid::BOOL, "maybe"),
+            (oid::INT4, "-42"),
+            (oid::INT8, "x"),
+            (oid::TEXT, "a \"quoted\"\n\u{1}é"),
+            (oid::NUMERIC, "1.50"),
+            (oid::TIMESTAMPTZ, "2026-01-05 10:00:00+00"),
+            (oid::TIMESTAMPTZ, "2026-01-05 10:00:00.1+00"),
+            (oid::TIMESTAMPTZ, "2026-01-05 10:00:00.000100+00"),
+            (oid::TIMESTAMPTZ, "2026-01-05 10:00:00.1234+00"),
+            (oid::TIMESTAMPTZ, "2024-02-29 23:59:59.999999+00"),
+            (oid::TIMESTAMPTZ, "2026-01-05 10:00:00+05:30"),
+            (oid::TIMESTAMPTZ, "infinity"),
+            (oid::TIMESTAMPTZ, "12026-01-05 10:00:00+00"),
+            (oid::TIMESTAMPTZ, "0044-03-15 12:00:00+00 BC"),
+            (oid::TIMESTAMP, "2026-01-05 10:00:00"),
+            (oid::JSONB, r#"{"b": 1, "a": [true]}"#),
+            (oid::FLOAT8, "1e300"),
+            (1007, "{1,NULL}"),
+            (99999, "happy"),
+        ] {
+            assert_eq!(written(t, s), to_json(t, s).to_string(), "{t} {s}");
+        }
+    }
+
     proptest! {
         #[test]
         fn never_panics(t in any::<u32>(), s in ".{0,30}") {
             let _ = to_json(t % 4000, &s);
             let _ = parse_array(&s);
+        }
+
+        #[test]
+        fn written_timestamps_match_chrono(y in 1u32..10000, mo in 1u32..13, d in 1u32..29, h in 0u32..24, mi in 0u32..60, sec in 0u32..60, frac in proptest::option::of("[0-9]{1,6}")) {
+            let t = format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{sec:02}{}+00", frac.map(|f| format!(".{f}")).unwrap_or_default());
+            prop_assert_eq!(written(oid::TIMESTAMPTZ, &t), to_json(oid::TIMESTAMPTZ, &t).to_string());
+        }
+
+        #[test]
+        fn written_like_the_values_any(t in prop_oneof![Just(16u32), Just(20), Just(23), Just(25), Just(1184), Just(1700), Just(3802), Just(1009)], s in ".{0,30}") {
+            prop_assert_eq!(written(t, &s), to_json(t, &s).to_string());
         }
 
         #[test]

@@ -163,9 +163,13 @@ pub struct MariaServer {
 impl MariaServer {
     pub fn start() -> MariaServer {
         let dir = tempfile::Builder::new().prefix("sluice-maria").tempdir().unwrap();
+        // Its own temporary directory: bootstraps running side by side in /tmp have been seen
+        // to fail removing their temporary tables.
+        std::fs::create_dir(dir.path().join("tmp")).unwrap();
         let out = Command::new("mariadb-install-db")
             .args(["--no-defaults", "--auth-root-authentication-method=normal", "--skip-test-db"])
             .arg(format!("--datadir={}", dir.path().join("data").display()))
+            .arg(format!("--tmpdir={}", dir.path().join("tmp").display()))
             .args(if is_root() { vec!["--user=root"] } else { vec![] })
             .output()
             .expect("mariadb-install-db (scripts/test.sh installs mariadb-server)");
@@ -183,6 +187,7 @@ impl MariaServer {
             .arg("--no-defaults")
             .args(if is_root() { vec!["--user=root"] } else { vec![] })
             .arg(format!("--datadir={}", d.join("data").display()))
+            .arg(format!("--tmpdir={}", d.join("tmp").display()))
             .arg(format!("--port={}", self.port))
             .arg("--bind-address=127.0.0.1")
             .arg(format!("--socket={}", d.join("sock").display()))

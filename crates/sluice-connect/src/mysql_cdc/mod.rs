@@ -305,6 +305,7 @@ impl MysqlSource {
                 table: format!("{db}.{name}"),
                 keys: (!req.keys.is_empty()).then(|| req.keys.clone()),
                 after: None,
+                cursor: None,
                 rows: 0,
                 chunks: 0,
                 started_ms: sluice_core::time::now_ms(),

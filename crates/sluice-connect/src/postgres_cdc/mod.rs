@@ -162,6 +162,10 @@ pub(crate) struct SnapshotTask {
     /// The key of the last row of the last finished chunk (as text, one per key column).
     #[serde(default)]
     pub(crate) after: Option<Vec<String>>,
+    /// Where the next chunk starts when chunks read are still being written (ahead of
+    /// `after`, which only durable chunks move); None: at `after`.
+    #[serde(skip)]
+    pub(crate) cursor: Option<Vec<String>>,
     pub(crate) rows: u64,
     pub(crate) chunks: u64,
     pub(crate) started_ms: i64,
@@ -199,6 +203,50 @@ struct Chunk {
     rows: tokio::task::JoinHandle<Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>,
     limit: usize,
     started: std::time::Instant,
+}
+
+/// Changes appended to the log whose fsyncs are running while the stream is read on. They
+/// finish in order; each then confirms its position and records its snapshot chunk.
+#[derive(Default)]
+struct Inflight {
+    writes: futures::stream::FuturesOrdered<futures::future::BoxFuture<'static, Result<Landed, Stop>>>,
+    /// Snapshot chunks among them.
+    chunks: usize,
+}
+
+/// What a durable write lets the source record.
+struct Landed {
+    /// The end of the last whole transaction written.
+    confirm: Option<u64>,
+    chunk: Option<ChunkDone>,
+}
+
+/// A snapshot chunk whose events are written.
+struct ChunkDone {
+    task: u64,
+    rows: u64,
+    /// Its last key (None: nothing read, or read again).
+    after: Option<Vec<String>>,
+    /// The last chunk of its snapshot.
+    finished: bool,
+}
+
+/// At most this many writes in flight: the stream waits for the oldest beyond it.
+const MAX_INFLIGHT: usize = 8;
+
+impl Inflight {
+    fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+
+    async fn next(&mut self) -> Option<Result<Landed, Stop>> {
+        use futures::StreamExt;
+        let l = self.writes.next().await;
+        if let Some(Ok(Landed { chunk: Some(_), .. })) = &l {
+            self.chunks -= 1;
+        }
+        l
+    }
 }
 
 /// A position in the log of changes: (commit LSN, sequence in the transaction).
@@ -321,6 +369,7 @@ impl PostgresSource {
                 table: format!("{schema}.{name}"),
                 keys: (!req.keys.is_empty()).then(|| req.keys.clone()),
                 after: None,
+                cursor: None,
                 rows: 0,
                 chunks: 0,
                 started_ms: sluice_core::time::now_ms(),
@@ -471,13 +520,14 @@ impl Session for PostgresSource {
         let mut warned: HashSet<(u32, String)> = HashSet::new();
         let mut txn: Option<Txn> = None;
         let mut pending = Pending::default();
+        let mut inflight = Inflight::default();
         let mut chunk: Option<Chunk> = None;
         let mut last_chunk = std::time::Instant::now() - self.cfg.snapshot_throttle.0;
         let mut requests = self.requests.lock().await;
         let mut heartbeat = tokio::time::interval(self.cfg.heartbeat.0);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if chunk.is_none() && txn.is_none() && !state.snapshots.is_empty() && last_chunk.elapsed() >= self.cfg.snapshot_throttle.0 {
+            if chunk.is_none() && txn.is_none() && inflight.chunks == 0 && !state.snapshots.is_empty() && last_chunk.elapsed() >= self.cfg.snapshot_throttle.0 {
                 chunk = self.start_chunk(&client, &state).await?;
                 if chunk.is_none() {
                     // The table is gone: nothing to read.
@@ -492,6 +542,10 @@ impl Session for PostgresSource {
             let ev = if pending.is_empty() {
                 tokio::select! {
                     ev = repl.recv() => ev,
+                    Some(l) = inflight.next(), if !inflight.is_empty() => {
+                        self.landed(l?, &mut state, &repl)?;
+                        continue;
+                    }
                     Some((req, reply)) = requests.recv() => {
                         let _ = reply.send(self.queue_snapshots(&client, &mut state, &req).await);
                         continue;
@@ -508,16 +562,23 @@ impl Session for PostgresSource {
                         continue;
                     }
                     _ = shutdown.changed() => {
+                        while let Some(l) = inflight.next().await {
+                            self.landed(l?, &mut state, &repl)?;
+                        }
                         repl.stop();
                         return Ok(());
                     }
                 }
             } else {
                 // Gather what arrives together into one write; write as soon as it pauses.
-                match tokio::time::timeout(Duration::from_millis(5), repl.recv()).await {
-                    Ok(ev) => ev,
-                    Err(_) => {
-                        self.write(&mut pending, &mut written, &repl).await?;
+                tokio::select! {
+                    ev = repl.recv() => ev,
+                    Some(l) = inflight.next(), if !inflight.is_empty() => {
+                        self.landed(l?, &mut state, &repl)?;
+                        continue;
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(5)) => {
+                        self.write(&mut pending, &mut written, &mut inflight, None, &mut state, &repl).await?;
                         continue;
                     }
                 }
@@ -582,7 +643,7 @@ impl Session for PostgresSource {
                                 self.status.changes.fetch_add(1, Ordering::Relaxed);
                             }
                             if pending.records >= GROUP_RECORDS {
-                                self.write(&mut pending, &mut written, &repl).await?;
+                                self.write(&mut pending, &mut written, &mut inflight, None, &mut state, &repl).await?;
                             }
                         }
                     }
@@ -593,13 +654,13 @@ impl Session for PostgresSource {
                     self.status.transactions.fetch_add(1, Ordering::Relaxed);
                     self.status.received_lsn.fetch_max(end_lsn.as_u64(), Ordering::Relaxed);
                     if pending.records >= GROUP_RECORDS {
-                        self.write(&mut pending, &mut written, &repl).await?;
+                        self.write(&mut pending, &mut written, &mut inflight, None, &mut state, &repl).await?;
                     }
                 }
                 ReplicationEvent::KeepAlive { wal_end, .. } => {
                     // Between transactions with everything written, all before the server's
                     // position is ours: confirm it, so an idle slot does not hold WAL.
-                    if txn.is_none() && pending.is_empty() {
+                    if txn.is_none() && pending.is_empty() && inflight.is_empty() {
                         self.confirm(&repl, wal_end.as_u64());
                     }
                 }
@@ -617,23 +678,21 @@ impl Session for PostgresSource {
                                     let at = lsn.as_u64().saturating_sub(1);
                                     let t0 = std::time::Instant::now();
                                     let waited = c.started.elapsed();
-                                    let finished = self.finish_chunk(c, at, &database, &mut state, &mut streams, &mut pending).await?;
+                                    let done = self.finish_chunk(c, at, &database, &mut state, &mut streams, &mut pending).await?;
                                     let built = t0.elapsed();
-                                    if !finished && self.cfg.snapshot_throttle.0.is_zero() {
+                                    if !done.finished && self.cfg.snapshot_throttle.0.is_zero() {
                                         // The next chunk is read while this one's events are written:
                                         // they are pending before its low watermark comes.
                                         chunk = self.start_chunk(&client, &state).await?;
                                     }
-                                    self.write(&mut pending, &mut written, &repl).await?;
-                                    let wrote = t0.elapsed();
-                                    self.chunk_done(&mut state, finished)?;
-                                    tracing::debug!(source = self.name, ?waited, ?built, ?wrote, saved = ?t0.elapsed(), "snapshot chunk");
+                                    self.write(&mut pending, &mut written, &mut inflight, Some(done), &mut state, &repl).await?;
+                                    tracing::debug!(source = self.name, ?waited, ?built, appended = ?t0.elapsed(), "snapshot chunk");
                                     last_chunk = std::time::Instant::now();
                                 }
                             }
                         }
                     }
-                    if txn.is_none() && pending.is_empty() {
+                    if txn.is_none() && pending.is_empty() && inflight.is_empty() {
                         self.confirm(&repl, lsn.as_u64());
                     }
                 }
@@ -654,12 +713,57 @@ impl PostgresSource {
         }
     }
 
-    /// Appends the pending changes (skipping what the log already holds), makes them
-    /// durable, then confirms the last whole transaction among them.
-    async fn write(&self, pending: &mut Pending, written: &mut HashMap<(String, u32), Position>, repl: &ReplicationClient) -> Result<(), Stop> {
-        if let Some(end) = append_pending(&self.name, pending, written).await? {
+    /// Appends the pending changes (skipping what the log already holds) and puts their
+    /// fsync in flight; once durable, the last whole transaction among them is confirmed and
+    /// `chunk` recorded (see [`PostgresSource::landed`]). With too many in flight, waits
+    /// for the oldest.
+    async fn write(
+        &self,
+        pending: &mut Pending,
+        written: &mut HashMap<(String, u32), Position>,
+        inflight: &mut Inflight,
+        chunk: Option<ChunkDone>,
+        state: &mut State,
+        repl: &ReplicationClient,
+    ) -> Result<(), Stop> {
+        let (appended, confirm) = append_only(&self.name, pending, written)?;
+        inflight.chunks += chunk.is_some() as usize;
+        inflight.writes.push_back(Box::pin(async move {
+            for (part, a) in &appended {
+                part.sync(a).await?;
+            }
+            Ok(Landed { confirm, chunk })
+        }));
+        while inflight.writes.len() > MAX_INFLIGHT {
+            let Some(l) = inflight.next().await else { break };
+            self.landed(l?, state, repl)?;
+        }
+        Ok(())
+    }
+
+    /// A write is durable: confirms its position, records its snapshot chunk (a restart
+    /// resumes after it; the last one finishes its snapshot).
+    fn landed(&self, l: Landed, state: &mut State, repl: &ReplicationClient) -> Result<(), Stop> {
+        if let Some(end) = l.confirm {
             self.confirm(repl, end);
         }
+        let Some(c) = l.chunk else { return Ok(()) };
+        let Some(i) = state.snapshots.iter().position(|t| t.id == c.task) else { return Ok(()) };
+        let task = &mut state.snapshots[i];
+        task.rows += c.rows;
+        task.chunks += 1;
+        if let Some(k) = c.after {
+            task.after = Some(k);
+        }
+        if c.finished {
+            let t = state.snapshots.remove(i);
+            self.save_state(state)?;
+            tracing::info!(source = self.name, table = t.table, rows = t.rows, "snapshot finished");
+            self.status.snapshot_finished(&t);
+        } else {
+            self.save_state(state)?;
+        }
+        self.show_snapshots(state);
         Ok(())
     }
 
@@ -708,13 +812,15 @@ impl PostgresSource {
             }
             None => None,
         };
-        let rows = tokio::spawn(async move { snapshot::read_chunk(&c, &i, &m, task.after.as_deref(), keys.as_deref(), limit).await });
+        let after = task.cursor.clone().or(task.after.clone());
+        let rows = tokio::spawn(async move { snapshot::read_chunk(&c, &i, &m, after.as_deref(), keys.as_deref(), limit).await });
         Ok(Some(Chunk { marker, task: task.id, info, open: false, changed: HashSet::new(), rows, limit, started: std::time::Instant::now() }))
     }
 
     /// At the high watermark: the chunk's rows that no change in the window touched become
     /// `read` events at position `lsn` (just before the watermark's end: after every commit
-    /// before the watermark, before every commit after it).
+    /// before the watermark, before every commit after it). The next chunk starts after it;
+    /// the snapshot's progress moves once its events are durable (see `landed`).
     async fn finish_chunk(
         &self,
         c: Chunk,
@@ -723,7 +829,7 @@ impl PostgresSource {
         state: &mut State,
         streams: &mut HashMap<String, Arc<Stream>>,
         pending: &mut Pending,
-    ) -> Result<bool, Stop> {
+    ) -> Result<ChunkDone, Stop> {
         let rows = c.rows.await.map_err(|e| anyhow::anyhow!("snapshot read: {e}"))??;
         let stream = self.stream_for(&c.info.schema, &c.info.name, streams, state)?;
         let now = sluice_core::time::now_ms();
@@ -731,7 +837,7 @@ impl PostgresSource {
         let mut last_key: Option<Vec<String>> = None;
         if !c.open {
             // A truncate between the watermarks: the rows read may be gone. Read the chunk again.
-            return Ok(false);
+            return Ok(ChunkDone { task: c.task, rows: 0, after: None, finished: false });
         }
         let at = Lsn(lsn).to_string();
         let source = json!({"connector": "postgres", "name": self.name, "db": database, "schema": c.info.schema, "table": c.info.name,
@@ -758,30 +864,13 @@ impl PostgresSource {
         if let Some(r) = rows.last() {
             last_key = Some(c.info.columns.iter().enumerate().filter(|(_, col)| col.3).map(|(i, _)| r.get::<_, Option<&str>>(i).unwrap_or_default().to_string()).collect());
         }
-        let finished = rows.len() < c.limit || state.snapshots[0].keys.is_some();
         let task = &mut state.snapshots[0];
         debug_assert_eq!(task.id, c.task);
-        task.rows += emitted;
-        task.chunks += 1;
-        if let Some(k) = last_key {
-            task.after = Some(k);
+        let finished = rows.len() < c.limit || task.keys.is_some();
+        if last_key.is_some() {
+            task.cursor = last_key.clone();
         }
-        Ok(finished)
-    }
-
-    /// Records a chunk whose events are durable now: a restart resumes after it. The last
-    /// chunk finishes its snapshot.
-    fn chunk_done(&self, state: &mut State, finished: bool) -> Result<(), Stop> {
-        if finished {
-            let t = state.snapshots.remove(0);
-            self.save_state(state)?;
-            tracing::info!(source = self.name, table = t.table, rows = t.rows, "snapshot finished");
-            self.status.snapshot_finished(&t);
-        } else {
-            self.save_state(state)?;
-        }
-        self.show_snapshots(state);
-        Ok(())
+        Ok(ChunkDone { task: c.task, rows: emitted, after: last_key, finished })
     }
 
     /// The change events of one message: (table, event) for each captured table it touches.
@@ -917,6 +1006,21 @@ pub(crate) fn save_state<T: serde::Serialize>(dir: &std::path::Path, s: &T) -> a
 /// holds, and makes them durable. Returns the end of the last whole transaction among them,
 /// which the caller may now acknowledge.
 pub(crate) async fn append_pending(source: &str, pending: &mut Pending, written: &mut HashMap<(String, u32), Position>) -> Result<Option<u64>, Stop> {
+    let (appended, end) = append_only(source, pending, written)?;
+    for (part, a) in &appended {
+        part.sync(a).await?;
+    }
+    Ok(end)
+}
+
+/// [`append_pending`] without the fsync: what was appended where (for `Partition::sync`),
+/// and the end of the last whole transaction among the changes.
+#[allow(clippy::type_complexity)]
+pub(crate) fn append_only(
+    source: &str,
+    pending: &mut Pending,
+    written: &mut HashMap<(String, u32), Position>,
+) -> Result<(Vec<(Arc<sluice_log::Partition>, sluice_log::Appended)>, Option<u64>), Stop> {
     let p = std::mem::take(pending);
     let mut appended = Vec::new();
     for (stream, partition, recs) in p.groups {
@@ -934,10 +1038,7 @@ pub(crate) async fn append_pending(source: &str, pending: &mut Pending, written:
         appended.push((part, a));
         written.insert(k, last);
     }
-    for (part, a) in &appended {
-        part.sync(a).await?;
-    }
-    Ok(p.commit_end)
+    Ok((appended, p.commit_end))
 }
 
 /// A tuple as a JSON object of its columns, and the names of the unchanged TOASTed columns

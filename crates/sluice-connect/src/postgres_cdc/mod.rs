@@ -516,11 +516,15 @@ impl Session for PostgresSource {
         tracing::info!(source = self.name, slot, publication, "streaming changes");
 
         let mut relations: HashMap<u32, Relation> = HashMap::new();
+        let mut by_oid: HashMap<u32, Arc<Stream>> = HashMap::new();
         let mut type_names: HashMap<u32, String> = HashMap::new();
         let mut warned: HashSet<(u32, String)> = HashSet::new();
         let mut txn: Option<Txn> = None;
         let mut pending = Pending::default();
         let mut inflight = Inflight::default();
+        let gather = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(gather);
+        let mut gathering = false;
         let mut chunk: Option<Chunk> = None;
         let mut last_chunk = std::time::Instant::now() - self.cfg.snapshot_throttle.0;
         let mut requests = self.requests.lock().await;
@@ -540,6 +544,7 @@ impl Session for PostgresSource {
             }
             let throttled = chunk.is_none() && !state.snapshots.is_empty();
             let ev = if pending.is_empty() {
+                gathering = false;
                 tokio::select! {
                     ev = repl.recv() => ev,
                     Some(l) = inflight.next(), if !inflight.is_empty() => {
@@ -570,14 +575,19 @@ impl Session for PostgresSource {
                     }
                 }
             } else {
-                // Gather what arrives together into one write; write as soon as it pauses.
+                // Gather what arrives together into one write, for at most 5 ms (one timer per
+                // write: a timer per event costs more than the event).
+                if !gathering {
+                    gather.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(5));
+                    gathering = true;
+                }
                 tokio::select! {
                     ev = repl.recv() => ev,
                     Some(l) = inflight.next(), if !inflight.is_empty() => {
                         self.landed(l?, &mut state, &repl)?;
                         continue;
                     }
-                    _ = tokio::time::sleep(Duration::from_millis(5)) => {
+                    _ = &mut gather => {
                         self.write(&mut pending, &mut written, &mut inflight, None, &mut state, &repl).await?;
                         continue;
                     }
@@ -603,6 +613,7 @@ impl Session for PostgresSource {
                                     tracing::info!(source = self.name, "column {}.{}.{} has type {ty}: its values are kept as text", r.namespace, r.name, c.name);
                                 }
                             }
+                            by_oid.remove(&r.oid);
                             relations.insert(r.oid, r);
                         }
                         Message::Type { oid, namespace, name } => {
@@ -613,8 +624,17 @@ impl Session for PostgresSource {
                             let Some(t) = txn.as_mut() else {
                                 return Err(Stop::Retry(anyhow::anyhow!("a change outside a transaction")));
                             };
-                            for (rel, event) in self.events(&relations, change, t, &database)? {
-                                let stream = self.stream_for(&rel.namespace, &rel.name, &mut streams, &mut state)?;
+                            for (oid, event) in self.events(&relations, change, t, &database)? {
+                                let rel = &relations[&oid];
+                                // The stream of a relation, looked up once per relation description.
+                                let stream = match by_oid.get(&oid) {
+                                    Some(s) => s.clone(),
+                                    None => {
+                                        let s = self.stream_for(&rel.namespace, &rel.name, &mut streams, &mut state)?;
+                                        by_oid.insert(oid, s.clone());
+                                        s
+                                    }
+                                };
                                 let key = event.get("key").filter(|k| !k.is_null()).map(|k| k.to_string());
                                 if let Some(c) = chunk.as_mut().filter(|c| c.open && c.info.schema == rel.namespace && c.info.name == rel.name) {
                                     match &key {
@@ -874,7 +894,7 @@ impl PostgresSource {
     }
 
     /// The change events of one message: (table, event) for each captured table it touches.
-    fn events(&self, relations: &HashMap<u32, Relation>, m: Message, t: &mut Txn, database: &str) -> Result<Vec<(Relation, Json)>, Stop> {
+    fn events(&self, relations: &HashMap<u32, Relation>, m: Message, t: &mut Txn, database: &str) -> Result<Vec<(u32, Json)>, Stop> {
         let rel = |oid: u32| -> Result<&Relation, Stop> {
             relations.get(&oid).ok_or_else(|| Stop::Retry(anyhow::anyhow!("a change to relation {oid} before its description")))
         };
@@ -902,7 +922,7 @@ impl PostgresSource {
             e.insert("transaction".into(), json!({"id": t.xid, "lsn": Lsn(t.lsn).to_string(), "seq": t.seq}));
             e.insert("ts_ms".into(), sluice_core::time::now_ms().into());
             t.seq += 1;
-            out.push((r.clone(), Json::Object(e)));
+            out.push((r.oid, Json::Object(e)));
         };
         match m {
             Message::Insert { relation, new } => {

@@ -393,6 +393,12 @@ impl Session for MysqlSource {
         let mut requests = self.requests.lock().await;
         let mut mariadb_gtid_pending: Option<String> = None;
         let mut seen_fde = false;
+        // Timers made once, not per event (re-arming one per event costs more than the event).
+        let gather = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(gather);
+        let mut gathering = false;
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(60), Duration::from_secs(60));
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // A chunk lands when the stream reaches its position, between transactions.
             if txn.is_none() && chunk.as_ref().is_some_and(|c| position(file_no, cur_pos) >= c.at) {
@@ -416,6 +422,7 @@ impl Session for MysqlSource {
             }
             let throttled = chunk.is_none() && !state.snapshots.is_empty();
             let ev = if pending.is_empty() {
+                gathering = false;
                 tokio::select! {
                     ev = binlog.next() => ev,
                     Some((req, reply)) = requests.recv() => {
@@ -424,16 +431,21 @@ impl Session for MysqlSource {
                     }
                     _ = tokio::time::sleep(Duration::from_millis(20)), if throttled => continue,
                     // Keeps the query connection alive through long quiet spells.
-                    _ = tokio::time::sleep(Duration::from_secs(60)) => {
+                    _ = ping.tick() => {
                         conn.ping().await?;
                         continue;
                     }
                     _ = shutdown.changed() => return Ok(()),
                 }
             } else {
-                match tokio::time::timeout(Duration::from_millis(5), binlog.next()).await {
-                    Ok(ev) => ev,
-                    Err(_) => {
+                // Gather what arrives together into one write, for at most 5 ms.
+                if !gathering {
+                    gather.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(5));
+                    gathering = true;
+                }
+                tokio::select! {
+                    ev = binlog.next() => ev,
+                    _ = &mut gather => {
                         self.write(&mut pending, &mut written, &mut state, &last_commit).await?;
                         continue;
                     }

@@ -120,6 +120,20 @@ def steady_lag(s, client, tick_sql, table, rate, seconds):
     return lags, tick * per_tick / (time.monotonic() - t0)
 
 
+def lag_run(a, work, source_yaml, client, tick_sql, table):
+    """(c) for one database: a Sluice with `source_yaml` (the source `lag`, indented under
+    `sources:`) and `flush_interval: --lag-flush`, then `steady_lag`. Returns (lags,
+    changes/s reached, peak RSS MiB)."""
+    d = os.path.join(work, "lag"); os.makedirs(d)
+    s = Sluice(a.bin, d, f"lake:\n  flush_interval: {a.lag_flush}\nsources:\n  lag:\n{source_yaml}")
+    try:
+        wait(lambda: source(s).get("state") == "streaming", "the source")
+        lags, rate = steady_lag(s, client, tick_sql, table, a.lag_rate, a.lag_seconds)
+        return lags, rate, s.peak_rss_mib()
+    finally:
+        s.stop()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
@@ -192,17 +206,12 @@ def main():
 
         # (c) mirror lag at a steady change rate
         pg.sql("CREATE TABLE lag (id bigint PRIMARY KEY, v text, n int)")
-        d = os.path.join(work, "lag"); os.makedirs(d)
-        cfg = (f"lake:\n  flush_interval: {a.lag_flush}\nsources:\n  lag:\n    postgres:\n      url: {pg.url}\n      slot: sluice_lag\n"
+        cfg = (f"    postgres:\n      url: {pg.url}\n      slot: sluice_lag\n"
                "      publication: pub\n      snapshot: never\n      tables:\n        include: [public.lag]\n")
-        s = Sluice(a.bin, d, cfg)
-        wait(lambda: source(s).get("state") == "streaming", "the source")
         psql = [f"{pg.bin}/psql", "-X", "-q", "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres", "-d", "postgres"]
         tick = lambda lo, n, old: (f"BEGIN; INSERT INTO lag SELECT g, 'v' || g, 0 FROM generate_series({lo}, {lo + n - 1}) g; "
                                    f"UPDATE lag SET n = n + 1 WHERE id >= {old} AND id < {old + n}; COMMIT;")
-        lags, lag_rate = steady_lag(s, psql, tick, "lag_lag", a.lag_rate, a.lag_seconds)
-        lag_rss = s.peak_rss_mib()
-        s.stop()
+        lags, lag_rate, lag_rss = lag_run(a, work, cfg, psql, tick, "lag_lag")
     finally:
         pg.stop()
         shutil.rmtree(work, ignore_errors=True)

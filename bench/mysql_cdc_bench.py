@@ -11,7 +11,7 @@ import argparse, os, shutil, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ingest_bench import Sluice, free_port  # noqa: E402
-from cdc_bench import wait, source, steady_lag, pct  # noqa: E402
+from cdc_bench import wait, source, lag_run, pct  # noqa: E402
 
 SECTION = "## Change data capture from MariaDB (issue 4)"
 
@@ -128,17 +128,11 @@ def main():
 
         # (c) mirror lag at a steady change rate
         db.sql("CREATE TABLE bench.lag (id BIGINT PRIMARY KEY, v VARCHAR(40), n INT)")
-        d = os.path.join(work, "lag"); os.makedirs(d)
-        cfg = (f"lake:\n  flush_interval: {a.lag_flush}\nsources:\n  lag:\n    mysql:\n      url: {db.url}\n      snapshot: never\n"
-               "      tables:\n        include: [bench.lag]\n")
-        s = Sluice(a.bin, d, cfg)
-        wait(lambda: source(s).get("state") == "streaming", "the source")
+        cfg = f"    mysql:\n      url: {db.url}\n      snapshot: never\n      tables:\n        include: [bench.lag]\n"
         client = ["mariadb", "-u", "root", f"--socket={db.sock}", "bench"]
         tick = lambda lo, n, old: (f"BEGIN; INSERT INTO lag SELECT seq, CONCAT('v', seq), 0 FROM seq_{lo}_to_{lo + n - 1}; "
                                    f"UPDATE lag SET n = n + 1 WHERE id >= {old} AND id < {old + n}; COMMIT;")
-        lags, lag_rate = steady_lag(s, client, tick, "lag_lag", a.lag_rate, a.lag_seconds)
-        lag_rss = s.peak_rss_mib()
-        s.stop()
+        lags, lag_rate, lag_rss = lag_run(a, work, cfg, client, tick, "lag_lag")
     finally:
         db.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -83,28 +83,27 @@ impl ReadEvents {
     pub(crate) fn write(&self, seq: u64, key: &mut Vec<u8>, event: &mut Vec<u8>, mut value: impl FnMut(usize, &mut Vec<u8>)) {
         key.clear();
         event.clear();
-        key.push(b'{');
-        for (n, &i) in self.key_order.iter().enumerate() {
-            if n > 0 {
-                key.push(b',');
-            }
-            key.extend_from_slice(&self.names[i]);
-            value(i, key);
-        }
-        key.push(b'}');
-        event.extend_from_slice(b"{\"after\":{");
-        for (n, &i) in self.order.iter().enumerate() {
-            if n > 0 {
-                event.push(b',');
-            }
-            event.extend_from_slice(&self.names[i]);
-            value(i, event);
-        }
-        event.extend_from_slice(b"},\"before\":null,\"key\":");
+        self.object(&self.key_order, key, &mut value);
+        event.extend_from_slice(b"{\"after\":");
+        self.object(&self.order, event, &mut value);
+        event.extend_from_slice(b",\"before\":null,\"key\":");
         event.extend_from_slice(key);
         event.extend_from_slice(&self.middle);
         event.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
         event.extend_from_slice(&self.tail);
+    }
+
+    /// The object of columns `cols` (names and values) into `out`.
+    fn object(&self, cols: &[usize], out: &mut Vec<u8>, value: &mut impl FnMut(usize, &mut Vec<u8>)) {
+        out.push(b'{');
+        for (n, &i) in cols.iter().enumerate() {
+            if n > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(&self.names[i]);
+            value(i, out);
+        }
+        out.push(b'}');
     }
 }
 

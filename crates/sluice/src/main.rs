@@ -14,7 +14,6 @@ mod server;
 mod stream_cli;
 
 use clap::{Parser, Subcommand};
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -421,35 +421,32 @@ impl Session for MysqlSource {
                 continue;
             }
             let throttled = chunk.is_none() && !state.snapshots.is_empty();
-            let ev = if pending.is_empty() {
+            // With changes pending, gather what arrives with them into one write, for at most
+            // 5 ms; the rest waits until they are written.
+            let idle = pending.is_empty();
+            if idle {
                 gathering = false;
-                tokio::select! {
-                    ev = binlog.next() => ev,
-                    Some((req, reply)) = requests.recv() => {
-                        let _ = reply.send(self.queue_snapshots(&mut conn, &mut state, &req).await);
-                        continue;
-                    }
-                    _ = tokio::time::sleep(Duration::from_millis(20)), if throttled => continue,
-                    // Keeps the query connection alive through long quiet spells.
-                    _ = ping.tick() => {
-                        conn.ping().await?;
-                        continue;
-                    }
-                    _ = shutdown.changed() => return Ok(()),
+            } else if !gathering {
+                gather.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(5));
+                gathering = true;
+            }
+            let ev = tokio::select! {
+                ev = binlog.next() => ev,
+                _ = &mut gather, if gathering => {
+                    self.write(&mut pending, &mut written, &mut state, &last_commit).await?;
+                    continue;
                 }
-            } else {
-                // Gather what arrives together into one write, for at most 5 ms.
-                if !gathering {
-                    gather.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(5));
-                    gathering = true;
+                Some((req, reply)) = requests.recv(), if idle => {
+                    let _ = reply.send(self.queue_snapshots(&mut conn, &mut state, &req).await);
+                    continue;
                 }
-                tokio::select! {
-                    ev = binlog.next() => ev,
-                    _ = &mut gather => {
-                        self.write(&mut pending, &mut written, &mut state, &last_commit).await?;
-                        continue;
-                    }
+                _ = tokio::time::sleep(Duration::from_millis(20)), if idle && throttled => continue,
+                // Keeps the query connection alive through long quiet spells.
+                _ = ping.tick(), if idle => {
+                    conn.ping().await?;
+                    continue;
                 }
+                _ = shutdown.changed(), if idle => return Ok(()),
             };
             let ev = match ev {
                 Some(Ok(ev)) => ev,

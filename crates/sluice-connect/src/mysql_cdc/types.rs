@@ -214,9 +214,10 @@ pub fn write_value(kind: &Kind, v: &Value, out: &mut Vec<u8>) {
         (_, Value::NULL) => out.extend_from_slice(b"null"),
         (Kind::Int | Kind::Year, Value::Int(i)) => out.extend_from_slice(itoa::Buffer::new().format(*i).as_bytes()),
         (Kind::Int | Kind::Year, Value::UInt(i)) => out.extend_from_slice(itoa::Buffer::new().format(*i).as_bytes()),
-        (Kind::Text | Kind::Enum(_) | Kind::Set(_) | Kind::Decimal, Value::Bytes(b)) if std::str::from_utf8(b).is_ok() => {
-            serde_json::to_writer(out, std::str::from_utf8(b).expect("checked")).expect("JSON to memory")
-        }
+        (Kind::Text | Kind::Enum(_) | Kind::Set(_) | Kind::Decimal, Value::Bytes(b)) => match std::str::from_utf8(b) {
+            Ok(text) => serde_json::to_writer(out, text).expect("JSON to memory"),
+            Err(_) => serde_json::to_writer(out, &value_to_json(kind, v, false)).expect("JSON to memory"),
+        },
         _ => serde_json::to_writer(out, &value_to_json(kind, v, false)).expect("JSON to memory"),
     }
 }

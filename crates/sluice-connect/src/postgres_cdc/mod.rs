@@ -543,54 +543,47 @@ impl Session for PostgresSource {
                 }
             }
             let throttled = chunk.is_none() && !state.snapshots.is_empty();
-            let ev = if pending.is_empty() {
+            // With changes pending, gather what arrives with them into one write, for at most
+            // 5 ms (one timer per write: a timer per event costs more than the event); the
+            // rest waits until they are written.
+            let idle = pending.is_empty();
+            if idle {
                 gathering = false;
-                tokio::select! {
-                    ev = repl.recv() => ev,
-                    Some(l) = inflight.next(), if !inflight.is_empty() => {
-                        self.landed(l?, &mut state, &repl)?;
-                        continue;
-                    }
-                    Some((req, reply)) = requests.recv() => {
-                        let _ = reply.send(self.queue_snapshots(&client, &mut state, &req).await);
-                        continue;
-                    }
-                    _ = tokio::time::sleep(Duration::from_millis(20)), if throttled => continue,
-                    _ = heartbeat.tick() => {
-                        if txn.is_none() {
-                            // A tiny WAL record of our own: it comes back as a Message whose
-                            // position is then confirmed (see below).
-                            if let Err(e) = client.execute("SELECT pg_logical_emit_message(false, 'sluice-heartbeat', '')", &[]).await {
-                                tracing::warn!(source = self.name, "heartbeat: {e} (keepalives still confirm the position when the server sends them)");
-                            }
-                        }
-                        continue;
-                    }
-                    _ = shutdown.changed() => {
-                        while let Some(l) = inflight.next().await {
-                            self.landed(l?, &mut state, &repl)?;
-                        }
-                        repl.stop();
-                        return Ok(());
-                    }
+            } else if !gathering {
+                gather.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(5));
+                gathering = true;
+            }
+            let ev = tokio::select! {
+                ev = repl.recv() => ev,
+                Some(l) = inflight.next(), if !inflight.is_empty() => {
+                    self.landed(l?, &mut state, &repl)?;
+                    continue;
                 }
-            } else {
-                // Gather what arrives together into one write, for at most 5 ms (one timer per
-                // write: a timer per event costs more than the event).
-                if !gathering {
-                    gather.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(5));
-                    gathering = true;
+                _ = &mut gather, if gathering => {
+                    self.write(&mut pending, &mut written, &mut inflight, None, &mut state, &repl).await?;
+                    continue;
                 }
-                tokio::select! {
-                    ev = repl.recv() => ev,
-                    Some(l) = inflight.next(), if !inflight.is_empty() => {
+                Some((req, reply)) = requests.recv(), if idle => {
+                    let _ = reply.send(self.queue_snapshots(&client, &mut state, &req).await);
+                    continue;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(20)), if idle && throttled => continue,
+                _ = heartbeat.tick(), if idle => {
+                    if txn.is_none() {
+                        // A tiny WAL record of our own: it comes back as a Message whose
+                        // position is then confirmed (see below).
+                        if let Err(e) = client.execute("SELECT pg_logical_emit_message(false, 'sluice-heartbeat', '')", &[]).await {
+                            tracing::warn!(source = self.name, "heartbeat: {e} (keepalives still confirm the position when the server sends them)");
+                        }
+                    }
+                    continue;
+                }
+                _ = shutdown.changed(), if idle => {
+                    while let Some(l) = inflight.next().await {
                         self.landed(l?, &mut state, &repl)?;
-                        continue;
                     }
-                    _ = &mut gather => {
-                        self.write(&mut pending, &mut written, &mut inflight, None, &mut state, &repl).await?;
-                        continue;
-                    }
+                    repl.stop();
+                    return Ok(());
                 }
             };
             let ev = match ev {
@@ -854,7 +847,6 @@ impl PostgresSource {
         let stream = self.stream_for(&c.info.schema, &c.info.name, streams, state)?;
         let now = sluice_core::time::now_ms();
         let mut emitted = 0u64;
-        let mut last_key: Option<Vec<String>> = None;
         if !c.open {
             // A truncate between the watermarks: the rows read may be gone. Read the chunk again.
             return Ok(ChunkDone { task: c.task, rows: 0, after: None, finished: false });
@@ -881,9 +873,8 @@ impl PostgresSource {
             pending.push(&stream, p, (lsn, seq as u64), Record::with_key(bytes::Bytes::from(k), bytes::Bytes::from(event), now));
             emitted += 1;
         }
-        if let Some(r) = rows.last() {
-            last_key = Some(c.info.columns.iter().enumerate().filter(|(_, col)| col.3).map(|(i, _)| r.get::<_, Option<&str>>(i).unwrap_or_default().to_string()).collect());
-        }
+        let last_key: Option<Vec<String>> =
+            rows.last().map(|r| c.info.columns.iter().enumerate().filter(|(_, col)| col.3).map(|(i, _)| r.get::<_, Option<&str>>(i).unwrap_or_default().to_string()).collect());
         let task = &mut state.snapshots[0];
         debug_assert_eq!(task.id, c.task);
         let finished = rows.len() < c.limit || task.keys.is_some();

@@ -134,10 +134,11 @@ pub fn write_json(type_oid: u32, text: &str, out: &mut Vec<u8>) {
             Err(_) => write_str(text, out),
         },
         oid::TEXT | oid::VARCHAR | 1042 | 19 | oid::NUMERIC | oid::UUID | oid::BYTEA | oid::DATE | oid::TIME | 1266 | 1186 => write_str(text, out),
-        oid::TIMESTAMPTZ => match timestamptz_utc(text, out) {
-            true => {}
-            false => write_str(&timestamptz(text).unwrap_or_else(|| text.to_string()), out),
-        },
+        oid::TIMESTAMPTZ => {
+            if !timestamptz_utc(text, out) {
+                write_str(&timestamptz(text).unwrap_or_else(|| text.to_string()), out)
+            }
+        }
         _ => serde_json::to_writer(out, &to_json(type_oid, text)).expect("writing JSON to memory"),
     }
 }

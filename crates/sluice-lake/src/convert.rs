@@ -21,6 +21,10 @@
 //!   in [`Converted::schema`] and its dotted path (list levels left out, e.g.
 //!   `checks.score`) is listed in [`Converted::widened`]. Integers in a Float64 column are
 //!   stored as floats.
+//! * With [`ConvertOptions::widen_to_text`] (change-data-capture tables) scalar types also
+//!   widen to text: a string, number or boolean in a column of another scalar type makes it
+//!   Utf8 (listed in `widened` like Float64 widening), and a number or boolean in a Utf8
+//!   column is stored as its JSON text (`1.50` as "1.50").
 //! * Any other mismatch rejects that record only, with a reason naming the field path
 //!   (list items as `[]`), the table's type and the record's type and value:
 //!   `field "user.age": table has Int64, record has Utf8 ("abc")`. So are: invalid JSON,
@@ -101,6 +105,13 @@ pub struct ConvertOptions {
     /// resolve to primitive types (string/int/bool); a record whose value there is an
     /// object/array is rejected.
     pub partition_by: Vec<String>,
+    /// Scalar columns whose values change type become text (Utf8) instead of rejecting the
+    /// record: a string, number or boolean in a column of another scalar type turns it into
+    /// Utf8 (its values so far become their text), and a number or boolean in a Utf8 column
+    /// is stored as its JSON text. For change-data-capture tables, where a retyped source
+    /// column (int to numeric, say) changes the JSON type of its values. Objects and arrays
+    /// still conflict with scalar columns. Off by default.
+    pub widen_to_text: bool,
 }
 
 impl Default for ConvertOptions {
@@ -108,6 +119,7 @@ impl Default for ConvertOptions {
         ConvertOptions {
             date_column: DEFAULT_DATE_COLUMN.to_string(),
             partition_by: Vec::new(),
+            widen_to_text: false,
         }
     }
 }
@@ -141,7 +153,8 @@ pub struct Converted {
     pub batches: Vec<RecordBatch>,
     /// Rejected records, in input order.
     pub rejects: Vec<Reject>,
-    /// Dotted paths of EXISTING table columns that must be widened Int64 -> Float64.
+    /// Dotted paths of EXISTING table columns that must be widened: Int64 -> Float64, or a
+    /// scalar type -> Utf8 ([`ConvertOptions::widen_to_text`]).
     pub widened: Vec<String>,
 }
 
@@ -253,7 +266,7 @@ fn one_pass(
             fast::Outcome::NotObject(kind) => {
                 out.rejects.push(make_reject(r, format!("not a JSON object: the value is {kind}")))
             }
-            fast::Outcome::Mismatch => match slow_path(&root, &opts.partition_by, r.value) {
+            fast::Outcome::Mismatch => match slow_path(&root, opts, r.value) {
                 Err(reason) => out.rejects.push(make_reject(r, reason)),
                 Ok(_) => return None,
             },
@@ -301,7 +314,7 @@ fn two_pass(
             fast::Outcome::NotObject(kind) => {
                 rejects.push(reject(format!("not a JSON object: the value is {kind}")))
             }
-            fast::Outcome::Mismatch => match slow_path(&root, &opts.partition_by, r.value) {
+            fast::Outcome::Mismatch => match slow_path(&root, opts, r.value) {
                 Ok(None) => accepted.push(i),
                 Ok(Some((new_root, w))) => {
                     root = new_root;
@@ -471,7 +484,7 @@ fn check_envelope(r: &InputRecord, dates: &mut DateCache) -> Option<String> {
 /// unchanged; `Ok(Some(..))`: accepted with the evolved schema and widened paths.
 fn slow_path(
     root: &StructNode,
-    partition_by: &[String],
+    opts: &ConvertOptions,
     bytes: &[u8],
 ) -> Result<Option<(StructNode, Vec<String>)>, String> {
     let value: slow::JVal =
@@ -490,7 +503,7 @@ fn slow_path(
         }
     };
     let mut candidate = root.clone();
-    let mut merge = slow::Merge::new(partition_by);
+    let mut merge = slow::Merge::new(&opts.partition_by, opts.widen_to_text);
     merge.merge_record(&mut candidate, entries)?;
     Ok(merge.changed.then_some((candidate, merge.widened)))
 }
@@ -714,6 +727,9 @@ impl BatchBuilder {
                     // accepted while a column did not exist yet, in a column that a later
                     // record made Boolean. Those are stored as null.
                     .with_ignore_type_conflicts(true)
+                    // Numbers and booleans reach a Utf8 column only where the check let them
+                    // (`widen_to_text`): stored as their JSON text.
+                    .with_coerce_primitive(true)
                     .build_decoder()
                     .map_err(|e| e.to_string())?,
             );

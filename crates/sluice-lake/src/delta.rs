@@ -524,7 +524,7 @@ impl LakeTable {
     }
 
     /// Rewrites the whole table with `new_schema` (used to widen Int64 columns to Float64,
-    /// possibly nested): all rows are read, converted to `new_schema` (by column name; columns
+    /// or scalar columns to Utf8, possibly nested): all rows are read, converted to `new_schema` (by column name; columns
     /// missing from the table become null, table columns missing from `new_schema` are dropped)
     /// and written back in one overwrite commit that also carries `txns`. Existing txn versions
     /// survive (txn actions are table-level state, not tied to files). Rows are streamed, not
@@ -1012,7 +1012,8 @@ pub async fn list_tables(root: &str) -> Result<Vec<String>, LakeError> {
 }
 
 /// `sluice_conform(column)`: converts a column to a target type with the same rules as appends
-/// (by field name, nested; missing fields null; lossless casts such as Int64 -> Float64). Used
+/// (by field name, nested; missing fields null; lossless casts such as Int64 -> Float64), and
+/// numbers or booleans to text where the new schema widened a column so. Used
 /// by [`LakeTable::rewrite_with_schema`], where Arrow's cast cannot add struct fields.
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct ConformUdf {
@@ -1058,7 +1059,7 @@ impl ScalarUDFImpl for ConformUdf {
             ));
         };
         let array = arg.into_array(rows)?;
-        let out = conform::conform_array(&array, &self.target, &self.column)
+        let out = conform::rewrite_array(&array, &self.target, &self.column)
             .map_err(|e| deltalake::datafusion::error::DataFusionError::Execution(e.to_string()))?;
         Ok(ColumnarValue::Array(out))
     }

@@ -43,6 +43,10 @@ pub struct SinkOptions {
     /// The table (default: the stream's name). Another name lands under its own consumer,
     /// `lake.<table>`, so one stream can land in two tables (a mirror and its changelog).
     pub table: Option<String>,
+    /// A column whose values change JSON type becomes text instead of sending records to
+    /// the dead-letter table ([`ConvertOptions::widen_to_text`]): for the tables of a change
+    /// stream, whose source columns can be retyped.
+    pub widen_to_text: bool,
 }
 
 /// Live state of a sink, shared with the HTTP API and metrics.
@@ -291,7 +295,11 @@ impl LakeSink {
         for (p, r) in &records {
             last[*p as usize] = Some(r.offset);
         }
-        let copts = ConvertOptions { date_column: self.opts.date_column.clone(), partition_by: self.opts.partition_by.clone() };
+        let copts = ConvertOptions {
+            date_column: self.opts.date_column.clone(),
+            partition_by: self.opts.partition_by.clone(),
+            widen_to_text: self.opts.widen_to_text,
+        };
         let count = records.len();
         let mirror = self.opts.mirror;
         let stream = self.stream.name().to_string();
@@ -362,7 +370,7 @@ impl LakeSink {
         let main = match w.main.as_mut() {
             Some(t) => {
                 if !converted.widened.is_empty() {
-                    tracing::info!(table = self.table_name(), columns = ?converted.widened, "widening columns to double: rewriting table");
+                    tracing::info!(table = self.table_name(), columns = ?converted.widened, "widening columns (to double, or to text): rewriting table");
                     let schema = match mirror {
                         Some(_) => crate::mirror::table_schema(&converted.schema, &self.opts.date_column),
                         None => converted.schema.clone(),

@@ -446,6 +446,59 @@ fn integer_into_float64_column_is_stored_as_float() {
     );
 }
 
+#[test]
+fn scalar_conflicts_widen_to_text_when_asked() {
+    // A change-data-capture table whose source column was retyped: int -> numeric sends
+    // strings, text -> int sends numbers, bool -> text sends strings.
+    let t = with_meta(vec![
+        ("n", DataType::Int64),
+        ("f", DataType::Float64),
+        ("b", DataType::Boolean),
+        ("s", DataType::Utf8),
+        ("after", strukt(vec![("price", DataType::Int64), ("k", DataType::Int64)])),
+        ("o", strukt(vec![("x", DataType::Int64)])),
+    ]);
+    let values = [
+        r#"{"n":1,"f":0.5,"b":true,"s":"a","after":{"price":7,"k":1}}"#,
+        r#"{"n":"12.50","f":"x","b":"maybe","s":1.50,"after":{"price":"7.25","k":2}}"#,
+        r#"{"n":3,"s":true}"#,
+        r#"{"n":{"deep":1}}"#,
+        r#"{"o":"text for a struct"}"#,
+    ];
+    let opts = ConvertOptions { widen_to_text: true, ..Default::default() };
+    let c = run_opts(Some(&t), &values, &opts);
+    assert_eq!(c.widened, ["n", "f", "b", "after.price"]);
+    for col in ["n", "f", "b", "s"] {
+        assert_eq!(dtype(&c, col), DataType::Utf8, "{col}");
+    }
+    assert_eq!(dtype(&c, "after"), strukt(vec![("price", DataType::Utf8), ("k", DataType::Int64)]));
+    assert_eq!(
+        rows(&c),
+        vec![
+            json!({"n":"1","f":"0.5","b":"true","s":"a","after":{"price":"7","k":1}}),
+            json!({"n":"12.50","f":"x","b":"maybe","s":"1.50","after":{"price":"7.25","k":2}}),
+            json!({"n":"3","s":"true"}),
+        ],
+        "numbers keep their JSON text"
+    );
+    // Objects and arrays still conflict with scalar columns, and scalars with structs.
+    assert_eq!(
+        reasons(&c),
+        [
+            r#"field "n": table has Utf8, record has Struct ({"deep":1})"#,
+            r#"field "o": table has Struct, record has Utf8 ("text for a struct")"#,
+        ]
+    );
+    // Without the option the same records are conflicts, as for any stream.
+    let c = run(Some(&t), &values[..2]);
+    assert_eq!(c.rejects.len(), 1);
+    assert!(c.widened.is_empty());
+    // Within one flush of a new table: the column inferred as Int64 ends as Utf8.
+    let c = run_opts(None, &[r#"{"n":1}"#, r#"{"n":"x"}"#, r#"{"n":2.5}"#], &opts);
+    assert!(c.rejects.is_empty() && c.widened.is_empty(), "{:?}", c.rejects);
+    assert_eq!(rows(&c), vec![json!({"n":"1"}), json!({"n":"x"}), json!({"n":"2.5"})]);
+}
+
 // ---------- conflicts ----------
 
 #[test]
@@ -860,6 +913,7 @@ fn metadata_and_date_columns() {
     let opts = ConvertOptions {
         date_column: "day".into(),
         partition_by: vec![],
+        ..Default::default()
     };
     let c = convert(None, &recs, &opts);
     assert!(c.rejects.is_empty());
@@ -939,6 +993,7 @@ fn record_fields_cannot_collide_with_a_custom_date_column() {
     let opts = ConvertOptions {
         date_column: "day".into(),
         partition_by: vec![],
+        ..Default::default()
     };
     let c = run_opts(None, &[r#"{"day":"x"}"#, r#"{"event_date":"kept"}"#], &opts);
     assert_eq!(
@@ -953,6 +1008,7 @@ fn bad_date_column_name_rejects_everything() {
     let opts = ConvertOptions {
         date_column: "_offset".into(),
         partition_by: vec![],
+        ..Default::default()
     };
     let c = convert(None, &records(&[r#"{"a":1}"#]), &opts);
     assert_eq!(c.num_rows(), 0);
@@ -1000,6 +1056,7 @@ fn partition_by_values() {
     let opts = ConvertOptions {
         date_column: "event_date".into(),
         partition_by: vec!["region".into(), "tier".into()],
+        ..Default::default()
     };
     let c = run_opts(
         None,
@@ -1043,6 +1100,7 @@ fn partition_column_in_table_is_checked_and_never_widened() {
     let opts = ConvertOptions {
         date_column: "event_date".into(),
         partition_by: vec!["tier".into()],
+        ..Default::default()
     };
     let t = with_meta(vec![("tier", DataType::Int64), ("other", DataType::Int64)]);
     let c = run_opts(

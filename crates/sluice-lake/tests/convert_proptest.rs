@@ -324,7 +324,9 @@ proptest! {
         first in prop::collection::vec(typed_record(), 1..10),
         second in prop::collection::vec(any_record(), 1..16),
         threads in 2usize..4,
+        widen_to_text in any::<bool>(),
     ) {
+        let opts = ConvertOptions { widen_to_text, ..Default::default() };
         // Against no table and against a known one; records that fit the table (chunks
         // merged), typed and arbitrary records (chunks evolve differently: the fallback).
         let c1 = run(&first, None)?;
@@ -341,8 +343,8 @@ proptest! {
                 .enumerate()
                 .map(|(i, t)| InputRecord { partition: 0, offset: i as u64, timestamp_ms: 0, value: t.as_bytes() })
                 .collect();
-            let seq = convert(table, &inputs, &ConvertOptions::default());
-            let par = convert_parallel(table, &inputs, &ConvertOptions::default(), threads);
+            let seq = convert(table, &inputs, &opts);
+            let par = convert_parallel(table, &inputs, &opts, threads);
             prop_assert_eq!(&par.schema, &seq.schema);
             prop_assert_eq!(&par.rejects, &seq.rejects);
             let mut w1 = par.widened.clone();
@@ -359,7 +361,9 @@ proptest! {
         first in prop::collection::vec(typed_record(), 1..12),
         second in prop::collection::vec(any_record(), 1..12),
         cuts in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
+        widen_to_text in any::<bool>(),
     ) {
+        let opts = ConvertOptions { widen_to_text, ..Default::default() };
         // The one-pass decoder runs where records fit the schema they start from (a known
         // table, typed records); elsewhere `convert` falls back. Either way it must equal
         // the two-pass path, rejects (mangled records) included.
@@ -378,8 +382,8 @@ proptest! {
                     .enumerate()
                     .map(|(i, t)| InputRecord { partition: 0, offset: i as u64, timestamp_ms: 0, value: t })
                     .collect();
-                let one = convert(table, &inputs, &ConvertOptions::default());
-                let two = convert_two_pass(table, &inputs, &ConvertOptions::default());
+                let one = convert(table, &inputs, &opts);
+                let two = convert_two_pass(table, &inputs, &opts);
                 prop_assert_eq!(&one.schema, &two.schema);
                 prop_assert_eq!(&one.rejects, &two.rejects);
                 prop_assert_eq!(&one.widened, &two.widened);

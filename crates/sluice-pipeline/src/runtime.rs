@@ -838,7 +838,7 @@ fn prepare(ctx: &PrepareCtx, prep: &mut Prep, records: &[Collected]) -> anyhow::
     }
     let mut sinks: Vec<Vec<(usize, RecordBatch)>> = vec![Vec::new(); ctx.sinks.len()];
     let mut dead = Vec::new();
-    let copts = ConvertOptions { date_column: ctx.date_column.clone(), partition_by: Vec::new() };
+    let copts = ConvertOptions { date_column: ctx.date_column.clone(), ..Default::default() };
     for (s, inputs) in by_stream.iter().enumerate() {
         if inputs.is_empty() {
             continue;

@@ -175,6 +175,7 @@ impl App {
             return;
         }
         let sc = cfg.stream(stream.name());
+        let source = self.source_of_stream(stream.name());
         let opts = |partition_by: Vec<String>, mirror: bool, table: Option<String>| SinkOptions {
             lake_root: cfg.lake_root(),
             flush_interval: cfg.lake.flush_interval,
@@ -183,6 +184,9 @@ impl App {
             partition_by,
             mirror,
             table,
+            // A source table's columns can be retyped (int to numeric, say): such a
+            // column becomes text in its mirror and changelog instead of a conflict.
+            widen_to_text: source.is_some(),
         };
         let mut spawn = |key: String, opts: SinkOptions| {
             let sink = LakeSink::new(stream.clone(), opts);
@@ -192,7 +196,6 @@ impl App {
         };
         // A table's change stream lands as the table's mirror (and, when asked, also as an
         // append-only changelog).
-        let source = self.source_of_stream(stream.name());
         if let Some(src) = &source {
             let changelog = cfg.sources.get(src).is_some_and(|s| s.changelog());
             if changelog {

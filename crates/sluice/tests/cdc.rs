@@ -236,6 +236,20 @@ async fn every_dml_kind_and_type_lands_in_the_changelog() {
     db.batch_execute("INSERT INTO logs VALUES (3, 'after the truncate')").await.unwrap();
     wait_rows(&s, "shop_logs", 4).await;
     assert_eq!(s.scalar("SELECT count(*) FROM shop_logs").await, 1.0);
+
+    // A retyped column (int to numeric: its values now come as exact text) becomes text in
+    // the mirror and the changelog, the values it held their text; nothing is a dead letter.
+    db.batch_execute("ALTER TABLE items ALTER COLUMN small TYPE numeric(10,2); INSERT INTO items (id, name, small) VALUES (4, 'chai', 2.5);").await.unwrap();
+    wait_rows(&s, "shop_items", 9).await;
+    s.wait_landed("shop_items").await;
+    let m = s.query("SELECT id, small FROM shop_items ORDER BY id").await;
+    let m: Vec<(i64, Value)> = m.iter().map(|r| (r["id"].as_i64().unwrap(), r.get("small").cloned().unwrap_or(Value::Null))).collect();
+    assert_eq!(m, [(1, Value::from("7")), (3, Value::Null), (4, Value::from("2.50"))]);
+    let c = s.query("SELECT key.id AS id, after.small AS small FROM shop_items__changelog WHERE op = 'insert' AND key.id IN (1, 4) ORDER BY _offset").await;
+    assert_eq!(c.iter().map(|r| r["small"].as_str().unwrap()).collect::<Vec<_>>(), ["7", "2.50"], "{c:?}");
+    for t in ["shop_items__dlq", "shop_items__changelog__dlq"] {
+        assert!(!s.lake().join(t).exists(), "{t}: {:?}", s.query(&format!("SELECT reason FROM {t}")).await);
+    }
 }
 
 /// kill -9 while the database takes inserts: afterwards the changelog holds every committed

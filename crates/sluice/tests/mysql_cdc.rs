@@ -223,6 +223,19 @@ async fn every_dml_kind_and_type_lands_in_the_changelog_and_the_mirror() {
     let text = r.text().await.unwrap();
     assert!(text.contains("primary key of 2 columns (a, b)") && text.contains("JSON object"), "{text}");
 
+    // A retyped column (INT to DECIMAL: its values now come as exact text) becomes text in
+    // the mirror and the changelog, the values it held their text; nothing is a dead letter.
+    db.sql("ALTER TABLE pair MODIFY v DECIMAL(10,2); UPDATE pair SET v = 7.5 WHERE a = 2;");
+    wait_rows(&s, "shop_pair", 7).await;
+    s.wait_landed("shop_pair").await;
+    let p = s.query("SELECT v FROM shop_pair ORDER BY a, b").await;
+    assert_eq!(p.iter().map(|r| r["v"].as_str().unwrap()).collect::<Vec<_>>(), ["1", "20", "7.50"], "{p:?}");
+    let c = s.query("SELECT after.v AS v FROM shop_pair__changelog ORDER BY _offset DESC LIMIT 1").await;
+    assert_eq!(c[0]["v"], "7.50");
+    for t in ["shop_pair__dlq", "shop_pair__changelog__dlq"] {
+        assert!(!s.lake().join(t).exists(), "{t}: {:?}", s.query(&format!("SELECT reason FROM {t}")).await);
+    }
+
     s.wait_landed("shop_logs").await;
     assert_eq!(s.scalar("SELECT count(*) FROM shop_logs").await, 0.0, "truncated");
 }

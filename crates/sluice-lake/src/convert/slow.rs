@@ -1,6 +1,7 @@
 //! Slow path, for records the fast check could not accept as they are: parse the record into
 //! an order-preserving JSON tree and merge it into a copy of the schema. The merge either
-//! succeeds (new columns / nested fields, Int64 -> Float64 widening) or names the first
+//! succeeds (new columns / nested fields, Int64 -> Float64 widening, scalar -> Utf8 widening
+//! when asked) or names the first
 //! conflict; the copy is only kept when the record is accepted, so a rejected record never
 //! leaves a trace in the schema.
 
@@ -174,6 +175,8 @@ enum Seg<'a> {
 /// Settings of one merge plus what it found.
 pub(crate) struct Merge<'a> {
     pub partition_by: &'a [String],
+    /// Scalar columns whose values change type become Utf8 (see `ConvertOptions`).
+    widen_to_text: bool,
     /// Dotted paths (list levels omitted) of table columns this record widened.
     pub widened: Vec<String>,
     pub changed: bool,
@@ -181,9 +184,10 @@ pub(crate) struct Merge<'a> {
 }
 
 impl<'a> Merge<'a> {
-    pub(crate) fn new(partition_by: &'a [String]) -> Self {
+    pub(crate) fn new(partition_by: &'a [String], widen_to_text: bool) -> Self {
         Merge {
             partition_by,
+            widen_to_text,
             widened: Vec::new(),
             changed: false,
             path: Vec::new(),
@@ -408,6 +412,25 @@ impl<'a> Merge<'a> {
                 Ok(())
             }
             (JVal::Str(_), Kind::Str(_)) => Ok(()),
+            // A number or boolean in a text column is stored as its JSON text.
+            (JVal::Int(_) | JVal::UInt(_) | JVal::Float(_) | JVal::Bool(_), Kind::Str(_))
+                if self.widen_to_text =>
+            {
+                Ok(())
+            }
+            // Any other scalar conflict makes the column text; the values it holds become
+            // their text when the table is rewritten.
+            (
+                JVal::Int(_) | JVal::UInt(_) | JVal::Float(_) | JVal::Bool(_) | JVal::Str(_),
+                Kind::Int(_) | Kind::Float64 | Kind::Bool,
+            ) if self.widen_to_text && !node.partition => {
+                node.kind = Kind::Str(arrow_schema::DataType::Utf8);
+                self.changed = true;
+                if node.existing {
+                    self.widened.push(self.dotted_path());
+                }
+                Ok(())
+            }
             (JVal::Arr(items), Kind::List { item, .. }) => {
                 self.path.push(Seg::Item);
                 for e in items {

@@ -235,6 +235,26 @@ pub(crate) fn conform_array(
     target: &DataType,
     path: &str,
 ) -> Result<ArrayRef, ConformError> {
+    conform(array, target, path, false)
+}
+
+/// [`conform_array`] for a table rewrite, which may also turn scalar columns (numbers,
+/// booleans) into text: the converter widens a change-data-capture table's retyped columns
+/// so (`ConvertOptions::widen_to_text`). An append never does.
+pub(crate) fn rewrite_array(
+    array: &ArrayRef,
+    target: &DataType,
+    path: &str,
+) -> Result<ArrayRef, ConformError> {
+    conform(array, target, path, true)
+}
+
+fn conform(
+    array: &ArrayRef,
+    target: &DataType,
+    path: &str,
+    to_text: bool,
+) -> Result<ArrayRef, ConformError> {
     let from = array.data_type();
     if from == target {
         return Ok(array.clone());
@@ -250,7 +270,7 @@ pub(crate) fn conform_array(
             let children = to_fields
                 .iter()
                 .map(|tf| match sa.column_by_name(tf.name()) {
-                    Some(child) => conform_array(child, tf.data_type(), &join(path, tf.name())),
+                    Some(child) => conform(child, tf.data_type(), &join(path, tf.name()), to_text),
                     None => Ok(new_null_array(tf.data_type(), sa.len())),
                 })
                 .collect::<Result<Vec<_>, _>>()?;
@@ -265,7 +285,7 @@ pub(crate) fn conform_array(
         }
         (DataType::List(_), DataType::List(to_elem)) => {
             let la = array.as_list::<i32>();
-            let values = conform_array(la.values(), to_elem.data_type(), &format!("{path}[]"))?;
+            let values = conform(la.values(), to_elem.data_type(), &format!("{path}[]"), to_text)?;
             let out = ListArray::try_new(
                 to_elem.clone(),
                 la.offsets().clone(),
@@ -277,7 +297,7 @@ pub(crate) fn conform_array(
         }
         (DataType::LargeList(_), DataType::LargeList(to_elem)) => {
             let la = array.as_list::<i64>();
-            let values = conform_array(la.values(), to_elem.data_type(), &format!("{path}[]"))?;
+            let values = conform(la.values(), to_elem.data_type(), &format!("{path}[]"), to_text)?;
             let out = LargeListArray::try_new(
                 to_elem.clone(),
                 la.offsets().clone(),
@@ -295,10 +315,15 @@ pub(crate) fn conform_array(
                 _ => DataType::LargeList(from_elem.clone()),
             };
             let recast = cast_with_options(array, &as_target_kind, &strict()).map_err(arrow_err)?;
-            conform_array(&recast, target, path)
+            conform(&recast, target, path, to_text)
         }
         (from, to) if implicit_cast_ok(from, to) => {
             cast_with_options(array, to, &strict()).map_err(arrow_err)
+        }
+        (from, DataType::Utf8)
+            if to_text && (from.is_numeric() || matches!(from, DataType::Boolean)) =>
+        {
+            cast_with_options(array, target, &strict()).map_err(arrow_err)
         }
         (from, to) => Err(ConformError::TypeConflict {
             column: path.to_string(),

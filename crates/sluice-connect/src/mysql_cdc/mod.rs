@@ -87,6 +87,10 @@ struct Shape {
     names: Vec<String>,
     kinds: Vec<Kind>,
     keys: Vec<usize>,
+    /// Column indexes in the order JSON objects list them (by name, as serde_json sorts).
+    order: Vec<usize>,
+    /// Each column's name as JSON text followed by `:`.
+    name_json: Vec<Vec<u8>>,
 }
 
 impl Shape {
@@ -129,7 +133,109 @@ impl Shape {
             kinds.push(Kind::of_binlog(ty, charset, e, s));
         }
         let keys = meta.iter_primary_key().collect::<Result<Vec<u64>, _>>().map_err(|e| e.to_string())?.into_iter().map(|k| k as usize).collect();
-        Ok(Shape { db: t.database_name().into_owned(), table: t.table_name().into_owned(), names, kinds, keys })
+        Ok(Shape::new(t.database_name().into_owned(), t.table_name().into_owned(), names, kinds, keys))
+    }
+
+    fn new(db: String, table: String, names: Vec<String>, kinds: Vec<Kind>, keys: Vec<usize>) -> Shape {
+        let mut order: Vec<usize> = (0..names.len()).collect();
+        order.sort_by(|&a, &b| names[a].cmp(&names[b]));
+        let name_json = names
+            .iter()
+            .map(|n| {
+                let mut b = serde_json::to_vec(n).expect("a string as JSON");
+                b.push(b':');
+                b
+            })
+            .collect();
+        Shape { db, table, names, kinds, keys, order, name_json }
+    }
+
+    /// Whether a row event's row has this shape's columns, in order (it does with
+    /// `binlog_row_image = FULL`): then [`Shape::write_event`] can write it.
+    fn fits(&self, r: &BinlogRow) -> bool {
+        r.len() == self.names.len() && r.columns_ref().iter().zip(&self.names).all(|(c, n)| c.name_ref() == n.as_bytes())
+    }
+
+    /// A row as a JSON object (columns `cols` of it, in name order) into `out`.
+    fn write_row(&self, r: &BinlogRow, key_only: bool, out: &mut Vec<u8>) {
+        out.push(b'{');
+        let mut first = true;
+        for &i in &self.order {
+            if key_only && !self.keys.contains(&i) {
+                continue;
+            }
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            out.extend_from_slice(&self.name_json[i]);
+            match r.as_ref(i) {
+                Some(v) => types::write_binlog(&self.kinds[i], v, out),
+                None => out.extend_from_slice(b"null"),
+            }
+        }
+        out.push(b'}');
+    }
+
+    /// The change event of one row as JSON text: the bytes [`MysqlSource::event`] gives
+    /// (keys in serde_json's order) for rows that [`Shape::fits`]. Returns the key's text.
+    #[allow(clippy::too_many_arguments)]
+    fn write_event(&self, source: &str, op: &str, before: Option<&BinlogRow>, after: Option<&BinlogRow>, t: &Txn, file: &str, pos: u64, ts_ms: i64, e: &mut Vec<u8>) -> Option<String> {
+        let str = |s: &str, e: &mut Vec<u8>| serde_json::to_writer(e, s).expect("JSON to memory");
+        e.extend_from_slice(b"{\"after\":");
+        match after {
+            Some(r) => self.write_row(r, false, e),
+            None => e.extend_from_slice(b"null"),
+        }
+        e.extend_from_slice(b",\"before\":");
+        match before {
+            Some(r) => self.write_row(r, false, e),
+            None => e.extend_from_slice(b"null"),
+        }
+        e.extend_from_slice(b",\"key\":");
+        let key = match after.or(before) {
+            Some(r) if !self.keys.is_empty() => {
+                let start = e.len();
+                self.write_row(r, true, e);
+                Some(String::from_utf8(e[start..].to_vec()).expect("JSON text is UTF-8"))
+            }
+            _ => {
+                e.extend_from_slice(b"null");
+                None
+            }
+        };
+        e.extend_from_slice(b",\"op\":");
+        str(op, e);
+        e.extend_from_slice(b",\"source\":{\"commit_time\":");
+        str(&rfc3339(t.commit_time_ms), e);
+        e.extend_from_slice(b",\"connector\":\"mysql\",\"db\":");
+        str(&self.db, e);
+        e.extend_from_slice(b",\"file\":");
+        str(file, e);
+        e.extend_from_slice(b",\"gtid\":");
+        let gtid = |e: &mut Vec<u8>| match &t.gtid {
+            Some(g) => str(g, e),
+            None => e.extend_from_slice(b"null"),
+        };
+        gtid(e);
+        e.extend_from_slice(b",\"name\":");
+        str(source, e);
+        e.extend_from_slice(b",\"pos\":");
+        e.extend_from_slice(itoa::Buffer::new().format(pos).as_bytes());
+        e.extend_from_slice(b",\"schema\":");
+        str(&self.db, e);
+        e.extend_from_slice(b",\"snapshot\":false,\"table\":");
+        str(&self.table, e);
+        e.extend_from_slice(b"},\"transaction\":{\"id\":");
+        gtid(e);
+        e.extend_from_slice(b",\"lsn\":");
+        str(&lsn_text(t.pos), e);
+        e.extend_from_slice(b",\"seq\":");
+        e.extend_from_slice(itoa::Buffer::new().format(t.seq).as_bytes());
+        e.extend_from_slice(b"},\"ts_ms\":");
+        e.extend_from_slice(itoa::Buffer::new().format(ts_ms).as_bytes());
+        e.push(b'}');
+        key
     }
 
     fn row(&self, r: &BinlogRow) -> Json {
@@ -161,6 +267,33 @@ fn key_of<'a>(names: impl Iterator<Item = &'a str>, row: &Json) -> Json {
     } else {
         Json::Object(k)
     }
+}
+
+
+/// A change event as a JSON value (truncates, and rows whose shape the text writer does not
+/// know; [`Shape::write_event`] writes the same bytes for the others).
+#[allow(clippy::too_many_arguments)]
+fn event(source_name: &str, db: &str, table: &str, op: &str, before: Option<Json>, after: Option<Json>, key: Json, t: &Txn, file: &str, pos: u64, ts_ms: i64) -> Json {
+    let mut source = Map::new();
+    source.insert("connector".into(), "mysql".into());
+    source.insert("name".into(), source_name.into());
+    source.insert("db".into(), db.into());
+    source.insert("schema".into(), db.into());
+    source.insert("table".into(), table.into());
+    source.insert("file".into(), file.into());
+    source.insert("pos".into(), pos.into());
+    source.insert("gtid".into(), t.gtid.clone().map_or(Json::Null, Json::String));
+    source.insert("commit_time".into(), rfc3339(t.commit_time_ms).into());
+    source.insert("snapshot".into(), false.into());
+    let mut e = Map::new();
+    e.insert("op".into(), op.into());
+    e.insert("before".into(), before.unwrap_or(Json::Null));
+    e.insert("after".into(), after.unwrap_or(Json::Null));
+    e.insert("key".into(), key);
+    e.insert("source".into(), Json::Object(source));
+    e.insert("transaction".into(), json!({"id": t.gtid, "lsn": lsn_text(t.pos), "seq": t.seq}));
+    e.insert("ts_ms".into(), ts_ms.into());
+    Json::Object(e)
 }
 
 /// The transaction being received.
@@ -566,19 +699,24 @@ impl Session for MysqlSource {
                         let stream = self.stream_for(&shape.db, &shape.table, &mut streams, &mut state)?;
                         for row in r.rows(tme) {
                             let (before, after) = row.map_err(|e| anyhow::anyhow!("row event of {}.{}: {e}", shape.db, shape.table))?;
-                            let before = before.map(|b| shape.row(&b));
-                            let after = after.map(|a| shape.row(&a));
-                            let key = shape.key(after.as_ref().or(before.as_ref()).unwrap_or(&Json::Null));
-                            let event = self.event(&shape.db, &shape.table, op, before, after, key.clone(), t, &cur_file, start);
-                            let value = bytes::Bytes::from(event.to_string());
-                            if key.is_null() {
+                            let (value, key) = if before.iter().chain(&after).all(|r| shape.fits(r)) {
+                                let mut e = Vec::with_capacity(256);
+                                let key = shape.write_event(&self.name, op, before.as_ref(), after.as_ref(), t, &cur_file, start, sluice_core::time::now_ms(), &mut e);
+                                (bytes::Bytes::from(e), key)
+                            } else {
+                                let before = before.map(|b| shape.row(&b));
+                                let after = after.map(|a| shape.row(&a));
+                                let key = shape.key(after.as_ref().or(before.as_ref()).unwrap_or(&Json::Null));
+                                let event = self.event(&shape.db, &shape.table, op, before, after, key.clone(), t, &cur_file, start);
+                                (bytes::Bytes::from(event.to_string()), (!key.is_null()).then(|| key.to_string()))
+                            };
+                            if let Some(k) = key {
+                                let p = stream.partition_for_key(k.as_bytes());
+                                pending.push(&stream, p, (t.pos, t.seq), Record::with_key(bytes::Bytes::from(k), value, t.commit_time_ms));
+                            } else {
                                 for p in 0..stream.partitions().len() as u32 {
                                     pending.push(&stream, p, (t.pos, t.seq), Record::new(value.clone(), t.commit_time_ms));
                                 }
-                            } else {
-                                let k = key.to_string();
-                                let p = stream.partition_for_key(k.as_bytes());
-                                pending.push(&stream, p, (t.pos, t.seq), Record::with_key(bytes::Bytes::from(k), value, t.commit_time_ms));
                             }
                             t.seq += 1;
                             self.status.changes.fetch_add(1, Ordering::Relaxed);
@@ -634,27 +772,9 @@ impl MysqlSource {
 
     #[allow(clippy::too_many_arguments)]
     fn event(&self, db: &str, table: &str, op: &str, before: Option<Json>, after: Option<Json>, key: Json, t: &Txn, file: &str, pos: u64) -> Json {
-        let mut source = Map::new();
-        source.insert("connector".into(), "mysql".into());
-        source.insert("name".into(), self.name.clone().into());
-        source.insert("db".into(), db.into());
-        source.insert("schema".into(), db.into());
-        source.insert("table".into(), table.into());
-        source.insert("file".into(), file.into());
-        source.insert("pos".into(), pos.into());
-        source.insert("gtid".into(), t.gtid.clone().map_or(Json::Null, Json::String));
-        source.insert("commit_time".into(), rfc3339(t.commit_time_ms).into());
-        source.insert("snapshot".into(), false.into());
-        let mut e = Map::new();
-        e.insert("op".into(), op.into());
-        e.insert("before".into(), before.unwrap_or(Json::Null));
-        e.insert("after".into(), after.unwrap_or(Json::Null));
-        e.insert("key".into(), key);
-        e.insert("source".into(), Json::Object(source));
-        e.insert("transaction".into(), json!({"id": t.gtid, "lsn": lsn_text(t.pos), "seq": t.seq}));
-        e.insert("ts_ms".into(), sluice_core::time::now_ms().into());
-        Json::Object(e)
+        event(&self.name, db, table, op, before, after, key, t, file, pos, sluice_core::time::now_ms())
     }
+
 
     /// Appends the pending changes (skipping what the log already holds), makes them
     /// durable, then saves the position after the last whole transaction among them.
@@ -846,6 +966,38 @@ fn split_ident(s: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn written_events_are_the_values_text() {
+        use mysql_async::binlog::value::BinlogValue;
+        use mysql_async::consts::ColumnType;
+        use mysql_async::{Column, Value};
+        let names = ["zeta", "id", "Line \"2\"", "a"];
+        let kinds = vec![Kind::Text, Kind::Int, Kind::Int, Kind::Decimal];
+        let shape = Shape::new("shop".into(), "t \"q\"".into(), names.iter().map(|n| n.to_string()).collect(), kinds, vec![2, 1]);
+        let columns: Arc<[Column]> = names.iter().map(|n| Column::new(ColumnType::MYSQL_TYPE_STRING).with_name(n.as_bytes())).collect();
+        let row = |id: i64, z: &str| {
+            let values = vec![Value::Bytes(z.as_bytes().to_vec()), Value::Int(id), Value::UInt(u64::MAX), Value::NULL];
+            BinlogRow::new(values.into_iter().map(|v| Some(BinlogValue::Value(v))).collect(), columns.clone())
+        };
+        let (b, a) = (row(1, "z\n"), row(2, "é"));
+        for gtid in [None, Some("0-1-7".to_string())] {
+            let t = Txn { pos: position(3, 500), gtid, commit_time_ms: 1_767_607_200_123, seq: 4, explicit: true };
+            for (op, before, after) in [("insert", None, Some(&a)), ("update", Some(&b), Some(&a)), ("delete", Some(&b), None)] {
+                assert!(before.iter().chain(after.iter()).all(|r| shape.fits(r)));
+                let mut text = Vec::new();
+                let key = shape.write_event("src", op, before, after, &t, "mysql-bin.000003", 500, 99, &mut text);
+                let (bj, aj) = (before.map(|r| shape.row(r)), after.map(|r| shape.row(r)));
+                let kj = shape.key(aj.as_ref().or(bj.as_ref()).unwrap());
+                let want = event("src", "shop", "t \"q\"", op, bj, aj, kj.clone(), &t, "mysql-bin.000003", 500, 99);
+                assert_eq!(String::from_utf8(text).unwrap(), want.to_string(), "{op}");
+                assert_eq!(key, Some(kj.to_string()));
+            }
+        }
+        // A row of other columns (not a FULL row image) takes the value path.
+        let other: Arc<[Column]> = names[..3].iter().map(|n| Column::new(ColumnType::MYSQL_TYPE_STRING).with_name(n.as_bytes())).collect();
+        assert!(!shape.fits(&BinlogRow::new(vec![None, None, None], other)));
+    }
 
     #[test]
     fn positions_order_across_files() {

@@ -222,6 +222,20 @@ pub fn write_value(kind: &Kind, v: &Value, out: &mut Vec<u8>) {
     }
 }
 
+/// Writes `binlog_to_json(kind, v)` as JSON text to `out`, the same bytes as serializing it,
+/// without building the value for the common kinds (the streamed row events).
+pub fn write_binlog(kind: &Kind, v: &BinlogValue<'_>, out: &mut Vec<u8>) {
+    match (kind, v) {
+        (_, BinlogValue::Value(Value::NULL)) => out.extend_from_slice(b"null"),
+        (Kind::Int | Kind::Year, BinlogValue::Value(Value::Int(i))) => out.extend_from_slice(itoa::Buffer::new().format(*i).as_bytes()),
+        (Kind::Int | Kind::Year, BinlogValue::Value(Value::UInt(i))) => out.extend_from_slice(itoa::Buffer::new().format(*i).as_bytes()),
+        (Kind::Text | Kind::Decimal, BinlogValue::Value(Value::Bytes(b))) if std::str::from_utf8(b).is_ok() => {
+            serde_json::to_writer(out, std::str::from_utf8(b).expect("checked")).expect("JSON to memory")
+        }
+        _ => serde_json::to_writer(out, &binlog_to_json(kind, v)).expect("JSON to memory"),
+    }
+}
+
 fn micros(us: u32) -> String {
     if us == 0 {
         String::new()
@@ -286,6 +300,31 @@ mod tests {
     fn enum_members() {
         assert_eq!(members("enum('a','b''c','d,e')"), vec!["a", "b'c", "d,e"]);
         assert_eq!(Kind::of_schema("set", "set('x','y')"), Kind::Set(vec!["x".into(), "y".into()]));
+    }
+
+    #[test]
+    fn written_binlog_values_are_the_values_text() {
+        let cases = [
+            (Kind::Int, Value::Int(-5)),
+            (Kind::Int, Value::UInt(u64::MAX)),
+            (Kind::Year, Value::Bytes(b"1900".to_vec())),
+            (Kind::Year, Value::Int(2026)),
+            (Kind::Text, Value::Bytes("a \"q\"\n é".as_bytes().to_vec())),
+            (Kind::Text, Value::Bytes(vec![0xff, b'a'])),
+            (Kind::Decimal, Value::Bytes(b"-1.50".to_vec())),
+            (Kind::Enum(vec!["a".into(), "b".into()]), Value::Int(2)),
+            (Kind::Set(vec!["a".into(), "b".into()]), Value::Bytes(vec![3])),
+            (Kind::Timestamp, Value::Bytes(b"1767607200.123".to_vec())),
+            (Kind::Float, Value::Double(1.5)),
+            (Kind::Binary, Value::Bytes(vec![0, 10])),
+            (Kind::Text, Value::NULL),
+        ];
+        for (kind, v) in cases {
+            let v = BinlogValue::Value(v);
+            let mut out = Vec::new();
+            write_binlog(&kind, &v, &mut out);
+            assert_eq!(String::from_utf8(out).unwrap(), binlog_to_json(&kind, &v).to_string(), "{kind:?} {v:?}");
+        }
     }
 
     #[test]

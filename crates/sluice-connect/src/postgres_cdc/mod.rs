@@ -18,13 +18,14 @@
 //!   saying the changes in between are lost and a snapshot is needed; it never starts over
 //!   silently. Connection errors are retried with backoff, visible in the status.
 
+mod events;
 pub mod pgoutput;
 pub mod snapshot;
 pub mod types;
 
-use pgoutput::{Message, OldKind, Relation, Tuple, Value};
+use pgoutput::{Message, Relation};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
-use serde_json::{json, Map, Value as Json};
+use serde_json::{json, Value as Json};
 use sluice_core::source::{table_stream, PostgresSourceConfig};
 use sluice_log::{Record, Stream};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -265,11 +266,12 @@ pub struct PostgresSource {
 
 /// The transaction being received.
 struct Txn {
-    xid: u32,
     /// Its commit LSN (known from Begin).
     lsn: u64,
     commit_time_ms: i64,
     seq: u64,
+    /// What its change events share.
+    text: events::TxnText,
 }
 
 /// Changes waiting to be written, per (stream, partition), in order.
@@ -515,7 +517,7 @@ impl Session for PostgresSource {
         self.status.set_error(None);
         tracing::info!(source = self.name, slot, publication, "streaming changes");
 
-        let mut relations: HashMap<u32, Relation> = HashMap::new();
+        let mut relations: HashMap<u32, (events::RelText, Relation)> = HashMap::new();
         let mut by_oid: HashMap<u32, Arc<Stream>> = HashMap::new();
         let mut type_names: HashMap<u32, String> = HashMap::new();
         let mut warned: HashSet<(u32, String)> = HashSet::new();
@@ -593,7 +595,9 @@ impl Session for PostgresSource {
             };
             match ev {
                 ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
-                    txn = Some(Txn { xid, lsn: final_lsn.as_u64(), commit_time_ms: (commit_time_micros + PG_EPOCH_MICROS) / 1000, seq: 0 });
+                    let commit_time_ms = (commit_time_micros + PG_EPOCH_MICROS) / 1000;
+                    let text = events::TxnText::new(xid, &final_lsn.to_string(), &rfc3339(commit_time_ms), &database);
+                    txn = Some(Txn { lsn: final_lsn.as_u64(), commit_time_ms, seq: 0, text });
                 }
                 ReplicationEvent::XLogData { data, .. } => {
                     let m = pgoutput::decode(&data).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -607,7 +611,7 @@ impl Session for PostgresSource {
                                 }
                             }
                             by_oid.remove(&r.oid);
-                            relations.insert(r.oid, r);
+                            relations.insert(r.oid, (events::RelText::new(&self.name, &r), r));
                         }
                         Message::Type { oid, namespace, name } => {
                             type_names.insert(oid, format!("{namespace}.{name}"));
@@ -617,8 +621,17 @@ impl Session for PostgresSource {
                             let Some(t) = txn.as_mut() else {
                                 return Err(Stop::Retry(anyhow::anyhow!("a change outside a transaction")));
                             };
-                            for (oid, event) in self.events(&relations, change, t, &database)? {
-                                let rel = &relations[&oid];
+                            let changes = events::events(
+                                |oid| relations.get(&oid).map(|(text, r)| (r, text)),
+                                |r| self.cfg.tables.captures(&r.namespace, &r.name),
+                                &change,
+                                &t.text,
+                                &mut t.seq,
+                                sluice_core::time::now_ms(),
+                            )
+                            .map_err(|oid| Stop::Retry(anyhow::anyhow!("a change to relation {oid} before its description")))?;
+                            for events::Change { oid, key, seq, event } in changes {
+                                let rel = &relations[&oid].1;
                                 // The stream of a relation, looked up once per relation description.
                                 let stream = match by_oid.get(&oid) {
                                     Some(s) => s.clone(),
@@ -628,7 +641,6 @@ impl Session for PostgresSource {
                                         s
                                     }
                                 };
-                                let key = event.get("key").filter(|k| !k.is_null()).map(|k| k.to_string());
                                 if let Some(c) = chunk.as_mut().filter(|c| c.open && c.info.schema == rel.namespace && c.info.name == rel.name) {
                                     match &key {
                                         Some(k) => {
@@ -638,8 +650,7 @@ impl Session for PostgresSource {
                                         None => c.open = false,
                                     }
                                 }
-                                let seq = event["transaction"]["seq"].as_u64().unwrap_or(0);
-                                let value = bytes::Bytes::from(event.to_string());
+                                let value = bytes::Bytes::from(event);
                                 match key {
                                     Some(k) => {
                                         let p = stream.partition_for_key(k.as_bytes());
@@ -884,75 +895,6 @@ impl PostgresSource {
         Ok(ChunkDone { task: c.task, rows: emitted, after: last_key, finished })
     }
 
-    /// The change events of one message: (table, event) for each captured table it touches.
-    fn events(&self, relations: &HashMap<u32, Relation>, m: Message, t: &mut Txn, database: &str) -> Result<Vec<(u32, Json)>, Stop> {
-        let rel = |oid: u32| -> Result<&Relation, Stop> {
-            relations.get(&oid).ok_or_else(|| Stop::Retry(anyhow::anyhow!("a change to relation {oid} before its description")))
-        };
-        let mut out = Vec::new();
-        let mut event = |r: &Relation, op: &str, before: Option<Json>, after: Option<Json>, unchanged: Vec<String>, key: Json, t: &mut Txn| {
-            let mut source = Map::new();
-            source.insert("connector".into(), "postgres".into());
-            source.insert("name".into(), self.name.clone().into());
-            source.insert("db".into(), database.into());
-            source.insert("schema".into(), r.namespace.clone().into());
-            source.insert("table".into(), r.name.clone().into());
-            source.insert("lsn".into(), Lsn(t.lsn).to_string().into());
-            source.insert("txid".into(), t.xid.into());
-            source.insert("commit_time".into(), rfc3339(t.commit_time_ms).into());
-            source.insert("snapshot".into(), false.into());
-            let mut e = Map::new();
-            e.insert("op".into(), op.into());
-            e.insert("before".into(), before.unwrap_or(Json::Null));
-            e.insert("after".into(), after.unwrap_or(Json::Null));
-            e.insert("key".into(), key);
-            if !unchanged.is_empty() {
-                e.insert("unchanged".into(), unchanged.into());
-            }
-            e.insert("source".into(), Json::Object(source));
-            e.insert("transaction".into(), json!({"id": t.xid, "lsn": Lsn(t.lsn).to_string(), "seq": t.seq}));
-            e.insert("ts_ms".into(), sluice_core::time::now_ms().into());
-            t.seq += 1;
-            out.push((r.oid, Json::Object(e)));
-        };
-        match m {
-            Message::Insert { relation, new } => {
-                let r = rel(relation)?;
-                if self.cfg.tables.captures(&r.namespace, &r.name) {
-                    let (after, unchanged) = row(r, &new);
-                    let key = key_of(r, &after);
-                    event(r, "insert", None, Some(after), unchanged, key, t);
-                }
-            }
-            Message::Update { relation, old, new } => {
-                let r = rel(relation)?;
-                if self.cfg.tables.captures(&r.namespace, &r.name) {
-                    let (after, unchanged) = row(r, &new);
-                    let before = old.map(|(kind, tuple)| old_row(r, kind, &tuple));
-                    let key = key_of(r, &after);
-                    event(r, "update", before, Some(after), unchanged, key, t);
-                }
-            }
-            Message::Delete { relation, old: (kind, tuple) } => {
-                let r = rel(relation)?;
-                if self.cfg.tables.captures(&r.namespace, &r.name) {
-                    let before = old_row(r, kind, &tuple);
-                    let key = key_of(r, &before);
-                    event(r, "delete", Some(before), None, Vec::new(), key, t);
-                }
-            }
-            Message::Truncate { relations: oids, .. } => {
-                for oid in oids {
-                    let r = rel(oid)?;
-                    if self.cfg.tables.captures(&r.namespace, &r.name) {
-                        event(r, "truncate", None, None, Vec::new(), Json::Null, t);
-                    }
-                }
-            }
-            Message::Relation(_) | Message::Type { .. } | Message::Origin { .. } => {}
-        }
-        Ok(out)
-    }
 }
 
 // What the PostgreSQL and MySQL sources share.
@@ -1050,55 +992,6 @@ pub(crate) fn append_only(
         written.insert(k, last);
     }
     Ok((appended, p.commit_end))
-}
-
-/// A tuple as a JSON object of its columns, and the names of the unchanged TOASTed columns
-/// (left out: their value did not change and the server did not send it).
-fn row(r: &Relation, t: &Tuple) -> (Json, Vec<String>) {
-    let mut obj = Map::new();
-    let mut unchanged = Vec::new();
-    for (c, v) in r.columns.iter().zip(t) {
-        match v {
-            Value::Null => {
-                obj.insert(c.name.clone(), Json::Null);
-            }
-            Value::UnchangedToast => unchanged.push(c.name.clone()),
-            Value::Text(s) => {
-                obj.insert(c.name.clone(), types::to_json(c.type_oid, s));
-            }
-            Value::Binary(b) => {
-                obj.insert(c.name.clone(), Json::String(b.iter().fold(String::from("\\x"), |mut s, x| {
-                    s.push_str(&format!("{x:02x}"));
-                    s
-                })));
-            }
-        }
-    }
-    (Json::Object(obj), unchanged)
-}
-
-/// The old row of an update or delete: with only the key, just the key columns.
-fn old_row(r: &Relation, kind: OldKind, t: &Tuple) -> Json {
-    let (mut obj, _) = row(r, t);
-    if kind == OldKind::Key {
-        if let Json::Object(m) = &mut obj {
-            m.retain(|k, _| r.columns.iter().any(|c| c.key && &c.name == k));
-        }
-    }
-    obj
-}
-
-/// The key columns' values, or null for a table without a key.
-fn key_of(r: &Relation, row: &Json) -> Json {
-    let mut k = Map::new();
-    for c in r.columns.iter().filter(|c| c.key) {
-        k.insert(c.name.clone(), row.get(&c.name).cloned().unwrap_or(Json::Null));
-    }
-    if k.is_empty() {
-        Json::Null
-    } else {
-        Json::Object(k)
-    }
 }
 
 pub(crate) fn rfc3339(ms: i64) -> String {

@@ -61,7 +61,8 @@ struct Event<'a> {
     op: Option<&'a str>,
     #[serde(borrow)]
     after: Option<&'a serde_json::value::RawValue>,
-    key: Option<Value>,
+    #[serde(borrow)]
+    key: Option<&'a serde_json::value::RawValue>,
     unchanged: Option<Vec<String>>,
     #[serde(borrow)]
     transaction: Option<Transaction<'a>>,
@@ -77,7 +78,7 @@ struct Transaction<'a> {
 pub fn reduce<'a>(records: impl IntoIterator<Item = (u32, u64, i64, &'a [u8])>) -> Reduced {
     let mut out = Reduced::default();
     // key text -> index in rows
-    let mut last: HashMap<String, usize> = HashMap::new();
+    let mut last: HashMap<&'a str, usize> = HashMap::new();
     for (partition, offset, time, value) in records {
         let ev: Event = match serde_json::from_slice(value) {
             Ok(v) => v,
@@ -99,18 +100,31 @@ pub fn reduce<'a>(records: impl IntoIterator<Item = (u32, u64, i64, &'a [u8])>) 
             out.truncate_lsn = Some(out.truncate_lsn.map_or(lsn, |t| t.max(lsn)));
             continue;
         }
-        let Some(key) = ev.key.as_ref().and_then(Value::as_object).filter(|k| !k.is_empty()) else {
+        // The key object's text is the row's identity within the flush: the sources write
+        // keys one way (compact, columns in name order), which DBLog reconciliation relies on
+        // as well. Its column names are read once per flush.
+        let Some(key) = ev.key.map(|k| k.get().trim()).filter(|k| k.starts_with('{') && *k != "{}") else {
             out.keyless += 1;
             continue;
         };
         if out.keys.is_empty() {
-            out.keys = key.keys().cloned().collect();
+            match serde_json::from_str::<Map<String, Value>>(key) {
+                Ok(k) if !k.is_empty() => out.keys = k.keys().cloned().collect(),
+                _ => {
+                    out.keyless += 1;
+                    continue;
+                }
+            }
         }
         // The row as JSON text: the columns (the key's for a delete, else `after`'s) and the
         // mirror's own fields, spliced in as text: the values are not parsed here.
         let unchanged = ev.unchanged.filter(|u| !u.is_empty());
         let mut row = match op {
-            "delete" => serde_json::to_vec(key).expect("JSON to memory"),
+            "delete" => {
+                let mut r = Vec::with_capacity(key.len() + 64);
+                r.extend_from_slice(key.as_bytes());
+                r
+            }
             _ => match ev.after.map(|a| a.get().trim()).filter(|a| a.starts_with('{')) {
                 Some(after) => {
                     let mut r = Vec::with_capacity(after.len() + 64);
@@ -134,10 +148,9 @@ pub fn reduce<'a>(records: impl IntoIterator<Item = (u32, u64, i64, &'a [u8])>) 
             row.push(b',');
         }
         row.extend_from_slice(br#""_lsn":"#);
-        row.extend_from_slice(lsn.to_string().as_bytes());
+        row.extend_from_slice(itoa::Buffer::new().format(lsn).as_bytes());
         row.push(b'}');
-        let k = serde_json::to_string(key).expect("JSON to memory");
-        match last.get(&k) {
+        match last.get(key) {
             Some(&i) => {
                 if unchanged.is_some() && op != "delete" {
                     row = take_unsent_columns(&out.rows[i].3, &row);
@@ -145,7 +158,7 @@ pub fn reduce<'a>(records: impl IntoIterator<Item = (u32, u64, i64, &'a [u8])>) 
                 out.rows[i] = (partition, offset, time, row);
             }
             None => {
-                last.insert(k, out.rows.len());
+                last.insert(key, out.rows.len());
                 out.rows.push((partition, offset, time, row));
             }
         }

@@ -206,13 +206,18 @@ struct Chunk {
     started: std::time::Instant,
 }
 
-/// Changes appended to the log whose fsyncs are running while the stream is read on. They
-/// finish in order; each then confirms its position and records its snapshot chunk.
+/// Writes of changes to the log running while the stream is read on: each appends (on a
+/// blocking thread, after the write before it) and then fsyncs. They finish in order; each
+/// then confirms its position and records its snapshot chunk.
 #[derive(Default)]
 struct Inflight {
     writes: futures::stream::FuturesOrdered<futures::future::BoxFuture<'static, Result<Landed, Stop>>>,
     /// Snapshot chunks among them.
     chunks: usize,
+    /// Resolves once the last write's records are appended: each write appends after the
+    /// one before it (on a blocking thread, while the stream is read on), so the log keeps
+    /// the changes' order.
+    appended: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 /// What a durable write lets the source record.
@@ -750,9 +755,22 @@ impl PostgresSource {
         state: &mut State,
         repl: &ReplicationClient,
     ) -> Result<(), Stop> {
-        let (appended, confirm) = append_only(&self.name, pending, written)?;
+        let (batches, confirm) = fresh_batches(&self.name, pending, written)?;
         inflight.chunks += chunk.is_some() as usize;
+        let before = inflight.appended.take();
+        let (done, appended) = tokio::sync::oneshot::channel();
+        inflight.appended = Some(appended);
         inflight.writes.push_back(Box::pin(async move {
+            if let Some(before) = before {
+                // Dropped unsent: the earlier append failed, and this one must not overtake it.
+                before.await.map_err(|_| Stop::Retry(anyhow::anyhow!("an earlier write to the log failed")))?;
+            }
+            let appended = tokio::task::spawn_blocking(move || {
+                batches.into_iter().map(|(part, records)| part.append(&records).map(|a| (part, a))).collect::<Result<Vec<_>, _>>()
+            })
+            .await
+            .map_err(|e| Stop::Retry(anyhow::anyhow!("appending to the log: {e}")))??;
+            let _ = done.send(());
             for (part, a) in &appended {
                 part.sync(a).await?;
             }
@@ -974,8 +992,25 @@ pub(crate) fn append_only(
     pending: &mut Pending,
     written: &mut HashMap<(String, u32), Position>,
 ) -> Result<(Vec<(Arc<sluice_log::Partition>, sluice_log::Appended)>, Option<u64>), Stop> {
+    let (batches, end) = fresh_batches(source, pending, written)?;
+    let mut appended = Vec::with_capacity(batches.len());
+    for (part, records) in batches {
+        let a = part.append(&records)?;
+        appended.push((part, a));
+    }
+    Ok((appended, end))
+}
+
+/// The pending changes the log does not hold yet, per partition, taken from `pending`
+/// (`written` then counts them as held), and the end of their last whole transaction.
+#[allow(clippy::type_complexity)]
+fn fresh_batches(
+    source: &str,
+    pending: &mut Pending,
+    written: &mut HashMap<(String, u32), Position>,
+) -> Result<(Vec<(Arc<sluice_log::Partition>, Vec<Record>)>, Option<u64>), Stop> {
     let p = std::mem::take(pending);
-    let mut appended = Vec::new();
+    let mut batches = Vec::new();
     for (stream, partition, recs) in p.groups {
         let k = (stream.name().to_string(), partition);
         let done = written.get(&k).copied();
@@ -987,11 +1022,10 @@ pub(crate) fn append_only(
         let Some(last) = fresh.last().map(|(pos, _)| *pos) else { continue };
         let records: Vec<Record> = fresh.into_iter().map(|(_, r)| r).collect();
         let part = stream.partition(partition).ok_or_else(|| anyhow::anyhow!("stream {} has no partition {partition}", stream.name()))?.clone();
-        let a = part.append(&records)?;
-        appended.push((part, a));
+        batches.push((part, records));
         written.insert(k, last);
     }
-    Ok((appended, p.commit_end))
+    Ok((batches, p.commit_end))
 }
 
 pub(crate) fn rfc3339(ms: i64) -> String {

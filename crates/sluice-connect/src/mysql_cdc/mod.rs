@@ -22,7 +22,7 @@ pub mod types;
 
 use crate::postgres_cdc::{
     append_pending, load_state, run_sessions, save_state, Session,
-    last_position, rfc3339, OpenStream, Pending, Position, SnapshotReceiver, SnapshotRequest, SnapshotSender, SnapshotTask, SourceStatus, Stop, GROUP_RECORDS,
+    held_position, rfc3339, OpenStream, Pending, Position, SnapshotReceiver, SnapshotRequest, SnapshotSender, SnapshotTask, SourceStatus, Stop, GROUP_RECORDS,
 };
 use futures::StreamExt;
 use mysql_async::binlog::events::{EventData, OptionalMetaExtractor, OptionalMetadataField, RowsEventData, TableMapEvent};
@@ -493,7 +493,7 @@ impl Session for MysqlSource {
         for (table, stream) in &state.tables {
             let s = (self.open_stream)(stream, self.cfg.partitions)?;
             for p in s.partitions() {
-                if let Some(pos) = last_position(p)? {
+                if let Some(pos) = held_position(p).await? {
                     written.insert((stream.clone(), p.id()), pos);
                 }
             }

@@ -206,18 +206,12 @@ struct Chunk {
     started: std::time::Instant,
 }
 
-/// Writes of changes to the log running while the stream is read on: each appends (on a
-/// blocking thread, after the write before it) and then fsyncs. They finish in order; each
-/// then confirms its position and records its snapshot chunk.
-#[derive(Default)]
+/// The writes in flight while the stream is read on ([`Writes`]); each, once durable,
+/// confirms its position and records its snapshot chunk.
 struct Inflight {
-    writes: futures::stream::FuturesOrdered<futures::future::BoxFuture<'static, Result<Landed, Stop>>>,
+    writes: Writes<Landed>,
     /// Snapshot chunks among them.
     chunks: usize,
-    /// Resolves once the last write's records are appended: each write appends after the
-    /// one before it (on a blocking thread, while the stream is read on), so the log keeps
-    /// the changes' order.
-    appended: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 /// What a durable write lets the source record.
@@ -237,16 +231,12 @@ struct ChunkDone {
     finished: bool,
 }
 
-/// At most this many writes in flight: the stream waits for the oldest beyond it.
-const MAX_INFLIGHT: usize = 8;
-
 impl Inflight {
     fn is_empty(&self) -> bool {
         self.writes.is_empty()
     }
 
     async fn next(&mut self) -> Option<Result<Landed, Stop>> {
-        use futures::StreamExt;
         let l = self.writes.next().await;
         if let Some(Ok(Landed { chunk: Some(_), .. })) = &l {
             self.chunks -= 1;
@@ -267,6 +257,7 @@ pub struct PostgresSource {
     status: Arc<SourceStatus>,
     requests: tokio::sync::Mutex<SnapshotReceiver>,
     request_sender: SnapshotSender,
+    fence: Arc<AppendFence>,
 }
 
 /// The transaction being received.
@@ -320,6 +311,7 @@ impl PostgresSource {
             status,
             requests: tokio::sync::Mutex::new(requests),
             request_sender,
+            fence: Default::default(),
         };
         // The streams it wrote before are known at once (they land as mirrors).
         if let Ok(state) = source.load_state() {
@@ -486,10 +478,11 @@ impl Session for PostgresSource {
         // What the log already holds, per partition.
         let mut streams: HashMap<String, Arc<Stream>> = HashMap::new();
         let mut written: HashMap<(String, u32), Position> = HashMap::new();
+        let writes = Writes::new(&self.fence);
         for (table, stream) in &state.tables {
             let s = (self.open_stream)(stream, self.cfg.partitions)?;
             for p in s.partitions() {
-                if let Some(pos) = last_position(p)? {
+                if let Some(pos) = held_position(p).await? {
                     written.insert((stream.clone(), p.id()), pos);
                 }
             }
@@ -528,7 +521,7 @@ impl Session for PostgresSource {
         let mut warned: HashSet<(u32, String)> = HashSet::new();
         let mut txn: Option<Txn> = None;
         let mut pending = Pending::default();
-        let mut inflight = Inflight::default();
+        let mut inflight = Inflight { writes, chunks: 0 };
         let gather = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(gather);
         let mut gathering = false;
@@ -755,27 +748,8 @@ impl PostgresSource {
         state: &mut State,
         repl: &ReplicationClient,
     ) -> Result<(), Stop> {
-        let (batches, confirm) = fresh_batches(&self.name, pending, written)?;
         inflight.chunks += chunk.is_some() as usize;
-        let before = inflight.appended.take();
-        let (done, appended) = tokio::sync::oneshot::channel();
-        inflight.appended = Some(appended);
-        inflight.writes.push_back(Box::pin(async move {
-            if let Some(before) = before {
-                // Dropped unsent: the earlier append failed, and this one must not overtake it.
-                before.await.map_err(|_| Stop::Retry(anyhow::anyhow!("an earlier write to the log failed")))?;
-            }
-            let appended = tokio::task::spawn_blocking(move || {
-                batches.into_iter().map(|(part, records)| part.append(&records).map(|a| (part, a))).collect::<Result<Vec<_>, _>>()
-            })
-            .await
-            .map_err(|e| Stop::Retry(anyhow::anyhow!("appending to the log: {e}")))??;
-            let _ = done.send(());
-            for (part, a) in &appended {
-                part.sync(a).await?;
-            }
-            Ok(Landed { confirm, chunk })
-        }));
+        inflight.writes.push(&self.name, pending, written, move |confirm| Landed { confirm, chunk })?;
         while inflight.writes.len() > MAX_INFLIGHT {
             let Some(l) = inflight.next().await else { break };
             self.landed(l?, state, repl)?;
@@ -973,32 +947,109 @@ pub(crate) fn save_state<T: serde::Serialize>(dir: &std::path::Path, s: &T) -> a
     Ok(sluice_core::fs::write_durably(&dir.join("state.json"), &serde_json::to_vec_pretty(s)?)?)
 }
 
-/// Appends the pending changes, skipping those at or before what each partition already
-/// holds, and makes them durable. Returns the end of the last whole transaction among them,
-/// which the caller may now acknowledge.
-pub(crate) async fn append_pending(source: &str, pending: &mut Pending, written: &mut HashMap<(String, u32), Position>) -> Result<Option<u64>, Stop> {
-    let (appended, end) = append_only(source, pending, written)?;
-    for (part, a) in &appended {
-        part.sync(a).await?;
-    }
-    Ok(end)
+/// At most this many writes in flight: the stream waits for the oldest beyond it.
+pub(crate) const MAX_INFLIGHT: usize = 8;
+
+/// Writes of changes to the log running while a source reads on: each appends its records
+/// (on a blocking thread, after the write before it, so the log keeps the changes' order)
+/// and then fsyncs them. They finish in order, each giving back what its source records
+/// once the changes are durable (`T`).
+pub(crate) struct Writes<T> {
+    writes: futures::stream::FuturesOrdered<futures::future::BoxFuture<'static, Result<T, Stop>>>,
+    /// Resolves once the last write's records are appended.
+    appended: Option<tokio::sync::oneshot::Receiver<()>>,
+    fence: Arc<AppendFence>,
+    /// This session's generation in `fence`.
+    generation: u64,
 }
 
-/// [`append_pending`] without the fsync: what was appended where (for `Partition::sync`),
-/// and the end of the last whole transaction among the changes.
-#[allow(clippy::type_complexity)]
-pub(crate) fn append_only(
-    source: &str,
-    pending: &mut Pending,
-    written: &mut HashMap<(String, u32), Position>,
-) -> Result<(Vec<(Arc<sluice_log::Partition>, sluice_log::Appended)>, Option<u64>), Stop> {
+/// Orders a source's appends across its sessions. A session that ends with writes in flight
+/// drops them, but an append already handed to a blocking thread still runs; the next
+/// session must not read the log's positions before it, nor see it land after. Appends run
+/// under this lock and only while their session's generation is current; a new session
+/// takes a new generation (waiting for an append running now), so a dropped session's
+/// later appends are refused.
+#[derive(Default)]
+pub(crate) struct AppendFence(parking_lot::Mutex<u64>);
+
+impl<T: Send + 'static> Writes<T> {
+    /// A new session's writes: from here on, appends of earlier sessions are refused.
+    pub(crate) fn new(fence: &Arc<AppendFence>) -> Writes<T> {
+        let generation = {
+            let mut g = fence.0.lock();
+            *g += 1;
+            *g
+        };
+        Writes { writes: Default::default(), appended: None, fence: fence.clone(), generation }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.writes.len()
+    }
+
+    /// Starts writing the pending changes the log does not hold yet (`written` then counts
+    /// them as held); [`Writes::next`] gives back `landed(end of the last whole transaction
+    /// among them)` once they are durable.
+    pub(crate) fn push(
+        &mut self,
+        source: &str,
+        pending: &mut Pending,
+        written: &mut HashMap<(String, u32), Position>,
+        landed: impl FnOnce(Option<u64>) -> T + Send + 'static,
+    ) -> Result<(), Stop> {
+        let (batches, end) = fresh_batches(source, pending, written)?;
+        let (self_fence, self_generation) = (self.fence.clone(), self.generation);
+        let before = self.appended.take();
+        let (done, appended) = tokio::sync::oneshot::channel();
+        self.appended = Some(appended);
+        self.writes.push_back(Box::pin(async move {
+            if let Some(before) = before {
+                // Dropped unsent: the earlier append failed, and this one must not overtake it.
+                before.await.map_err(|_| Stop::Retry(anyhow::anyhow!("an earlier write to the log failed")))?;
+            }
+            let (fence, generation) = (self_fence, self_generation);
+            let appended = tokio::task::spawn_blocking(move || {
+                let current = fence.0.lock();
+                if *current != generation {
+                    return Ok(Err(Stop::Retry(anyhow::anyhow!("a write of an ended session"))));
+                }
+                batches.into_iter().map(|(part, records)| part.append(&records).map(|a| (part, a))).collect::<Result<Vec<_>, _>>().map(Ok)
+            })
+            .await
+            .map_err(|e| Stop::Retry(anyhow::anyhow!("appending to the log: {e}")))???;
+            let _ = done.send(());
+            for (part, a) in &appended {
+                part.sync(a).await?;
+            }
+            Ok(landed(end))
+        }));
+        Ok(())
+    }
+
+    /// The oldest write, once durable.
+    pub(crate) async fn next(&mut self) -> Option<Result<T, Stop>> {
+        use futures::StreamExt;
+        self.writes.next().await
+    }
+}
+
+/// Appends the pending changes the log does not hold yet and makes them durable; returns
+/// the end of the last whole transaction among them (the MySQL source writes so).
+pub(crate) async fn append_pending(source: &str, pending: &mut Pending, written: &mut HashMap<(String, u32), Position>) -> Result<Option<u64>, Stop> {
     let (batches, end) = fresh_batches(source, pending, written)?;
     let mut appended = Vec::with_capacity(batches.len());
     for (part, records) in batches {
         let a = part.append(&records)?;
         appended.push((part, a));
     }
-    Ok((appended, end))
+    for (part, a) in &appended {
+        part.sync(a).await?;
+    }
+    Ok(end)
 }
 
 /// The pending changes the log does not hold yet, per partition, taken from `pending`
@@ -1033,6 +1084,14 @@ pub(crate) fn rfc3339(ms: i64) -> String {
 }
 
 /// The position of a partition's last record (commit LSN, sequence), if it has one.
+/// The position of a partition's last record, after making every record appended to it
+/// durable (an earlier session may have left appends whose fsync it did not wait for; they
+/// count as written, and are durable before any position after them is confirmed).
+pub(crate) async fn held_position(p: &sluice_log::Partition) -> Result<Option<Position>, Stop> {
+    p.sync_all().await?;
+    Ok(last_position(p)?)
+}
+
 pub(crate) fn last_position(p: &sluice_log::Partition) -> anyhow::Result<Option<Position>> {
     let hw = p.high_watermark();
     if hw == 0 || hw <= p.log_start_offset() {
@@ -1052,5 +1111,49 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(lsn: u64, seq: u64) -> Record {
+        let v = json!({"op": "insert", "key": {"id": seq}, "transaction": {"lsn": Lsn(lsn).to_string(), "seq": seq}});
+        Record::with_key(bytes::Bytes::from("k"), bytes::Bytes::from(v.to_string()), 0)
+    }
+
+    #[tokio::test]
+    async fn a_new_session_holds_what_the_last_one_appended_and_refuses_its_late_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = sluice_log::Log::open(dir.path(), Default::default()).unwrap();
+        let stream = log.create_stream("src_t", sluice_log::StreamOptions { partitions: 1, ..Default::default() }).unwrap();
+        let part = stream.partition(0).unwrap().clone();
+        let fence = Arc::new(AppendFence::default());
+
+        // A session appends, and ends before its fsync: the next one counts those changes as
+        // written (and makes them durable) instead of writing them again.
+        let mut first: Writes<Option<u64>> = Writes::new(&fence);
+        let mut written = HashMap::new();
+        let mut pending = Pending::default();
+        pending.push(&stream, 0, (0x10, 0), change(0x10, 0));
+        pending.push(&stream, 0, (0x10, 1), change(0x10, 1));
+        pending.commit_end = Some(0x20);
+        assert!(first.push("src", &mut pending, &mut written, |end| end).is_ok());
+        assert!(matches!(first.next().await, Some(Ok(Some(0x20)))));
+        part.append(&[change(0x30, 0)]).unwrap();
+        assert_eq!(part.high_watermark(), 2, "the last append is not durable");
+        let second: Writes<Option<u64>> = Writes::new(&fence);
+        assert!(matches!(held_position(&part).await, Ok(Some((0x30, 0)))));
+        assert_eq!(part.high_watermark(), 3);
+
+        // A write of the first session that had not appended yet is refused, not appended
+        // after the second session read the positions.
+        let mut pending = Pending::default();
+        pending.push(&stream, 0, (0x40, 0), change(0x40, 0));
+        assert!(first.push("src", &mut pending, &mut written, |end| end).is_ok());
+        assert!(matches!(first.next().await, Some(Err(_))));
+        assert_eq!(part.next_offset(), 3);
+        drop(second);
     }
 }

@@ -286,18 +286,22 @@ impl Enricher {
 
     /// Fetches every request, `concurrency` calls at a time, on the runtime this step runs
     /// under: one call per request, or per group of up to `batch_size` requests to one URL.
+    /// The calls run as one task of that runtime (woken where its I/O is polled), which this
+    /// thread waits for.
     fn fetch_all(&self, requests: Vec<Request>) -> Vec<(Request, Result<Option<Bytes>, String>)> {
-        let concurrency = self.cfg.concurrency;
+        let caller = Caller { client: self.client.clone(), cfg: self.cfg.clone() };
         let work = async move {
-            if self.cfg.batch_size > 1 {
-                futures::stream::iter(group_by_url(requests, self.cfg.batch_size).into_iter().map(|g| self.fetch_batch(g)))
+            let caller = &caller;
+            let concurrency = caller.cfg.concurrency;
+            if caller.cfg.batch_size > 1 {
+                futures::stream::iter(group_by_url(requests, caller.cfg.batch_size).into_iter().map(|g| caller.fetch_batch(g)))
                     .buffer_unordered(concurrency)
                     .flat_map(futures::stream::iter)
                     .collect::<Vec<_>>()
                     .await
             } else {
                 futures::stream::iter(requests.into_iter().map(|r| async move {
-                    let res = self.fetch(&r.url, r.body.as_deref()).await;
+                    let res = caller.fetch(&r.url, r.body.as_deref()).await;
                     (r, res)
                 }))
                 .buffer_unordered(concurrency)
@@ -306,14 +310,26 @@ impl Enricher {
             }
         };
         match tokio::runtime::Handle::try_current() {
-            Ok(h) => tokio::task::block_in_place(|| h.block_on(work)),
+            Ok(h) => match tokio::task::block_in_place(|| h.block_on(h.spawn(work))) {
+                Ok(v) => v,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => vec![(Request { url: String::new(), body: None }, Err(format!("enrich calls stopped: {e}")))],
+            },
             Err(_) => match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt.block_on(work),
                 Err(e) => Vec::from_iter(std::iter::once((Request { url: String::new(), body: None }, Err(e.to_string())))),
             },
         }
     }
+}
 
+/// What the calls of one `fetch_all` need, owned by the task that makes them.
+struct Caller {
+    client: reqwest::Client,
+    cfg: EnrichConfig,
+}
+
+impl Caller {
     /// One call for a group of requests to the same URL: their bodies as a JSON array; the
     /// answer is a JSON array of as many answers (`null`: nothing known). A failed call fails
     /// every request of the group.

@@ -156,7 +156,8 @@ impl Shape {
         r.len() == self.names.len() && r.columns_ref().iter().zip(&self.names).all(|(c, n)| c.name_ref() == n.as_bytes())
     }
 
-    /// A row as a JSON object (columns `cols` of it, in name order) into `out`.
+    /// A row as a JSON object (its columns in name order; only the key's with `key_only`)
+    /// into `out`.
     fn write_row(&self, r: &BinlogRow, key_only: bool, out: &mut Vec<u8>) {
         out.push(b'{');
         let mut first = true;
@@ -268,7 +269,6 @@ fn key_of<'a>(names: impl Iterator<Item = &'a str>, row: &Json) -> Json {
         Json::Object(k)
     }
 }
-
 
 /// A change event as a JSON value (truncates, and rows whose shape the text writer does not
 /// know; [`Shape::write_event`] writes the same bytes for the others).

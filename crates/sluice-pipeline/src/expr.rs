@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use deltalake::arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use deltalake::arrow::buffer::BooleanBuffer;
 use deltalake::arrow::compute::filter_record_batch;
 use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use deltalake::datafusion::common::DFSchema;
@@ -126,15 +127,27 @@ impl Filter {
 
     /// The rows of `batch` that pass, in order.
     pub fn apply(&self, batch: &RecordBatch) -> Result<RecordBatch, StepError> {
+        Ok(self.apply_with_mask(batch)?.0)
+    }
+
+    /// The rows of `batch` that pass, and which rows those are: bit `i` is set when row `i`
+    /// passed (false and NULL are unset).
+    pub fn apply_with_mask(&self, batch: &RecordBatch) -> Result<(RecordBatch, BooleanBuffer), StepError> {
         let mask = self.compiled.evaluate("filter", batch)?;
         if mask.data_type() == &DataType::Null {
-            return Ok(batch.slice(0, 0));
+            return Ok((batch.slice(0, 0), BooleanBuffer::new_unset(batch.num_rows())));
         }
-        filter_record_batch(batch, mask.as_boolean()).map_err(|e| StepError::Eval {
+        let mask = mask.as_boolean();
+        let passed = match mask.nulls() {
+            Some(nulls) => mask.values() & nulls.inner(),
+            None => mask.values().clone(),
+        };
+        let rows = filter_record_batch(batch, mask).map_err(|e| StepError::Eval {
             step: "filter",
             expr: self.compiled.sql.clone(),
             message: e.to_string(),
-        })
+        })?;
+        Ok((rows, passed))
     }
 }
 

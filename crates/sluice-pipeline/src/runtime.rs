@@ -898,7 +898,7 @@ fn prepare(ctx: &PrepareCtx, prep: &mut Prep, records: &[Collected]) -> anyhow::
                         ctx.status.taps.publish(TapPoint::Step(si), &b, &ctx.date_column);
                         current = Some(b);
                     }
-                    Some(Output::Routed(r)) => {
+                    Some(Output::Routed { sinks: r, .. }) => {
                         for (_, b) in &r {
                             ctx.status.taps.publish(TapPoint::Step(si), b, &ctx.date_column);
                         }

@@ -8,6 +8,7 @@ use crate::lookup::{Lookup, LookupSource};
 use crate::validate::Validator;
 use crate::expr::{Filter, Map, StepError};
 use deltalake::arrow::array::{new_null_array, ArrayRef, RecordBatch};
+use deltalake::arrow::buffer::BooleanBuffer;
 use deltalake::arrow::compute::concat_batches;
 use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use sluice_core::pipeline::StepConfig;
@@ -35,8 +36,9 @@ pub struct StepStats {
 pub enum Output {
     /// The batch for the next step.
     Rows(RecordBatch),
-    /// Per sink (index into the pipeline's sinks): the rows routed there.
-    Routed(Vec<(usize, RecordBatch)>),
+    /// Per sink (index into the pipeline's sinks): the rows routed there; `taken` counts the
+    /// input rows routed anywhere (a row sent to several sinks counts once).
+    Routed { sinks: Vec<(usize, RecordBatch)>, taken: usize },
 }
 
 /// A row the step failed on: its index in the input batch and the error.
@@ -252,14 +254,7 @@ impl Step {
         };
         let out_rows = match &out {
             Some(Output::Rows(b)) => b.num_rows(),
-            Some(Output::Routed(r)) => {
-                // A record routed to several sinks counts once.
-                let mut taken = std::collections::HashSet::new();
-                for (_, b) in r {
-                    taken.extend(crate::runtime::positions(b).unwrap_or_default());
-                }
-                taken.len()
-            }
+            Some(Output::Routed { taken, .. }) => *taken,
             None => 0,
         };
         let failed = failures.len();
@@ -320,16 +315,26 @@ impl Compiled {
             Compiled::Enrich(_) | Compiled::Dedup(_) | Compiled::Validate(..) | Compiled::Lookup(_) => return Err(StepError::Eval { step: "enrich", expr: String::new(), message: "enrich runs through its step".into() }),
             Compiled::Route(routes) => {
                 let mut out = Vec::with_capacity(routes.len());
+                // Which rows some route took so far (None: every row).
+                let mut taken = Some(BooleanBuffer::new_unset(batch.num_rows()));
                 for (sink, when) in routes {
                     let rows = match when {
-                        Some(f) => f.apply(batch)?,
-                        None => batch.clone(),
+                        Some(f) => {
+                            let (rows, passed) = f.apply_with_mask(batch)?;
+                            taken = taken.map(|t| &t | &passed);
+                            rows
+                        }
+                        None => {
+                            taken = None;
+                            batch.clone()
+                        }
                     };
                     if rows.num_rows() > 0 {
                         out.push((*sink, rows));
                     }
                 }
-                Output::Routed(out)
+                let taken = taken.map_or(batch.num_rows(), |t| t.count_set_bits());
+                Output::Routed { sinks: out, taken }
             }
         })
     }
@@ -342,6 +347,7 @@ fn row_by_row(c: &Compiled, batch: &RecordBatch, error: String) -> (Option<Outpu
     let mut failures = Vec::new();
     let mut rows: Vec<RecordBatch> = Vec::new();
     let mut routed: Vec<(usize, Vec<RecordBatch>)> = Vec::new();
+    let mut taken = 0;
     // Parts still to try, in order: (first row, rows); the error when already known to fail.
     let mut todo: Vec<(usize, usize, Option<String>)> = vec![(0, batch.num_rows(), Some(error))];
     while let Some((start, len, known)) = todo.pop() {
@@ -351,8 +357,9 @@ fn row_by_row(c: &Compiled, batch: &RecordBatch, error: String) -> (Option<Outpu
         };
         match result {
             Ok(Output::Rows(b)) => rows.push(b),
-            Ok(Output::Routed(r)) => {
-                for (sink, b) in r {
+            Ok(Output::Routed { sinks, taken: t }) => {
+                taken += t;
+                for (sink, b) in sinks {
                     match routed.iter_mut().find(|(s, _)| *s == sink) {
                         Some((_, v)) => v.push(b),
                         None => routed.push((sink, vec![b])),
@@ -373,7 +380,10 @@ fn row_by_row(c: &Compiled, batch: &RecordBatch, error: String) -> (Option<Outpu
         concat_batches(&schema, &parts).ok()
     };
     let out = match c {
-        Compiled::Route(_) => Output::Routed(routed.into_iter().filter_map(|(s, parts)| Some((s, concat(parts)?))).collect()),
+        Compiled::Route(_) => Output::Routed {
+            sinks: routed.into_iter().filter_map(|(s, parts)| Some((s, concat(parts)?))).collect(),
+            taken,
+        },
         _ => match concat(rows) {
             Some(b) => Output::Rows(b),
             None => return (None, failures),

@@ -128,7 +128,7 @@ async fn apply(step: Step, b: RecordBatch) -> (Step, Option<RecordBatch>, Vec<Fa
         let (out, failures) = step.apply(b);
         let out = out.map(|o| match o {
             Output::Rows(b) => b,
-            Output::Routed(_) => panic!("enrich does not route"),
+            Output::Routed { .. } => panic!("enrich does not route"),
         });
         (step, out, failures)
     })

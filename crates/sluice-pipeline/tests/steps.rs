@@ -262,11 +262,38 @@ fn route_sends_each_row_to_every_matching_sink() {
     let mut step = Step::new(0, &cfg, &sinks, "event_date");
     let (out, failures) = step.apply(b);
     assert!(failures.is_empty());
-    let Some(Output::Routed(r)) = out else { panic!("expected routed rows") };
+    let Some(Output::Routed { sinks: r, taken }) = out else { panic!("expected routed rows") };
+    // r0 went to two sinks and counts once.
+    assert_eq!(taken, 3);
     let got: Vec<(usize, Vec<i64>)> = r.iter().map(|(s, b)| (*s, offsets(b))).collect();
     assert_eq!(got, vec![(2, vec![0, 3, 4]), (1, vec![0, 3])]);
     // r2 (basic, 300) and r3 (no tier) went nowhere.
     assert_eq!(step.stats.filtered.load(std::sync::atomic::Ordering::Relaxed), 2);
+    assert_eq!(step.stats.records_out.load(std::sync::atomic::Ordering::Relaxed), 3);
+}
+
+#[test]
+fn a_route_that_fails_on_some_rows_counts_the_rest_once() {
+    let b = batch(&[
+        r#"{"n":"5"}"#,
+        r#"{"n":"x"}"#,
+        r#"{"n":"1"}"#,
+        r#"{"n":"7"}"#,
+    ]);
+    let cfg = StepConfig::Route(vec![
+        RouteConfig { to: "big".into(), when: Some("CAST(n AS INT) > 2".into()) },
+        RouteConfig { to: "odd".into(), when: Some("CAST(n AS INT) % 2 = 1".into()) },
+    ]);
+    let sinks = ["big".to_string(), "odd".into()];
+    let mut step = Step::new(0, &cfg, &sinks, "event_date");
+    let (out, failures) = step.apply(b);
+    assert_eq!(failures.iter().map(|f| f.row).collect::<Vec<_>>(), vec![1]);
+    let Some(Output::Routed { sinks: r, taken }) = out else { panic!("expected routed rows") };
+    let got: Vec<(usize, Vec<i64>)> = r.iter().map(|(s, b)| (*s, offsets(b))).collect();
+    assert_eq!(got, vec![(0, vec![0, 3]), (1, vec![0, 2, 3])]);
+    assert_eq!(taken, 3);
+    let stat = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!((stat(&step.stats.records_out), stat(&step.stats.failed), stat(&step.stats.filtered)), (3, 1, 0));
 }
 
 #[test]

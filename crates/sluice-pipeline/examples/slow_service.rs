@@ -7,6 +7,11 @@
 //! - `GET /users/{key}` → `{"key": key, "tier": "gold", "score": n}`
 //! - `POST /users:batch` with a JSON array of `{"key": ...}` → an array of such answers
 //! - `GET /stats` → `{"calls": calls answered, "answers": records answered}`
+//!
+//! `slow_service --client PORT CONNECTIONS SECONDS`: the benchmark's reference client, the
+//! least a caller can do (one keep-alive connection per call in flight, `GET /users/{key}`
+//! in a loop, as wrk does). Prints `calls_per_second mean_ms p99_ms`: the service's real
+//! latency under this concurrency and the rate it allows.
 
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
@@ -29,9 +34,64 @@ fn answer(svc: &Svc, key: &str) -> serde_json::Value {
     serde_json::json!({"key": key, "tier": "gold", "score": n % 1000})
 }
 
+/// One connection's calls for `seconds`; returns each call's latency.
+async fn client_loop(port: u16, k: usize, seconds: f64) -> std::io::Result<Vec<Duration>> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream.set_nodelay(true)?;
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    let (start, mut out, mut line, mut body) = (std::time::Instant::now(), Vec::new(), String::new(), Vec::new());
+    while start.elapsed().as_secs_f64() < seconds {
+        let t = std::time::Instant::now();
+        w.write_all(format!("GET /users/ref{k}-{} HTTP/1.1\r\nhost: a\r\n\r\n", out.len()).as_bytes()).await?;
+        let mut length = 0;
+        loop {
+            line.clear();
+            if r.read_line(&mut line).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            if line == "\r\n" {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        body.resize(length, 0);
+        r.read_exact(&mut body).await?;
+        out.push(t.elapsed());
+    }
+    Ok(out)
+}
+
+async fn client(port: u16, connections: usize, seconds: f64) {
+    let start = std::time::Instant::now();
+    let tasks: Vec<_> = (0..connections).map(|k| tokio::spawn(client_loop(port, k, seconds))).collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("client task").expect("client call"));
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    all.sort();
+    let mean = all.iter().map(|d| d.as_secs_f64()).sum::<f64>() / all.len().max(1) as f64;
+    let p99 = all.get(all.len() * 99 / 100).copied().unwrap_or_default();
+    println!("{:.1} {:.3} {:.3}", all.len() as f64 / elapsed, mean * 1000.0, p99.as_secs_f64() * 1000.0);
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--client") {
+        let n = |i: usize| args.get(i).and_then(|v| v.parse::<f64>().ok());
+        let (Some(port), Some(conns), Some(secs)) = (n(2), n(3), n(4)) else {
+            eprintln!("usage: slow_service --client PORT CONNECTIONS SECONDS");
+            std::process::exit(2);
+        };
+        return client(port as u16, conns as usize, secs).await;
+    }
     let (Some(port), Some(ms)) = (args.get(1).and_then(|p| p.parse::<u16>().ok()), args.get(2).and_then(|l| l.parse::<u64>().ok())) else {
         eprintln!("usage: slow_service PORT LATENCY_MS");
         std::process::exit(2);

@@ -239,10 +239,9 @@ impl Shape {
     }
 
     /// The change event of one row as JSON text: the bytes [`MysqlSource::event`] gives
-    /// (keys in serde_json's order) for rows that [`Shape::fits`]. Returns the key's text.
-    #[allow(clippy::too_many_arguments)]
-    fn write_event<R: Image + ?Sized>(&self, source: &str, op: &str, before: Option<&R>, after: Option<&R>, t: &Txn, file: &str, pos: u64, ts_ms: i64, e: &mut Vec<u8>) -> Option<String> {
-        let str = |s: &str, e: &mut Vec<u8>| serde_json::to_writer(e, s).expect("JSON to memory");
+    /// (keys in serde_json's order) for rows that [`Shape::fits`], with `tail` from
+    /// [`Shape::tail`] for the row's event and transaction. Returns the key's text.
+    fn write_event<R: Image + ?Sized>(&self, before: Option<&R>, after: Option<&R>, tail: &[u8], seq: u64, ts_ms: i64, e: &mut Vec<u8>) -> Option<String> {
         e.extend_from_slice(b"{\"after\":");
         match after {
             Some(r) => self.write_row(r, false, e),
@@ -265,38 +264,47 @@ impl Shape {
                 None
             }
         };
+        e.extend_from_slice(tail);
+        e.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
+        e.extend_from_slice(b"},\"ts_ms\":");
+        e.extend_from_slice(itoa::Buffer::new().format(ts_ms).as_bytes());
+        e.push(b'}');
+        key
+    }
+
+    /// What every change event of one row event has in common, as JSON text: from `op`
+    /// through the source to the transaction's `"seq":`.
+    fn tail(&self, source: &str, op: &str, t: &Txn, file: &str, pos: u64) -> Vec<u8> {
+        let mut e = Vec::with_capacity(256);
+        let str = |s: &str, e: &mut Vec<u8>| serde_json::to_writer(e, s).expect("JSON to memory");
         e.extend_from_slice(b",\"op\":");
-        str(op, e);
+        str(op, &mut e);
         e.extend_from_slice(b",\"source\":{\"commit_time\":");
-        str(&rfc3339(t.commit_time_ms), e);
+        str(&rfc3339(t.commit_time_ms), &mut e);
         e.extend_from_slice(b",\"connector\":\"mysql\",\"db\":");
-        str(&self.db, e);
+        str(&self.db, &mut e);
         e.extend_from_slice(b",\"file\":");
-        str(file, e);
+        str(file, &mut e);
         e.extend_from_slice(b",\"gtid\":");
         let gtid = |e: &mut Vec<u8>| match &t.gtid {
             Some(g) => str(g, e),
             None => e.extend_from_slice(b"null"),
         };
-        gtid(e);
+        gtid(&mut e);
         e.extend_from_slice(b",\"name\":");
-        str(source, e);
+        str(source, &mut e);
         e.extend_from_slice(b",\"pos\":");
         e.extend_from_slice(itoa::Buffer::new().format(pos).as_bytes());
         e.extend_from_slice(b",\"schema\":");
-        str(&self.db, e);
+        str(&self.db, &mut e);
         e.extend_from_slice(b",\"snapshot\":false,\"table\":");
-        str(&self.table, e);
+        str(&self.table, &mut e);
         e.extend_from_slice(b"},\"transaction\":{\"id\":");
-        gtid(e);
+        gtid(&mut e);
         e.extend_from_slice(b",\"lsn\":");
-        str(&lsn_text(t.pos), e);
+        str(&lsn_text(t.pos), &mut e);
         e.extend_from_slice(b",\"seq\":");
-        e.extend_from_slice(itoa::Buffer::new().format(t.seq).as_bytes());
-        e.extend_from_slice(b"},\"ts_ms\":");
-        e.extend_from_slice(itoa::Buffer::new().format(ts_ms).as_bytes());
-        e.push(b'}');
-        key
+        e
     }
 
     fn row(&self, r: &BinlogRow) -> Json {
@@ -772,6 +780,8 @@ impl Session for MysqlSource {
                         });
                         let stream = self.stream_for(&shape.db, &shape.table, &mut streams, &mut state)?;
                         let bad_row = |e: std::io::Error| anyhow::anyhow!("row event of {}.{}: {e}", shape.db, shape.table);
+                        // Shared by this row event's change events.
+                        let (tail, now) = (shape.tail(&self.name, op, t, &cur_file, start), sluice_core::time::now_ms());
                         if shape.reads_directly(&r) {
                             let (has_before, has_after) = (r.columns_before_image().is_some(), r.columns_after_image().is_some());
                             let data: &[u8] = r.rows_data();
@@ -786,7 +796,7 @@ impl Session for MysqlSource {
                                 }
                                 let mut e = Vec::with_capacity(256);
                                 let (b, a) = (has_before.then_some(&before[..]), has_after.then_some(&after[..]));
-                                let key = shape.write_event(&self.name, op, b, a, t, &cur_file, start, sluice_core::time::now_ms(), &mut e);
+                                let key = shape.write_event(b, a, &tail, t.seq, now, &mut e);
                                 push_change(&mut pending, &stream, t, bytes::Bytes::from(e), key);
                                 self.status.changes.fetch_add(1, Ordering::Relaxed);
                             }
@@ -795,7 +805,7 @@ impl Session for MysqlSource {
                                 let (before, after) = row.map_err(bad_row)?;
                                 let (value, key) = if before.iter().chain(&after).all(|r| shape.fits(r)) {
                                     let mut e = Vec::with_capacity(256);
-                                    let key = shape.write_event(&self.name, op, before.as_ref(), after.as_ref(), t, &cur_file, start, sluice_core::time::now_ms(), &mut e);
+                                    let key = shape.write_event(before.as_ref(), after.as_ref(), &tail, t.seq, now, &mut e);
                                     (bytes::Bytes::from(e), key)
                                 } else {
                                     let before = before.map(|b| shape.row(&b));
@@ -1073,7 +1083,7 @@ mod tests {
             for (op, before, after) in [("insert", None, Some(&a)), ("update", Some(&b), Some(&a)), ("delete", Some(&b), None)] {
                 assert!(before.iter().chain(after.iter()).all(|r| shape.fits(r)));
                 let mut text = Vec::new();
-                let key = shape.write_event("src", op, before, after, &t, "mysql-bin.000003", 500, 99, &mut text);
+                let key = shape.write_event(before, after, &shape.tail("src", op, &t, "mysql-bin.000003", 500), t.seq, 99, &mut text);
                 let (bj, aj) = (before.map(|r| shape.row(r)), after.map(|r| shape.row(r)));
                 let kj = shape.key(aj.as_ref().or(bj.as_ref()).unwrap());
                 let want = event("src", "shop", "t \"q\"", op, bj, aj, kj.clone(), &t, "mysql-bin.000003", 500, 99);
@@ -1124,8 +1134,9 @@ mod tests {
         let row = |image: &[Option<BinlogValue<'_>>]| BinlogRow::new(values(image).into_iter().map(|v| Some(BinlogValue::Value(v))).collect(), columns.clone());
         let t = Txn { pos: position(3, 500), gtid: None, commit_time_ms: 1_767_607_200_123, seq: 0, explicit: true };
         let (mut direct, mut via_rows) = (Vec::new(), Vec::new());
-        let k1 = shape.write_event("src", "update", Some(&before[..]), Some(&after[..]), &t, "f.000003", 500, 9, &mut direct);
-        let k2 = shape.write_event("src", "update", Some(&row(&before)), Some(&row(&after)), &t, "f.000003", 500, 9, &mut via_rows);
+        let tail = shape.tail("src", "update", &t, "f.000003", 500);
+        let k1 = shape.write_event(Some(&before[..]), Some(&after[..]), &tail, t.seq, 9, &mut direct);
+        let k2 = shape.write_event(Some(&row(&before)), Some(&row(&after)), &tail, t.seq, 9, &mut via_rows);
         assert_eq!(String::from_utf8(direct).unwrap(), String::from_utf8(via_rows).unwrap());
         assert_eq!((k1.as_deref(), k2.as_deref()), (Some(r#"{"id":7}"#), Some(r#"{"id":7}"#)));
         // A truncated image is an error, not a short row.

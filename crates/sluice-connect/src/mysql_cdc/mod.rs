@@ -207,7 +207,7 @@ impl Shape {
         out.clear();
         let nulls: &[u8] = buf.parse(self.codecs.len().div_ceil(8))?;
         for (i, (ty, meta, unsigned)) in self.codecs.iter().enumerate() {
-            out.push(Some(if nulls[i / 8] >> (i % 8) & 1 == 1  {
+            out.push(Some(if nulls[i / 8] >> (i % 8) & 1 == 1 {
                 BinlogValue::Value(mysql_async::Value::NULL)
             } else {
                 buf.parse((*ty, meta.as_slice(), *unsigned, false))?

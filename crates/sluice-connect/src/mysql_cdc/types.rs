@@ -167,7 +167,7 @@ pub fn value_to_json(kind: &Kind, v: &Value, binlog: bool) -> Json {
             // `secs` or `secs.micros` (TIMESTAMP2).
             let s = text(b);
             let (secs, frac) = s.split_once('.').unwrap_or((&s, "0"));
-            Json::String(instant(secs.parse().unwrap_or(0), format!("{frac:0<6}")[..6].parse().unwrap_or(0)))
+            Json::String(instant(secs.parse().unwrap_or(0), format!("{frac:0<6}").get(..6).and_then(|f| f.parse().ok()).unwrap_or(0)))
         }
         // Read in a session with time_zone = '+00:00'.
         (Kind::Timestamp, Value::Date(y, mo, d, h, mi, s, us)) => {

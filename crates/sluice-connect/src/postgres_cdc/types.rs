@@ -208,7 +208,7 @@ fn timestamptz(text: &str) -> Option<String> {
     let off = match off.len() {
         3 => format!("{off}:00"),
         6 => off.to_string(),
-        9 => off[..6].to_string(),
+        9 => off.get(..6)?.to_string(),
         _ => return None,
     };
     let t = chrono::DateTime::parse_from_str(&format!("{dt}{off}"), "%Y-%m-%d %H:%M:%S%.f%:z").ok()?;

@@ -41,12 +41,16 @@ class Sluice:
                 return s
         return None
 
-    def peak_rss_mib(self):
+    def memory_mib(self, field):
+        """A memory figure of the server from /proc (VmHWM: peak resident, VmRSS: now)."""
         with open(f"/proc/{self.proc.pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
         return float("nan")
+
+    def peak_rss_mib(self):
+        return self.memory_mib("VmHWM")
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)

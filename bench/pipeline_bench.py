@@ -136,14 +136,6 @@ def metric(text, name, labels):
     return float("nan")
 
 
-def current_rss_mib(s):
-    with open(f"/proc/{s.proc.pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def steady(s, lines, rate, per_req, seconds):
     """POSTs `per_req` lines at a time, `rate` lines/s on average, for `seconds`; returns
     how many were sent."""
@@ -246,7 +238,7 @@ def main():
         p = s.get("/v1/pipelines")["pipelines"][0]
         if p["records_in"] >= n and p["lag"] == 0 and p["checkpoint_age_ms"] is not None:
             break
-        rss.append((time.monotonic() - t, current_rss_mib(s)))
+        rss.append((time.monotonic() - t, s.memory_mib("VmRSS")))
         time.sleep(0.05)
     el = time.monotonic() - t
     step = p["steps"][0]

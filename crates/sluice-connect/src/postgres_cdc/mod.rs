@@ -1002,7 +1002,7 @@ impl<T: Send + 'static> Writes<T> {
         landed: impl FnOnce(Option<u64>) -> T + Send + 'static,
     ) -> Result<(), Stop> {
         let (batches, end) = fresh_batches(source, pending, written)?;
-        let (self_fence, self_generation) = (self.fence.clone(), self.generation);
+        let (fence, generation) = (self.fence.clone(), self.generation);
         let before = self.appended.take();
         let (done, appended) = tokio::sync::oneshot::channel();
         self.appended = Some(appended);
@@ -1011,7 +1011,6 @@ impl<T: Send + 'static> Writes<T> {
                 // Dropped unsent: the earlier append failed, and this one must not overtake it.
                 before.await.map_err(|_| Stop::Retry(anyhow::anyhow!("an earlier write to the log failed")))?;
             }
-            let (fence, generation) = (self_fence, self_generation);
             let appended = tokio::task::spawn_blocking(move || {
                 let current = fence.0.lock();
                 if *current != generation {
@@ -1083,7 +1082,6 @@ pub(crate) fn rfc3339(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)).unwrap_or_default()
 }
 
-/// The position of a partition's last record (commit LSN, sequence), if it has one.
 /// The position of a partition's last record, after making every record appended to it
 /// durable (an earlier session may have left appends whose fsync it did not wait for; they
 /// count as written, and are durable before any position after them is confirmed).
@@ -1092,6 +1090,7 @@ pub(crate) async fn held_position(p: &sluice_log::Partition) -> Result<Option<Po
     Ok(last_position(p)?)
 }
 
+/// The position of a partition's last record (commit LSN, sequence), if it has one.
 pub(crate) fn last_position(p: &sluice_log::Partition) -> anyhow::Result<Option<Position>> {
     let hw = p.high_watermark();
     if hw == 0 || hw <= p.log_start_offset() {

@@ -6,7 +6,9 @@
 //! `slow_service PORT LATENCY_MS`
 //! - `GET /users/{key}` → `{"key": key, "tier": "gold", "score": n}`
 //! - `POST /users:batch` with a JSON array of `{"key": ...}` → an array of such answers
-//! - `GET /stats` → `{"calls": calls answered, "answers": records answered}`
+//! - `GET /stats` → `{"calls": calls answered, "answers": records answered, "first_us": .., "last_us": ..}`
+//!   (when the first and the last of those calls were answered, in µs since the service started)
+//! - `POST /stats/reset` → zeroes those counters
 //!
 //! `slow_service --client PORT CONNECTIONS SECONDS`: the benchmark's reference client, the
 //! least a caller can do (one keep-alive connection per call in flight, `GET /users/{key}`
@@ -23,6 +25,27 @@ struct Svc {
     latency: Duration,
     served: AtomicU64,
     calls: AtomicU64,
+    started: std::time::Instant,
+    /// When the first / last call since the last reset was answered (µs since `started`;
+    /// first: u64::MAX before any).
+    first_us: AtomicU64,
+    last_us: AtomicU64,
+}
+
+impl Svc {
+    fn answered(&self) {
+        let now = self.started.elapsed().as_micros() as u64;
+        self.first_us.fetch_min(now, Ordering::Relaxed);
+        self.last_us.fetch_max(now, Ordering::Relaxed);
+        self.calls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn reset(&self) {
+        self.calls.store(0, Ordering::Relaxed);
+        self.served.store(0, Ordering::Relaxed);
+        self.first_us.store(u64::MAX, Ordering::Relaxed);
+        self.last_us.store(0, Ordering::Relaxed);
+    }
 }
 
 async fn wait(latency: Duration) {
@@ -96,13 +119,20 @@ async fn main() {
         eprintln!("usage: slow_service PORT LATENCY_MS");
         std::process::exit(2);
     };
-    let svc = Arc::new(Svc { latency: Duration::from_millis(ms), served: AtomicU64::new(0), calls: AtomicU64::new(0) });
+    let svc = Arc::new(Svc {
+        latency: Duration::from_millis(ms),
+        served: AtomicU64::new(0),
+        calls: AtomicU64::new(0),
+        started: std::time::Instant::now(),
+        first_us: AtomicU64::new(u64::MAX),
+        last_us: AtomicU64::new(0),
+    });
     let app = axum::Router::new()
         .route(
             "/users/{key}",
             get(|State(s): State<Arc<Svc>>, Path(key): Path<String>| async move {
                 wait(s.latency).await;
-                s.calls.fetch_add(1, Ordering::Relaxed);
+                s.answered();
                 answer(&s, &key).to_string()
             }),
         )
@@ -110,15 +140,22 @@ async fn main() {
             "/users:batch",
             post(|State(s): State<Arc<Svc>>, body: String| async move {
                 wait(s.latency).await;
-                s.calls.fetch_add(1, Ordering::Relaxed);
+                s.answered();
                 let items: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap_or_default();
                 let out: Vec<serde_json::Value> = items.iter().map(|i| answer(&s, i["key"].as_str().unwrap_or(""))).collect();
                 serde_json::Value::Array(out).to_string()
             }),
         )
         .route("/stats", get(|State(s): State<Arc<Svc>>| async move {
-                serde_json::json!({"calls": s.calls.load(Ordering::Relaxed), "answers": s.served.load(Ordering::Relaxed)}).to_string()
+                serde_json::json!({
+                    "calls": s.calls.load(Ordering::Relaxed),
+                    "answers": s.served.load(Ordering::Relaxed),
+                    "first_us": s.first_us.load(Ordering::Relaxed),
+                    "last_us": s.last_us.load(Ordering::Relaxed),
+                })
+                .to_string()
             }))
+        .route("/stats/reset", post(|State(s): State<Arc<Svc>>| async move { s.reset() }))
         .with_state(svc);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
     axum::serve(listener, app).await.expect("serve");

@@ -12,6 +12,8 @@
 //!   known": NULL, not an error. A failure after the retries follows `on_error`.
 //! - The step runs inside the pipeline's processing of one flush, so a slow service slows the
 //!   pipeline (its lag grows, the log holds the records) and memory stays bounded by one flush.
+//!   The flush's batches overlap: the next batch's calls start before the current one is
+//!   finished ([`Enricher::start`] / [`Enricher::finish`]), within the same `concurrency`.
 //! - Answers are converted to Arrow like stream records (inferred types, evolving), so nested
 //!   answers are queryable as `into.field.sub`.
 
@@ -106,6 +108,30 @@ pub struct Enricher {
     cache: Cache,
     /// The answers' inferred schema so far.
     answers: Option<SchemaRef>,
+    /// Calls in flight, over every batch being enriched at once: `concurrency` permits.
+    permits: Arc<tokio::sync::Semaphore>,
+    /// The calls of the last batch started (in flight until it is finished): a later batch
+    /// of the same run that renders one of them waits for that call instead of repeating it.
+    in_flight: std::collections::HashSet<Request>,
+    /// The answers of the last batch finished, for the requests a later batch shares with it.
+    last_answers: HashMap<Request, Result<Option<Bytes>, String>>,
+}
+
+/// One batch whose calls are under way (see [`Enricher::start`]).
+pub struct Started {
+    rows: usize,
+    /// Per row: its request (None: a NULL placeholder, no call).
+    requests: Vec<Option<Request>>,
+    /// Answers known when the batch started (the cache).
+    answers: HashMap<Request, Result<Option<Bytes>, String>>,
+    /// Requests another batch's calls answer.
+    shared: Vec<Request>,
+    calls: Calls,
+}
+
+enum Calls {
+    Running(tokio::runtime::Handle, tokio::task::JoinHandle<Vec<(Request, Result<Option<Bytes>, String>)>>),
+    Done(Vec<(Request, Result<Option<Bytes>, String>)>),
 }
 
 /// The HTTP client of enrich steps and webhook sinks: `http://` and `https://` (rustls, the
@@ -145,6 +171,9 @@ impl Enricher {
             body,
             exprs,
             answers: None,
+            permits: Arc::new(tokio::sync::Semaphore::new(cfg.concurrency.max(1))),
+            in_flight: Default::default(),
+            last_answers: HashMap::new(),
         }
     }
 
@@ -161,6 +190,19 @@ impl Enricher {
     /// Enriches `batch` (placeholders compiled as `values`); failing rows are left out of the
     /// result and returned as failures.
     pub fn apply(&mut self, values: &Map, batch: &RecordBatch, stats: &StepStats) -> Result<(RecordBatch, Vec<Failure>), StepError> {
+        let started = self.start(values, batch, stats)?;
+        let out = self.finish(started, batch);
+        self.end_run();
+        out
+    }
+
+    /// Starts enriching `batch`: renders its requests, answers what the cache knows and sets
+    /// its calls going (on the runtime this step runs under, `concurrency` at a time over all
+    /// started batches). [`Enricher::finish`] waits for them; batches are finished in the
+    /// order they were started, and a run of them ends with [`Enricher::end_run`]. Starting
+    /// the next batch before finishing this one keeps the calls going while this thread
+    /// renders and converts.
+    pub fn start(&mut self, values: &Map, batch: &RecordBatch, stats: &StepStats) -> Result<Started, StepError> {
         let rows = batch.num_rows();
         let v = values.apply(batch)?;
         // As text (the SQL casts may give Utf8View or Utf8, depending on the expression).
@@ -205,12 +247,17 @@ impl Enricher {
             })
             .collect();
 
-        // Distinct requests not in the cache are fetched.
+        // Distinct requests neither in the cache nor in flight for the batch before are fetched.
         let mut answers: HashMap<Request, Result<Option<Bytes>, String>> = HashMap::new();
         let mut misses: Vec<Request> = Vec::new();
-        let mut missed: std::collections::HashSet<&Request> = std::collections::HashSet::new();
+        let mut missed: std::collections::HashSet<Request> = std::collections::HashSet::new();
+        let mut shared: std::collections::HashSet<Request> = std::collections::HashSet::new();
         for r in requests.iter().flatten() {
-            if answers.contains_key(r) || missed.contains(r) {
+            if answers.contains_key(r) || missed.contains(r) || shared.contains(r) {
+                continue;
+            }
+            if self.in_flight.contains(r) {
+                shared.insert(r.clone());
                 continue;
             }
             match self.cache.get(r) {
@@ -219,24 +266,52 @@ impl Enricher {
                     answers.insert(r.clone(), Ok(v));
                 }
                 None => {
-                    missed.insert(r);
+                    missed.insert(r.clone());
                     misses.push(r.clone());
                 }
             }
         }
-        // Rows sharing a request in this batch count as hits after the first.
-        let shared = requests.iter().flatten().count().saturating_sub(answers.len() + misses.len());
-        stats.cache_hits.fetch_add(shared as u64, Ordering::Relaxed);
+        // Rows sharing a request (in this batch or with the one before) count as hits.
+        let distinct = answers.len() + misses.len();
+        stats.cache_hits.fetch_add(requests.iter().flatten().count().saturating_sub(distinct) as u64, Ordering::Relaxed);
         stats.cache_misses.fetch_add(misses.len() as u64, Ordering::Relaxed);
-        if !misses.is_empty() {
-            let fetched = self.fetch_all(misses);
-            for (r, res) in fetched {
-                if let Ok(v) = &res {
-                    self.cache.put(r.clone(), v.clone());
-                }
-                answers.insert(r, res);
-            }
+        self.in_flight = missed;
+        let calls = self.call(misses);
+        Ok(Started { rows, requests, answers, shared: shared.into_iter().collect(), calls })
+    }
+
+    /// Forgets the calls of the batches of a run (see [`Enricher::start`]): a later run
+    /// shares answers only through the cache.
+    pub fn end_run(&mut self) {
+        self.in_flight.clear();
+        self.last_answers.clear();
+    }
+
+    /// Waits for a started batch's calls and builds its output: `batch` (the one given to
+    /// `start`) with the answers under the step's field, failing rows left out.
+    pub fn finish(&mut self, started: Started, batch: &RecordBatch) -> Result<(RecordBatch, Vec<Failure>), StepError> {
+        let Started { rows, requests, mut answers, shared, calls } = started;
+        let fetched = match calls {
+            Calls::Done(v) => v,
+            Calls::Running(h, task) => match tokio::task::block_in_place(|| h.block_on(task)) {
+                Ok(v) => v,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => vec![(Request { url: String::new(), body: None }, Err(format!("enrich calls stopped: {e}")))],
+            },
+        };
+        for r in shared {
+            let a = self.last_answers.get(&r).cloned().or_else(|| self.cache.get(&r).map(Ok));
+            answers.insert(r, a.unwrap_or_else(|| Err("enrich call of an earlier batch stopped".into())));
         }
+        let mut last = HashMap::with_capacity(fetched.len());
+        for (r, res) in fetched {
+            if let Ok(v) = &res {
+                self.cache.put(r.clone(), v.clone());
+            }
+            answers.insert(r.clone(), res.clone());
+            last.insert(r, res);
+        }
+        self.last_answers = last;
 
         // One JSON object per row that has an answer.
         let mut failures = Vec::new();
@@ -284,23 +359,30 @@ impl Enricher {
         Ok((out, failures))
     }
 
-    /// Fetches every request, `concurrency` calls at a time, on the runtime this step runs
-    /// under: one call per request, or per group of up to `batch_size` requests to one URL.
-    /// The calls run as one task of that runtime (woken where its I/O is polled), which this
-    /// thread waits for.
-    fn fetch_all(&self, requests: Vec<Request>) -> Vec<(Request, Result<Option<Bytes>, String>)> {
-        let caller = Caller { client: self.client.clone(), cfg: self.cfg.clone() };
+    /// Sets the calls for `requests` going: one call per request, or per group of up to
+    /// `batch_size` requests to one URL, each holding one of the step's `concurrency`
+    /// permits while it runs. They run as one task of the runtime this step runs under
+    /// (woken where its I/O is polled); without a runtime, here and now.
+    fn call(&self, requests: Vec<Request>) -> Calls {
+        if requests.is_empty() {
+            return Calls::Done(Vec::new());
+        }
+        let caller = Caller { client: self.client.clone(), cfg: self.cfg.clone(), permits: self.permits.clone() };
         let work = async move {
             let caller = &caller;
-            let concurrency = caller.cfg.concurrency;
+            let concurrency = caller.cfg.concurrency.max(1);
             if caller.cfg.batch_size > 1 {
-                futures::stream::iter(group_by_url(requests, caller.cfg.batch_size).into_iter().map(|g| caller.fetch_batch(g)))
-                    .buffer_unordered(concurrency)
-                    .flat_map(futures::stream::iter)
-                    .collect::<Vec<_>>()
-                    .await
+                futures::stream::iter(group_by_url(requests, caller.cfg.batch_size).into_iter().map(|g| async move {
+                    let _permit = caller.permits.acquire().await;
+                    caller.fetch_batch(g).await
+                }))
+                .buffer_unordered(concurrency)
+                .flat_map(futures::stream::iter)
+                .collect::<Vec<_>>()
+                .await
             } else {
                 futures::stream::iter(requests.into_iter().map(|r| async move {
+                    let _permit = caller.permits.acquire().await;
                     let res = caller.fetch(&r.url, r.body.as_deref()).await;
                     (r, res)
                 }))
@@ -310,23 +392,20 @@ impl Enricher {
             }
         };
         match tokio::runtime::Handle::try_current() {
-            Ok(h) => match tokio::task::block_in_place(|| h.block_on(h.spawn(work))) {
-                Ok(v) => v,
-                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                Err(e) => vec![(Request { url: String::new(), body: None }, Err(format!("enrich calls stopped: {e}")))],
-            },
-            Err(_) => match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(h) => Calls::Running(h.clone(), h.spawn(work)),
+            Err(_) => Calls::Done(match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt.block_on(work),
                 Err(e) => Vec::from_iter(std::iter::once((Request { url: String::new(), body: None }, Err(e.to_string())))),
-            },
+            }),
         }
     }
 }
 
-/// What the calls of one `fetch_all` need, owned by the task that makes them.
+/// What the calls of one batch need, owned by the task that makes them.
 struct Caller {
     client: reqwest::Client,
     cfg: EnrichConfig,
+    permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl Caller {

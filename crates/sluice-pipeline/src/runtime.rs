@@ -861,21 +861,32 @@ fn prepare(ctx: &PrepareCtx, prep: &mut Prep, records: &[Collected]) -> anyhow::
             });
         }
         let mut lookup: Option<HashMap<(u32, u64), usize>> = None;
-        for batch in converted.batches {
-            ctx.status.taps.publish(TapPoint::Input, &batch, &ctx.date_column);
-            let mut current = Some(batch);
-            let mut routed: Option<Vec<(usize, RecordBatch)>> = None;
-            for (si, step) in prep.steps.iter_mut().enumerate() {
-                let Some(b) = current.take() else { break };
-                step.set_source(s as u32);
-                let input_positions = positions(&b)?;
-                let started = std::time::Instant::now();
-                let (out, failures) = step.apply(b);
-                if let Some(e) = step.take_fatal() {
-                    anyhow::bail!(e);
-                }
+        // Each step takes every batch of the flush in turn (an enrich step keeps its calls
+        // going from one batch to the next). Per batch: the rows for the next step, or what
+        // a route sent to each sink.
+        let mut flow: Vec<(Option<RecordBatch>, Option<Vec<(usize, RecordBatch)>>)> = converted
+            .batches
+            .into_iter()
+            .map(|b| {
+                ctx.status.taps.publish(TapPoint::Input, &b, &ctx.date_column);
+                (Some(b), None)
+            })
+            .collect();
+        for (si, step) in prep.steps.iter_mut().enumerate() {
+            let live: Vec<usize> = (0..flow.len()).filter(|&i| flow[i].0.is_some()).collect();
+            if live.is_empty() {
+                break;
+            }
+            let batches: Vec<RecordBatch> = live.iter().filter_map(|&i| flow[i].0.take()).collect();
+            let input_positions = batches.iter().map(positions).collect::<anyhow::Result<Vec<_>>>()?;
+            step.set_source(s as u32);
+            let results = step.apply_all(batches);
+            if let Some(e) = step.take_fatal() {
+                anyhow::bail!(e);
+            }
+            for ((i, (out, failures, took)), input_positions) in live.into_iter().zip(results).zip(input_positions) {
                 metrics::histogram!("sluice_pipeline_step_seconds", "pipeline" => ctx.pipeline.clone(), "step" => step.label.clone())
-                    .record(started.elapsed().as_secs_f64());
+                    .record(took.as_secs_f64());
                 for f in failures {
                     let (partition, offset) = input_positions[f.row];
                     let idx = lookup
@@ -896,17 +907,19 @@ fn prepare(ctx: &PrepareCtx, prep: &mut Prep, records: &[Collected]) -> anyhow::
                 match out {
                     Some(Output::Rows(b)) => {
                         ctx.status.taps.publish(TapPoint::Step(si), &b, &ctx.date_column);
-                        current = Some(b);
+                        flow[i].0 = Some(b);
                     }
                     Some(Output::Routed { sinks: r, .. }) => {
                         for (_, b) in &r {
                             ctx.status.taps.publish(TapPoint::Step(si), b, &ctx.date_column);
                         }
-                        routed = Some(r);
+                        flow[i].1 = Some(r);
                     }
                     None => {}
                 }
             }
+        }
+        for (current, routed) in flow {
             let outs: Vec<(usize, RecordBatch)> = match (current, routed) {
                 (_, Some(r)) => r,
                 (Some(b), None) => (0..ctx.sinks.len()).map(|i| (i, b.clone())).collect(),

@@ -252,19 +252,92 @@ impl Step {
                 Err(e) => row_by_row(c, &batch, e.to_string()),
             },
         };
-        let out_rows = match &out {
+        self.count(rows, &out, failures.len());
+        self.stats.micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        (out, failures)
+    }
+
+    /// Applies the step to each of `batches` (in order), with the time each took. An `enrich`
+    /// step starts the next batch's calls before it finishes the current one, so its calls
+    /// keep going while it renders requests and converts answers; a batch's time then runs
+    /// from its start to its finish. After a fatal error the remaining batches are skipped.
+    pub fn apply_all(&mut self, batches: Vec<RecordBatch>) -> Vec<(Option<Output>, Vec<Failure>, std::time::Duration)> {
+        if !matches!(self.kind, Kind::Enrich(_)) || batches.len() < 2 {
+            let mut out = Vec::with_capacity(batches.len());
+            for b in batches {
+                if self.fatal.is_some() {
+                    out.push((None, Vec::new(), std::time::Duration::ZERO));
+                    continue;
+                }
+                let started = std::time::Instant::now();
+                let (o, f) = self.apply(b);
+                out.push((o, f, started.elapsed()));
+            }
+            return out;
+        }
+        let run = std::time::Instant::now();
+        let stats = self.stats.clone();
+        let mut out: Vec<(Option<Output>, Vec<Failure>, std::time::Duration)> = Vec::with_capacity(batches.len());
+        // The batch started but not finished: (its index in `out`, the batch, its calls, when it started).
+        let mut pending: Option<(usize, RecordBatch, crate::enrich::Started, std::time::Instant)> = None;
+        for b in batches {
+            let started = std::time::Instant::now();
+            let rows = b.num_rows();
+            self.stats.records_in.fetch_add(rows as u64, Ordering::Relaxed);
+            let b = self.with_missing_fields(b);
+            let values = match self.compiled(b.schema()) {
+                Ok(Compiled::Enrich(values)) => Ok(values.clone()),
+                Ok(_) => Err("enrich step compiled as another kind".to_string()),
+                Err(e) => Err(e),
+            };
+            let Kind::Enrich(en) = &mut self.kind else { unreachable!("checked above") };
+            let begun = values.and_then(|v| en.start(&v, &b, &stats).map_err(|e| e.to_string()));
+            if let Some((i, pb, ps, at)) = pending.take() {
+                out[i] = Self::finished(en, ps, &pb, at);
+            }
+            match begun {
+                Ok(s) => {
+                    pending = Some((out.len(), b, s, started));
+                    out.push((None, Vec::new(), std::time::Duration::ZERO));
+                }
+                Err(e) => out.push((None, (0..rows).map(|row| Failure { row, error: e.clone() }).collect(), started.elapsed())),
+            }
+        }
+        let Kind::Enrich(en) = &mut self.kind else { unreachable!("checked above") };
+        if let Some((i, pb, ps, at)) = pending.take() {
+            out[i] = Self::finished(en, ps, &pb, at);
+        }
+        en.end_run();
+        for (o, f, _) in &out {
+            self.count(0, o, f.len()); // (enrich drops no row on purpose: no input count needed)
+        }
+        self.stats.micros.fetch_add(run.elapsed().as_micros() as u64, Ordering::Relaxed);
+        out
+    }
+
+    /// Finishes a started enrich batch: its output or, if that fails, every row failed; and
+    /// the time since it started.
+    fn finished(en: &mut Enricher, s: crate::enrich::Started, batch: &RecordBatch, at: std::time::Instant) -> (Option<Output>, Vec<Failure>, std::time::Duration) {
+        let rows = batch.num_rows();
+        let (o, f) = match en.finish(s, batch) {
+            Ok((b, failures)) => (Some(Output::Rows(b)), failures),
+            Err(e) => (None, (0..rows).map(|row| Failure { row, error: e.to_string() }).collect()),
+        };
+        (o, f, at.elapsed())
+    }
+
+    /// Counts a batch of `rows` input rows that gave `out` and `failed` failures.
+    fn count(&self, rows: usize, out: &Option<Output>, failed: usize) {
+        let out_rows = match out {
             Some(Output::Rows(b)) => b.num_rows(),
             Some(Output::Routed { taken, .. }) => *taken,
             None => 0,
         };
-        let failed = failures.len();
         self.stats.failed.fetch_add(failed as u64, Ordering::Relaxed);
         self.stats.records_out.fetch_add(out_rows as u64, Ordering::Relaxed);
         if matches!(self.kind, Kind::Filter(_) | Kind::Route(_) | Kind::Dedup(_)) {
             self.stats.filtered.fetch_add(rows.saturating_sub(out_rows + failed) as u64, Ordering::Relaxed);
         }
-        self.stats.micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        (out, failures)
     }
 
     /// Adds a NULL column for every field the step reads that the batch lacks: records

@@ -318,3 +318,69 @@ async fn batched_requests_carry_many_records_and_answers_map_back_in_order() {
     assert!(failures[0].error.contains("batch of 3 got 2 answers"), "{}", failures[0].error);
     assert_eq!(out.map_or(0, |b| b.num_rows()), 0);
 }
+
+/// The batches of one flush: the calls of the next batch start before the current one is
+/// finished (so the service is kept busy while answers are converted), yet no more than
+/// `concurrency` run at once over all of them, and a request that the batch before also
+/// made is answered by that call, not made again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consecutive_batches_overlap_their_calls_within_the_bound_and_share_them() {
+    let (base, svc) = start().await;
+    svc.latency_ms.store(100, Ordering::Relaxed);
+    let mut c = cfg(format!("{base}/users/${{user_id}}"));
+    c.concurrency = 4;
+    c.cache_entries = 0; // answers shared only by the calls in flight
+    let step = Step::new(0, &StepConfig::Enrich(Box::new(c)), &[], "event_date");
+    // Two or three new ids per batch (fewer than `concurrency` alone, more than it for two
+    // batches at once), and the last id of the batch before.
+    let mut next = 0;
+    let ids: Vec<Vec<String>> = (0..6)
+        .map(|k| {
+            let fresh = 2 + k % 2;
+            let mut v: Vec<String> = (next..next + fresh).map(|i| format!("o{i}")).collect();
+            if k > 0 {
+                v.push(format!("o{}", next - 1));
+            }
+            if k == 3 {
+                v.push("bad".into());
+            }
+            next += fresh;
+            v
+        })
+        .collect();
+    let batches: Vec<RecordBatch> = ids.iter().map(|b| batch(&b.iter().map(|s| Some(s.as_str())).collect::<Vec<_>>())).collect();
+    let (step, results) = tokio::task::spawn_blocking(move || {
+        let mut step = step;
+        let r = step.apply_all(batches);
+        (step, r)
+    })
+    .await
+    .unwrap();
+    assert_eq!(results.len(), 6);
+    for (k, (out, failures, _)) in results.into_iter().enumerate() {
+        let out = match out {
+            Some(Output::Rows(b)) => b,
+            _ => panic!("batch {k}: no rows"),
+        };
+        let expected: Vec<&String> = ids[k].iter().filter(|id| *id != "bad").collect();
+        assert_eq!(out.num_rows(), expected.len(), "batch {k}");
+        let user = out.column_by_name("user").unwrap().as_struct();
+        let names = user.column_by_name("name").unwrap().as_string::<i32>();
+        for (row, id) in expected.iter().enumerate() {
+            assert_eq!(names.value(row), format!("user-{id}"), "batch {k} row {row}");
+        }
+        if k == 3 {
+            assert_eq!(failures.len(), 1);
+            assert_eq!(failures[0].row, 4);
+        } else {
+            assert!(failures.is_empty(), "batch {k}");
+        }
+    }
+    for i in 0..next {
+        assert_eq!(calls(&svc, &format!("o{i}")), 1, "o{i} called once");
+    }
+    // One batch alone has at most 3 calls; two at once would have 5 without the bound.
+    let max = svc.max_in_flight.load(Ordering::SeqCst);
+    assert_eq!(max, 4, "the next batch's calls overlap the current one's, within `concurrency`");
+    assert_eq!(step.stats.cache_misses.load(Ordering::Relaxed), next as u64 + 1);
+}

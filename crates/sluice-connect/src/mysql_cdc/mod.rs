@@ -99,21 +99,35 @@ struct Shape {
     codecs: Vec<(ColumnType, Vec<u8>, bool)>,
 }
 
-/// A row image: the value of each column, `None` for a column the image leaves out (a NULL
-/// is `Value::NULL`).
+/// A row image: writes the value of each column as JSON (`null` for a column the image
+/// leaves out, as for a NULL).
 trait Image {
-    fn value(&self, column: usize) -> Option<&BinlogValue<'_>>;
+    fn write(&self, column: usize, kind: &Kind, out: &mut Vec<u8>);
 }
 
 impl Image for BinlogRow {
-    fn value(&self, column: usize) -> Option<&BinlogValue<'_>> {
-        self.as_ref(column)
+    fn write(&self, column: usize, kind: &Kind, out: &mut Vec<u8>) {
+        match self.as_ref(column) {
+            Some(v) => types::write_binlog(kind, v, out),
+            None => out.extend_from_slice(b"null"),
+        }
     }
 }
 
-impl Image for [Option<BinlogValue<'_>>] {
-    fn value(&self, column: usize) -> Option<&BinlogValue<'_>> {
-        self.get(column).and_then(Option::as_ref)
+/// One column of a row image read by [`Shape::read_image`]: the value as mysql_common
+/// decodes it, or a text column's bytes where they are in the event (not copied).
+enum Cell<'d> {
+    Value(BinlogValue<'d>),
+    Text(&'d [u8]),
+}
+
+impl Image for [Cell<'_>] {
+    fn write(&self, column: usize, kind: &Kind, out: &mut Vec<u8>) {
+        match self.get(column) {
+            Some(Cell::Value(v)) => types::write_binlog(kind, v, out),
+            Some(Cell::Text(b)) => types::write_text(kind, b, out),
+            None => out.extend_from_slice(b"null"),
+        }
     }
 }
 
@@ -201,17 +215,33 @@ impl Shape {
     }
 
     /// Reads one full row image (a NULL bitmap, then each non-NULL column's value) from a
-    /// row event's bytes into `out`, by column. The values are decoded by mysql_common, as
-    /// its row reader does, without building a column description per value.
-    fn read_image<'d>(&'d self, buf: &mut ParseBuf<'d>, out: &mut Vec<Option<BinlogValue<'d>>>) -> std::io::Result<()> {
+    /// row event's bytes into `out`, by column. Text columns (VARCHAR, TEXT) are length and
+    /// bytes, kept where they are; other values are decoded by mysql_common, as its row
+    /// reader does, without building a column description per value.
+    fn read_image<'d>(&'d self, buf: &mut ParseBuf<'d>, out: &mut Vec<Cell<'d>>) -> std::io::Result<()> {
+        use ColumnType::*;
         out.clear();
         let nulls: &[u8] = buf.parse(self.codecs.len().div_ceil(8))?;
         for (i, (ty, meta, unsigned)) in self.codecs.iter().enumerate() {
-            out.push(Some(if nulls[i / 8] >> (i % 8) & 1 == 1 {
-                BinlogValue::Value(mysql_async::Value::NULL)
-            } else {
-                buf.parse((*ty, meta.as_slice(), *unsigned, false))?
-            }));
+            if nulls[i / 8] >> (i % 8) & 1 == 1 {
+                out.push(Cell::Value(BinlogValue::Value(mysql_async::Value::NULL)));
+                continue;
+            }
+            // The length's size, as mysql_common reads these types.
+            let text_length = match (ty, meta.as_slice()) {
+                _ if !matches!(self.kinds[i], Kind::Text) => None,
+                (MYSQL_TYPE_VARCHAR | MYSQL_TYPE_VAR_STRING, [lo, hi, ..]) => Some(if u16::from_le_bytes([*lo, *hi]) < 256 { 1 } else { 2 }),
+                (MYSQL_TYPE_TINY_BLOB | MYSQL_TYPE_MEDIUM_BLOB | MYSQL_TYPE_LONG_BLOB | MYSQL_TYPE_BLOB, [n @ 1..=4, ..]) => Some(*n as usize),
+                _ => None,
+            };
+            out.push(match text_length {
+                Some(size) => {
+                    let len: &[u8] = buf.parse(size)?;
+                    let len = len.iter().rev().fold(0usize, |n, &b| n << 8 | b as usize);
+                    Cell::Text(buf.parse(len)?)
+                }
+                None => Cell::Value(buf.parse((*ty, meta.as_slice(), *unsigned, false))?),
+            });
         }
         Ok(())
     }
@@ -230,10 +260,7 @@ impl Shape {
             }
             first = false;
             out.extend_from_slice(&self.name_json[i]);
-            match r.value(i) {
-                Some(v) => types::write_binlog(&self.kinds[i], v, out),
-                None => out.extend_from_slice(b"null"),
-            }
+            r.write(i, &self.kinds[i], out);
         }
         out.push(b'}');
     }
@@ -1099,39 +1126,58 @@ mod tests {
     #[test]
     fn rows_read_from_the_event_bytes_are_the_values_mysql_common_reads() {
         use mysql_async::{Column, Value};
-        let names = ["id", "n", "s", "d"];
-        let kinds = vec![Kind::Int, Kind::Int, Kind::Text, Kind::Float];
+        let names = ["id", "n", "s", "d", "b", "w"];
+        let kinds = vec![Kind::Int, Kind::Int, Kind::Text, Kind::Float, Kind::Text, Kind::Text];
         let mut shape = Shape::new("shop".into(), "t".into(), names.iter().map(|n| n.to_string()).collect(), kinds, vec![0]);
         shape.codecs = vec![
             (ColumnType::MYSQL_TYPE_LONG, vec![], false),
             (ColumnType::MYSQL_TYPE_LONGLONG, vec![], true),
             (ColumnType::MYSQL_TYPE_VARCHAR, vec![100, 0], false),
             (ColumnType::MYSQL_TYPE_DOUBLE, vec![8], false),
+            (ColumnType::MYSQL_TYPE_BLOB, vec![2], false),
+            (ColumnType::MYSQL_TYPE_VARCHAR, vec![0x2c, 0x01], false),
         ];
-        // Two images as an update row event holds them: NULL bitmap, then the non-NULL values.
+        // Two images as an update row event holds them: NULL bitmap, then the non-NULL values
+        // (a TEXT with a 2-byte length that is not UTF-8, a VARCHAR(300) with a 2-byte length).
         let mut bytes = vec![0b1000u8];
         bytes.extend((-5i32).to_le_bytes());
         bytes.extend(u64::MAX.to_le_bytes());
         bytes.extend([3, 0xc3, 0xa9, b'"']);
+        bytes.extend([2, 0, 0xff, b'a']);
+        bytes.extend([4, 0, b'w', b'i', b'd', b'e']);
         bytes.push(0);
         bytes.extend(7i32.to_le_bytes());
         bytes.extend(1u64.to_le_bytes());
         bytes.push(0);
         bytes.extend(1.5f64.to_le_bytes());
+        bytes.extend([1, 0, b'x']);
+        bytes.extend([0, 0]);
         let mut buf = ParseBuf(&bytes);
         let (mut before, mut after) = (Vec::new(), Vec::new());
         shape.read_image(&mut buf, &mut before).unwrap();
         shape.read_image(&mut buf, &mut after).unwrap();
         assert!(buf.is_empty());
-        let values = |image: &[Option<BinlogValue<'_>>]| image.iter().map(|v| match v {
-            Some(BinlogValue::Value(v)) => v.clone(),
-            other => panic!("{other:?}"),
+        let values = |image: &[Cell<'_>]| image.iter().map(|v| match v {
+            Cell::Value(BinlogValue::Value(v)) => v.clone(),
+            Cell::Text(b) => Value::Bytes(b.to_vec()),
+            Cell::Value(other) => panic!("{other:?}"),
         }).collect::<Vec<_>>();
-        assert_eq!(values(&before), vec![Value::Int(-5), Value::UInt(u64::MAX), Value::Bytes("é\"".as_bytes().to_vec()), Value::NULL]);
-        assert_eq!(values(&after), vec![Value::Int(7), Value::Int(1), Value::Bytes(Vec::new()), Value::Double(1.5)]);
+        let text = |b: &[u8]| Value::Bytes(b.to_vec());
+        assert_eq!(values(&before), vec![Value::Int(-5), Value::UInt(u64::MAX), text("é\"".as_bytes()), Value::NULL, text(&[0xff, b'a']), text(b"wide")]);
+        assert_eq!(values(&after), vec![Value::Int(7), Value::Int(1), text(b""), Value::Double(1.5), text(b"x"), text(b"")]);
+        // mysql_common reads the same values from these bytes.
+        let mut again = ParseBuf(&bytes);
+        for image in [&before, &after] {
+            let nulls: &[u8] = again.parse(1).unwrap();
+            for (i, (ty, meta, unsigned)) in shape.codecs.iter().enumerate() {
+                let v: BinlogValue<'_> = if nulls[0] >> i & 1 == 1 { BinlogValue::Value(Value::NULL) } else { again.parse((*ty, meta.as_slice(), *unsigned, false)).unwrap() };
+                assert_eq!(BinlogValue::Value(values(image)[i].clone()), v, "column {i}");
+            }
+        }
+        assert!(again.is_empty());
         // The same event text as from mysql_common's rows of these values.
         let columns: Arc<[Column]> = names.iter().map(|n| Column::new(ColumnType::MYSQL_TYPE_STRING).with_name(n.as_bytes())).collect();
-        let row = |image: &[Option<BinlogValue<'_>>]| BinlogRow::new(values(image).into_iter().map(|v| Some(BinlogValue::Value(v))).collect(), columns.clone());
+        let row = |image: &[Cell<'_>]| BinlogRow::new(values(image).into_iter().map(|v| Some(BinlogValue::Value(v))).collect(), columns.clone());
         let t = Txn { pos: position(3, 500), gtid: None, commit_time_ms: 1_767_607_200_123, seq: 0, explicit: true };
         let (mut direct, mut via_rows) = (Vec::new(), Vec::new());
         let tail = shape.tail("src", "update", &t, "f.000003", 500);

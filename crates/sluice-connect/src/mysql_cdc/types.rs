@@ -236,6 +236,14 @@ pub fn write_binlog(kind: &Kind, v: &BinlogValue<'_>, out: &mut Vec<u8>) {
     }
 }
 
+/// A text column's bytes as [`write_binlog`] writes them.
+pub fn write_text(kind: &Kind, b: &[u8], out: &mut Vec<u8>) {
+    match std::str::from_utf8(b) {
+        Ok(s) if matches!(kind, Kind::Text | Kind::Decimal) => serde_json::to_writer(out, s).expect("JSON to memory"),
+        _ => write_binlog(kind, &BinlogValue::Value(Value::Bytes(b.to_vec())), out),
+    }
+}
+
 fn micros(us: u32) -> String {
     if us == 0 {
         String::new()

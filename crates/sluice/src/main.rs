@@ -14,6 +14,12 @@ mod server;
 mod stream_cli;
 
 use clap::{Parser, Subcommand};
+
+/// jemalloc instead of glibc's malloc: change capture allocates each change on the reader's
+/// thread and frees it on the log's and the mirror's, where glibc's arenas contend on their
+/// locks (MariaDB streaming ~40% faster; ingest and landing within noise; bench/RESULTS.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use std::path::PathBuf;
 use std::process::ExitCode;
 

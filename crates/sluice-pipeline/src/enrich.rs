@@ -119,7 +119,6 @@ pub struct Enricher {
 
 /// One batch whose calls are under way (see [`Enricher::start`]).
 pub struct Started {
-    rows: usize,
     /// Per row: its request (None: a NULL placeholder, no call).
     requests: Vec<Option<Request>>,
     /// Answers known when the batch started (the cache).
@@ -277,7 +276,7 @@ impl Enricher {
         stats.cache_misses.fetch_add(misses.len() as u64, Ordering::Relaxed);
         self.in_flight = missed;
         let calls = self.call(misses);
-        Ok(Started { rows, requests, answers, shared: shared.into_iter().collect(), calls })
+        Ok(Started { requests, answers, shared: shared.into_iter().collect(), calls })
     }
 
     /// Forgets the calls of the batches of a run (see [`Enricher::start`]): a later run
@@ -290,7 +289,8 @@ impl Enricher {
     /// Waits for a started batch's calls and builds its output: `batch` (the one given to
     /// `start`) with the answers under the step's field, failing rows left out.
     pub fn finish(&mut self, started: Started, batch: &RecordBatch) -> Result<(RecordBatch, Vec<Failure>), StepError> {
-        let Started { rows, requests, mut answers, shared, calls } = started;
+        let Started { requests, mut answers, shared, calls } = started;
+        let rows = batch.num_rows();
         let fetched = match calls {
             Calls::Done(v) => v,
             Calls::Running(h, task) => match tokio::task::block_in_place(|| h.block_on(task)) {
@@ -303,15 +303,14 @@ impl Enricher {
             let a = self.last_answers.get(&r).cloned().or_else(|| self.cache.get(&r).map(Ok));
             answers.insert(r, a.unwrap_or_else(|| Err("enrich call of an earlier batch stopped".into())));
         }
-        let mut last = HashMap::with_capacity(fetched.len());
-        for (r, res) in fetched {
-            if let Ok(v) = &res {
+        let fetched: HashMap<_, _> = fetched.into_iter().collect();
+        for (r, res) in &fetched {
+            if let Ok(v) = res {
                 self.cache.put(r.clone(), v.clone());
             }
-            answers.insert(r.clone(), res.clone());
-            last.insert(r, res);
         }
-        self.last_answers = last;
+        answers.extend(fetched.iter().map(|(r, res)| (r.clone(), res.clone())));
+        self.last_answers = fetched;
 
         // One JSON object per row that has an answer.
         let mut failures = Vec::new();

@@ -261,10 +261,11 @@ def main():
     s.stop()
     # The rate while Sluice was calling: from the first answered call to the last (the
     # service's clock), without the flush interval before the first call and the last commit.
-    calling, ref_note = None, ""
+    calling, ref_note, waited = None, "", None
     if a.service:
         st = service("/stats")
         calling = (st["calls"] - 1) / ((st["last_us"] - st["first_us"]) / 1e6)
+        waited = st.get("wait_us", 0) / 1000
         refs.append(reference())
         ref, ref_mean_ms, ref_p99_ms = max(refs)
         ref_note = f"; the faster of {refs[0][0]:,.0f} before and {refs[1][0]:,.0f} calls/s after Sluice's run"
@@ -337,7 +338,9 @@ def main():
              f"| calls (cache misses) | {misses:,} of {n:,} records ({misses / n:.1%}) |",
              f"| calls/s achieved, whole run (from the first event sent to all rows queryable) | {misses / el:,.0f} |",
              f"| **calls/s achieved while calling** (first to last answered call, the service's clock) | {calling:,.0f} |" if calling else None,
-             f"| calls/s allowed by concurrency / latency ({concurrency} / {latency * 1000:.0f} ms) | {bound:,.0f} |",
+             f"| calls/s allowed by concurrency / latency ({concurrency} / {latency * 1000:.0f} ms"
+             + (f"; the service's handlers waited {waited:.2f} ms per call on average during Sluice's run" if waited else "")
+             + f") | {bound:,.0f} |",
              f"| calls/s {ref_name} gets from the same service at the same concurrency: {concurrency} / its mean latency {ref_mean_ms:.2f} ms (p99 {ref_p99_ms:.2f} ms){ref_note} | {ref:,.0f} |",
              f"| enrich step time per batch of up to 8192 records at full speed, from its start to its finish (consecutive batches overlap; histogram bucket bounds), p50 / p99 | <= {p50 * 1000:,.0f} ms / <= {p99 * 1000:,.0f} ms ({batches:.0f} batches) |",
              f"| **added latency** at a steady {steady_rate:,} events/s ({per_req} per request, {steady_rate // 5:,} calls/s, `flush_interval: 250ms`): enrich step time per batch, mean / p50 / p99 | {smean * 1000:,.0f} ms / <= {sp50 * 1000:,.0f} ms / <= {sp99 * 1000:,.0f} ms ({sbatches:.0f} batches) |",

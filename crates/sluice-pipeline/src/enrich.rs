@@ -308,8 +308,8 @@ impl Enricher {
             if let Ok(v) = res {
                 self.cache.put(r.clone(), v.clone());
             }
+            answers.insert(r.clone(), res.clone());
         }
-        answers.extend(fetched.iter().map(|(r, res)| (r.clone(), res.clone())));
         self.last_answers = fetched;
 
         // One JSON object per row that has an answer.

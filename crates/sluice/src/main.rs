@@ -14,14 +14,14 @@ mod server;
 mod stream_cli;
 
 use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
 
 /// jemalloc instead of glibc's malloc: change capture allocates each change on the reader's
 /// thread and frees it on the log's and the mirror's, where glibc's arenas contend on their
 /// locks (MariaDB streaming ~40% faster; ingest and landing within noise; bench/RESULTS.md).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-use std::path::PathBuf;
-use std::process::ExitCode;
 
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "Events over HTTP into a durable log, landed exactly-once in Delta Lake, queryable with SQL")]
@@ -110,7 +110,10 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
 }
 
-/// glibc malloc, tuned before any thread starts. The lake sink allocates and frees tens of
+/// glibc malloc, tuned before any thread starts. Since Rust's allocations go to jemalloc
+/// (above), this covers only what C libraries allocate with malloc themselves (zstd's contexts,
+/// among others); the reasons below are from when glibc held everything, and
+/// the bounds still apply to what it holds. The lake sink allocates and frees tens of
 /// MiB per flush on several threads; by default glibc gives each thread its own arena (up to
 /// 8 per core) and raises its mmap threshold after every large free, so freed flushes stayed
 /// in the heap: the 1M-event bulk benchmark peaked at ~560 MiB RSS. Two arenas and a fixed

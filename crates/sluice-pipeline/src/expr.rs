@@ -9,9 +9,11 @@
 
 use std::sync::Arc;
 
-use deltalake::arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use deltalake::arrow::array::{new_null_array, Array, ArrayRef, AsArray, BooleanArray, RecordBatch};
 use deltalake::arrow::buffer::BooleanBuffer;
-use deltalake::arrow::compute::filter_record_batch;
+use deltalake::arrow::compute::FilterBuilder;
+use deltalake::arrow::error::ArrowError;
+use deltalake::arrow::record_batch::RecordBatchOptions;
 use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use deltalake::datafusion::common::DFSchema;
 use deltalake::datafusion::logical_expr::simplify::SimplifyContext;
@@ -142,13 +144,37 @@ impl Filter {
             Some(nulls) => mask.values() & nulls.inner(),
             None => mask.values().clone(),
         };
-        let rows = filter_record_batch(batch, mask).map_err(|e| StepError::Eval {
+        let rows = filter_rows(batch, mask, &passed).map_err(|e| StepError::Eval {
             step: "filter",
             expr: self.compiled.sql.clone(),
             message: e.to_string(),
         })?;
         Ok((rows, passed))
     }
+}
+
+/// The rows of `batch` where `mask` is true (`passed`: its true and non-NULL bits), like
+/// `filter_record_batch`. A column without a value in those rows becomes a new all-NULL column
+/// instead of a filtered copy: after a route by kind of record, most columns of each part
+/// are another kind's fields, NULL in every row there.
+fn filter_rows(batch: &RecordBatch, mask: &BooleanArray, passed: &BooleanBuffer) -> Result<RecordBatch, ArrowError> {
+    let rows = passed.count_set_bits();
+    if rows == batch.num_rows() {
+        return Ok(batch.clone());
+    }
+    if rows == 0 {
+        return Ok(batch.slice(0, 0));
+    }
+    let predicate = FilterBuilder::new(mask).optimize().build();
+    let columns = batch
+        .columns()
+        .iter()
+        .map(|c| match c.logical_nulls() {
+            Some(nulls) if (nulls.inner() & passed).count_set_bits() == 0 => Ok(new_null_array(c.data_type(), rows)),
+            _ => predicate.filter(c.as_ref()),
+        })
+        .collect::<Result<Vec<ArrayRef>, ArrowError>>()?;
+    RecordBatch::try_new_with_options(batch.schema(), columns, &RecordBatchOptions::new().with_row_count(Some(rows)))
 }
 
 /// `map` / `select`: output fields computed as SQL expressions of the input fields (rename,

@@ -202,6 +202,9 @@ struct Prepared {
     dead: Vec<DeadLetter>,
     /// Per source stream and partition: (first, last) offset in this flush.
     range: Vec<Vec<Option<(u64, u64)>>>,
+    /// Records read, and how long converting them and running the steps took.
+    records: usize,
+    prepare_time: std::time::Duration,
 }
 
 /// What preparing a flush needs and changes: the inferred schemas and the steps' caches.
@@ -566,7 +569,12 @@ impl Pipeline {
             date_column: self.spec.date_column.clone(),
         };
         let (p, prepared) = tokio::task::spawn_blocking(move || {
-            let prepared = prepare(&ctx, &mut p, &records);
+            let started = std::time::Instant::now();
+            let prepared = prepare(&ctx, &mut p, &records).map(|mut prepared| {
+                prepared.records = records.len();
+                prepared.prepare_time = started.elapsed();
+                prepared
+            });
             (p, prepared)
         })
         .await?;
@@ -576,7 +584,8 @@ impl Pipeline {
 
     /// Writes one flush: lake sinks, stream sinks, dead letters; then the checkpoint.
     async fn commit(&self, w: &mut Writers, p: Prepared) -> anyhow::Result<()> {
-        let Prepared { sinks, mut dead, range } = p;
+        let started = std::time::Instant::now();
+        let Prepared { sinks, mut dead, range, records, prepare_time } = p;
         let txns = self.txns(&range);
         let mut refused = Vec::new();
         for (i, (rt, data)) in w.sinks.iter_mut().zip(sinks).enumerate() {
@@ -638,6 +647,13 @@ impl Pipeline {
         }
         self.status.checkpoints.fetch_add(1, Ordering::Relaxed);
         self.status.last_checkpoint_ms.store(sluice_core::time::now_ms(), Ordering::Relaxed);
+        tracing::debug!(
+            pipeline = self.spec.name,
+            records,
+            prepare_ms = prepare_time.as_millis() as u64,
+            commit_ms = started.elapsed().as_millis() as u64,
+            "checkpoint"
+        );
         Ok(())
     }
 
@@ -942,7 +958,7 @@ fn prepare(ctx: &PrepareCtx, prep: &mut Prep, records: &[Collected]) -> anyhow::
             SinkKind::External => SinkData::External(batches.into_iter().map(|(_, b)| b).collect()),
         });
     }
-    Ok(Prepared { sinks: data, dead, range })
+    Ok(Prepared { sinks: data, dead, range, records: 0, prepare_time: std::time::Duration::ZERO })
 }
 
 /// (partition, offset) of every row.

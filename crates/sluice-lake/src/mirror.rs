@@ -73,6 +73,173 @@ struct Transaction<'a> {
     lsn: Option<&'a str>,
 }
 
+/// What the mirror reads of one change event.
+#[derive(Debug, PartialEq)]
+struct Change<'a> {
+    op: Option<&'a str>,
+    /// `after` and `key` as JSON text.
+    after: Option<&'a str>,
+    key: Option<&'a str>,
+    unchanged: Option<Vec<String>>,
+    /// `transaction.lsn`
+    lsn: Option<&'a str>,
+}
+
+/// Reads a change event: by scanning its top level ([`scan_change`]), or, for an event that
+/// scan does not take, with serde, which says what is wrong.
+fn read_change(value: &[u8]) -> Result<Change<'_>, String> {
+    match scan_change(value) {
+        Some(c) => Ok(c),
+        None => parse_change(value),
+    }
+}
+
+/// Reads a change event with serde.
+fn parse_change(value: &[u8]) -> Result<Change<'_>, String> {
+    match serde_json::from_slice::<Event>(value) {
+        Ok(ev) => Ok(Change {
+            op: ev.op,
+            after: ev.after.map(|a| a.get()),
+            key: ev.key.map(|k| k.get()),
+            unchanged: ev.unchanged,
+            lsn: ev.transaction.and_then(|t| t.lsn),
+        }),
+        Err(e) if serde_json::from_slice::<serde::de::IgnoredAny>(value).is_err() => Err(format!("not JSON: {e}")),
+        Err(e) => Err(format!("not a change event: {e}")),
+    }
+}
+
+/// The fields the mirror reads, found by delimiting the event's top-level values (strings and
+/// brackets) without parsing them: the mirror needs `after` as text, and parsing it here as
+/// well cost as much as converting it. The log holds valid JSON only (ingest checks it, the
+/// CDC sources write it); `after` is parsed when its row is converted. `None` for anything
+/// shaped otherwise (escapes in `op` or `lsn`, non-string values there, text that does not
+/// close), which [`read_change`] then hands to serde.
+fn scan_change(v: &[u8]) -> Option<Change<'_>> {
+    let (mut op, mut after, mut key, mut unchanged, mut transaction) = (None, None, None, None, None);
+    each_member(v, |name, value| match name {
+        b"op" => op = Some(value),
+        b"after" => after = Some(value),
+        b"key" => key = Some(value),
+        b"unchanged" => unchanged = Some(value),
+        b"transaction" => transaction = Some(value),
+        _ => {}
+    })?;
+    let mut lsn = None;
+    if let Some(t) = transaction.filter(|t| *t != b"null") {
+        each_member(t, |name, value| {
+            if name == b"lsn" {
+                lsn = Some(value);
+            }
+        })?;
+    }
+    let unchanged = match unchanged {
+        None | Some(b"null") => None,
+        Some(u) => Some(serde_json::from_slice::<Vec<String>>(u).ok()?),
+    };
+    Some(Change { op: plain_string(op)?, after: json_text(after)?, key: json_text(key)?, unchanged, lsn: plain_string(lsn)? })
+}
+
+/// A JSON value as its text; absent or `null` is `Some(None)`.
+fn json_text(v: Option<&[u8]>) -> Option<Option<&str>> {
+    match v {
+        None | Some(b"null") => Some(None),
+        Some(v) => std::str::from_utf8(v).ok().map(Some),
+    }
+}
+
+/// A string value without escapes, as its text; absent or `null` is `Some(None)`.
+fn plain_string(v: Option<&[u8]>) -> Option<Option<&str>> {
+    match v {
+        None | Some(b"null") => Some(None),
+        Some([b'"', s @ .., b'"']) if !s.contains(&b'\\') => std::str::from_utf8(s).ok().map(Some),
+        Some(_) => None,
+    }
+}
+
+/// Calls `f(name, value)` for each member of the JSON object `b`, names without their quotes,
+/// values as their text. `None` if `b` is not one object.
+fn each_member<'a>(b: &'a [u8], mut f: impl FnMut(&'a [u8], &'a [u8])) -> Option<()> {
+    let mut i = skip_ws(b, 0);
+    if *b.get(i)? != b'{' {
+        return None;
+    }
+    i = skip_ws(b, i + 1);
+    if *b.get(i)? == b'}' {
+        return (skip_ws(b, i + 1) == b.len()).then_some(());
+    }
+    loop {
+        if *b.get(i)? != b'"' {
+            return None;
+        }
+        let end = string_end(b, i)?;
+        let name = &b[i + 1..end - 1];
+        i = skip_ws(b, end);
+        if *b.get(i)? != b':' {
+            return None;
+        }
+        i = skip_ws(b, i + 1);
+        let value_end = value_end(b, i)?;
+        f(name, &b[i..value_end]);
+        i = skip_ws(b, value_end);
+        match *b.get(i)? {
+            b',' => i = skip_ws(b, i + 1),
+            b'}' => return (skip_ws(b, i + 1) == b.len()).then_some(()),
+            _ => return None,
+        }
+    }
+}
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while i < b.len() && matches!(b[i], b' ' | b'\t' | b'\n' | b'\r') {
+        i += 1;
+    }
+    i
+}
+
+/// Just past the string that starts (with its quote) at `i`.
+fn string_end(b: &[u8], mut i: usize) -> Option<usize> {
+    i += 1;
+    loop {
+        i += memchr::memchr2(b'"', b'\\', b.get(i..)?)?;
+        if b[i] == b'"' {
+            return Some(i + 1);
+        }
+        i += 2; // an escape: the next byte is never the closing quote
+    }
+}
+
+/// Just past the value that starts at `i`.
+fn value_end(b: &[u8], i: usize) -> Option<usize> {
+    match *b.get(i)? {
+        b'"' => string_end(b, i),
+        b'{' | b'[' => {
+            let (mut depth, mut j) = (0usize, i);
+            loop {
+                match *b.get(j)? {
+                    b'"' => {
+                        j = string_end(b, j)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(j + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+        }
+        _ => {
+            let end = b[i..].iter().position(|c| matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')).map_or(b.len(), |n| i + n);
+            (end > i).then_some(end)
+        }
+    }
+}
+
 /// Reduces a flush: `records` are (partition, offset, log time, value) in log order per
 /// partition.
 pub fn reduce<'a>(records: impl IntoIterator<Item = (u32, u64, i64, &'a [u8])>) -> Reduced {
@@ -80,18 +247,14 @@ pub fn reduce<'a>(records: impl IntoIterator<Item = (u32, u64, i64, &'a [u8])>) 
     // key text -> index in rows
     let mut last: HashMap<&'a str, usize> = HashMap::new();
     for (partition, offset, time, value) in records {
-        let ev: Event = match serde_json::from_slice(value) {
-            Ok(v) => v,
-            Err(e) if serde_json::from_slice::<serde::de::IgnoredAny>(value).is_err() => {
-                out.invalid.push((partition, offset, format!("not JSON: {e}")));
-                continue;
-            }
-            Err(e) => {
-                out.invalid.push((partition, offset, format!("not a change event: {e}")));
+        let ev = match read_change(value) {
+            Ok(c) => c,
+            Err(why) => {
+                out.invalid.push((partition, offset, why));
                 continue;
             }
         };
-        let (Some(op), Some(lsn)) = (ev.op, ev.transaction.as_ref().and_then(|t| t.lsn).and_then(parse_lsn)) else {
+        let (Some(op), Some(lsn)) = (ev.op, ev.lsn.and_then(parse_lsn)) else {
             out.invalid.push((partition, offset, "not a change event (no op or transaction.lsn)".into()));
             continue;
         };
@@ -103,7 +266,7 @@ pub fn reduce<'a>(records: impl IntoIterator<Item = (u32, u64, i64, &'a [u8])>) 
         // The key object's text is the row's identity within the flush: the sources write
         // keys one way (compact, columns in name order), which DBLog reconciliation relies on
         // as well. Its column names are read once per flush.
-        let Some(key) = ev.key.map(|k| k.get().trim()).filter(|k| k.starts_with('{') && *k != "{}") else {
+        let Some(key) = ev.key.map(str::trim).filter(|k| k.starts_with('{') && *k != "{}") else {
             out.keyless += 1;
             continue;
         };
@@ -125,7 +288,7 @@ pub fn reduce<'a>(records: impl IntoIterator<Item = (u32, u64, i64, &'a [u8])>) 
                 r.extend_from_slice(key.as_bytes());
                 r
             }
-            _ => match ev.after.map(|a| a.get().trim()).filter(|a| a.starts_with('{')) {
+            _ => match ev.after.map(str::trim).filter(|a| a.starts_with('{')) {
                 Some(after) => {
                     let mut r = Vec::with_capacity(after.len() + 64);
                     r.extend_from_slice(after.as_bytes());
@@ -225,6 +388,7 @@ fn prev_unchanged(prev: &Map<String, Value>, name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use serde_json::json;
 
     fn ev(op: &str, id: i64, lsn: &str, after: Value, unchanged: &[&str]) -> Vec<u8> {
@@ -255,6 +419,53 @@ mod tests {
         assert_eq!(got[1], json!({"id": 2, "__op": "delete", "_lsn": 0x30}));
         assert_eq!(got[2], json!({"id": 3, "a": "w", "__op": "upsert", "__unchanged": ["big"], "_lsn": 0x30}));
         assert_eq!(r.rows[0].1, 2, "the row's position is its last change's");
+    }
+
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            (-1e9f64..1e9).prop_map(Value::from),
+            "[a-z\"\\\\{}\\[\\],: é\u{1F600}\n]{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                prop::collection::btree_map("[a-z_\"]{1,6}", inner, 0..4).prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// Scanning a change event reads what serde reads, and takes every event without
+        /// escapes in `op` and `lsn`.
+        #[test]
+        fn scanning_reads_what_serde_reads(
+            op in prop_oneof![Just(json!("insert")), Just(json!("delete")), Just(json!("in\"sert")), Just(Value::Null)],
+            after in any_json(),
+            key in any_json(),
+            unchanged in prop_oneof![Just(Value::Null), Just(json!(["a", "b\\c"]))],
+            lsn in prop_oneof![Just(json!("0/1A")), Just(json!("0/\\1")), Just(Value::Null)],
+            source in any_json(),
+            pretty in any::<bool>(),
+        ) {
+            let ev = json!({"op": op, "after": after, "key": key, "unchanged": unchanged, "source": source,
+                "transaction": {"id": source, "lsn": lsn}, "before": after});
+            let text = if pretty { serde_json::to_string_pretty(&ev).unwrap() } else { ev.to_string() };
+            let serde = parse_change(text.as_bytes()).ok();
+            match scan_change(text.as_bytes()) {
+                Some(scanned) => prop_assert_eq!(Some(scanned), serde),
+                None => prop_assert!(text.contains(r#"in\"sert"#) || text.contains(r#"0/\\1"#)),
+            }
+        }
+    }
+
+    #[test]
+    fn scanning_stops_at_text_that_is_not_one_object() {
+        for bad in [&b"nope"[..], b"{\"op\":\"insert\"", b"{\"op\":\"insert\"} x", b"[1]", b"{\"after\":{\"a\":\"x}}", b""] {
+            assert_eq!(scan_change(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]

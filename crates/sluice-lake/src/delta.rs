@@ -657,7 +657,7 @@ impl LakeTable {
         writers: usize,
     ) -> Result<DeltaTable, DeltaTableError> {
         use deltalake::kernel::{Action, MetadataExt as _};
-        use deltalake::writer::{DeltaWriter as _, RecordBatchWriter};
+        use deltalake::writer::{DeltaWriter as _, RecordBatchWriter, WriteMode};
 
         let state = self.table.snapshot()?;
         let partition_columns = state.metadata().partition_columns().to_vec();
@@ -687,13 +687,22 @@ impl LakeTable {
                 let mut writer = RecordBatchWriter::try_new(&url, schema.clone(), Some(partition_columns.clone()), None)
                     .map(|w| w.with_writer_properties(writer_properties()));
                 let handle = handle.clone();
+                let partition_columns = partition_columns.clone();
                 // Parquet encoding is CPU work: on blocking threads, off the async workers
                 // that serve ingest.
                 tokio::task::spawn_blocking(move || {
                     handle.block_on(async move {
                         let w = writer.as_mut().map_err(|e| DeltaTableError::Generic(e.to_string()))?;
                         for b in group {
-                            w.write(b).await?;
+                            // A batch of one partition (the usual case: one date) goes to its
+                            // file as it is; `write` would first split it, copying every
+                            // column, to find that out.
+                            match single_partition(&b, &partition_columns) {
+                                Some(values) => {
+                                    w.write_partition(b, &values, WriteMode::Default).await?;
+                                }
+                                None => w.write(b).await?,
+                            }
                         }
                         w.flush().await
                     })
@@ -821,6 +830,24 @@ fn parallel_writers(rows: usize) -> usize {
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     cores.min(rows / (PARALLEL_WRITE_ROWS / 2)).max(1)
+}
+
+/// The partition values of `batch` if every row has the same ones, all text (the date, and
+/// columns like `region`); `None` otherwise, or without partition columns.
+fn single_partition(batch: &RecordBatch, partition_columns: &[String]) -> Option<indexmap::IndexMap<String, delta_kernel::expressions::Scalar>> {
+    if partition_columns.is_empty() || batch.num_rows() == 0 {
+        return None;
+    }
+    let mut values = indexmap::IndexMap::with_capacity(partition_columns.len());
+    for name in partition_columns {
+        let col = batch.column_by_name(name)?.as_string_opt::<i32>().filter(|c| c.null_count() == 0)?;
+        let first = col.value(0);
+        if !col.iter().all(|v| v == Some(first)) {
+            return None;
+        }
+        values.insert(name.clone(), delta_kernel::expressions::Scalar::String(first.to_string()));
+    }
+    Some(values)
 }
 
 /// `batch` with dictionary-encoded partition columns (as deltalake reports them in a table's

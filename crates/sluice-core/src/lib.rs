@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod fs;
+pub mod json_scan;
 pub mod pipeline;
 pub mod source;
 pub mod time;

@@ -109,30 +109,19 @@ fn parse_change(value: &[u8]) -> Result<Change<'_>, String> {
     }
 }
 
-/// The fields the mirror reads, found by delimiting the event's top-level values (strings and
-/// brackets) without parsing them: the mirror needs `after` as text, and parsing it here as
-/// well cost as much as converting it. The log holds valid JSON only (ingest checks it, the
-/// CDC sources write it); `after` is parsed when its row is converted. `None` for anything
-/// shaped otherwise (escapes in `op` or `lsn`, non-string values there, text that does not
-/// close), which [`read_change`] then hands to serde.
+/// The fields the mirror reads, found by the validating scan ingest uses
+/// ([`sluice_core::json_scan`]) instead of serde, whose pass over `after`, `before` and
+/// `source` to skip them was the mirror's largest cost. `None` for what the scan declines and
+/// for escapes or non-string values in `op` or `lsn`; [`read_change`] then hands the event to
+/// serde.
 fn scan_change(v: &[u8]) -> Option<Change<'_>> {
-    let (mut op, mut after, mut key, mut unchanged, mut transaction) = (None, None, None, None, None);
-    each_member(v, |name, value| match name {
-        b"op" => op = Some(value),
-        b"after" => after = Some(value),
-        b"key" => key = Some(value),
-        b"unchanged" => unchanged = Some(value),
-        b"transaction" => transaction = Some(value),
-        _ => {}
-    })?;
-    let mut lsn = None;
-    if let Some(t) = transaction.filter(|t| *t != b"null") {
-        each_member(t, |name, value| {
-            if name == b"lsn" {
-                lsn = Some(value);
-            }
-        })?;
-    }
+    use sluice_core::json_scan::scan_object;
+    let [op, after, key, unchanged, transaction] =
+        scan_object(v, [Some(b"op"), Some(b"after"), Some(b"key"), Some(b"unchanged"), Some(b"transaction")])?;
+    let lsn = match transaction {
+        None | Some(b"null") => None,
+        Some(t) => scan_object(t, [Some(b"lsn")])?[0],
+    };
     let unchanged = match unchanged {
         None | Some(b"null") => None,
         Some(u) => Some(serde_json::from_slice::<Vec<String>>(u).ok()?),
@@ -154,89 +143,6 @@ fn plain_string(v: Option<&[u8]>) -> Option<Option<&str>> {
         None | Some(b"null") => Some(None),
         Some([b'"', s @ .., b'"']) if !s.contains(&b'\\') => std::str::from_utf8(s).ok().map(Some),
         Some(_) => None,
-    }
-}
-
-/// Calls `f(name, value)` for each member of the JSON object `b`, names without their quotes,
-/// values as their text. `None` if `b` is not one object.
-fn each_member<'a>(b: &'a [u8], mut f: impl FnMut(&'a [u8], &'a [u8])) -> Option<()> {
-    let mut i = skip_ws(b, 0);
-    if *b.get(i)? != b'{' {
-        return None;
-    }
-    i = skip_ws(b, i + 1);
-    if *b.get(i)? == b'}' {
-        return (skip_ws(b, i + 1) == b.len()).then_some(());
-    }
-    loop {
-        if *b.get(i)? != b'"' {
-            return None;
-        }
-        let end = string_end(b, i)?;
-        let name = &b[i + 1..end - 1];
-        i = skip_ws(b, end);
-        if *b.get(i)? != b':' {
-            return None;
-        }
-        i = skip_ws(b, i + 1);
-        let value_end = value_end(b, i)?;
-        f(name, &b[i..value_end]);
-        i = skip_ws(b, value_end);
-        match *b.get(i)? {
-            b',' => i = skip_ws(b, i + 1),
-            b'}' => return (skip_ws(b, i + 1) == b.len()).then_some(()),
-            _ => return None,
-        }
-    }
-}
-
-fn skip_ws(b: &[u8], mut i: usize) -> usize {
-    while i < b.len() && matches!(b[i], b' ' | b'\t' | b'\n' | b'\r') {
-        i += 1;
-    }
-    i
-}
-
-/// Just past the string that starts (with its quote) at `i`.
-fn string_end(b: &[u8], mut i: usize) -> Option<usize> {
-    i += 1;
-    loop {
-        i += memchr::memchr2(b'"', b'\\', b.get(i..)?)?;
-        if b[i] == b'"' {
-            return Some(i + 1);
-        }
-        i += 2; // an escape: the next byte is never the closing quote
-    }
-}
-
-/// Just past the value that starts at `i`.
-fn value_end(b: &[u8], i: usize) -> Option<usize> {
-    match *b.get(i)? {
-        b'"' => string_end(b, i),
-        b'{' | b'[' => {
-            let (mut depth, mut j) = (0usize, i);
-            loop {
-                match *b.get(j)? {
-                    b'"' => {
-                        j = string_end(b, j)?;
-                        continue;
-                    }
-                    b'{' | b'[' => depth += 1,
-                    b'}' | b']' => {
-                        depth -= 1;
-                        if depth == 0 {
-                            return Some(j + 1);
-                        }
-                    }
-                    _ => {}
-                }
-                j += 1;
-            }
-        }
-        _ => {
-            let end = b[i..].iter().position(|c| matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')).map_or(b.len(), |n| i + n);
-            (end > i).then_some(end)
-        }
     }
 }
 

@@ -569,12 +569,7 @@ impl Pipeline {
             date_column: self.spec.date_column.clone(),
         };
         let (p, prepared) = tokio::task::spawn_blocking(move || {
-            let started = std::time::Instant::now();
-            let prepared = prepare(&ctx, &mut p, &records).map(|mut prepared| {
-                prepared.records = records.len();
-                prepared.prepare_time = started.elapsed();
-                prepared
-            });
+            let prepared = prepare(&ctx, &mut p, &records);
             (p, prepared)
         })
         .await?;
@@ -837,6 +832,7 @@ struct PrepareCtx {
 
 /// Converts, runs the steps, and lays out what each sink gets (CPU work, off the runtime).
 fn prepare(ctx: &PrepareCtx, prep: &mut Prep, records: &[Collected]) -> anyhow::Result<Prepared> {
+    let started = std::time::Instant::now();
     let mut range: Vec<Vec<Option<(u64, u64)>>> = Vec::new();
     let mut by_stream: Vec<Vec<InputRecord>> = vec![Vec::new(); ctx.sources.len()];
     for c in records {
@@ -958,7 +954,7 @@ fn prepare(ctx: &PrepareCtx, prep: &mut Prep, records: &[Collected]) -> anyhow::
             SinkKind::External => SinkData::External(batches.into_iter().map(|(_, b)| b).collect()),
         });
     }
-    Ok(Prepared { sinks: data, dead, range, records: 0, prepare_time: std::time::Duration::ZERO })
+    Ok(Prepared { sinks: data, dead, range, records: records.len(), prepare_time: started.elapsed() })
 }
 
 /// (partition, offset) of every row.

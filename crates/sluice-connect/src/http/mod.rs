@@ -7,7 +7,6 @@
 //! object (which may span lines). `Content-Encoding`: identity, gzip, zstd, br.
 
 mod parse;
-mod scan;
 
 pub use parse::{parse_events, ParsedRecord, RecordError};
 

@@ -118,8 +118,9 @@ fn located(body: &[u8], part: &[u8], e: serde_json::Error) -> RecordError {
 /// The key and event time of one record: the fast scan when it accepts the record and its
 /// two fields read cleanly, else serde_json's pass, which words every error exactly.
 fn probe_one(probe: Probe, bytes: &[u8]) -> Result<(Option<Vec<u8>>, Option<i64>), serde_json::Error> {
-    if let Some(found) = super::scan::scan_object(bytes, probe.key_field, probe.time_field) {
-        if let Some(fields) = probe.read_found(found) {
+    let wanted = [probe.key_field.map(str::as_bytes), probe.time_field.map(str::as_bytes)];
+    if let Some([key, time]) = sluice_core::json_scan::scan_object(bytes, wanted) {
+        if let Some(fields) = probe.read_found(key, time) {
             return Ok(fields);
         }
     }
@@ -142,12 +143,12 @@ struct Probe<'f> {
 impl Probe<'_> {
     /// The two fields the scan found, read as the serde pass reads them; `None` when either
     /// does not read cleanly (the serde pass then gives the error).
-    fn read_found(self, found: super::scan::Found) -> Option<(Option<Vec<u8>>, Option<i64>)> {
-        let key = match found.key {
+    fn read_found(self, key: Option<&[u8]>, time: Option<&[u8]>) -> Option<(Option<Vec<u8>>, Option<i64>)> {
+        let key = match key {
             Some(raw) => serde_json::from_slice::<Scalar>(raw).ok()?.0,
             None => None,
         };
-        let time = match found.time {
+        let time = match time {
             // A plain string (no escapes) is read in place, without serde.
             Some([b'"', inner @ .., b'"']) if !inner.contains(&b'\\') => {
                 Some(sluice_core::time::parse_time_str(std::str::from_utf8(inner).ok()?)?)

@@ -1,34 +1,29 @@
-//! The fast path of ingest parsing: one validating scan of a record that also finds the raw
-//! text of two top-level fields (the key and the event time).
+//! A fast validating scan of one JSON object that also finds the raw text of some of its
+//! top-level fields: the hot path of ingest (an event's key and event time) and of the lake's
+//! mirror tables (a change event's `op`, `key`, `after`, ...).
 //!
 //! Hand-written because it is the hot path of ingest: serde_json's validating pass with a
 //! field probe costs ~1 µs per 293-byte reference event, more than compressing, writing and
-//! fsyncing it together (`examples/ingest_costs.rs`). This scan only ever *accepts* or
-//! *declines*: whatever it declines (invalid JSON, and valid JSON it does not handle: keys
-//! with escapes, `\u` surrogates, non-UTF-8 or very deep nesting, a repeated key or time
-//! field) is parsed again by serde_json in `parse.rs`, which decides and words the error. So
-//! the rule it must keep is one-sided: it accepts only JSON objects that serde_json accepts,
-//! and then finds the same fields. A property test checks exactly that against serde_json.
-
-/// The raw JSON text of the key and event-time fields of an accepted object (the last
-/// occurrence is never ambiguous: a repeated field is declined).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Found<'a> {
-    pub key: Option<&'a [u8]>,
-    pub time: Option<&'a [u8]>,
-}
+//! fsyncing it together (`sluice-connect/examples/ingest_costs.rs`). This scan only ever
+//! *accepts* or *declines*: whatever it declines (invalid JSON, and valid JSON it does not
+//! handle: keys with escapes, `\u` surrogates, non-UTF-8 or very deep nesting, a repeated
+//! wanted field) the caller parses again with serde_json, which decides and words the error.
+//! So the rule it must keep is one-sided: it accepts only JSON objects that serde_json
+//! accepts, and then finds the same fields. Property tests check exactly that against
+//! serde_json (`sluice-connect`'s ingest parsing, `sluice-lake`'s mirror).
 
 /// Deeper nesting is declined (serde_json allows 128 levels; the slow path decides).
 const MAX_DEPTH: usize = 64;
 
-/// Scans `b`, which must be exactly one JSON object with no surrounding whitespace.
+/// Scans `b`, which must be exactly one JSON object with no surrounding whitespace, and
+/// returns the raw text of the value of each of `fields` (`None`: not wanted, or absent).
 /// `None` declines: the caller parses `b` with serde_json instead.
-pub(crate) fn scan_object<'a>(b: &'a [u8], key_field: Option<&str>, time_field: Option<&str>) -> Option<Found<'a>> {
+pub fn scan_object<'a, const N: usize>(b: &'a [u8], fields: [Option<&[u8]>; N]) -> Option<[Option<&'a [u8]>; N]> {
     if b.first() != Some(&b'{') {
         return None;
     }
     let mut s = Scanner { b, i: 0, non_ascii: false };
-    let found = s.top_object(key_field.map(str::as_bytes), time_field.map(str::as_bytes))?;
+    let found = s.top_object(&fields)?;
     if s.i != b.len() || (s.non_ascii && std::str::from_utf8(b).is_err()) {
         return None;
     }
@@ -59,9 +54,9 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    /// The top-level object, noting where the two wanted fields' values are.
-    fn top_object(&mut self, key_field: Option<&[u8]>, time_field: Option<&[u8]>) -> Option<Found<'a>> {
-        let mut found = Found::default();
+    /// The top-level object, noting where the wanted fields' values are.
+    fn top_object<const N: usize>(&mut self, fields: &[Option<&[u8]>; N]) -> Option<[Option<&'a [u8]>; N]> {
+        let mut found = [None; N];
         self.i += 1; // '{'
         self.ws();
         if self.peek() == Some(b'}') {
@@ -87,8 +82,8 @@ impl<'a> Scanner<'a> {
             let start = self.i;
             self.value(1)?;
             let raw = &self.b[start..self.i];
-            for (field, slot) in [(key_field, &mut found.key), (time_field, &mut found.time)] {
-                if field == Some(name) {
+            for (field, slot) in fields.iter().zip(found.iter_mut()) {
+                if *field == Some(name) {
                     if slot.is_some() {
                         return None;
                     }
@@ -287,17 +282,17 @@ fn special_byte(w: u64) -> bool {
 mod tests {
     use super::*;
 
-    fn scan(s: &str) -> Option<Found<'_>> {
-        scan_object(s.as_bytes(), Some("id"), Some("ts"))
+    fn scan(s: &str) -> Option<[Option<&[u8]>; 2]> {
+        scan_object(s.as_bytes(), [Some(b"id"), Some(b"ts")])
     }
 
     #[test]
     fn finds_the_fields() {
-        let f = scan(r#"{"a":[1,{"id":2}],"id":"x\"y","ts":12.5e3, "n":null}"#).unwrap();
-        assert_eq!(f.key, Some(&br#""x\"y""#[..]));
-        assert_eq!(f.time, Some(&b"12.5e3"[..]));
-        assert_eq!(scan("{}").unwrap(), Found::default());
-        assert_eq!(scan(r#"{ "ts" : { "a" : [ ] } }"#).unwrap().time, Some(&br#"{ "a" : [ ] }"#[..]));
+        let [key, time] = scan(r#"{"a":[1,{"id":2}],"id":"x\"y","ts":12.5e3, "n":null}"#).unwrap();
+        assert_eq!(key, Some(&br#""x\"y""#[..]));
+        assert_eq!(time, Some(&b"12.5e3"[..]));
+        assert_eq!(scan("{}").unwrap(), [None, None]);
+        assert_eq!(scan(r#"{ "ts" : { "a" : [ ] } }"#).unwrap()[1], Some(&br#"{ "a" : [ ] }"#[..]));
     }
 
     #[test]
@@ -311,7 +306,7 @@ mod tests {
         }
         let deep = format!("{{\"a\":{}{}}}", "[".repeat(100), "]".repeat(100));
         assert_eq!(scan(&deep), None);
-        assert_eq!(scan_object(b"{\"a\":\"\xff\"}", None, None), None);
+        assert_eq!(scan_object(b"{\"a\":\"\xff\"}", [None]), None);
         assert!(scan("{\"a\":\"caf\u{e9}\"}").is_some());
     }
 

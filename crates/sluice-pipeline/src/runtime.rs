@@ -583,15 +583,39 @@ impl Pipeline {
         let Prepared { sinks, mut dead, range, records, prepare_time } = p;
         let txns = self.txns(&range);
         let mut refused = Vec::new();
+        // Lake tables first, all at once: each is its own Delta transaction, so they commit
+        // independently, and a route's tables then share the cores instead of taking turns.
+        let mut lakes = Vec::new();
+        let mut others = Vec::new();
         for (i, (rt, data)) in w.sinks.iter_mut().zip(sinks).enumerate() {
+            match (rt, data) {
+                (SinkRt::Lake(out), SinkData::Lake(batches)) => lakes.push((i, out, batches)),
+                other => others.push((i, other)),
+            }
+        }
+        let date = self.spec.date_column.as_str();
+        let lake_results = futures::future::join_all(lakes.into_iter().map(|(i, out, batches)| {
+            let txns = &txns;
+            async move {
+                let mut dead = Vec::new();
+                let written = self.write_lake(out, batches, txns, date, &mut dead).await;
+                (i, written, dead)
+            }
+        }))
+        .await;
+        for (i, written, d) in lake_results {
+            dead.extend(d);
+            let written = written?.unwrap_or_else(|| {
+                refused.push(i);
+                0
+            });
+            fault_point();
+            self.status.sinks[i].1.fetch_add(written as u64, Ordering::Relaxed);
+            metrics::counter!("sluice_pipeline_sink_records_total", "pipeline" => self.spec.name.clone(), "sink" => self.sink_names[i].clone())
+                .increment(written as u64);
+        }
+        for (i, (rt, data)) in others {
             let written = match (rt, data) {
-                (SinkRt::Lake(out), SinkData::Lake(batches)) => {
-                    let date = self.spec.date_column.clone();
-                    self.write_lake(out, batches, &txns, &date, &mut dead).await?.unwrap_or_else(|| {
-                        refused.push(i);
-                        0
-                    })
-                }
                 (SinkRt::Stream(stream), SinkData::Stream(parts)) => write_stream(stream, parts).await?,
                 (SinkRt::External(sink, limit), SinkData::External(batches)) => {
                     let name = &self.sink_names[i];
@@ -873,18 +897,39 @@ fn prepare(ctx: &PrepareCtx, prep: &mut Prep, records: &[Collected]) -> anyhow::
             });
         }
         let mut lookup: Option<HashMap<(u32, u64), usize>> = None;
-        // Each step takes every batch of the flush in turn (an enrich step keeps its calls
-        // going from one batch to the next). Per batch: the rows for the next step, or what
-        // a route sent to each sink.
-        let mut flow: Vec<(Option<RecordBatch>, Option<Vec<(usize, RecordBatch)>>)> = converted
-            .batches
-            .into_iter()
-            .map(|b| {
-                ctx.status.taps.publish(TapPoint::Input, &b, &ctx.date_column);
-                (Some(b), None)
-            })
-            .collect();
-        for (si, step) in prep.steps.iter_mut().enumerate() {
+        let mut dead_letter = |step: &Step, partition: u32, offset: u64, error: String| {
+            let idx = lookup
+                .get_or_insert_with(|| inputs.iter().enumerate().map(|(i, r)| ((r.partition, r.offset), i)).collect())
+                .get(&(partition, offset))
+                .copied();
+            let rec = idx.map(|i| &inputs[i]);
+            DeadLetter {
+                stream: s,
+                partition,
+                offset,
+                timestamp_ms: rec.map_or(0, |r| r.timestamp_ms),
+                step: step.label.clone(),
+                error,
+                raw: rec.map(|r| String::from_utf8_lossy(r.value).into_owned()).unwrap_or_default(),
+            }
+        };
+        for b in &converted.batches {
+            ctx.status.taps.publish(TapPoint::Input, b, &ctx.date_column);
+        }
+        // The leading pure steps run on every core; the rest one step at a time, each taking
+        // every batch of the flush in turn (an enrich step keeps its calls going from one
+        // batch to the next). Per batch: the rows for the next step, or what a route sent to
+        // each sink.
+        let tapped = ctx.status.taps.active.load(Ordering::Acquire);
+        let (fused, mut flow) = run_pure_steps(&mut prep.steps, converted.batches, threads, tapped)?;
+        for (si, took) in fused.took {
+            metrics::histogram!("sluice_pipeline_step_seconds", "pipeline" => ctx.pipeline.clone(), "step" => prep.steps[si].label.clone())
+                .record(took.as_secs_f64());
+        }
+        for (si, partition, offset, error) in fused.failed {
+            dead.push(dead_letter(&prep.steps[si], partition, offset, error));
+        }
+        for (si, step) in prep.steps.iter_mut().enumerate().skip(fused.steps) {
             let live: Vec<usize> = (0..flow.len()).filter(|&i| flow[i].0.is_some()).collect();
             if live.is_empty() {
                 break;
@@ -901,20 +946,7 @@ fn prepare(ctx: &PrepareCtx, prep: &mut Prep, records: &[Collected]) -> anyhow::
                     .record(took.as_secs_f64());
                 for f in failures {
                     let (partition, offset) = input_positions[f.row];
-                    let idx = lookup
-                        .get_or_insert_with(|| inputs.iter().enumerate().map(|(i, r)| ((r.partition, r.offset), i)).collect())
-                        .get(&(partition, offset))
-                        .copied();
-                    let rec = idx.map(|i| &inputs[i]);
-                    dead.push(DeadLetter {
-                        stream: s,
-                        partition,
-                        offset,
-                        timestamp_ms: rec.map_or(0, |r| r.timestamp_ms),
-                        step: step.label.clone(),
-                        error: f.error,
-                        raw: rec.map(|r| String::from_utf8_lossy(r.value).into_owned()).unwrap_or_default(),
-                    });
+                    dead.push(dead_letter(step, partition, offset, f.error));
                 }
                 match out {
                     Some(Output::Rows(b)) => {
@@ -955,6 +987,94 @@ fn prepare(ctx: &PrepareCtx, prep: &mut Prep, records: &[Collected]) -> anyhow::
         });
     }
     Ok(Prepared { sinks: data, dead, range, records: records.len(), prepare_time: started.elapsed() })
+}
+
+/// A batch on its way through the steps: the rows for the next step, or what a route sent
+/// to each sink.
+type Flow = (Option<RecordBatch>, Option<Vec<(usize, RecordBatch)>>);
+
+/// What [`run_pure_steps`] ran: how many leading steps, how long each took on each batch, and
+/// the rows they failed (step, partition, offset, error).
+#[derive(Default)]
+struct Fused {
+    steps: usize,
+    took: Vec<(usize, Duration)>,
+    failed: Vec<(usize, u32, u64, String)>,
+}
+
+/// Runs the leading pure steps (filter, map/select/drop, route: [`Step::is_pure`]) of a flush
+/// on up to `threads` threads at once, each thread taking a contiguous run of batches through
+/// all of them, so that they do not hold up the flush on one core. The steps are compiled
+/// first, on an empty batch of the flush's fields. Runs none while someone taps (taps see a
+/// step's batches in order), for fewer than two batches, or when the batches' fields differ.
+/// Returns what it ran and each batch's flow for the remaining steps.
+fn run_pure_steps(steps: &mut [Step], batches: Vec<RecordBatch>, threads: usize, tapped: bool) -> anyhow::Result<(Fused, Vec<Flow>)> {
+    let mut fused = Fused::default();
+    let first = batches.first().map(|b| b.schema());
+    let fusable = steps.iter().take_while(|s| s.is_pure()).count();
+    if fusable == 0 || threads < 2 || batches.len() < 2 || tapped || batches.iter().any(|b| Some(b.schema()) != first) {
+        return Ok((fused, batches.into_iter().map(|b| (Some(b), None)).collect()));
+    }
+    let mut b = RecordBatch::new_empty(first.expect("two batches or more"));
+    for step in steps[..fusable].iter_mut() {
+        match step.apply(b) {
+            (Some(Output::Rows(out)), _) => {
+                fused.steps += 1;
+                b = out;
+            }
+            (Some(Output::Routed { .. }), _) => {
+                fused.steps += 1;
+                break;
+            }
+            // Does not compile for these fields (every row fails): the one-at-a-time path.
+            (None, _) => break,
+        }
+    }
+    let steps = &steps[..fused.steps];
+    if steps.is_empty() {
+        return Ok((fused, batches.into_iter().map(|b| (Some(b), None)).collect()));
+    }
+    let per = batches.len().div_ceil(threads);
+    let runs: Vec<Vec<Option<(Flow, Fused)>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = batches
+            .chunks(per)
+            .map(|run| scope.spawn(move || run.iter().map(|b| run_pure_chain(steps, b.clone())).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    let mut flow = Vec::with_capacity(batches.len());
+    for r in runs.into_iter().flatten() {
+        let (f, done) = r.ok_or_else(|| anyhow::anyhow!("a pipeline step was not compiled for its batch"))?;
+        flow.push(f);
+        fused.took.extend(done.took);
+        fused.failed.extend(done.failed);
+    }
+    Ok((fused, flow))
+}
+
+/// One batch through `steps`, all compiled for its fields; `None` if one was not.
+fn run_pure_chain(steps: &[Step], batch: RecordBatch) -> Option<(Flow, Fused)> {
+    let mut done = Fused::default();
+    let mut b = batch;
+    for (si, step) in steps.iter().enumerate() {
+        let started = std::time::Instant::now();
+        let input = b.clone();
+        let (out, failures) = step.apply_compiled(b)?;
+        done.took.push((si, started.elapsed()));
+        if !failures.is_empty() {
+            let pos = positions(&input).ok()?;
+            done.failed.extend(failures.into_iter().map(|f| (si, pos[f.row].0, pos[f.row].1, f.error)));
+        }
+        match out {
+            Some(Output::Rows(next)) => b = next,
+            Some(Output::Routed { sinks, .. }) => return Some(((None, Some(sinks)), done)),
+            None => return Some(((None, None), done)),
+        }
+    }
+    Some(((Some(b), None), done))
 }
 
 /// (partition, offset) of every row.
@@ -1171,6 +1291,80 @@ mod tests {
     fn b(n: i64) -> RecordBatch {
         let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, false)]));
         RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from_iter_values(0..n))]).unwrap()
+    }
+
+    /// Pure steps run on several threads (`run_pure_steps`) give what one step at a time
+    /// gives: the same rows to the same sinks, and the same failed rows.
+    #[test]
+    fn pure_steps_on_threads_equal_one_at_a_time() {
+        use sluice_core::pipeline::{Fields, RouteConfig, StepConfig};
+        let lines: Vec<String> = (0..600)
+            .map(|i| match i % 7 {
+                0 => format!(r#"{{"kind":"skip","s":"{i}"}}"#),
+                3 => format!(r#"{{"kind":"k","s":"x{i}"}}"#),
+                _ => format!(r#"{{"kind":"k","s":"{}","n":{{"m":{i}}}}}"#, i % 13),
+            })
+            .collect();
+        let inputs: Vec<InputRecord> = lines
+            .iter()
+            .enumerate()
+            .map(|(i, l)| InputRecord { partition: (i % 3) as u32, offset: i as u64, timestamp_ms: 0, value: l.as_bytes() })
+            .collect();
+        let opts = ConvertOptions::default();
+        let schema = convert::convert(None, &inputs, &opts).schema;
+        let batches: Vec<RecordBatch> =
+            inputs.chunks(70).flat_map(|c| convert::convert(Some(&schema), c, &opts).batches).collect();
+        assert!(batches.len() > 4);
+        let steps = || {
+            let cfgs = [
+                StepConfig::Filter("kind <> 'skip'".into()),
+                StepConfig::Map(Fields(vec![("v".into(), "CAST(s AS BIGINT) * 2".into()), ("m".into(), "n.m".into())])),
+                StepConfig::Route(vec![
+                    RouteConfig { to: "a".into(), when: Some("v > 10".into()) },
+                    RouteConfig { to: "b".into(), when: Some("v <= 10 OR m IS NULL".into()) },
+                ]),
+            ];
+            let sinks = ["a".to_string(), "b".to_string()];
+            cfgs.iter().enumerate().map(|(i, c)| Step::new(i, c, &sinks, "event_date")).collect::<Vec<_>>()
+        };
+        type Routed = Vec<Vec<(usize, RecordBatch)>>;
+        // One step at a time, as `prepare` runs steps that are not pure.
+        let mut one = steps();
+        let (mut routed, mut failed): (Routed, Vec<(usize, u32, u64, String)>) = (Vec::new(), Vec::new());
+        for b in batches.clone() {
+            let mut b = Some(b);
+            for (si, step) in one.iter_mut().enumerate() {
+                let Some(input) = b.take() else { break };
+                let pos = positions(&input).unwrap();
+                let (out, failures) = step.apply(input);
+                failed.extend(failures.into_iter().map(|f| (si, pos[f.row].0, pos[f.row].1, f.error)));
+                match out {
+                    Some(Output::Rows(next)) => b = Some(next),
+                    Some(Output::Routed { sinks, .. }) => routed.push(sinks),
+                    None => {}
+                }
+            }
+        }
+        assert!(!failed.is_empty() && routed.iter().flatten().any(|(s, _)| *s == 1));
+
+        let mut many = steps();
+        let (fused, flow) = run_pure_steps(&mut many, batches.clone(), 2, false).unwrap();
+        assert_eq!(fused.steps, 3);
+        let fused_routed: Routed = flow.into_iter().filter_map(|(rows, r)| {
+            assert!(rows.is_none());
+            r
+        }).collect();
+        assert_eq!(fused_routed, routed);
+        assert_eq!(fused.failed, failed);
+        let counted = |steps: &[Step]| steps.iter().map(|s| (s.stats.records_in.load(Ordering::Relaxed), s.stats.records_out.load(Ordering::Relaxed))).collect::<Vec<_>>();
+        assert_eq!(counted(&many), counted(&one));
+
+        // Not while tapped, nor on one thread.
+        for (threads, tapped) in [(1, false), (2, true)] {
+            let (fused, flow) = run_pure_steps(&mut steps(), batches.clone(), threads, tapped).unwrap();
+            assert_eq!(fused.steps, 0);
+            assert_eq!(flow.len(), batches.len());
+        }
     }
 
     #[test]

@@ -257,6 +257,36 @@ impl Step {
         (out, failures)
     }
 
+    /// Whether the step is a function of each batch alone (filter, map/select/drop, route),
+    /// so that it can run on several batches at once: see [`Step::apply_compiled`].
+    pub fn is_pure(&self) -> bool {
+        matches!(self.kind, Kind::Filter(_) | Kind::Project(_) | Kind::Route(_))
+    }
+
+    /// [`Step::apply`] through a shared reference, for a pure step already compiled for the
+    /// batch's fields (by an `apply` to a batch of the same schema, which may be empty).
+    /// `None` (and nothing counted) otherwise.
+    pub fn apply_compiled(&self, batch: RecordBatch) -> Option<(Option<Output>, Vec<Failure>)> {
+        if !self.is_pure() {
+            return None;
+        }
+        let started = std::time::Instant::now();
+        let rows = batch.num_rows();
+        let batch = self.with_missing_fields(batch);
+        let Some((schema, Ok(c))) = &self.cache else { return None };
+        if *schema != batch.schema() {
+            return None;
+        }
+        self.stats.records_in.fetch_add(rows as u64, Ordering::Relaxed);
+        let (out, failures) = match c.apply(&batch) {
+            Ok(out) => (Some(out), Vec::new()),
+            Err(e) => row_by_row(c, &batch, e.to_string()),
+        };
+        self.count(rows, &out, failures.len());
+        self.stats.micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        Some((out, failures))
+    }
+
     /// Applies the step to each of `batches` (in order), with the time each took. An `enrich`
     /// step starts the next batch's calls before it finishes the current one, so its calls
     /// keep going while it renders requests and converts answers; a batch's time then runs
@@ -439,6 +469,7 @@ fn row_by_row(c: &Compiled, batch: &RecordBatch, error: String) -> (Option<Outpu
                     }
                 }
             }
+            Err(_) if len == 0 => {}
             Err(error) if len == 1 => failures.push(Failure { row: start, error }),
             Err(_) => {
                 let half = len / 2;

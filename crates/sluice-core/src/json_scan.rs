@@ -171,10 +171,11 @@ impl<'a> Scanner<'a> {
         let mut escaped = false;
         loop {
             // Eight bytes at a time while none of them is '"', '\\', a control character or
-            // non-ASCII (the usual case: short ASCII text).
+            // non-ASCII (the usual case: short ASCII text), then straight to the first that is.
             while let Some(chunk) = b.get(self.i..self.i + 8) {
-                let w = u64::from_le_bytes(chunk.try_into().ok()?);
-                if special_byte(w) {
+                let special = special_bytes(u64::from_le_bytes(chunk.try_into().ok()?));
+                if special != 0 {
+                    self.i += (special.trailing_zeros() / 8) as usize;
                     break;
                 }
                 self.i += 8;
@@ -266,16 +267,19 @@ impl<'a> Scanner<'a> {
     }
 }
 
-/// Whether any of the eight bytes of `w` is '"', '\\', below 0x20 or 0x80 and above.
+/// The bytes of `w` (little-endian: the first byte lowest) that are '"', '\\', below 0x20,
+/// or 0x80 and above, as their high bits. Nonzero iff there is one, and the lowest set bit
+/// is exact (the borrows of the subtractions only run upwards, so bits above the first such
+/// byte may be false), which is all the scan uses: `trailing_zeros() / 8` is its index.
 #[inline]
-fn special_byte(w: u64) -> bool {
+fn special_bytes(w: u64) -> u64 {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
     let quote = has_zero(w ^ (ONES * u64::from(b'"')));
     let backslash = has_zero(w ^ (ONES * u64::from(b'\\')));
     let control = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
-    (quote | backslash | control | (w & HIGH)) != 0
+    quote | backslash | control | (w & HIGH)
 }
 
 #[cfg(test)]
@@ -311,13 +315,30 @@ mod tests {
     }
 
     #[test]
-    fn special_bytes() {
-        assert!(!special_byte(u64::from_le_bytes(*b"abcdefgh")));
-        for c in [b'"', b'\\', 0u8, 0x1f, 0x80, 0xff] {
+    fn special_bytes_finds_the_first() {
+        assert_eq!(special_bytes(u64::from_le_bytes(*b"abcdefgh")), 0);
+        let specials = [b'"', b'\\', 0u8, 0x1f, 0x80, 0xff];
+        for c in specials {
             for at in 0..8 {
-                let mut w = *b"abcdefgh";
+                let mut w = *b"a !~#]/g";
                 w[at] = c;
-                assert!(special_byte(u64::from_le_bytes(w)), "{c:#x} at {at}");
+                // Any bytes after the first special one, special or not.
+                for (k, later) in (at + 1..8).zip(specials.iter().chain(b"\x01 ").cycle().skip(at)) {
+                    w[k] = *later;
+                }
+                let found = special_bytes(u64::from_le_bytes(w));
+                assert_eq!(found.trailing_zeros() / 8, at as u32, "{c:#x} at {at} in {w:?}");
+            }
+        }
+        // Every byte value, alone among plain ones.
+        for c in 0..=255u8 {
+            let mut w = *b"abcdefgh";
+            w[5] = c;
+            let special = c == b'"' || c == b'\\' || c < 0x20 || c >= 0x80;
+            let found = special_bytes(u64::from_le_bytes(w));
+            assert_eq!(found != 0, special, "{c:#x}");
+            if special {
+                assert_eq!(found.trailing_zeros() / 8, 5);
             }
         }
     }

@@ -150,8 +150,11 @@ fn plain_string(v: Option<&[u8]>) -> Option<Option<&str>> {
 /// partition.
 pub fn reduce<'a>(records: impl IntoIterator<Item = (u32, u64, i64, &'a [u8])>) -> Reduced {
     let mut out = Reduced::default();
-    // key text -> index in rows
-    let mut last: HashMap<&'a str, usize> = HashMap::new();
+    let records = records.into_iter();
+    // key text -> index in rows (foldhash: SipHash showed in snapshot profiles, and the keys
+    // come from the flush itself, hashed with a random seed all the same)
+    let mut last: HashMap<&'a str, usize, foldhash::fast::RandomState> =
+        HashMap::with_capacity_and_hasher(records.size_hint().0, foldhash::fast::RandomState::default());
     for (partition, offset, time, value) in records {
         let ev = match read_change(value) {
             Ok(c) => c,

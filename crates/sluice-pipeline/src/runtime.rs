@@ -1010,10 +1010,11 @@ struct Fused {
 /// Returns what it ran and each batch's flow for the remaining steps.
 fn run_pure_steps(steps: &mut [Step], batches: Vec<RecordBatch>, threads: usize, tapped: bool) -> anyhow::Result<(Fused, Vec<Flow>)> {
     let mut fused = Fused::default();
+    let unfused = |fused, batches: Vec<RecordBatch>| Ok((fused, batches.into_iter().map(|b| (Some(b), None)).collect()));
     let first = batches.first().map(|b| b.schema());
     let fusable = steps.iter().take_while(|s| s.is_pure()).count();
     if fusable == 0 || threads < 2 || batches.len() < 2 || tapped || batches.iter().any(|b| Some(b.schema()) != first) {
-        return Ok((fused, batches.into_iter().map(|b| (Some(b), None)).collect()));
+        return unfused(fused, batches);
     }
     let mut b = RecordBatch::new_empty(first.expect("two batches or more"));
     for step in steps[..fusable].iter_mut() {
@@ -1032,7 +1033,7 @@ fn run_pure_steps(steps: &mut [Step], batches: Vec<RecordBatch>, threads: usize,
     }
     let steps = &steps[..fused.steps];
     if steps.is_empty() {
-        return Ok((fused, batches.into_iter().map(|b| (Some(b), None)).collect()));
+        return unfused(fused, batches);
     }
     let per = batches.len().div_ceil(threads);
     let runs: Vec<Vec<Option<(Flow, Fused)>>> = std::thread::scope(|scope| {

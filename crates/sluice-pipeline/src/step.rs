@@ -247,10 +247,7 @@ impl Step {
                     Err(e) => (None, (0..rows).map(|row| Failure { row, error: e.to_string() }).collect()),
                 }
             }
-            Ok(c) => match c.apply(&batch) {
-                Ok(out) => (Some(out), Vec::new()),
-                Err(e) => row_by_row(c, &batch, e.to_string()),
-            },
+            Ok(c) => c.run(&batch),
         };
         self.count(rows, &out, failures.len());
         self.stats.micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -278,10 +275,7 @@ impl Step {
             return None;
         }
         self.stats.records_in.fetch_add(rows as u64, Ordering::Relaxed);
-        let (out, failures) = match c.apply(&batch) {
-            Ok(out) => (Some(out), Vec::new()),
-            Err(e) => row_by_row(c, &batch, e.to_string()),
-        };
+        let (out, failures) = c.run(&batch);
         self.count(rows, &out, failures.len());
         self.stats.micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         Some((out, failures))
@@ -411,6 +405,14 @@ impl Step {
 }
 
 impl Compiled {
+    /// Applies a filter, projection or route; if that fails, isolates the rows it fails on.
+    fn run(&self, batch: &RecordBatch) -> (Option<Output>, Vec<Failure>) {
+        match self.apply(batch) {
+            Ok(out) => (Some(out), Vec::new()),
+            Err(e) => row_by_row(self, batch, e.to_string()),
+        }
+    }
+
     fn apply(&self, batch: &RecordBatch) -> Result<Output, StepError> {
         Ok(match self {
             Compiled::Filter(f) => Output::Rows(f.apply(batch)?),

@@ -271,8 +271,9 @@ impl<'a> Scanner<'a> {
 /// or 0x80 and above, as their high bits. Nonzero iff there is one, and the lowest set bit
 /// is exact (the borrows of the subtractions only run upwards, so bits above the first such
 /// byte may be false), which is all the scan uses: `trailing_zeros() / 8` is its index.
+/// Also the string loop of the lake's direct JSON decoder.
 #[inline]
-fn special_bytes(w: u64) -> u64 {
+pub fn special_bytes(w: u64) -> u64 {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;

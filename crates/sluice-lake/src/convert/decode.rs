@@ -27,6 +27,8 @@ use super::fast::{Ctx, KeySeed, Outcome, Seen, UntypedSeed};
 use super::tree::{IntType, Kind, Node, StructNode};
 use super::valid_name;
 
+mod direct;
+
 /// Validity bits plus values of one column.
 enum Col {
     Bool { values: BooleanBufferBuilder, valid: BooleanBufferBuilder },
@@ -200,8 +202,20 @@ impl Decoder {
     }
 
     /// Checks `bytes` against `root` and, if it fits, appends it as one row. Anything but
-    /// [`Outcome::Fits`] leaves the builders as they were.
+    /// [`Outcome::Fits`] leaves the builders as they were. The hand-written [`direct`] pass
+    /// takes what it can; what it declines goes through serde.
     pub(crate) fn decode(&mut self, root: &StructNode, partition_by: &[String], bytes: &[u8]) -> Outcome {
+        if direct::decode(root, &self.column_of, &mut self.columns, partition_by, bytes) {
+            self.rows += 1;
+            return Outcome::Fits;
+        }
+        let rows = self.rows;
+        self.columns.iter_mut().for_each(|c| c.truncate(rows));
+        self.decode_serde(root, partition_by, bytes)
+    }
+
+    /// [`Decoder::decode`] by serde alone.
+    fn decode_serde(&mut self, root: &StructNode, partition_by: &[String], bytes: &[u8]) -> Outcome {
         let ctx = Ctx::new(partition_by);
         let mut de = serde_json::Deserializer::from_slice(bytes);
         let res = RootSeed { root, dec: self, ctx: &ctx }.deserialize(&mut de).and_then(|()| de.end());

@@ -134,16 +134,17 @@ impl Col {
         let err = |e: arrow_schema::ArrowError| e.to_string();
         Ok(match self {
             Col::Bool { values, valid } => Arc::new(BooleanArray::new(values.finish(), nulls(valid))),
-            Col::I64 { values, valid } => Arc::new(Int64Array::new(ScalarBuffer::from(std::mem::take(values)), nulls(valid))),
-            Col::F64 { values, valid } => Arc::new(Float64Array::new(ScalarBuffer::from(std::mem::take(values)), nulls(valid))),
+            Col::I64 { values, valid } => Arc::new(Int64Array::new(ScalarBuffer::from(refill(values)), nulls(valid))),
+            Col::F64 { values, valid } => Arc::new(Float64Array::new(ScalarBuffer::from(refill(values)), nulls(valid))),
             Col::Str { offsets, data, valid } => {
                 if data.len() > i32::MAX as usize {
                     return Err("string data of one batch exceeds 2 GiB".into());
                 }
-                let offsets = OffsetBuffer::new(ScalarBuffer::from(std::mem::replace(offsets, vec![0])));
-                let data = std::mem::take(data);
-                // SAFETY: every appended slice came from a `&str` (valid UTF-8) and offsets
-                // only ever mark their boundaries.
+                let offsets = OffsetBuffer::new(ScalarBuffer::from(refill_offsets(offsets)));
+                let data = refill(data);
+                // SAFETY: every appended value is valid UTF-8 (a `&str` from serde, or the
+                // unescaped text of a record the direct pass checked whole) and offsets only
+                // ever mark their boundaries.
                 Arc::new(unsafe { StringArray::new_unchecked(offsets, data.into(), nulls(valid)) })
             }
             Col::Struct { fields, children, valid } => {
@@ -160,11 +161,26 @@ impl Col {
                 if *offsets.last().unwrap_or(&0) < 0 {
                     return Err("list items of one batch exceed i32".into());
                 }
-                let offsets = OffsetBuffer::new(ScalarBuffer::from(std::mem::replace(offsets, vec![0])));
+                let offsets = OffsetBuffer::new(ScalarBuffer::from(refill_offsets(offsets)));
                 Arc::new(ListArray::try_new(field.clone(), offsets, child.finish()?, nulls(valid)).map_err(err)?)
             }
         })
     }
+}
+
+/// Takes `v`'s items, leaving it empty with room for about as many: a flush's batches are
+/// mostly the same size, so the next one neither grows its builders by doubling (copying as
+/// it goes) nor hands arrays up to twice the memory they use.
+fn refill<T>(v: &mut Vec<T>) -> Vec<T> {
+    let n = v.len();
+    std::mem::replace(v, Vec::with_capacity(n + n / 16))
+}
+
+/// [`refill`] for offsets, which start at 0.
+fn refill_offsets(v: &mut Vec<i32>) -> Vec<i32> {
+    let out = refill(v);
+    v.push(0);
+    out
 }
 
 /// Decodes records into the data columns of a schema (the root's fields that are not

@@ -345,9 +345,9 @@ impl<'a> Parser<'a> {
         Some(())
     }
 
-    /// An integer for an Int64 column: serde_json's i64/u64 range, read only up to 18 digits
-    /// (larger ones, and `-0`, which serde_json reads as a float, are declined).
-    fn int(&mut self) -> Option<i64> {
+    /// The sign and integer part of a number: whether it is negative, its value (wrapping
+    /// past 19 digits) and its number of digits.
+    fn integer_part(&mut self) -> Option<(bool, u64, usize)> {
         let neg = self.peek() == Some(b'-');
         self.i += usize::from(neg);
         let start = self.i;
@@ -362,7 +362,14 @@ impl<'a> Parser<'a> {
             }
             _ => return None,
         }
-        if self.i - start > 18 || (neg && v == 0) {
+        Some((neg, v, self.i - start))
+    }
+
+    /// An integer for an Int64 column: serde_json's i64/u64 range, read only up to 18 digits
+    /// (larger ones, and `-0`, which serde_json reads as a float, are declined).
+    fn int(&mut self) -> Option<i64> {
+        let (neg, v, digits) = self.integer_part()?;
+        if digits > 18 || (neg && v == 0) {
             return None;
         }
         // A fraction or exponent makes it a float for serde_json: not an Int64 value.
@@ -375,20 +382,7 @@ impl<'a> Parser<'a> {
     /// path does); out of range is declined.
     fn float(&mut self) -> Option<f64> {
         let start = self.i;
-        let neg = self.peek() == Some(b'-');
-        self.i += usize::from(neg);
-        let mut int: u64 = 0;
-        match self.peek()? {
-            b'0' => self.i += 1,
-            b'1'..=b'9' => {
-                while let Some(d @ b'0'..=b'9') = self.peek() {
-                    int = int.wrapping_mul(10).wrapping_add(u64::from(d - b'0'));
-                    self.i += 1;
-                }
-            }
-            _ => return None,
-        }
-        let int_digits = self.i - start - usize::from(neg);
+        let (neg, int, int_digits) = self.integer_part()?;
         let mut plain = true;
         if self.peek() == Some(b'.') {
             plain = false;

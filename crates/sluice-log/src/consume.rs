@@ -20,8 +20,18 @@ pub struct Collected {
 pub struct FlushPolicy {
     /// Return once this many value bytes are buffered ...
     pub bytes: u64,
-    /// ... or this long after the first record arrived.
+    /// ... or this long after the first record arrived ...
     pub interval: Duration,
+}
+
+impl FlushPolicy {
+    /// ... or once the streams have gone quiet (nothing new for a tenth of the interval)
+    /// with at least an eighth of `bytes` buffered: the end of a burst or bulk load is landed
+    /// at once instead of an interval later, while a trickle still waits for the interval
+    /// (so flushes stay big: at most `bytes / 8` smaller than a full one).
+    fn quiet(&self, buffered: u64) -> Option<Duration> {
+        (buffered >= self.bytes / 8).then_some(self.interval / 10)
+    }
 }
 
 /// Reads durable records of `streams` from the positions in `next` (`next[s][p]`, advanced
@@ -32,7 +42,8 @@ pub struct FlushPolicy {
 /// ([`Partition::arrived`]), so records that waited in the log while the consumer was busy
 /// (a long commit, a backlog) are flushed as soon as it gets to them, and a record that
 /// arrives at an idle consumer waits at most the interval. Records recovered from disk
-/// have waited since before this process and are due at once.
+/// have waited since before this process and are due at once. A sizeable flush is also
+/// due once the streams go quiet (see [`FlushPolicy`]).
 pub async fn collect(
     streams: &[Arc<Stream>],
     next: &mut [Vec<u64>],
@@ -43,6 +54,8 @@ pub async fn collect(
     let mut bytes = 0u64;
     // When the oldest record read so far arrived (`Some(None)`: before this process).
     let mut oldest: Option<Option<Instant>> = None;
+    // When the newest record read so far arrived (`None`: before this process).
+    let mut newest: Option<Instant> = None;
     loop {
         let mut got = false;
         for (s, stream) in streams.iter().enumerate() {
@@ -59,6 +72,7 @@ pub async fn collect(
                         None => arrived,
                         Some(o) => o.zip(arrived).map(|(a, b)| a.min(b)),
                     });
+                    newest = newest.max(p.arrived(last.offset));
                     next[s][i] = last.offset + 1;
                     got = true;
                 }
@@ -69,7 +83,11 @@ pub async fn collect(
             }
         }
         let now = Instant::now();
-        let deadline = oldest.map(|o| o.map_or(now, |t| t + policy.interval));
+        let mut deadline = oldest.map(|o| o.map_or(now, |t| t + policy.interval));
+        if let Some(quiet) = policy.quiet(bytes) {
+            let idle_at = newest.map_or(now, |t| t + quiet);
+            deadline = deadline.map(|d| d.min(idle_at));
+        }
         let stopping = *shutdown.borrow();
         // Once due, what is already durable still goes into this flush (up to the bytes).
         if bytes >= policy.bytes || (!got && (stopping || deadline.is_some_and(|d| now >= d))) {
@@ -178,7 +196,8 @@ mod tests {
         assert_eq!(next, vec![vec![1]]);
     }
 
-    /// A record that just arrived waits for the interval (here: longer than the test waits).
+    /// A record that just arrived waits for the interval (here: longer than the test waits),
+    /// even once the stream is quiet (after 0.2 s), when the flush would be small.
     #[tokio::test]
     async fn a_new_record_waits_for_the_interval() {
         let dir = tempfile::tempdir().unwrap();
@@ -187,10 +206,30 @@ mod tests {
         let p = stream.partition(0).unwrap();
         let a = p.append(&[crate::Record::new(bytes::Bytes::from_static(b"{}"), 1)]).unwrap();
         p.sync(&a).await.unwrap();
-        let policy = FlushPolicy { bytes: 1 << 30, interval: Duration::from_secs(3600) };
+        let policy = FlushPolicy { bytes: 1 << 30, interval: Duration::from_secs(2) };
         let (_tx, mut shutdown) = watch::channel(false);
         let mut next = vec![vec![0]];
-        let got = tokio::time::timeout(Duration::from_millis(300), collect(&[stream.clone()], &mut next, policy, &mut shutdown)).await;
+        let got = tokio::time::timeout(Duration::from_millis(1000), collect(&[stream.clone()], &mut next, policy, &mut shutdown)).await;
         assert!(got.is_err(), "a fresh record was flushed before its interval");
+    }
+
+    /// At least an eighth of the flush size buffered and nothing new for a tenth of the
+    /// interval (1 s of 10 here): flushed then, not at the interval.
+    #[tokio::test]
+    async fn a_burst_is_flushed_once_the_stream_is_quiet() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = crate::Log::open(dir.path(), crate::LogConfig::default()).unwrap();
+        let stream = log.create_stream("s", crate::StreamOptions::default()).unwrap();
+        let p = stream.partition(0).unwrap();
+        let recs: Vec<_> = (0..3).map(|i| crate::Record::new(bytes::Bytes::from_static(b"{\"a\":1}"), i)).collect();
+        let a = p.append(&recs).unwrap();
+        p.sync(&a).await.unwrap();
+        // 21 bytes buffered: over an eighth of 160, under a full flush.
+        let policy = FlushPolicy { bytes: 160, interval: Duration::from_secs(10) };
+        let (_tx, mut shutdown) = watch::channel(false);
+        let mut next = vec![vec![0]];
+        let got = tokio::time::timeout(Duration::from_secs(8), collect(&[stream.clone()], &mut next, policy, &mut shutdown)).await;
+        assert_eq!(got.expect("flushed once quiet, before the interval").unwrap().len(), 3);
+        assert_eq!(next, vec![vec![3]]);
     }
 }

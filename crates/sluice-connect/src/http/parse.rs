@@ -38,7 +38,7 @@ pub fn parse_events<'a>(
     }
     let mut out = Vec::new();
     let mut line_no = 0;
-    for line in body.split(|&b| b == b'\n') {
+    for line in lines(body) {
         line_no += 1;
         let trimmed = trim(line);
         if trimmed.is_empty() {
@@ -57,6 +57,19 @@ pub fn parse_events<'a>(
         }
     }
     Ok(out)
+}
+
+/// `body` split at every `\n` (like `split(|&b| b == b'\n')`, found with memchr: this
+/// runs over every byte ingested).
+fn lines(body: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut start = 0;
+    memchr::memchr_iter(b'\n', body)
+        .chain(std::iter::once(body.len()))
+        .map(move |end| {
+            let line = &body[start..end];
+            start = end + 1;
+            line
+        })
 }
 
 fn trim(s: &[u8]) -> &[u8] {
@@ -438,6 +451,13 @@ mod tests {
             let fast = probe_one(probe, &b).map_err(|e| e.to_string());
             let slow = probe_serde(probe, &b).map_err(|e| e.to_string());
             proptest::prop_assert_eq!(fast, slow, "{}", String::from_utf8_lossy(&b));
+        }
+
+        #[test]
+        fn lines_split_like_split(body in proptest::collection::vec(proptest::sample::select(b"ab\n\r ".to_vec()), 0..100)) {
+            let ours: Vec<&[u8]> = lines(&body).collect();
+            let std: Vec<&[u8]> = body.split(|&b| b == b'\n').collect();
+            proptest::prop_assert_eq!(ours, std);
         }
 
         #[test]

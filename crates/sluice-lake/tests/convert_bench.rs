@@ -163,6 +163,42 @@ fn parquet_write_costs() {
         println!("| {name} | {:.0} | {:.1} |", n / cpu, out.len() as f64 / n);
     }
 
+    // Sluice's settings (zstd(1), page statistics, 16 KiB dictionary pages) with other
+    // fallback encodings.
+    {
+        use deltalake::parquet::basic::Encoding;
+        use deltalake::parquet::file::properties::WriterVersion;
+        use deltalake::parquet::schema::types::ColumnPath;
+        let base = || {
+            WriterProperties::builder()
+                .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap()))
+                .set_statistics_enabled(EnabledStatistics::Page)
+                .set_dictionary_page_size_limit(16 << 10)
+        };
+        let cases = [
+            ("sluice (v1 pages, PLAIN fallback)", base().build()),
+            ("v2 (DELTA_BINARY_PACKED / DELTA_BYTE_ARRAY fallback)", base().set_writer_version(WriterVersion::PARQUET_2_0).build()),
+            (
+                "v1, _offset DELTA_BINARY_PACKED without dictionary",
+                base()
+                    .set_column_dictionary_enabled(ColumnPath::from("_offset"), false)
+                    .set_column_encoding(ColumnPath::from("_offset"), Encoding::DELTA_BINARY_PACKED)
+                    .build(),
+            ),
+        ];
+        for (name, props) in cases {
+            let c0 = thread_cpu();
+            let mut out = Vec::new();
+            let mut w = ArrowWriter::try_new(&mut out, converted.schema.clone(), Some(props)).unwrap();
+            for b in &converted.batches {
+                w.write(b).unwrap();
+            }
+            w.close().unwrap();
+            let cpu = thread_cpu().zip(c0).map(|(a, b)| a - b).unwrap_or(f64::NAN);
+            println!("| {name} | {:.0} | {:.1} |", n / cpu, out.len() as f64 / n);
+        }
+    }
+
     // The whole LakeTable::append (deltalake's write path: partitioning by date, Parquet,
     // statistics, commit), wall time on a multi-threaded runtime.
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();

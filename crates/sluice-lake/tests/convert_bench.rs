@@ -151,16 +151,21 @@ fn parquet_write_costs() {
         );
         (name, b.build())
     });
-    for (name, props) in cases {
+    // Encodes `batches` with `props`: (records per CPU-second, bytes per record).
+    let encode = |props: WriterProperties, batches: &[deltalake::arrow::record_batch::RecordBatch]| {
         let c0 = thread_cpu();
         let mut out = Vec::new();
         let mut w = ArrowWriter::try_new(&mut out, converted.schema.clone(), Some(props)).unwrap();
-        for b in &converted.batches {
+        for b in batches {
             w.write(b).unwrap();
         }
         w.close().unwrap();
         let cpu = thread_cpu().zip(c0).map(|(a, b)| a - b).unwrap_or(f64::NAN);
-        println!("| {name} | {:.0} | {:.1} |", n / cpu, out.len() as f64 / n);
+        (n / cpu, out.len() as f64 / n)
+    };
+    for (name, props) in cases {
+        let (rate, size) = encode(props, &converted.batches);
+        println!("| {name} | {rate:.0} | {size:.1} |");
     }
 
     // Sluice's settings (zstd(1), page statistics, 16 KiB dictionary pages) with other
@@ -187,15 +192,8 @@ fn parquet_write_costs() {
             ),
         ];
         for (name, props) in cases {
-            let c0 = thread_cpu();
-            let mut out = Vec::new();
-            let mut w = ArrowWriter::try_new(&mut out, converted.schema.clone(), Some(props)).unwrap();
-            for b in &converted.batches {
-                w.write(b).unwrap();
-            }
-            w.close().unwrap();
-            let cpu = thread_cpu().zip(c0).map(|(a, b)| a - b).unwrap_or(f64::NAN);
-            println!("| {name} | {:.0} | {:.1} |", n / cpu, out.len() as f64 / n);
+            let (rate, size) = encode(props, &converted.batches);
+            println!("| {name} | {rate:.0} | {size:.1} |");
         }
         // Rows grouped by kind (`type`) first: one sort + take, then the same settings.
         use deltalake::arrow::compute::{sort_to_indices, take_record_batch};
@@ -209,15 +207,8 @@ fn parquet_write_costs() {
             })
             .collect();
         let sort_cpu = thread_cpu().zip(c0).map(|(a, b)| a - b).unwrap_or(f64::NAN);
-        let c0 = thread_cpu();
-        let mut out = Vec::new();
-        let mut w = ArrowWriter::try_new(&mut out, converted.schema.clone(), Some(base().build())).unwrap();
-        for b in &sorted {
-            w.write(b).unwrap();
-        }
-        w.close().unwrap();
-        let cpu = thread_cpu().zip(c0).map(|(a, b)| a - b).unwrap_or(f64::NAN);
-        println!("| rows grouped by type, then sluice's settings (sort+take {:.0} records/CPU-s) | {:.0} | {:.1} |", n / sort_cpu, n / cpu, out.len() as f64 / n);
+        let (rate, size) = encode(base().build(), &sorted);
+        println!("| rows grouped by type, then sluice's settings (sort+take {:.0} records/CPU-s) | {rate:.0} | {size:.1} |", n / sort_cpu);
     }
 
     // The whole LakeTable::append (deltalake's write path: partitioning by date, Parquet,

@@ -179,13 +179,7 @@ mod tests {
     #[tokio::test]
     async fn recovered_records_are_due_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let log = crate::Log::open(dir.path(), crate::LogConfig::default()).unwrap();
-            let stream = log.create_stream("s", crate::StreamOptions::default()).unwrap();
-            let p = stream.partition(0).unwrap();
-            let a = p.append(&[crate::Record::new(bytes::Bytes::from_static(b"{}"), 1)]).unwrap();
-            p.sync(&a).await.unwrap();
-        }
+        drop(stream_with(dir.path(), b"{}", 1).await);
         let log = crate::Log::open(dir.path(), crate::LogConfig::default()).unwrap();
         let stream = log.stream("s").unwrap();
         let policy = FlushPolicy { bytes: 1 << 30, interval: Duration::from_secs(3600) };
@@ -196,16 +190,23 @@ mod tests {
         assert_eq!(next, vec![vec![1]]);
     }
 
+    /// A stream `s` of one partition in a new log in `dir`, holding `n` records `value` (durable).
+    async fn stream_with(dir: &std::path::Path, value: &'static [u8], n: usize) -> (crate::Log, Arc<Stream>) {
+        let log = crate::Log::open(dir, crate::LogConfig::default()).unwrap();
+        let stream = log.create_stream("s", crate::StreamOptions::default()).unwrap();
+        let p = stream.partition(0).unwrap();
+        let recs: Vec<_> = (0..n).map(|_| crate::Record::new(bytes::Bytes::from_static(value), 1)).collect();
+        let a = p.append(&recs).unwrap();
+        p.sync(&a).await.unwrap();
+        (log, stream)
+    }
+
     /// A record that just arrived waits for the interval (here: longer than the test waits),
     /// even once the stream is quiet (after 0.2 s), when the flush would be small.
     #[tokio::test]
     async fn a_new_record_waits_for_the_interval() {
         let dir = tempfile::tempdir().unwrap();
-        let log = crate::Log::open(dir.path(), crate::LogConfig::default()).unwrap();
-        let stream = log.create_stream("s", crate::StreamOptions::default()).unwrap();
-        let p = stream.partition(0).unwrap();
-        let a = p.append(&[crate::Record::new(bytes::Bytes::from_static(b"{}"), 1)]).unwrap();
-        p.sync(&a).await.unwrap();
+        let (_log, stream) = stream_with(dir.path(), b"{}", 1).await;
         let policy = FlushPolicy { bytes: 1 << 30, interval: Duration::from_secs(2) };
         let (_tx, mut shutdown) = watch::channel(false);
         let mut next = vec![vec![0]];
@@ -218,12 +219,7 @@ mod tests {
     #[tokio::test]
     async fn a_burst_is_flushed_once_the_stream_is_quiet() {
         let dir = tempfile::tempdir().unwrap();
-        let log = crate::Log::open(dir.path(), crate::LogConfig::default()).unwrap();
-        let stream = log.create_stream("s", crate::StreamOptions::default()).unwrap();
-        let p = stream.partition(0).unwrap();
-        let recs: Vec<_> = (0..3).map(|i| crate::Record::new(bytes::Bytes::from_static(b"{\"a\":1}"), i)).collect();
-        let a = p.append(&recs).unwrap();
-        p.sync(&a).await.unwrap();
+        let (_log, stream) = stream_with(dir.path(), b"{\"a\":1}", 3).await;
         // 21 bytes buffered: over an eighth of 160, under a full flush.
         let policy = FlushPolicy { bytes: 160, interval: Duration::from_secs(10) };
         let (_tx, mut shutdown) = watch::channel(false);

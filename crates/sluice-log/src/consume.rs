@@ -28,7 +28,7 @@ impl FlushPolicy {
     /// ... or once the streams have gone quiet (nothing new for a tenth of the interval)
     /// with at least an eighth of `bytes` buffered: the end of a burst or bulk load is landed
     /// at once instead of an interval later, while a trickle still waits for the interval
-    /// (so flushes stay big: at most `bytes / 8` smaller than a full one).
+    /// (so a flush is never smaller than an eighth of a full one before its interval).
     fn quiet(&self, buffered: u64) -> Option<Duration> {
         (buffered >= self.bytes / 8).then_some(self.interval / 10)
     }

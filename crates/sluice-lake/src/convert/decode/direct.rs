@@ -42,6 +42,31 @@ pub(super) fn decode(
     p.i == b.len() && !(p.non_ascii && std::str::from_utf8(b).is_err())
 }
 
+/// 10^0 ..= 10^22, the powers of ten an f64 holds exactly.
+const POWERS_OF_TEN: [f64; 23] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20,
+    1e21, 1e22,
+];
+
+/// `a == b` without a call to memcmp for short slices (field names, compared once or more
+/// per key): overlapping word loads from both ends.
+#[inline]
+pub(in crate::convert) fn same(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    let word = |s: &[u8], at: usize| u64::from_le_bytes(s[at..at + 8].try_into().expect("8 bytes"));
+    let half = |s: &[u8], at: usize| u32::from_le_bytes(s[at..at + 4].try_into().expect("4 bytes"));
+    match n {
+        0 => true,
+        1..=3 => a[0] == b[0] && a[n / 2] == b[n / 2] && a[n - 1] == b[n - 1],
+        4..=7 => half(a, 0) == half(b, 0) && half(a, n - 4) == half(b, n - 4),
+        8..=16 => word(a, 0) == word(b, 0) && word(a, n - 8) == word(b, n - 8),
+        _ => a == b,
+    }
+}
+
 struct Parser<'a> {
     b: &'a [u8],
     i: usize,
@@ -116,8 +141,8 @@ impl<'a> Parser<'a> {
                 self.ws();
                 // Records mostly repeat the schema's key order: try the next field first.
                 let idx = match s.fields.get(hint) {
-                    Some(f) if f.name.as_bytes() == key => Some(hint),
-                    _ => s.get(std::str::from_utf8(key).ok()?),
+                    Some(f) if same(f.name.as_bytes(), key) => Some(hint),
+                    _ => s.find(key),
                 };
                 match idx {
                     Some(i) => {
@@ -394,13 +419,24 @@ impl<'a> Parser<'a> {
         let start = self.i;
         let (neg, int, int_digits) = self.integer_part()?;
         let mut plain = true;
+        // The digits as one integer and how many of them are fraction digits, while the
+        // integer is exact (up to 19 digits).
+        let (mut mantissa, mut exact, mut fraction) = (int, int_digits <= 19, 0usize);
         if self.peek() == Some(b'.') {
             plain = false;
             self.i += 1;
+            let from = self.i;
             self.digits()?;
+            let digits = &self.b[from..self.i];
+            fraction = digits.len();
+            exact &= int_digits + fraction <= 19;
+            if exact {
+                mantissa = digits.iter().fold(mantissa, |m, d| m * 10 + u64::from(d - b'0'));
+            }
         }
+        let mut exponent = false;
         if let Some(b'e' | b'E') = self.peek() {
-            plain = false;
+            (plain, exponent) = (false, true);
             self.i += 1;
             if let Some(b'+' | b'-') = self.peek() {
                 self.i += 1;
@@ -411,6 +447,12 @@ impl<'a> Parser<'a> {
         if plain && int_digits <= 19 {
             // Exact in a u64, and `as` rounds to nearest like parsing the text (`-0` too).
             let v = int as f64;
+            return Some(if neg { -v } else { v });
+        }
+        if exact && !exponent && mantissa <= 1 << 53 && fraction < POWERS_OF_TEN.len() {
+            // Both exact in an f64, so one division rounds correctly, as parsing does
+            // (Clinger's fast path): 42.938702 is 42938702 / 10^6.
+            let v = mantissa as f64 / POWERS_OF_TEN[fraction];
             return Some(if neg { -v } else { v });
         }
         // ASCII by construction.
@@ -521,6 +563,50 @@ mod tests {
         let (taken, a, b) = both(&bytes).unwrap();
         assert_eq!(a, b, "{records:?}");
         taken
+    }
+
+    #[test]
+    fn floats_read_as_parsing_reads_them() {
+        let read = |text: &str| {
+            let mut p = super::Parser { b: text.as_bytes(), i: 0, non_ascii: false, partition_by: &[], row: 0 };
+            let v = p.float();
+            assert_eq!(p.i, text.len(), "{text}");
+            v
+        };
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..200_000 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let digits = 1 + (x >> 59) as usize % 20;
+            let mantissa = (x >> 3) % 10u64.pow(digits.min(19) as u32);
+            let text = format!("{mantissa:0digits$}");
+            let point = (x as usize >> 1) % (digits + 1);
+            let (int, fraction) = text.split_at(point.max(1));
+            let int = match int.trim_start_matches('0') {
+                "" => "0",
+                int => int,
+            };
+            let sign = if x & 1 == 1 { "-" } else { "" };
+            let text = if fraction.is_empty() { format!("{sign}{int}") } else { format!("{sign}{int}.{fraction}") };
+            let want: f64 = text.parse().unwrap();
+            assert_eq!(read(&text).map(f64::to_bits), Some(want.to_bits()), "{text}");
+        }
+        for text in ["0.1", "-0.0", "9007199254740993.0", "0.30000000000000004", "123456789012345678.9", "1.5e3", "2.2250738585072014e-308"] {
+            assert_eq!(read(text).map(f64::to_bits), Some(text.parse::<f64>().unwrap().to_bits()), "{text}");
+        }
+    }
+
+    #[test]
+    fn same_is_slice_equality() {
+        for n in 0..24usize {
+            let a: Vec<u8> = (0..n as u8).map(|i| b'a' + i).collect();
+            assert!(super::same(&a, &a.clone()));
+            for at in 0..n {
+                let mut b = a.clone();
+                b[at] ^= 0x20;
+                assert!(!super::same(&a, &b), "{n} bytes, differing at {at}");
+            }
+            assert!(!super::same(&a, &a[..n.saturating_sub(1)]) || n == 0);
+        }
     }
 
     #[test]

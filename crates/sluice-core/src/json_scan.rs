@@ -164,6 +164,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// A string starting at its opening quote: its content and whether it had escapes.
+    #[inline]
     fn string(&mut self) -> Option<(&'a [u8], bool)> {
         let b = self.b;
         self.i += 1;

@@ -34,13 +34,11 @@ fn parse_utc_fast(s: &[u8]) -> Option<i64> {
     if s.len() < 20 || s.len() > 30 || s[s.len() - 1] != b'Z' {
         return None;
     }
-    let digit = |i: usize| -> Option<i64> { s[i].is_ascii_digit().then(|| i64::from(s[i] - b'0')) };
-    let two = |i: usize| -> Option<i64> { Some(digit(i)? * 10 + digit(i + 1)?) };
     if s[4] != b'-' || s[7] != b'-' || s[10] != b'T' || s[13] != b':' || s[16] != b':' {
         return None;
     }
-    let (year, month, day) = (two(0)? * 100 + two(2)?, two(5)?, two(8)?);
-    let (hour, minute, second) = (two(11)?, two(14)?, two(17)?);
+    let (year, month, day) = (two_at(s, 0)? * 100 + two_at(s, 2)?, two_at(s, 5)?, two_at(s, 8)?);
+    let (hour, minute, second) = (two_at(s, 11)?, two_at(s, 14)?, two_at(s, 17)?);
     let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
     let days_in_month = match month {
         1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
@@ -57,7 +55,7 @@ fn parse_utc_fast(s: &[u8]) -> Option<i64> {
         20 => {}
         n if s[19] == b'.' && n >= 22 => {
             for (k, i) in (20..n - 1).enumerate() {
-                let d = digit(i)?;
+                let d = digit_at(s, i)?;
                 if k < 3 {
                     millis = millis * 10 + d;
                 }
@@ -77,6 +75,20 @@ fn parse_utc_fast(s: &[u8]) -> Option<i64> {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
     Some((days * 86_400 + hour * 3600 + minute * 60 + second) * 1000 + millis)
+}
+
+/// The digit at `s[i]` (callers check the length first). Functions, not closures: as
+/// closures they stayed a call per digit, ~40% of reading a timestamp.
+#[inline(always)]
+fn digit_at(s: &[u8], i: usize) -> Option<i64> {
+    let d = s[i].wrapping_sub(b'0');
+    (d < 10).then_some(i64::from(d))
+}
+
+/// The two digits at `s[i..i + 2]` as a number.
+#[inline(always)]
+fn two_at(s: &[u8], i: usize) -> Option<i64> {
+    Some(digit_at(s, i)? * 10 + digit_at(s, i + 1)?)
 }
 
 /// Interprets a numeric event time as epoch seconds, milliseconds or microseconds by

@@ -140,10 +140,10 @@ pub const MAX_KINDS: usize = 16;
 const MAX_KIND_BYTES: usize = 64;
 
 /// Reorders `records` so that records of one kind are adjacent, kinds in order of first
-/// appearance and records of a kind in their log order (a stable counting sort of the
-/// references; no record is parsed). A record's kind is its first field and that field's
-/// value when the value is a short string without escapes (`{"type":"scooter"`), the usual
-/// shape of a mixed event stream; any other record is of the kind "none". With more than
+/// appearance and records of a kind in their log order (one pass over the references per
+/// kind; no record is parsed). A record's kind is its first field and that field's value
+/// when the value is a short string without escapes (`{"type":"scooter"`), the usual shape
+/// of a mixed event stream; any other record is of the kind "none". With more than
 /// [`MAX_KINDS`] kinds (the first field is an id, say) nothing is moved.
 ///
 /// Why: a flush of mixed events converts into columns that each belong to one kind, null
@@ -155,7 +155,11 @@ pub fn group_by_kind(records: &mut Vec<InputRecord<'_>>) {
     let mut of: Vec<u8> = Vec::with_capacity(records.len());
     for r in records.iter() {
         let k = kind_of(r.value);
-        let i = match kinds.iter().position(|x| *x == k) {
+        let same_kind = |x: &Option<&[u8]>| match (x, k) {
+            (Some(a), Some(b)) => tree::same(a, b),
+            (a, b) => a.is_none() && b.is_none(),
+        };
+        let i = match kinds.iter().position(same_kind) {
             Some(i) => i,
             None if kinds.len() < MAX_KINDS => {
                 kinds.push(k);
@@ -168,20 +172,9 @@ pub fn group_by_kind(records: &mut Vec<InputRecord<'_>>) {
     if kinds.len() < 2 {
         return;
     }
-    let mut start = vec![0usize; kinds.len()];
-    for &i in &of {
-        start[i as usize] += 1;
-    }
-    let mut at = 0;
-    for s in start.iter_mut() {
-        let n = *s;
-        *s = at;
-        at += n;
-    }
-    let mut out = records.clone();
-    for (r, &i) in records.iter().zip(&of) {
-        out[start[i as usize]] = *r;
-        start[i as usize] += 1;
+    let mut out = Vec::with_capacity(records.len());
+    for kind in 0..kinds.len() as u8 {
+        out.extend(records.iter().zip(&of).filter(|(_, i)| **i == kind).map(|(r, _)| *r));
     }
     *records = out;
 }
@@ -189,17 +182,12 @@ pub fn group_by_kind(records: &mut Vec<InputRecord<'_>>) {
 /// The kind of [`group_by_kind`]: `{"name":"value"` when the record starts so.
 fn kind_of(b: &[u8]) -> Option<&[u8]> {
     let head = &b[..b.len().min(MAX_KIND_BYTES)];
-    let rest = head.strip_prefix(b"{\"")?;
-    let name_end = 2 + memchr_quote(rest)?;
+    let quote = |s: &[u8]| s.iter().position(|c| *c == b'"');
+    let name_end = 2 + quote(head.strip_prefix(b"{\"")?)?;
     let value = head.get(name_end + 1..)?.strip_prefix(b":\"")?;
-    let end = name_end + 3 + memchr_quote(value)?;
+    let end = name_end + 3 + quote(value)?;
     let kind = &head[..=end];
     (!kind.contains(&b'\\')).then_some(kind)
-}
-
-#[inline]
-fn memchr_quote(b: &[u8]) -> Option<usize> {
-    b.iter().position(|c| *c == b'"')
 }
 
 /// A record that could not be converted; becomes a row of the dead-letter table.

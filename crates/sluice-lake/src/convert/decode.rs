@@ -28,7 +28,6 @@ use super::tree::{IntType, Kind, Node, StructNode};
 use super::valid_name;
 
 mod direct;
-pub(super) use direct::same;
 
 /// Validity bits plus values of one column.
 enum Col {

@@ -239,7 +239,7 @@ impl StructNode {
     #[inline]
     pub(crate) fn find(&self, name: &[u8]) -> Option<usize> {
         if self.fields.len() <= 32 {
-            self.fields.iter().position(|f| super::decode::same(f.name.as_bytes(), name))
+            self.fields.iter().position(|f| same(f.name.as_bytes(), name))
         } else {
             self.get(std::str::from_utf8(name).ok()?)
         }
@@ -286,5 +286,24 @@ impl StructNode {
             .iter()
             .map(|n| Arc::new(n.to_field()) as FieldRef)
             .collect()
+    }
+}
+
+/// `a == b` without a call to memcmp for short slices (field names, compared once or more
+/// per key): overlapping word loads from both ends.
+#[inline]
+pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    let word = |s: &[u8], at: usize| u64::from_le_bytes(s[at..at + 8].try_into().expect("8 bytes"));
+    let half = |s: &[u8], at: usize| u32::from_le_bytes(s[at..at + 4].try_into().expect("4 bytes"));
+    match n {
+        0 => true,
+        1..=3 => a[0] == b[0] && a[n / 2] == b[n / 2] && a[n - 1] == b[n - 1],
+        4..=7 => half(a, 0) == half(b, 0) && half(a, n - 4) == half(b, n - 4),
+        8..=16 => word(a, 0) == word(b, 0) && word(a, n - 8) == word(b, n - 8),
+        _ => a == b,
     }
 }

@@ -13,7 +13,7 @@
 use sluice_core::json_scan::special_bytes;
 
 use super::super::fast::Seen;
-use super::super::tree::{Kind, Node, StructNode};
+use super::super::tree::{same, Kind, Node, StructNode};
 use super::super::valid_name;
 use super::Col;
 
@@ -47,25 +47,6 @@ const POWERS_OF_TEN: [f64; 23] = [
     1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20,
     1e21, 1e22,
 ];
-
-/// `a == b` without a call to memcmp for short slices (field names, compared once or more
-/// per key): overlapping word loads from both ends.
-#[inline]
-pub(in crate::convert) fn same(a: &[u8], b: &[u8]) -> bool {
-    let n = a.len();
-    if n != b.len() {
-        return false;
-    }
-    let word = |s: &[u8], at: usize| u64::from_le_bytes(s[at..at + 8].try_into().expect("8 bytes"));
-    let half = |s: &[u8], at: usize| u32::from_le_bytes(s[at..at + 4].try_into().expect("4 bytes"));
-    match n {
-        0 => true,
-        1..=3 => a[0] == b[0] && a[n / 2] == b[n / 2] && a[n - 1] == b[n - 1],
-        4..=7 => half(a, 0) == half(b, 0) && half(a, n - 4) == half(b, n - 4),
-        8..=16 => word(a, 0) == word(b, 0) && word(a, n - 8) == word(b, n - 8),
-        _ => a == b,
-    }
-}
 
 struct Parser<'a> {
     b: &'a [u8],
@@ -492,7 +473,7 @@ mod tests {
     use super::super::super::fast::Outcome;
     use super::super::super::{initial_tree, ConvertOptions};
     use super::super::Decoder;
-    use super::StructNode;
+    use super::{same, StructNode};
 
     /// A table with every column type the decoder builds; `region` partitions.
     fn table() -> Schema {
@@ -599,13 +580,13 @@ mod tests {
     fn same_is_slice_equality() {
         for n in 0..24usize {
             let a: Vec<u8> = (0..n as u8).map(|i| b'a' + i).collect();
-            assert!(super::same(&a, &a.clone()));
+            assert!(same(&a, &a.clone()));
             for at in 0..n {
                 let mut b = a.clone();
                 b[at] ^= 0x20;
-                assert!(!super::same(&a, &b), "{n} bytes, differing at {at}");
+                assert!(!same(&a, &b), "{n} bytes, differing at {at}");
             }
-            assert!(!super::same(&a, &a[..n.saturating_sub(1)]) || n == 0);
+            assert!(!same(&a, &a[..n.saturating_sub(1)]) || n == 0);
         }
     }
 

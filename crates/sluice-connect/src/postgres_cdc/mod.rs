@@ -201,9 +201,46 @@ struct Chunk {
     /// The low watermark has passed: changes to the table remove their keys from the chunk.
     open: bool,
     changed: HashSet<String>,
-    rows: tokio::task::JoinHandle<Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>,
+    /// The key of the chunk's last row and how many rows it has, as soon as they are read.
+    head: tokio::sync::oneshot::Receiver<(Option<Vec<String>>, usize)>,
+    rows: tokio::task::JoinHandle<anyhow::Result<ReadChunk>>,
     limit: usize,
     started: std::time::Instant,
+}
+
+/// A chunk as read, its rows already written as `read` events (off the replication loop,
+/// while the high watermark travels through the WAL) at the position the high watermark
+/// will have: its LSN as the server returned it, minus one.
+struct ReadChunk {
+    /// The events' position; None: the watermark's LSN was not known, build them at the
+    /// high watermark.
+    at: Option<u64>,
+    /// One keyed `read` event per row, in key order.
+    records: Vec<Record>,
+    /// The rows themselves, for when the events must be written again at another position.
+    rows: Vec<tokio_postgres::Row>,
+}
+
+/// The snapshot rows of a chunk as keyed `read` events at position `at`.
+fn read_events(source_name: &str, database: &str, info: &snapshot::TableInfo, rows: &[tokio_postgres::Row], at: u64) -> Vec<Record> {
+    let now = sluice_core::time::now_ms();
+    let lsn = Lsn(at).to_string();
+    let source = json!({"connector": "postgres", "name": source_name, "db": database, "schema": info.schema, "table": info.name,
+                        "lsn": lsn, "txid": null, "commit_time": null, "snapshot": true});
+    let events = crate::ReadEvents::new(info.columns.iter().map(|col| (col.0.as_str(), col.3)), &source, &lsn, now);
+    let oids: Vec<u32> = info.columns.iter().map(|col| col.1).collect();
+    let mut size = 256;
+    let mut out = Vec::with_capacity(rows.len());
+    for (seq, r) in rows.iter().enumerate() {
+        let (mut key, mut event) = (Vec::with_capacity(32), Vec::with_capacity(size + size / 8));
+        events.write(seq as u64, &mut key, &mut event, |i, out| match r.get::<_, Option<&str>>(i) {
+            Some(text) => types::write_json(oids[i], text, out),
+            None => out.extend_from_slice(b"null"),
+        });
+        size = event.len();
+        out.push(Record::with_key(bytes::Bytes::from(key), bytes::Bytes::from(event), now));
+    }
+    out
 }
 
 /// The writes in flight while the stream is read on ([`Writes`]); each, once durable,
@@ -532,7 +569,7 @@ impl Session for PostgresSource {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if chunk.is_none() && txn.is_none() && inflight.chunks == 0 && !state.snapshots.is_empty() && last_chunk.elapsed() >= self.cfg.snapshot_throttle.0 {
-                chunk = self.start_chunk(&client, &state).await?;
+                chunk = self.start_chunk(&client, &state, &database).await?;
                 if chunk.is_none() {
                     // The table is gone: nothing to read.
                     let t = state.snapshots.remove(0);
@@ -693,20 +730,22 @@ impl Session for PostgresSource {
                             if text == format!("low {}", c.marker) {
                                 c.open = true;
                             } else if text == format!("high {}", c.marker) {
-                                if let Some(c) = chunk.take() {
+                                if let Some(mut c) = chunk.take() {
                                     // A message's LSN is where its record ends, and the next
                                     // commit record may start right there: the rows take the
                                     // position just before it, which no commit can share.
                                     let at = lsn.as_u64().saturating_sub(1);
                                     let t0 = std::time::Instant::now();
                                     let waited = c.started.elapsed();
-                                    let done = self.finish_chunk(c, at, &database, &mut state, &mut streams, &mut pending).await?;
-                                    let built = t0.elapsed();
-                                    if !done.finished && self.cfg.snapshot_throttle.0.is_zero() {
-                                        // The next chunk is read while this one's events are written:
-                                        // they are pending before its low watermark comes.
-                                        chunk = self.start_chunk(&client, &state).await?;
+                                    let (last_key, finished) = self.chunk_head(&mut c, &mut state).await?;
+                                    if !finished && self.cfg.snapshot_throttle.0.is_zero() {
+                                        // The next chunk is read while this one's events are
+                                        // finished and written: they are pending before its low
+                                        // watermark comes.
+                                        chunk = self.start_chunk(&client, &state, &database).await?;
                                     }
+                                    let done = self.finish_chunk(c, at, last_key, finished, &database, &mut state, &mut streams, &mut pending).await?;
+                                    let built = t0.elapsed();
                                     self.write(&mut pending, &mut written, &mut inflight, Some(done), &mut state, &repl).await?;
                                     tracing::debug!(source = self.name, ?waited, ?built, appended = ?t0.elapsed(), "snapshot chunk");
                                     last_chunk = std::time::Instant::now();
@@ -812,7 +851,7 @@ impl PostgresSource {
 
     /// Starts the next chunk of the first queued snapshot: watermarks and the read run on
     /// their own task while the replication stream is processed. None: the table is gone.
-    async fn start_chunk(&self, client: &Arc<tokio_postgres::Client>, state: &State) -> Result<Option<Chunk>, Stop> {
+    async fn start_chunk(&self, client: &Arc<tokio_postgres::Client>, state: &State, database: &str) -> Result<Option<Chunk>, Stop> {
         let task = state.snapshots[0].clone();
         let (schema, name) = task.table.split_once('.').unwrap_or(("public", task.table.as_str()));
         let Some(info) = snapshot::table_info(client, schema, name).await? else { return Ok(None) };
@@ -829,60 +868,77 @@ impl PostgresSource {
             None => None,
         };
         let after = task.cursor.clone().or(task.after.clone());
-        let rows = tokio::spawn(async move { snapshot::read_chunk(&c, &i, &m, after.as_deref(), keys.as_deref(), limit).await });
-        Ok(Some(Chunk { marker, task: task.id, info, open: false, changed: HashSet::new(), rows, limit, started: std::time::Instant::now() }))
+        let (source_name, db) = (self.name.clone(), database.to_string());
+        let (head_tx, head) = tokio::sync::oneshot::channel();
+        let rows = tokio::spawn(async move {
+            let (rows, high) = snapshot::read_chunk(&c, &i, &m, after.as_deref(), keys.as_deref(), limit).await?;
+            let _ = head_tx.send((rows.last().map(|r| i.keys_of(r)), rows.len()));
+            let Some(at) = high.map(|h| h.saturating_sub(1)) else { return Ok(ReadChunk { at: None, records: Vec::new(), rows }) };
+            let (records, rows) = tokio::task::spawn_blocking(move || (read_events(&source_name, &db, &i, &rows, at), rows)).await?;
+            Ok(ReadChunk { at: Some(at), records, rows })
+        });
+        Ok(Some(Chunk { marker, task: task.id, info, open: false, changed: HashSet::new(), head, rows, limit, started: std::time::Instant::now() }))
     }
 
     /// At the high watermark: the chunk's rows that no change in the window touched become
     /// `read` events at position `lsn` (just before the watermark's end: after every commit
     /// before the watermark, before every commit after it). The next chunk starts after it;
     /// the snapshot's progress moves once its events are durable (see `landed`).
+    /// At the high watermark, before the chunk's events are ready: the key of its last row
+    /// (the next chunk starts after it) and whether it is the snapshot's last chunk. A chunk
+    /// whose window saw a truncate is read again (no key).
+    async fn chunk_head(&self, c: &mut Chunk, state: &mut State) -> Result<(Option<Vec<String>>, bool), Stop> {
+        let (last_key, read) = match (&mut c.head).await {
+            Ok(h) => h,
+            // The read failed: its error.
+            Err(_) => return Err((&mut c.rows).await.map_err(|e| anyhow::anyhow!("snapshot read: {e}"))?.err().unwrap_or_else(|| anyhow::anyhow!("snapshot read ended")).into()),
+        };
+        if !c.open {
+            return Ok((None, false));
+        }
+        let task = &mut state.snapshots[0];
+        debug_assert_eq!(task.id, c.task);
+        if last_key.is_some() {
+            task.cursor = last_key.clone();
+        }
+        Ok((last_key, read < c.limit || task.keys.is_some()))
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn finish_chunk(
         &self,
         c: Chunk,
         lsn: u64,
+        last_key: Option<Vec<String>>,
+        finished: bool,
         database: &str,
         state: &mut State,
         streams: &mut HashMap<String, Arc<Stream>>,
         pending: &mut Pending,
     ) -> Result<ChunkDone, Stop> {
-        let rows = c.rows.await.map_err(|e| anyhow::anyhow!("snapshot read: {e}"))??;
-        let stream = self.stream_for(&c.info.schema, &c.info.name, streams, state)?;
-        let now = sluice_core::time::now_ms();
-        let mut emitted = 0u64;
+        let read = c.rows.await.map_err(|e| anyhow::anyhow!("snapshot read: {e}"))??;
         if !c.open {
             // A truncate between the watermarks: the rows read may be gone. Read the chunk again.
             return Ok(ChunkDone { task: c.task, rows: 0, after: None, finished: false });
         }
-        let at = Lsn(lsn).to_string();
-        let source = json!({"connector": "postgres", "name": self.name, "db": database, "schema": c.info.schema, "table": c.info.name,
-                            "lsn": at, "txid": null, "commit_time": null, "snapshot": true});
-        let events = crate::ReadEvents::new(c.info.columns.iter().map(|col| (col.0.as_str(), col.3)), &source, &at, now);
-        let oids: Vec<u32> = c.info.columns.iter().map(|col| col.1).collect();
-        let mut size = 256;
-        for (seq, r) in rows.iter().enumerate() {
-            let (mut key, mut event) = (Vec::with_capacity(32), Vec::with_capacity(size + size / 8));
-            events.write(seq as u64, &mut key, &mut event, |i, out| match r.get::<_, Option<&str>>(i) {
-                Some(text) => types::write_json(oids[i], text, out),
-                None => out.extend_from_slice(b"null"),
-            });
-            size = event.len();
-            let k = String::from_utf8(key).expect("JSON text is UTF-8");
-            if c.changed.contains(&k) {
+        let stream = self.stream_for(&c.info.schema, &c.info.name, streams, state)?;
+        let records = match read.at {
+            Some(at) if at == lsn => read.records,
+            ahead => {
+                tracing::debug!(source = self.name, ?ahead, lsn, "snapshot events written again: the high watermark's LSN is not the one its insert returned");
+                read_events(&self.name, database, &c.info, &read.rows, lsn)
+            }
+        };
+        let mut emitted = 0u64;
+        for (seq, r) in records.into_iter().enumerate() {
+            let k = r.key.as_deref().expect("read events are keyed");
+            if c.changed.contains(std::str::from_utf8(k).expect("JSON text is UTF-8")) {
                 // Changed between the watermarks: the change event is as new or newer.
                 continue;
             }
-            let p = stream.partition_for_key(k.as_bytes());
-            pending.push(&stream, p, (lsn, seq as u64), Record::with_key(bytes::Bytes::from(k), bytes::Bytes::from(event), now));
+            let p = stream.partition_for_key(k);
+            pending.push(&stream, p, (lsn, seq as u64), r);
             emitted += 1;
-        }
-        let last_key: Option<Vec<String>> =
-            rows.last().map(|r| c.info.columns.iter().enumerate().filter(|(_, col)| col.3).map(|(i, _)| r.get::<_, Option<&str>>(i).unwrap_or_default().to_string()).collect());
-        let task = &mut state.snapshots[0];
-        debug_assert_eq!(task.id, c.task);
-        let finished = rows.len() < c.limit || task.keys.is_some();
-        if last_key.is_some() {
-            task.cursor = last_key.clone();
         }
         Ok(ChunkDone { task: c.task, rows: emitted, after: last_key, finished })
     }

@@ -45,6 +45,11 @@ impl TableInfo {
         self.keys().map(|k| k.0.as_str()).collect()
     }
 
+    /// A row's primary key values as text (one per key column), from a chunk query's row.
+    pub fn keys_of(&self, row: &tokio_postgres::Row) -> Vec<String> {
+        self.columns.iter().enumerate().filter(|(_, c)| c.3).map(|(i, _)| row.get::<_, Option<&str>>(i).unwrap_or_default().to_string()).collect()
+    }
+
     /// The chunk query: every column as text, keys after `after` (or in `keys`), in key order.
     pub fn chunk_sql(&self, after: bool, by_keys: bool, limit: usize) -> String {
         // Output columns get their own names: ORDER BY must see the typed columns, not their
@@ -105,7 +110,9 @@ pub async fn all_tables(client: &tokio_postgres::Client) -> Result<Vec<(String, 
 }
 
 /// Writes the low watermark, selects one chunk, writes the high watermark. Returns the rows,
-/// each column as text (see [`TableInfo::chunk_sql`]).
+/// each column as text (see [`TableInfo::chunk_sql`]), and the high watermark's LSN as the
+/// server returned it: the end of its record, which is also the LSN the replication stream
+/// gives the message.
 pub async fn read_chunk(
     client: &tokio_postgres::Client,
     info: &TableInfo,
@@ -113,7 +120,7 @@ pub async fn read_chunk(
     after: Option<&[String]>,
     keys: Option<&[Vec<String>]>,
     limit: usize,
-) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+) -> Result<(Vec<tokio_postgres::Row>, Option<u64>), tokio_postgres::Error> {
     let emit = "SELECT pg_logical_emit_message(false, $1::text, $2::text)";
     client.execute(emit, &[&WATERMARK_PREFIX, &format!("low {marker}")]).await?;
     // A transaction's commit record can precede the low watermark in the WAL while it is not
@@ -145,14 +152,14 @@ pub async fn read_chunk(
         (None, None) => client.query(&sql, &[]).await?,
     };
     tracing::debug!(select = ?t.elapsed(), rows = rows.len(), "snapshot chunk read");
-    client.execute(emit, &[&WATERMARK_PREFIX, &format!("high {marker}")]).await?;
+    let high: String = client.query_one(&format!("{emit}::text"), &[&WATERMARK_PREFIX, &format!("high {marker}")]).await?.get(0);
     // A non-transactional message waits in the WAL buffers until something flushes them (the
     // WAL writer: up to wal_writer_delay later). A tiny synchronous commit flushes now, so the
     // chunk does not wait: without it a quiet database reads ~5 chunks a second.
     client
         .batch_execute("BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_logical_emit_message(true, 'sluice-flush', ''); COMMIT;")
         .await?;
-    Ok(rows)
+    Ok((rows, pgwire_replication::Lsn::parse(&high).ok().map(|l| l.0)))
 }
 
 #[cfg(test)]

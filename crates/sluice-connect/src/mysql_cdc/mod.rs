@@ -417,13 +417,86 @@ struct Txn {
     explicit: bool,
 }
 
-/// A snapshot chunk read, waiting for the stream to reach its position.
+/// A snapshot chunk read, waiting for the stream to reach its position. Its rows are
+/// written as `read` events as soon as they are read, on the reading task (see
+/// [`read_ahead`]), with sequence numbers from `base`.
 struct Chunk {
     task: u64,
     info: snapshot::TableInfo,
     at: u64,
     rows: Vec<Vec<mysql_async::Value>>,
     limit: usize,
+    base: u64,
+    records: Vec<Record>,
+}
+
+/// A chunk being read on its own task. None: the table is gone (or its key changed).
+type Reading = tokio::task::JoinHandle<Result<Option<Chunk>, Stop>>;
+
+/// What a chunk read needs from the source (the task runs on its own).
+#[derive(Clone)]
+struct ReadAhead {
+    source: String,
+    home: String,
+    chunk_rows: usize,
+    conn: Arc<tokio::sync::Mutex<Conn>>,
+}
+
+/// Reads the next chunk of snapshot `task` from key `after` and writes its rows as events.
+/// `prev` is the last chunk's position and the sequence number after its rows: a chunk
+/// read with no binlog event since the last one shares its position, and its sequence
+/// numbers go on from there (checked again when it lands).
+async fn read_ahead(r: ReadAhead, task: SnapshotTask, after: Option<Vec<String>>, prev: Option<(u64, u64)>) -> Result<Option<Chunk>, Stop> {
+    let mut conn = r.conn.lock().await;
+    let (db, name) = task.table.split_once('.').unwrap_or((r.home.as_str(), task.table.as_str()));
+    let Some(info) = snapshot::table_info(&mut conn, db, name).await? else {
+        return Ok(None);
+    };
+    let limit = if task.keys.is_some() { task.keys.as_ref().map_or(0, |k| k.len()).max(1) } else { r.chunk_rows };
+    let keys = match task.keys.as_ref().map(|k| crate::snapshot_keys(&task.table, &info.key_names(), k)) {
+        Some(Ok(k)) => Some(k),
+        Some(Err(e)) => {
+            // The primary key changed since the request was queued.
+            tracing::warn!(source = r.source, "snapshot of {}: {e}", task.table);
+            return Ok(None);
+        }
+        None => None,
+    };
+    let read = snapshot::read_chunk(&mut conn, &info, after.as_deref(), keys.as_deref(), limit).await.map_err(|e| {
+        if e.to_string().contains("binlog_snapshot_file") {
+            Stop::Fatal(format!("source {}: {e:#}", r.source))
+        } else {
+            Stop::Retry(e)
+        }
+    })?;
+    drop(conn);
+    let file_no = file_number(&read.file).ok_or_else(|| anyhow::anyhow!("binlog file name {:?} has no sequence number", read.file))?;
+    let at = position(file_no, read.pos);
+    let base = prev.filter(|(p, _)| *p == at).map_or(0, |(_, next)| next);
+    let (records, info, rows) = tokio::task::spawn_blocking(move || (read_events(&r.source, &info, &read.rows, at, base), info, read.rows))
+        .await
+        .map_err(|e| anyhow::anyhow!("snapshot chunk: {e}"))?;
+    Ok(Some(Chunk { task: task.id, info, at, rows, limit, base, records }))
+}
+
+/// A chunk's rows as keyed `read` events just before its position `at`, with sequence
+/// numbers from `base`.
+fn read_events(source: &str, info: &snapshot::TableInfo, rows: &[Vec<mysql_async::Value>], at: u64, base: u64) -> Vec<Record> {
+    let now = sluice_core::time::now_ms();
+    let at = at.saturating_sub(1);
+    let source = json!({"connector": "mysql", "name": source, "db": info.db, "schema": info.db, "table": info.name,
+                        "file": null, "pos": null, "gtid": null, "commit_time": null, "snapshot": true});
+    let keys: Vec<bool> = (0..info.columns.len()).map(|i| info.keys.contains(&i)).collect();
+    let events = crate::ReadEvents::new(info.columns.iter().zip(&keys).map(|((n, _), k)| (n.as_str(), *k)), &source, &lsn_text(at), now);
+    let mut size = 256;
+    let mut out = Vec::with_capacity(rows.len());
+    for (i, values) in rows.iter().enumerate() {
+        let (mut key, mut event) = (Vec::with_capacity(32), Vec::with_capacity(size + size / 8));
+        events.write(base + i as u64, &mut key, &mut event, |col, out| types::write_value(&info.columns[col].1, &values[col], out));
+        size = event.len();
+        out.push(Record::with_key(bytes::Bytes::from(key), bytes::Bytes::from(event), now));
+    }
+    out
 }
 
 /// One MySQL/MariaDB source. Run it with [`MysqlSource::run`] on its own task.
@@ -633,6 +706,11 @@ impl Session for MysqlSource {
         let mut chunk: Option<Chunk> = None;
         let mut last_chunk = std::time::Instant::now() - self.cfg.snapshot_throttle.0;
         let mut requests = self.requests.lock().await;
+        let conn = Arc::new(tokio::sync::Mutex::new(conn));
+        let reader = ReadAhead { source: self.name.clone(), home: self.cfg.home(), chunk_rows: self.cfg.snapshot_chunk, conn: conn.clone() };
+        let mut reading: Option<Reading> = None;
+        // The last chunk's position and the sequence number after its rows.
+        let mut last_read: Option<(u64, u64)> = None;
         let mut mariadb_gtid_pending: Option<String> = None;
         let mut seen_fde = false;
         // Timers made once, not per event (re-arming one per event costs more than the event).
@@ -645,24 +723,25 @@ impl Session for MysqlSource {
             // A chunk lands when the stream reaches its position, between transactions.
             if txn.is_none() && chunk.as_ref().is_some_and(|c| position(file_no, cur_pos) >= c.at) {
                 let c = chunk.take().expect("checked");
-                let finished = self.land_chunk(c, &mut state, &mut streams, &written, &mut pending)?;
+                let at = c.at;
+                let (finished, next_seq) = self.land_chunk(c, &mut state, &mut streams, &written, &mut pending)?;
+                last_read = Some((at, next_seq));
+                if !finished && self.cfg.snapshot_throttle.0.is_zero() {
+                    // The next chunk is read while this one is written.
+                    let task = state.snapshots[0].clone();
+                    let after = task.after.clone();
+                    reading = Some(tokio::spawn(read_ahead(reader.clone(), task, after, last_read)));
+                }
                 self.write(&mut pending, &mut written, &mut state, &last_commit).await?;
                 self.chunk_done(&mut state, finished)?;
                 last_chunk = std::time::Instant::now();
             }
-            if chunk.is_none() && txn.is_none() && !state.snapshots.is_empty() && last_chunk.elapsed() >= self.cfg.snapshot_throttle.0 {
-                match self.read_chunk(&mut conn, &state).await? {
-                    Some(c) => chunk = Some(c),
-                    None => {
-                        let t = state.snapshots.remove(0);
-                        tracing::warn!(source = self.name, table = t.table, "snapshot skipped: the table does not exist (any more), or its primary key changed");
-                        self.save_state(&state)?;
-                        self.status.show_snapshots(&state.snapshots);
-                    }
-                }
-                continue;
+            if chunk.is_none() && reading.is_none() && txn.is_none() && !state.snapshots.is_empty() && last_chunk.elapsed() >= self.cfg.snapshot_throttle.0 {
+                let task = state.snapshots[0].clone();
+                let after = task.after.clone();
+                reading = Some(tokio::spawn(read_ahead(reader.clone(), task, after, last_read)));
             }
-            let throttled = chunk.is_none() && !state.snapshots.is_empty();
+            let throttled = chunk.is_none() && reading.is_none() && !state.snapshots.is_empty();
             // With changes pending, gather what arrives with them into one write, for at most
             // 5 ms; the rest waits until they are written.
             let idle = pending.is_empty();
@@ -673,19 +752,35 @@ impl Session for MysqlSource {
                 gathering = true;
             }
             let ev = tokio::select! {
-                ev = binlog.next() => ev,
+                // Not while a chunk is read: the stream must not pass the chunk's position
+                // before its rows are in place (the read's position is at or after the
+                // stream's when the read starts).
+                ev = binlog.next(), if reading.is_none() => ev,
+                read = async { reading.as_mut().expect("checked").await }, if reading.is_some() => {
+                    reading = None;
+                    match read.map_err(|e| anyhow::anyhow!("snapshot read: {e}"))?? {
+                        Some(c) => chunk = Some(c),
+                        None => {
+                            let t = state.snapshots.remove(0);
+                            tracing::warn!(source = self.name, table = t.table, "snapshot skipped: the table does not exist (any more), or its primary key changed");
+                            self.save_state(&state)?;
+                            self.status.show_snapshots(&state.snapshots);
+                        }
+                    }
+                    continue;
+                }
                 _ = &mut gather, if gathering => {
                     self.write(&mut pending, &mut written, &mut state, &last_commit).await?;
                     continue;
                 }
                 Some((req, reply)) = requests.recv(), if idle => {
-                    let _ = reply.send(self.queue_snapshots(&mut conn, &mut state, &req).await);
+                    let _ = reply.send(self.queue_snapshots(&mut *conn.lock().await, &mut state, &req).await);
                     continue;
                 }
                 _ = tokio::time::sleep(Duration::from_millis(20)), if idle && throttled => continue,
                 // Keeps the query connection alive through long quiet spells.
                 _ = ping.tick(), if idle => {
-                    conn.ping().await?;
+                    conn.lock().await.ping().await?;
                     continue;
                 }
                 _ = shutdown.changed(), if idle => return Ok(()),
@@ -936,35 +1031,6 @@ impl MysqlSource {
         Ok(s)
     }
 
-    /// Reads the next chunk of the first queued snapshot. None: the table is gone.
-    async fn read_chunk(&self, conn: &mut Conn, state: &State) -> Result<Option<Chunk>, Stop> {
-        let task = &state.snapshots[0];
-        let home = self.cfg.home();
-        let (db, name) = task.table.split_once('.').unwrap_or((home.as_str(), task.table.as_str()));
-        let Some(info) = snapshot::table_info(conn, db, name).await? else {
-            return Ok(None);
-        };
-        let limit = if task.keys.is_some() { task.keys.as_ref().map_or(0, |k| k.len()).max(1) } else { self.cfg.snapshot_chunk };
-        let keys = match task.keys.as_ref().map(|k| crate::snapshot_keys(&task.table, &info.key_names(), k)) {
-            Some(Ok(k)) => Some(k),
-            Some(Err(e)) => {
-                // The primary key changed since the request was queued.
-                tracing::warn!(source = self.name, "snapshot of {}: {e}", task.table);
-                return Ok(None);
-            }
-            None => None,
-        };
-        let read = snapshot::read_chunk(conn, &info, task.after.as_deref(), keys.as_deref(), limit).await.map_err(|e| {
-            if e.to_string().contains("binlog_snapshot_file") {
-                Stop::Fatal(format!("source {}: {e:#}", self.name))
-            } else {
-                Stop::Retry(e)
-            }
-        })?;
-        let file_no = file_number(&read.file).ok_or_else(|| anyhow::anyhow!("binlog file name {:?} has no sequence number", read.file))?;
-        Ok(Some(Chunk { task: task.id, info, at: position(file_no, read.pos), rows: read.rows, limit }))
-    }
-
     /// The chunk's rows as `read` events just before its position (after every transaction
     /// before it, before every one after it).
     fn land_chunk(
@@ -974,25 +1040,21 @@ impl MysqlSource {
         streams: &mut HashMap<String, Arc<Stream>>,
         written: &HashMap<(String, u32), Position>,
         pending: &mut Pending,
-    ) -> Result<bool, Stop> {
+    ) -> Result<(bool, u64), Stop> {
         let stream = self.stream_for(&c.info.db, &c.info.name, streams, state)?;
-        let now = sluice_core::time::now_ms();
         let at = c.at.saturating_sub(1);
         // Chunks read with no binlog event in between share their position: their sequence
         // numbers go on from the last chunk's, so the log's de-duplication keeps them apart.
         let base = written.iter().filter(|((s, _), (pos, _))| s == stream.name() && *pos == at).map(|(_, (_, seq))| seq + 1).max().unwrap_or(0);
-        let source = json!({"connector": "mysql", "name": self.name, "db": c.info.db, "schema": c.info.db, "table": c.info.name,
-                            "file": null, "pos": null, "gtid": null, "commit_time": null, "snapshot": true});
-        let keys: Vec<bool> = (0..c.info.columns.len()).map(|i| c.info.keys.contains(&i)).collect();
-        let events = crate::ReadEvents::new(c.info.columns.iter().zip(&keys).map(|((n, _), k)| (n.as_str(), *k)), &source, &lsn_text(at), now);
-        let mut size = 256;
-        for (i, values) in c.rows.iter().enumerate() {
-            let seq = base + i as u64;
-            let (mut key, mut event) = (Vec::with_capacity(32), Vec::with_capacity(size + size / 8));
-            events.write(seq, &mut key, &mut event, |col, out| types::write_value(&c.info.columns[col].1, &values[col], out));
-            size = event.len();
-            let p = stream.partition_for_key(&key);
-            pending.push(&stream, p, (at, seq), Record::with_key(bytes::Bytes::from(key), bytes::Bytes::from(event), now));
+        let records = if base == c.base {
+            c.records
+        } else {
+            tracing::debug!(source = self.name, base, read_with = c.base, "snapshot events written again with other sequence numbers");
+            read_events(&self.name, &c.info, &c.rows, c.at, base)
+        };
+        for (i, r) in records.into_iter().enumerate() {
+            let p = stream.partition_for_key(r.key.as_deref().expect("read events are keyed"));
+            pending.push(&stream, p, (at, base + i as u64), r);
         }
         let last_key = c.rows.last().map(|values| {
             c.info
@@ -1012,7 +1074,7 @@ impl MysqlSource {
         if let Some(k) = last_key {
             task.after = Some(k);
         }
-        Ok(finished)
+        Ok((finished, base + c.rows.len() as u64))
     }
 
     fn chunk_done(&self, state: &mut State, finished: bool) -> Result<(), Stop> {

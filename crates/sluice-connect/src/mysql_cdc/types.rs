@@ -218,6 +218,30 @@ pub fn write_value(kind: &Kind, v: &Value, out: &mut Vec<u8>) {
             Ok(text) => serde_json::to_writer(out, text).expect("JSON to memory"),
             Err(_) => serde_json::to_writer(out, &value_to_json(kind, v, false)).expect("JSON to memory"),
         },
+        // Dates and times as `datetime` prints them, without formatting machinery (snapshots
+        // write millions); values out of the usual ranges take the general path.
+        (Kind::Timestamp | Kind::DateTime | Kind::Date, &Value::Date(y, mo, d, h, mi, s, us)) if y <= 9999 && mo < 100 && d < 100 && h < 100 && mi < 100 && s < 100 && us < 1_000_000 => {
+            out.push(b'"');
+            out.extend_from_slice(&[b'0' + (y / 1000) as u8, b'0' + (y / 100 % 10) as u8, b'0' + (y / 10 % 10) as u8, b'0' + (y % 10) as u8]);
+            let two = |out: &mut Vec<u8>, sep: u8, n: u8| out.extend_from_slice(&[sep, b'0' + n / 10, b'0' + n % 10]);
+            two(out, b'-', mo);
+            two(out, b'-', d);
+            if !matches!(kind, Kind::Date) {
+                two(out, b'T', h);
+                two(out, b':', mi);
+                two(out, b':', s);
+                if us > 0 {
+                    let digits = [100_000, 10_000, 1_000, 100, 10, 1].map(|p| b'0' + (us / p % 10) as u8);
+                    let n = 6 - digits.iter().rev().take_while(|&&c| c == b'0').count();
+                    out.push(b'.');
+                    out.extend_from_slice(&digits[..n]);
+                }
+                if matches!(kind, Kind::Timestamp) && y != 0 {
+                    out.push(b'Z');
+                }
+            }
+            out.push(b'"');
+        }
         _ => serde_json::to_writer(out, &value_to_json(kind, v, false)).expect("JSON to memory"),
     }
 }
@@ -293,6 +317,12 @@ mod tests {
             (Kind::Enum(vec!["a".into()]), Value::Bytes(b"a".to_vec())),
             (Kind::Float, Value::Double(1.5)),
             (Kind::DateTime, Value::Date(2026, 1, 5, 10, 0, 0, 120_000)),
+            (Kind::Timestamp, Value::Date(2026, 12, 31, 23, 59, 58, 1)),
+            (Kind::Timestamp, Value::Date(0, 0, 0, 0, 0, 0, 0)),
+            (Kind::Timestamp, Value::Date(10000, 1, 1, 0, 0, 0, 0)),
+            (Kind::DateTime, Value::Date(1, 2, 3, 4, 5, 6, 999_999)),
+            (Kind::DateTime, Value::Date(2026, 1, 5, 10, 0, 0, 1_000_000)),
+            (Kind::Date, Value::Date(2026, 7, 9, 0, 0, 0, 0)),
             (Kind::Binary, Value::Bytes(vec![0, 10])),
             (Kind::Json, Value::Bytes(br#"{"b":1,"a":2}"#.to_vec())),
             (Kind::Text, Value::NULL),
@@ -301,6 +331,18 @@ mod tests {
             let mut out = Vec::new();
             write_value(&kind, &v, &mut out);
             assert_eq!(String::from_utf8(out).unwrap(), value_to_json(&kind, &v, false).to_string(), "{kind:?} {v:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn written_dates_are_the_values_text(kind in 0..3usize, y in proptest::prop_oneof![0u16..10_100, proptest::sample::select(vec![0u16, 9999, 10_000])], mo in 0u8..13, d in 0u8..32, h in 0u8..24, mi in 0u8..60, s in 0u8..60,
+                                             us in proptest::prop_oneof![0u32..1_000_000, proptest::sample::select(vec![0u32, 10, 500_000, 999_999, 1_000_000])]) {
+            let kind = [Kind::Timestamp, Kind::DateTime, Kind::Date][kind].clone();
+            let v = Value::Date(y, mo, d, h, mi, s, us);
+            let mut out = Vec::new();
+            write_value(&kind, &v, &mut out);
+            proptest::prop_assert_eq!(String::from_utf8(out).unwrap(), value_to_json(&kind, &v, false).to_string());
         }
     }
 

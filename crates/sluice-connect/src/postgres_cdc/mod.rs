@@ -218,11 +218,11 @@ struct ReadChunk {
     /// One keyed `read` event per row, in key order.
     records: Vec<Record>,
     /// The rows themselves, for when the events must be written again at another position.
-    rows: Vec<tokio_postgres::Row>,
+    rows: snapshot::Rows,
 }
 
 /// The snapshot rows of a chunk as keyed `read` events at position `at`.
-fn read_events(source_name: &str, database: &str, info: &snapshot::TableInfo, rows: &[tokio_postgres::Row], at: u64) -> Vec<Record> {
+fn read_events(source_name: &str, database: &str, info: &snapshot::TableInfo, rows: &snapshot::Rows, at: u64) -> Vec<Record> {
     let now = sluice_core::time::now_ms();
     let lsn = Lsn(at).to_string();
     let source = json!({"connector": "postgres", "name": source_name, "db": database, "schema": info.schema, "table": info.name,
@@ -231,9 +231,9 @@ fn read_events(source_name: &str, database: &str, info: &snapshot::TableInfo, ro
     let oids: Vec<u32> = info.columns.iter().map(|col| col.1).collect();
     let mut size = 256;
     let mut out = Vec::with_capacity(rows.len());
-    for (seq, r) in rows.iter().enumerate() {
+    for seq in 0..rows.len() {
         let (mut key, mut event) = (Vec::with_capacity(32), Vec::with_capacity(size + size / 8));
-        events.write(seq as u64, &mut key, &mut event, |i, out| match r.get::<_, Option<&str>>(i) {
+        events.write(seq as u64, &mut key, &mut event, |i, out| match rows.get(seq, i) {
             Some(text) => types::write_json(oids[i], text, out),
             None => out.extend_from_slice(b"null"),
         });
@@ -872,7 +872,7 @@ impl PostgresSource {
         let (head_tx, head) = tokio::sync::oneshot::channel();
         let rows = tokio::spawn(async move {
             let (rows, high) = snapshot::read_chunk(&c, &i, &m, after.as_deref(), keys.as_deref(), limit).await?;
-            let _ = head_tx.send((rows.last().map(|r| i.keys_of(r)), rows.len()));
+            let _ = head_tx.send(((!rows.is_empty()).then(|| i.keys_of(&rows, rows.len() - 1)), rows.len()));
             let Some(at) = high.map(|h| h.saturating_sub(1)) else { return Ok(ReadChunk { at: None, records: Vec::new(), rows }) };
             let (records, rows) = tokio::task::spawn_blocking(move || (read_events(&source_name, &db, &i, &rows, at), rows)).await?;
             Ok(ReadChunk { at: Some(at), records, rows })

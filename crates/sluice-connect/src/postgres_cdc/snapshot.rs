@@ -13,6 +13,7 @@
 //! comes after them. A chunk is finished once its events are durable; the last finished key is kept in the
 //! source's state, so a snapshot resumes from there after a crash.
 
+use futures::StreamExt;
 use tokio_postgres::types::ToSql;
 
 /// Logical message prefix of the watermarks.
@@ -25,6 +26,91 @@ pub struct TableInfo {
     pub name: String,
     /// (name, type oid, type as SQL, part of the primary key), in column order.
     pub columns: Vec<(String, u32, String, bool)>,
+}
+
+/// A chunk's rows, every value as the text PostgreSQL prints, in one buffer.
+#[derive(Debug, Default)]
+pub struct Rows {
+    columns: usize,
+    text: String,
+    /// Per value, its range in `text`; NULL is `(u32::MAX, 0)`.
+    values: Vec<(u32, u32)>,
+}
+
+impl Rows {
+    fn new(columns: usize) -> Rows {
+        Rows { columns: columns.max(1), ..Rows::default() }
+    }
+
+    pub fn len(&self) -> usize {
+        self.values.len() / self.columns
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// Row `row`'s value of column `col`; None: NULL.
+    pub fn get(&self, row: usize, col: usize) -> Option<&str> {
+        let (start, end) = self.values[row * self.columns + col];
+        (start != u32::MAX).then(|| &self.text[start as usize..end as usize])
+    }
+
+    fn push(&mut self, v: Option<&str>) {
+        match v {
+            Some(v) => {
+                let start = self.text.len() as u32;
+                self.text.push_str(v);
+                self.values.push((start, self.text.len() as u32));
+            }
+            None => self.values.push((u32::MAX, 0)),
+        }
+    }
+
+    /// Appends the rows of `COPY ... TO STDOUT` text format (`\t` between values, `\n` after
+    /// each row, `\N` for NULL, backslash escapes in values). Err: not that format.
+    fn push_copy(&mut self, data: &[u8]) -> Result<(), String> {
+        let text = std::str::from_utf8(data).map_err(|e| format!("COPY output is not UTF-8: {e}"))?;
+        for line in text.split_terminator('\n') {
+            let before = self.values.len();
+            for v in line.split('\t') {
+                if v == "\\N" {
+                    self.push(None);
+                } else if !v.contains('\\') {
+                    self.push(Some(v));
+                } else {
+                    let start = self.text.len() as u32;
+                    let mut chars = v.chars();
+                    while let Some(c) = chars.next() {
+                        if c != '\\' {
+                            self.text.push(c);
+                            continue;
+                        }
+                        self.text.push(match chars.next() {
+                            Some('b') => '\u{8}',
+                            Some('f') => '\u{c}',
+                            Some('n') => '\n',
+                            Some('r') => '\r',
+                            Some('t') => '\t',
+                            Some('v') => '\u{b}',
+                            Some(c) => c,
+                            None => return Err(format!("COPY output ends in a backslash: {line:?}")),
+                        });
+                    }
+                    self.values.push((start, self.text.len() as u32));
+                }
+            }
+            if self.values.len() - before != self.columns {
+                return Err(format!("COPY output row has {} values, not {}: {line:?}", self.values.len() - before, self.columns));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `text` as an SQL string literal.
+fn literal(text: &str) -> String {
+    format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
 }
 
 fn ident(s: &str) -> String {
@@ -45,9 +131,26 @@ impl TableInfo {
         self.keys().map(|k| k.0.as_str()).collect()
     }
 
-    /// A row's primary key values as text (one per key column), from a chunk query's row.
-    pub fn keys_of(&self, row: &tokio_postgres::Row) -> Vec<String> {
-        self.columns.iter().enumerate().filter(|(_, c)| c.3).map(|(i, _)| row.get::<_, Option<&str>>(i).unwrap_or_default().to_string()).collect()
+    /// Row `row`'s primary key values as text (one per key column).
+    pub fn keys_of(&self, rows: &Rows, row: usize) -> Vec<String> {
+        self.columns.iter().enumerate().filter(|(_, c)| c.3).map(|(i, _)| rows.get(row, i).unwrap_or_default().to_string()).collect()
+    }
+
+    /// The chunk read as `COPY (SELECT ...) TO STDOUT`: the columns as the server prints them
+    /// (the text `pgoutput` sends), keys after `after` (given inline: COPY takes no
+    /// parameters), in key order.
+    pub fn chunk_copy(&self, after: Option<&[String]>, limit: usize) -> String {
+        let cols = self.columns.iter().map(|(n, ..)| format!("t.{}", ident(n))).collect::<Vec<_>>().join(", ");
+        let keys: Vec<&(String, u32, String, bool)> = self.keys().collect();
+        let order = keys.iter().map(|k| format!("t.{}", ident(&k.0))).collect::<Vec<_>>().join(", ");
+        let cond = match after {
+            Some(a) => {
+                let values = keys.iter().zip(a).map(|(k, v)| format!("{}::{}", literal(v), k.2)).collect::<Vec<_>>().join(", ");
+                format!(" WHERE ({order}) > ({values})")
+            }
+            None => String::new(),
+        };
+        format!("COPY (SELECT {cols} FROM {} t{cond} ORDER BY {order} LIMIT {limit}) TO STDOUT", self.qualified())
     }
 
     /// The chunk query: every column as text, keys after `after` (or in `keys`), in key order.
@@ -120,7 +223,7 @@ pub async fn read_chunk(
     after: Option<&[String]>,
     keys: Option<&[Vec<String>]>,
     limit: usize,
-) -> Result<(Vec<tokio_postgres::Row>, Option<u64>), tokio_postgres::Error> {
+) -> anyhow::Result<(Rows, Option<u64>)> {
     let emit = "SELECT pg_logical_emit_message(false, $1::text, $2::text)";
     client.execute(emit, &[&WATERMARK_PREFIX, &format!("low {marker}")]).await?;
     // A transaction's commit record can precede the low watermark in the WAL while it is not
@@ -137,20 +240,43 @@ pub async fn read_chunk(
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
     let t = std::time::Instant::now();
-    let sql = info.chunk_sql(after.is_some(), keys.is_some(), limit);
-    let rows = match (keys, after) {
-        (Some(k), _) => {
+    let mut rows = Rows::new(info.columns.len());
+    match keys {
+        Some(k) => {
             // Column-major: one array per key column.
+            let sql = info.chunk_sql(false, true, limit);
             let columns: Vec<Vec<&str>> = (0..info.keys().count()).map(|c| k.iter().map(|key| key[c].as_str()).collect()).collect();
             let params: Vec<&(dyn ToSql + Sync)> = columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-            client.query(&sql, &params).await?
+            for r in client.query(&sql, &params).await? {
+                for i in 0..info.columns.len() {
+                    rows.push(r.get::<_, Option<&str>>(i));
+                }
+            }
         }
-        (None, Some(a)) => {
-            let params: Vec<&(dyn ToSql + Sync)> = a.iter().map(|s| s as &(dyn ToSql + Sync)).collect();
-            client.query(&sql, &params).await?
+        None => {
+            // COPY: the server's cheapest way out, and no row objects here.
+            let copy = client.copy_out(&info.chunk_copy(after, limit)).await?;
+            futures::pin_mut!(copy);
+            let fail = |e: String| anyhow::anyhow!("snapshot of {}: {e}", info.qualified());
+            // The server sends a row per message; whole rows are parsed, a partial one kept.
+            let mut partial: Vec<u8> = Vec::new();
+            while let Some(data) = copy.next().await {
+                let data = data?;
+                if partial.is_empty() && data.ends_with(b"\n") {
+                    rows.push_copy(&data).map_err(fail)?;
+                    continue;
+                }
+                partial.extend_from_slice(&data);
+                if let Some(end) = partial.iter().rposition(|&b| b == b'\n') {
+                    rows.push_copy(&partial[..=end]).map_err(fail)?;
+                    partial.drain(..=end);
+                }
+            }
+            if !partial.is_empty() {
+                return Err(fail(format!("COPY output ends inside a row: {:?}", String::from_utf8_lossy(&partial))));
+            }
         }
-        (None, None) => client.query(&sql, &[]).await?,
-    };
+    }
     tracing::debug!(select = ?t.elapsed(), rows = rows.len(), "snapshot chunk read");
     let high: String = client.query_one(&format!("{emit}::text"), &[&WATERMARK_PREFIX, &format!("high {marker}")]).await?.get(0);
     // A non-transactional message waits in the WAL buffers until something flushes them (the
@@ -165,6 +291,48 @@ pub async fn read_chunk(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copy_rows_are_the_values() {
+        let mut rows = Rows::new(3);
+        rows.push_copy(b"1\ta\\tb\\\\c\\nd\t\\N\n2\t\t\\r\\b\\f\\v\\\\N\n").unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!((rows.get(0, 0), rows.get(0, 1), rows.get(0, 2)), (Some("1"), Some("a\tb\\c\nd"), None));
+        assert_eq!((rows.get(1, 0), rows.get(1, 1), rows.get(1, 2)), (Some("2"), Some(""), Some("\r\u{8}\u{c}\u{b}\\N")));
+        assert!(rows.push_copy(b"1\t2\n").unwrap_err().contains("2 values, not 3"));
+        assert!(rows.push_copy(b"1\t2\t3\\\n").unwrap_err().contains("backslash"));
+        assert!(rows.push_copy(b"1\t2\t\xff\n").unwrap_err().contains("UTF-8"));
+    }
+
+    proptest::proptest! {
+        /// Any values, written as COPY writes them, read back as they were; any bytes read
+        /// as rows or refused, never a panic.
+        #[test]
+        fn copy_rows_round_trip(rows in proptest::collection::vec(proptest::collection::vec(proptest::option::of("(?s).{0,12}"), 2), 0..20),
+                                noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            let mut text = String::new();
+            for r in &rows {
+                let values: Vec<String> = r.iter().map(|v| match v {
+                    None => "\\N".to_string(),
+                    Some(v) => v.chars().map(|c| match c {
+                        '\\' => "\\\\".to_string(), '\n' => "\\n".to_string(), '\r' => "\\r".to_string(), '\t' => "\\t".to_string(),
+                        '\u{8}' => "\\b".to_string(), '\u{c}' => "\\f".to_string(), '\u{b}' => "\\v".to_string(), c => c.to_string(),
+                    }).collect(),
+                }).collect();
+                text.push_str(&values.join("\t"));
+                text.push('\n');
+            }
+            let mut read = Rows::new(2);
+            read.push_copy(text.as_bytes()).unwrap();
+            proptest::prop_assert_eq!(read.len(), rows.len());
+            for (i, r) in rows.iter().enumerate() {
+                for (j, v) in r.iter().enumerate() {
+                    proptest::prop_assert_eq!(read.get(i, j), v.as_deref());
+                }
+            }
+            let _ = Rows::new(2).push_copy(&noise);
+        }
+    }
 
     #[test]
     fn chunk_queries() {
@@ -183,6 +351,12 @@ mod tests {
              WHERE (t.\"order_id\", t.\"line\") > ($1::text::bigint, $2::text::integer) ORDER BY t.\"order_id\", t.\"line\" LIMIT 100"
         );
         assert!(t.chunk_sql(false, false, 5).ends_with("t ORDER BY t.\"order_id\", t.\"line\" LIMIT 5"));
+        assert_eq!(
+            t.chunk_copy(Some(&["it's".into(), "a\\b".into()]), 100),
+            "COPY (SELECT t.\"order_id\", t.\"line\", t.\"note\" FROM \"public\".\"Order Items\" t \
+             WHERE (t.\"order_id\", t.\"line\") > (E'it''s'::bigint, E'a\\\\b'::integer) ORDER BY t.\"order_id\", t.\"line\" LIMIT 100) TO STDOUT"
+        );
+        assert!(t.chunk_copy(None, 5).ends_with("t ORDER BY t.\"order_id\", t.\"line\" LIMIT 5) TO STDOUT"));
         assert!(t.chunk_sql(false, true, 5).contains("WHERE (t.\"order_id\", t.\"line\") IN (SELECT * FROM unnest($1::text[]::bigint[], $2::text[]::integer[]))"));
     }
 }

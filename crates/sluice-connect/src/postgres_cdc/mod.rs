@@ -201,11 +201,75 @@ struct Chunk {
     /// The low watermark has passed: changes to the table remove their keys from the chunk.
     open: bool,
     changed: HashSet<String>,
-    /// The key of the chunk's last row and how many rows it has, as soon as they are read.
-    head: tokio::sync::oneshot::Receiver<(Option<Vec<String>>, usize)>,
+    head: tokio::sync::oneshot::Receiver<Head>,
     rows: tokio::task::JoinHandle<anyhow::Result<ReadChunk>>,
     limit: usize,
     started: std::time::Instant,
+}
+
+/// What a chunk's reading task tells the loop once the high watermark is written.
+struct Head {
+    /// The key of the chunk's last row (as text, one per key column).
+    last_key: Option<Vec<String>>,
+    /// How many rows it read.
+    read: usize,
+    /// The next chunk, already started by the reading task right after this one's high
+    /// watermark (so its low watermark comes after it in the WAL).
+    next: Option<Reader>,
+}
+
+/// A chunk read on its own task (see [`spawn_read`]).
+struct Reader {
+    marker: String,
+    head: tokio::sync::oneshot::Receiver<Head>,
+    rows: tokio::task::JoinHandle<anyhow::Result<ReadChunk>>,
+    started: std::time::Instant,
+    /// Tells the task the loop has taken its chunk over: only then does it start the next,
+    /// so at most one chunk is read ahead.
+    adopt: tokio::sync::oneshot::Sender<()>,
+}
+
+/// What reading the chunks of one snapshot needs.
+#[derive(Clone)]
+struct ReadSpec {
+    client: Arc<tokio_postgres::Client>,
+    info: snapshot::TableInfo,
+    source: String,
+    database: String,
+    task: u64,
+    limit: usize,
+    /// Read the next chunk as soon as one is done (no throttle, whole table).
+    chain: bool,
+}
+
+/// Reads a chunk (after key `after`, or the rows with `keys`) between its watermarks on its
+/// own task and writes its rows as events (see [`ReadChunk`]). Unless it was the last (fewer
+/// rows than the limit) the task goes on with the next chunk when `spec.chain`, once the loop
+/// has taken this one over: the loop takes the next over at this chunk's high watermark, or
+/// drops it.
+fn spawn_read(spec: ReadSpec, after: Option<Vec<String>>, keys: Option<Vec<Vec<String>>>) -> Reader {
+    let marker = format!("{}:{}:{}", spec.source, spec.task, fastrand::u64(..));
+    let (head_tx, head) = tokio::sync::oneshot::channel();
+    let (adopt, adopted) = tokio::sync::oneshot::channel();
+    let m = marker.clone();
+    let rows = tokio::spawn(async move {
+        let (rows, high) = snapshot::read_chunk(&spec.client, &spec.info, &m, after.as_deref(), keys.as_deref(), spec.limit).await?;
+        let last_key = (!rows.is_empty()).then(|| spec.info.keys_of(&rows, rows.len() - 1));
+        let more = spec.chain && keys.is_none() && rows.len() >= spec.limit && high.is_some();
+        let next = if more && adopted.await.is_ok() { Some(spawn_read(spec.clone(), last_key.clone(), None)) } else { None };
+        let _ = head_tx.send(Head { last_key, read: rows.len(), next });
+        let Some(at) = high.map(|h| h.saturating_sub(1)) else { return Ok(ReadChunk { at: None, records: Vec::new(), rows }) };
+        let (records, rows) = tokio::task::spawn_blocking(move || (read_events(&spec.source, &spec.database, &spec.info, &rows, at), rows)).await?;
+        Ok(ReadChunk { at: Some(at), records, rows })
+    });
+    Reader { marker, head, rows, started: std::time::Instant::now(), adopt }
+}
+
+impl Chunk {
+    fn new(r: Reader, task: u64, info: snapshot::TableInfo, limit: usize) -> Chunk {
+        let _ = r.adopt.send(());
+        Chunk { marker: r.marker, task, info, open: false, changed: HashSet::new(), head: r.head, rows: r.rows, limit, started: r.started }
+    }
 }
 
 /// A chunk as read, its rows already written as `read` events (off the replication loop,
@@ -737,12 +801,18 @@ impl Session for PostgresSource {
                                     let at = lsn.as_u64().saturating_sub(1);
                                     let t0 = std::time::Instant::now();
                                     let waited = c.started.elapsed();
-                                    let (last_key, finished) = self.chunk_head(&mut c, &mut state).await?;
+                                    let (last_key, finished, next) = self.chunk_head(&mut c, &mut state).await?;
                                     if !finished && self.cfg.snapshot_throttle.0.is_zero() {
                                         // The next chunk is read while this one's events are
                                         // finished and written: they are pending before its low
-                                        // watermark comes.
-                                        chunk = self.start_chunk(&client, &state, &database).await?;
+                                        // watermark comes. Usually its reading task started it
+                                        // already, right after this one's high watermark.
+                                        chunk = match next {
+                                            Some(r) => Some(Chunk::new(r, c.task, c.info.clone(), c.limit)),
+                                            None => self.start_chunk(&client, &state, &database).await?,
+                                        };
+                                    } else if let Some(n) = next {
+                                        n.rows.abort();
                                     }
                                     let done = self.finish_chunk(c, at, last_key, finished, &database, &mut state, &mut streams, &mut pending).await?;
                                     let built = t0.elapsed();
@@ -856,8 +926,6 @@ impl PostgresSource {
         let (schema, name) = task.table.split_once('.').unwrap_or(("public", task.table.as_str()));
         let Some(info) = snapshot::table_info(client, schema, name).await? else { return Ok(None) };
         let limit = if task.keys.is_some() { task.keys.as_ref().map_or(0, |k| k.len()).max(1) } else { self.cfg.snapshot_chunk };
-        let marker = format!("{}:{}:{}:{}", self.name, task.id, task.chunks, fastrand::u64(..));
-        let (c, i, m) = (client.clone(), info.clone(), marker.clone());
         let keys = match task.keys.as_ref().map(|k| crate::snapshot_keys(&task.table, &info.key_names(), k)) {
             Some(Ok(k)) => Some(k),
             Some(Err(e)) => {
@@ -868,41 +936,46 @@ impl PostgresSource {
             None => None,
         };
         let after = task.cursor.clone().or(task.after.clone());
-        let (source_name, db) = (self.name.clone(), database.to_string());
-        let (head_tx, head) = tokio::sync::oneshot::channel();
-        let rows = tokio::spawn(async move {
-            let (rows, high) = snapshot::read_chunk(&c, &i, &m, after.as_deref(), keys.as_deref(), limit).await?;
-            let _ = head_tx.send(((!rows.is_empty()).then(|| i.keys_of(&rows, rows.len() - 1)), rows.len()));
-            let Some(at) = high.map(|h| h.saturating_sub(1)) else { return Ok(ReadChunk { at: None, records: Vec::new(), rows }) };
-            let (records, rows) = tokio::task::spawn_blocking(move || (read_events(&source_name, &db, &i, &rows, at), rows)).await?;
-            Ok(ReadChunk { at: Some(at), records, rows })
-        });
-        Ok(Some(Chunk { marker, task: task.id, info, open: false, changed: HashSet::new(), head, rows, limit, started: std::time::Instant::now() }))
+        let spec = ReadSpec {
+            client: client.clone(),
+            info: info.clone(),
+            source: self.name.clone(),
+            database: database.to_string(),
+            task: task.id,
+            limit,
+            chain: self.cfg.snapshot_throttle.0.is_zero(),
+        };
+        Ok(Some(Chunk::new(spawn_read(spec, after, keys), task.id, info, limit)))
     }
 
-    /// At the high watermark: the chunk's rows that no change in the window touched become
-    /// `read` events at position `lsn` (just before the watermark's end: after every commit
-    /// before the watermark, before every commit after it). The next chunk starts after it;
-    /// the snapshot's progress moves once its events are durable (see `landed`).
     /// At the high watermark, before the chunk's events are ready: the key of its last row
-    /// (the next chunk starts after it) and whether it is the snapshot's last chunk. A chunk
-    /// whose window saw a truncate is read again (no key).
-    async fn chunk_head(&self, c: &mut Chunk, state: &mut State) -> Result<(Option<Vec<String>>, bool), Stop> {
-        let (last_key, read) = match (&mut c.head).await {
+    /// (the next chunk starts after it), whether it is the snapshot's last chunk, and the
+    /// next chunk if the reading task started it. A chunk whose window saw a truncate is
+    /// read again (no key, and a next chunk started is dropped).
+    async fn chunk_head(&self, c: &mut Chunk, state: &mut State) -> Result<(Option<Vec<String>>, bool, Option<Reader>), Stop> {
+        let Head { last_key, read, next } = match (&mut c.head).await {
             Ok(h) => h,
             // The read failed: its error.
             Err(_) => return Err((&mut c.rows).await.map_err(|e| anyhow::anyhow!("snapshot read: {e}"))?.err().unwrap_or_else(|| anyhow::anyhow!("snapshot read ended")).into()),
         };
         if !c.open {
-            return Ok((None, false));
+            if let Some(n) = next {
+                n.rows.abort();
+            }
+            return Ok((None, false, None));
         }
         let task = &mut state.snapshots[0];
         debug_assert_eq!(task.id, c.task);
         if last_key.is_some() {
             task.cursor = last_key.clone();
         }
-        Ok((last_key, read < c.limit || task.keys.is_some()))
+        Ok((last_key, read < c.limit || task.keys.is_some(), next))
     }
+
+    /// At the high watermark: the chunk's rows that no change in the window touched become
+    /// `read` events at position `lsn` (just before the watermark's end: after every commit
+    /// before the watermark, before every commit after it). The snapshot's progress moves
+    /// once its events are durable (see `landed`).
 
     #[allow(clippy::too_many_arguments)]
     async fn finish_chunk(

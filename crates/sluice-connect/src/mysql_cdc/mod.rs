@@ -725,7 +725,8 @@ impl Session for MysqlSource {
                 let c = chunk.take().expect("checked");
                 let at = c.at;
                 let (finished, next_seq) = self.land_chunk(c, &mut state, &mut streams, &written, &mut pending)?;
-                last_read = Some((at, next_seq));
+                // (The next snapshot's chunks go to another stream: their numbers start at 0.)
+                last_read = (!finished).then_some((at, next_seq));
                 if !finished && self.cfg.snapshot_throttle.0.is_zero() {
                     // The next chunk is read while this one is written.
                     let task = state.snapshots[0].clone();

@@ -976,7 +976,6 @@ impl PostgresSource {
     /// `read` events at position `lsn` (just before the watermark's end: after every commit
     /// before the watermark, before every commit after it). The snapshot's progress moves
     /// once its events are durable (see `landed`).
-
     #[allow(clippy::too_many_arguments)]
     async fn finish_chunk(
         &self,

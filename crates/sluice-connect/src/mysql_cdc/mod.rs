@@ -452,16 +452,7 @@ async fn read_ahead(r: ReadAhead, task: SnapshotTask, after: Option<Vec<String>>
     let Some(info) = snapshot::table_info(&mut conn, db, name).await? else {
         return Ok(None);
     };
-    let limit = if task.keys.is_some() { task.keys.as_ref().map_or(0, |k| k.len()).max(1) } else { r.chunk_rows };
-    let keys = match task.keys.as_ref().map(|k| crate::snapshot_keys(&task.table, &info.key_names(), k)) {
-        Some(Ok(k)) => Some(k),
-        Some(Err(e)) => {
-            // The primary key changed since the request was queued.
-            tracing::warn!(source = r.source, "snapshot of {}: {e}", task.table);
-            return Ok(None);
-        }
-        None => None,
-    };
+    let Some((limit, keys)) = task.chunk_plan(&r.source, &info.key_names(), r.chunk_rows) else { return Ok(None) };
     let read = snapshot::read_chunk(&mut conn, &info, after.as_deref(), keys.as_deref(), limit).await.map_err(|e| {
         if e.to_string().contains("binlog_snapshot_file") {
             Stop::Fatal(format!("source {}: {e:#}", r.source))

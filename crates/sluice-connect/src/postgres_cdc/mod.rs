@@ -173,6 +173,20 @@ pub(crate) struct SnapshotTask {
 }
 
 impl SnapshotTask {
+    /// What the next chunk reads: at most this many rows and, for a snapshot of some keys,
+    /// those keys' values (one text per key column). None: the table's primary key changed
+    /// since the request was queued (warned).
+    pub(crate) fn chunk_plan(&self, source: &str, key_names: &[&str], chunk_rows: usize) -> Option<(usize, Option<Vec<Vec<String>>>)> {
+        let Some(keys) = &self.keys else { return Some((chunk_rows, None)) };
+        match crate::snapshot_keys(&self.table, key_names, keys) {
+            Ok(k) => Some((keys.len().max(1), Some(k))),
+            Err(e) => {
+                tracing::warn!(source, "snapshot of {}: {e}", self.table);
+                None
+            }
+        }
+    }
+
     pub(crate) fn to_json(&self, state: &str) -> Json {
         json!({"id": self.id, "table": self.table, "keys": self.keys, "rows": self.rows, "chunks": self.chunks, "state": state,
                "started": rfc3339(self.started_ms)})
@@ -925,16 +939,7 @@ impl PostgresSource {
         let task = state.snapshots[0].clone();
         let (schema, name) = task.table.split_once('.').unwrap_or(("public", task.table.as_str()));
         let Some(info) = snapshot::table_info(client, schema, name).await? else { return Ok(None) };
-        let limit = if task.keys.is_some() { task.keys.as_ref().map_or(0, |k| k.len()).max(1) } else { self.cfg.snapshot_chunk };
-        let keys = match task.keys.as_ref().map(|k| crate::snapshot_keys(&task.table, &info.key_names(), k)) {
-            Some(Ok(k)) => Some(k),
-            Some(Err(e)) => {
-                // The primary key changed since the request was queued.
-                tracing::warn!(source = self.name, "snapshot of {}: {e}", task.table);
-                return Ok(None);
-            }
-            None => None,
-        };
+        let Some((limit, keys)) = task.chunk_plan(&self.name, &info.key_names(), self.cfg.snapshot_chunk) else { return Ok(None) };
         let after = task.cursor.clone().or(task.after.clone());
         let spec = ReadSpec {
             client: client.clone(),

@@ -33,8 +33,8 @@ pub struct TableInfo {
 pub struct Rows {
     columns: usize,
     text: String,
-    /// Per value, its range in `text`; NULL is `(u32::MAX, 0)`.
-    values: Vec<(u32, u32)>,
+    /// Per value, its range in `text`; NULL is `(usize::MAX, 0)`.
+    values: Vec<(usize, usize)>,
 }
 
 impl Rows {
@@ -53,17 +53,17 @@ impl Rows {
     /// Row `row`'s value of column `col`; None: NULL.
     pub fn get(&self, row: usize, col: usize) -> Option<&str> {
         let (start, end) = self.values[row * self.columns + col];
-        (start != u32::MAX).then(|| &self.text[start as usize..end as usize])
+        (start != usize::MAX).then(|| &self.text[start..end])
     }
 
     fn push(&mut self, v: Option<&str>) {
         match v {
             Some(v) => {
-                let start = self.text.len() as u32;
+                let start = self.text.len();
                 self.text.push_str(v);
-                self.values.push((start, self.text.len() as u32));
+                self.values.push((start, self.text.len()));
             }
-            None => self.values.push((u32::MAX, 0)),
+            None => self.values.push((usize::MAX, 0)),
         }
     }
 
@@ -79,7 +79,7 @@ impl Rows {
                 } else if !v.contains('\\') {
                     self.push(Some(v));
                 } else {
-                    let start = self.text.len() as u32;
+                    let start = self.text.len();
                     let mut chars = v.chars();
                     while let Some(c) = chars.next() {
                         if c != '\\' {
@@ -97,7 +97,7 @@ impl Rows {
                             None => return Err(format!("COPY output ends in a backslash: {line:?}")),
                         });
                     }
-                    self.values.push((start, self.text.len() as u32));
+                    self.values.push((start, self.text.len()));
                 }
             }
             if self.values.len() - before != self.columns {
@@ -153,27 +153,22 @@ impl TableInfo {
         format!("COPY (SELECT {cols} FROM {} t{cond} ORDER BY {order} LIMIT {limit}) TO STDOUT", self.qualified())
     }
 
-    /// The chunk query: every column as text, keys after `after` (or in `keys`), in key order.
-    pub fn chunk_sql(&self, after: bool, by_keys: bool, limit: usize) -> String {
+    /// The query of a snapshot of some keys: every column as text (`::text`), the rows whose
+    /// primary key is in the parameters (one text array per key column), in key order.
+    pub fn keys_sql(&self, limit: usize) -> String {
         // Output columns get their own names: ORDER BY must see the typed columns, not their
         // text (which would sort 10 before 9).
         let cols = self.columns.iter().enumerate().map(|(i, (n, ..))| format!("t.{}::text AS c{i}", ident(n))).collect::<Vec<_>>().join(", ");
         let keys: Vec<&(String, u32, String, bool)> = self.keys().collect();
         let order = keys.iter().map(|k| format!("t.{}", ident(&k.0))).collect::<Vec<_>>().join(", ");
-        let cond = if by_keys && keys.len() == 1 {
-            let k = keys[0];
-            format!(" WHERE t.{} = ANY($1::text[]::{}[])", ident(&k.0), k.2)
-        } else if by_keys {
-            // One text array per key column, zipped by unnest.
-            let arrays = keys.iter().enumerate().map(|(i, k)| format!("${}::text[]::{}[]", i + 1, k.2)).collect::<Vec<_>>().join(", ");
-            format!(" WHERE ({order}) IN (SELECT * FROM unnest({arrays}))")
-        } else if after {
-            let params = keys.iter().enumerate().map(|(i, k)| format!("${}::text::{}", i + 1, k.2)).collect::<Vec<_>>().join(", ");
-            format!(" WHERE ({order}) > ({params})")
+        let cond = if keys.len() == 1 {
+            format!("t.{} = ANY($1::text[]::{}[])", ident(&keys[0].0), keys[0].2)
         } else {
-            String::new()
+            // Zipped by unnest.
+            let arrays = keys.iter().enumerate().map(|(i, k)| format!("${}::text[]::{}[]", i + 1, k.2)).collect::<Vec<_>>().join(", ");
+            format!("({order}) IN (SELECT * FROM unnest({arrays}))")
         };
-        format!("SELECT {cols} FROM {} t{cond} ORDER BY {order} LIMIT {limit}", self.qualified())
+        format!("SELECT {cols} FROM {} t WHERE {cond} ORDER BY {order} LIMIT {limit}", self.qualified())
     }
 }
 
@@ -213,7 +208,7 @@ pub async fn all_tables(client: &tokio_postgres::Client) -> Result<Vec<(String, 
 }
 
 /// Writes the low watermark, selects one chunk, writes the high watermark. Returns the rows,
-/// each column as text (see [`TableInfo::chunk_sql`]), and the high watermark's LSN as the
+/// each column as text (see [`TableInfo::chunk_copy`] and [`TableInfo::keys_sql`]), and the high watermark's LSN as the
 /// server returned it: the end of its record, which is also the LSN the replication stream
 /// gives the message.
 pub async fn read_chunk(
@@ -244,7 +239,7 @@ pub async fn read_chunk(
     match keys {
         Some(k) => {
             // Column-major: one array per key column.
-            let sql = info.chunk_sql(false, true, limit);
+            let sql = info.keys_sql(limit);
             let columns: Vec<Vec<&str>> = (0..info.keys().count()).map(|c| k.iter().map(|key| key[c].as_str()).collect()).collect();
             let params: Vec<&(dyn ToSql + Sync)> = columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
             for r in client.query(&sql, &params).await? {
@@ -346,17 +341,15 @@ mod tests {
             ],
         };
         assert_eq!(
-            t.chunk_sql(true, false, 100),
-            "SELECT t.\"order_id\"::text AS c0, t.\"line\"::text AS c1, t.\"note\"::text AS c2 FROM \"public\".\"Order Items\" t \
-             WHERE (t.\"order_id\", t.\"line\") > ($1::text::bigint, $2::text::integer) ORDER BY t.\"order_id\", t.\"line\" LIMIT 100"
-        );
-        assert!(t.chunk_sql(false, false, 5).ends_with("t ORDER BY t.\"order_id\", t.\"line\" LIMIT 5"));
-        assert_eq!(
             t.chunk_copy(Some(&["it's".into(), "a\\b".into()]), 100),
             "COPY (SELECT t.\"order_id\", t.\"line\", t.\"note\" FROM \"public\".\"Order Items\" t \
              WHERE (t.\"order_id\", t.\"line\") > (E'it''s'::bigint, E'a\\\\b'::integer) ORDER BY t.\"order_id\", t.\"line\" LIMIT 100) TO STDOUT"
         );
         assert!(t.chunk_copy(None, 5).ends_with("t ORDER BY t.\"order_id\", t.\"line\" LIMIT 5) TO STDOUT"));
-        assert!(t.chunk_sql(false, true, 5).contains("WHERE (t.\"order_id\", t.\"line\") IN (SELECT * FROM unnest($1::text[]::bigint[], $2::text[]::integer[]))"));
+        assert_eq!(
+            t.keys_sql(5),
+            "SELECT t.\"order_id\"::text AS c0, t.\"line\"::text AS c1, t.\"note\"::text AS c2 FROM \"public\".\"Order Items\" t \
+             WHERE (t.\"order_id\", t.\"line\") IN (SELECT * FROM unnest($1::text[]::bigint[], $2::text[]::integer[])) ORDER BY t.\"order_id\", t.\"line\" LIMIT 5"
+        );
     }
 }

@@ -171,7 +171,8 @@ def main():
                "      publication: pub\n      snapshot: never\n")
         t = time.monotonic()
         s = Sluice(a.bin, d, cfg)
-        wait(lambda: source(s)["changes"] >= a.changes, "the changes in the log")
+        # Durable in the log (its end offset is the high watermark), not just decoded.
+        wait(lambda: (s.stream("bench_ev") or {}).get("log_end_offset", 0) >= a.changes, "the changes in the log")
         el = time.monotonic() - t
         streamed = a.changes / el
         wait(lambda: (s.stream("bench_ev") or {}).get("lag", 1) == 0, "the mirror")

@@ -21,7 +21,7 @@ pub mod snapshot;
 pub mod types;
 
 use crate::postgres_cdc::{
-    append_pending, load_state, run_sessions, save_state, Session,
+    load_state, run_sessions, save_state, Session, AppendFence, Writes, MAX_INFLIGHT,
     held_position, rfc3339, OpenStream, Pending, Position, SnapshotReceiver, SnapshotRequest, SnapshotSender, SnapshotTask, SourceStatus, Stop, GROUP_RECORDS,
 };
 use futures::StreamExt;
@@ -499,6 +499,15 @@ pub struct MysqlSource {
     status: Arc<SourceStatus>,
     requests: tokio::sync::Mutex<SnapshotReceiver>,
     request_sender: SnapshotSender,
+    /// Orders the log writes of one session after those of the sessions before it.
+    fence: Arc<AppendFence>,
+}
+
+/// What a durable write lets the source record: the end of the last whole transaction
+/// written and the binlog file and position after it.
+struct Landed {
+    confirm: Option<u64>,
+    at: Option<(String, u64)>,
 }
 
 impl MysqlSource {
@@ -514,6 +523,7 @@ impl MysqlSource {
             status,
             requests: tokio::sync::Mutex::new(requests),
             request_sender,
+            fence: Default::default(),
         };
         if let Ok(state) = source.load_state() {
             source.status.show_snapshots(&state.snapshots);
@@ -660,6 +670,9 @@ impl Session for MysqlSource {
             }
         }
 
+        // From here on, writes of an earlier session are refused: the log's positions read
+        // next stay true.
+        let mut writes: Writes<Landed> = Writes::new(&self.fence);
         // What the log already holds, per partition.
         let mut streams: HashMap<String, Arc<Stream>> = HashMap::new();
         let mut written: HashMap<(String, u32), Position> = HashMap::new();
@@ -713,6 +726,9 @@ impl Session for MysqlSource {
         loop {
             // A chunk lands when the stream reaches its position, between transactions.
             if txn.is_none() && chunk.as_ref().is_some_and(|c| position(file_no, cur_pos) >= c.at) {
+                // The writes before it land first: the chunk's progress (in `state` from
+                // here) is saved only once its rows are durable.
+                self.drain(&mut writes, &mut state).await?;
                 let c = chunk.take().expect("checked");
                 let at = c.at;
                 let (finished, next_seq) = self.land_chunk(c, &mut state, &mut streams, &written, &mut pending)?;
@@ -724,7 +740,8 @@ impl Session for MysqlSource {
                     let after = task.after.clone();
                     reading = Some(tokio::spawn(read_ahead(reader.clone(), task, after, last_read)));
                 }
-                self.write(&mut pending, &mut written, &mut state, &last_commit).await?;
+                self.write(&mut pending, &mut written, &mut writes, &mut state, &last_commit).await?;
+                self.drain(&mut writes, &mut state).await?;
                 self.chunk_done(&mut state, finished)?;
                 last_chunk = std::time::Instant::now();
             }
@@ -761,8 +778,12 @@ impl Session for MysqlSource {
                     }
                     continue;
                 }
+                Some(l) = writes.next(), if !writes.is_empty() => {
+                    self.landed(l?, &mut state)?;
+                    continue;
+                }
                 _ = &mut gather, if gathering => {
-                    self.write(&mut pending, &mut written, &mut state, &last_commit).await?;
+                    self.write(&mut pending, &mut written, &mut writes, &mut state, &last_commit).await?;
                     continue;
                 }
                 Some((req, reply)) = requests.recv(), if idle => {
@@ -775,7 +796,10 @@ impl Session for MysqlSource {
                     conn.lock().await.ping().await?;
                     continue;
                 }
-                _ = shutdown.changed(), if idle => return Ok(()),
+                _ = shutdown.changed(), if idle => {
+                    self.drain(&mut writes, &mut state).await?;
+                    return Ok(());
+                }
             };
             let ev = match ev {
                 Some(Ok(ev)) => ev,
@@ -933,7 +957,7 @@ impl Session for MysqlSource {
                             }
                         }
                         if pending.records >= GROUP_RECORDS {
-                            self.write(&mut pending, &mut written, &mut state, &last_commit).await?;
+                            self.write(&mut pending, &mut written, &mut writes, &mut state, &last_commit).await?;
                         }
                     }
                 }
@@ -953,7 +977,7 @@ impl Session for MysqlSource {
                 self.status.transactions.fetch_add(1, Ordering::Relaxed);
                 self.status.received_lsn.fetch_max(at, Ordering::Relaxed);
                 if pending.records >= GROUP_RECORDS {
-                    self.write(&mut pending, &mut written, &mut state, &last_commit).await?;
+                    self.write(&mut pending, &mut written, &mut writes, &mut state, &last_commit).await?;
                 }
             }
         }
@@ -987,19 +1011,39 @@ impl MysqlSource {
     }
 
 
-    /// Appends the pending changes (skipping what the log already holds), makes them
-    /// durable, then saves the position after the last whole transaction among them.
+    /// Starts writing the pending changes (skipping what the log already holds) while the
+    /// binlog is read on; once they are durable, [`MysqlSource::landed`] saves the position
+    /// after the last whole transaction among them. At most [`MAX_INFLIGHT`] writes run.
     async fn write(
         &self,
         pending: &mut Pending,
         written: &mut HashMap<(String, u32), Position>,
+        writes: &mut Writes<Landed>,
         state: &mut State,
         last_commit: &Option<(String, u64)>,
     ) -> Result<(), Stop> {
-        let end = append_pending(&self.name, pending, written).await?;
-        if let (Some(end), Some((file, pos))) = (end, last_commit) {
-            state.binlog_file = Some(file.clone());
-            state.binlog_pos = *pos;
+        let at = last_commit.clone();
+        writes.push(&self.name, pending, written, move |confirm| Landed { confirm, at })?;
+        while writes.len() > MAX_INFLIGHT {
+            let Some(l) = writes.next().await else { break };
+            self.landed(l?, state)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every write in flight to be durable.
+    async fn drain(&self, writes: &mut Writes<Landed>, state: &mut State) -> Result<(), Stop> {
+        while let Some(l) = writes.next().await {
+            self.landed(l?, state)?;
+        }
+        Ok(())
+    }
+
+    /// A write is durable: the binlog position after it is saved and confirmed.
+    fn landed(&self, l: Landed, state: &mut State) -> Result<(), Stop> {
+        if let (Some(end), Some((file, pos))) = (l.confirm, l.at) {
+            state.binlog_file = Some(file);
+            state.binlog_pos = pos;
             self.save_state(state)?;
             self.status.confirmed_lsn.store(end, Ordering::Relaxed);
         }

@@ -1169,21 +1169,6 @@ impl<T: Send + 'static> Writes<T> {
     }
 }
 
-/// Appends the pending changes the log does not hold yet and makes them durable; returns
-/// the end of the last whole transaction among them (the MySQL source writes so).
-pub(crate) async fn append_pending(source: &str, pending: &mut Pending, written: &mut HashMap<(String, u32), Position>) -> Result<Option<u64>, Stop> {
-    let (batches, end) = fresh_batches(source, pending, written)?;
-    let mut appended = Vec::with_capacity(batches.len());
-    for (part, records) in batches {
-        let a = part.append(&records)?;
-        appended.push((part, a));
-    }
-    for (part, a) in &appended {
-        part.sync(a).await?;
-    }
-    Ok(end)
-}
-
 /// The pending changes the log does not hold yet, per partition, taken from `pending`
 /// (`written` then counts them as held), and the end of their last whole transaction.
 #[allow(clippy::type_complexity)]

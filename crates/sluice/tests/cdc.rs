@@ -101,6 +101,12 @@ async fn every_dml_kind_and_type_lands_in_the_changelog() {
     assert_eq!(s.scalar("SELECT count(*) FROM shop_pre").await, 2500.0);
     assert_eq!(s.scalar("SELECT count(*) FROM shop_pre__changelog WHERE op = 'read' AND source.snapshot").await, 2500.0);
     assert_eq!(s.scalar("SELECT count(*) FROM shop_pre WHERE v = 'v' || CAST(id AS VARCHAR)").await, 2500.0);
+    // The tables land on threads of lower CPU priority than the capture (nice 10), the rest
+    // of the server at the priority it was started with.
+    let nice = thread_nice(s.child.as_ref().unwrap().id());
+    let landing: Vec<i64> = nice.iter().filter(|(n, _)| n == "sluice-cdc-lake").map(|(_, v)| *v).collect();
+    assert!(!landing.is_empty() && landing.iter().all(|&v| v == 10), "{nice:?}");
+    assert!(nice.iter().any(|(n, v)| n == "tokio-rt-worker" && *v == 0), "{nice:?}");
 
     db.batch_execute(
         "INSERT INTO items VALUES (1, 'tea', 12345678901234.5678, '2026-01-05 10:00:00.123456+02', '2026-01-05', '2026-01-05 10:00:00',
@@ -588,4 +594,18 @@ async fn capture_and_sink_over_verified_tls() {
         .unwrap()
         .get(0);
     assert!(ssl >= 2, "the replication and sink connections use TLS: {ssl}");
+}
+
+/// Each thread of a process: its name and nice value (from /proc).
+fn thread_nice(pid: u32) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = t.unwrap().path();
+        let (Ok(comm), Ok(stat)) = (std::fs::read_to_string(dir.join("comm")), std::fs::read_to_string(dir.join("stat"))) else { continue };
+        // After the name in parentheses: state is field 3, nice field 19.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let nice = rest.split(' ').nth(16).unwrap().parse().unwrap();
+        out.push((comm.trim().to_string(), nice));
+    }
+    out
 }

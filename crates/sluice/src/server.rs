@@ -873,15 +873,15 @@ async fn metrics_endpoint(State(app): State<Arc<App>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render()).into_response()
 }
 
-/// The log options of a configured stream.
 /// The runtime the lake sinks of change-data-capture tables run on: as many threads as
 /// cores, each at a lower CPU priority (nice 10) than the rest of Sluice. When the cores are
 /// busy (a snapshot, a backlog of changes), the capture into the log runs first, so the
 /// database's WAL or binlog is released sooner, and the mirror lands from the log alongside
-/// with what is left: measured, snapshots and catch-up into the log 12–39% faster and the
-/// mirror complete no later (bench/RESULTS.md, session 22). With cores to spare, landing
-/// runs as soon as it is due. HTTP streams' sinks stay on the main runtime: their bulk
-/// landing measured ~5% slower this way.
+/// with what is left: measured, snapshots and a MariaDB catch-up into the log 12–39% faster
+/// and the mirror complete no later; a PostgreSQL catch-up slower, as the walsender then
+/// sends each message with its own syscall (bench/RESULTS.md, session 22). With cores to
+/// spare, landing runs as soon as it is due. HTTP streams' sinks stay on the main runtime:
+/// their bulk landing measured ~5% slower this way.
 fn cdc_landing() -> &'static tokio::runtime::Runtime {
     static CDC_LANDING: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
     CDC_LANDING.get_or_init(|| {
@@ -901,6 +901,7 @@ fn cdc_landing() -> &'static tokio::runtime::Runtime {
     })
 }
 
+/// The log options of a configured stream.
 fn stream_options(sc: &sluice_core::config::StreamConfig, partitions: u32) -> StreamOptions {
     let retention_ms = sc.retention.time.map(|d| d.as_millis() as u64);
     StreamOptions { partitions, retention_bytes: sc.retention.bytes, retention_ms, codec: Some(codec_of(sc)), dictionary: Some(dictionary_of(sc)) }

@@ -874,7 +874,7 @@ async fn metrics_endpoint(State(app): State<Arc<App>>) -> Response {
 }
 
 /// The runtime the lake sinks of change-data-capture tables run on: as many threads as
-/// cores, each at a lower CPU priority (nice 10) than the rest of Sluice. When the cores are
+/// cores, each at a lower CPU priority (nice +10) than the rest of Sluice. When the cores are
 /// busy (a snapshot, a backlog of changes), the capture into the log runs first, so the
 /// database's WAL or binlog is released sooner, and the mirror lands from the log alongside
 /// with what is left: measured, snapshots and a MariaDB catch-up into the log 12–39% faster
@@ -885,14 +885,19 @@ async fn metrics_endpoint(State(app): State<Arc<App>>) -> Response {
 fn cdc_landing() -> &'static tokio::runtime::Runtime {
     static CDC_LANDING: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
     CDC_LANDING.get_or_init(|| {
+        // The server's nice value, read on the thread that first asks (one of the server's):
+        // the landing runtime's threads, started by each other too, are set from it.
+        // SAFETY: getpriority reads no memory of ours.
+        #[cfg(target_os = "linux")]
+        let own = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
         tokio::runtime::Builder::new_multi_thread()
             .thread_name("sluice-cdc-lake")
-            .on_thread_start(|| {
-                // Linux: the calling thread's nice value (threads it starts inherit it).
+            .on_thread_start(move || {
+                // Linux: the calling thread's nice value, 10 above the server's.
                 // SAFETY: setpriority reads no memory of ours.
                 #[cfg(target_os = "linux")]
                 unsafe {
-                    libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+                    libc::setpriority(libc::PRIO_PROCESS, 0, (own + 10).min(19));
                 }
             })
             .enable_all()

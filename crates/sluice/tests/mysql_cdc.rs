@@ -277,13 +277,7 @@ async fn kill9_during_writes_and_a_database_restart_lose_and_duplicate_nothing()
         }
         tokio::time::sleep(Duration::from_millis(fastrand::u64(200..900))).await;
         // Every other round a graceful stop: the writes in flight land before it exits.
-        if round % 2 == 1 {
-            assert_eq!(s.stop(), Some(0), "SIGTERM exits 0");
-            eprintln!("round {round}: stopped");
-        } else {
-            s.kill9();
-            eprintln!("round {round}: killed");
-        }
+        s.kill9_or_stop(round);
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let inserted = writer.await.unwrap() as usize;

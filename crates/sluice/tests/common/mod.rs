@@ -99,6 +99,18 @@ impl Server {
         s.chars().rev().take(4000).collect::<String>().chars().rev().collect()
     }
 
+    /// Ends round `round` of a crash loop: kill -9, or every other round SIGTERM, which must
+    /// exit 0 (with what was in flight landed).
+    pub fn kill9_or_stop(&mut self, round: usize) {
+        if round % 2 == 1 {
+            assert_eq!(self.stop(), Some(0), "SIGTERM exits 0");
+            eprintln!("round {round}: stopped");
+        } else {
+            self.kill9();
+            eprintln!("round {round}: killed");
+        }
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill(); // SIGKILL

@@ -442,18 +442,25 @@ struct ReadAhead {
     conn: Arc<tokio::sync::Mutex<Conn>>,
 }
 
-/// Reads the next chunk of snapshot `task` from key `after` and writes its rows as events.
-/// `prev` is the last chunk's position and the sequence number after its rows: a chunk
-/// read with no binlog event since the last one shares its position, and its sequence
+impl ReadAhead {
+    /// Starts reading the next chunk of the first queued snapshot on its own task.
+    fn start(&self, state: &State, prev: Option<(u64, u64)>) -> Reading {
+        tokio::spawn(read_ahead(self.clone(), state.snapshots[0].clone(), prev))
+    }
+}
+
+/// Reads the next chunk of snapshot `task` (after its last key) and writes its rows as
+/// events. `prev` is the last chunk's position and the sequence number after its rows: a
+/// chunk read with no binlog event since the last one shares its position, and its sequence
 /// numbers go on from there (checked again when it lands).
-async fn read_ahead(r: ReadAhead, task: SnapshotTask, after: Option<Vec<String>>, prev: Option<(u64, u64)>) -> Result<Option<Chunk>, Stop> {
+async fn read_ahead(r: ReadAhead, task: SnapshotTask, prev: Option<(u64, u64)>) -> Result<Option<Chunk>, Stop> {
     let mut conn = r.conn.lock().await;
     let (db, name) = task.table.split_once('.').unwrap_or((r.home.as_str(), task.table.as_str()));
     let Some(info) = snapshot::table_info(&mut conn, db, name).await? else {
         return Ok(None);
     };
     let Some((limit, keys)) = task.chunk_plan(&r.source, &info.key_names(), r.chunk_rows) else { return Ok(None) };
-    let read = snapshot::read_chunk(&mut conn, &info, after.as_deref(), keys.as_deref(), limit).await.map_err(|e| {
+    let read = snapshot::read_chunk(&mut conn, &info, task.after.as_deref(), keys.as_deref(), limit).await.map_err(|e| {
         if e.to_string().contains("binlog_snapshot_file") {
             Stop::Fatal(format!("source {}: {e:#}", r.source))
         } else {
@@ -736,9 +743,7 @@ impl Session for MysqlSource {
                 last_read = (!finished).then_some((at, next_seq));
                 if !finished && self.cfg.snapshot_throttle.0.is_zero() {
                     // The next chunk is read while this one is written.
-                    let task = state.snapshots[0].clone();
-                    let after = task.after.clone();
-                    reading = Some(tokio::spawn(read_ahead(reader.clone(), task, after, last_read)));
+                    reading = Some(reader.start(&state, last_read));
                 }
                 self.write(&mut pending, &mut written, &mut writes, &mut state, &last_commit).await?;
                 self.drain(&mut writes, &mut state).await?;
@@ -746,9 +751,7 @@ impl Session for MysqlSource {
                 last_chunk = std::time::Instant::now();
             }
             if chunk.is_none() && reading.is_none() && txn.is_none() && !state.snapshots.is_empty() && last_chunk.elapsed() >= self.cfg.snapshot_throttle.0 {
-                let task = state.snapshots[0].clone();
-                let after = task.after.clone();
-                reading = Some(tokio::spawn(read_ahead(reader.clone(), task, after, last_read)));
+                reading = Some(reader.start(&state, last_read));
             }
             let throttled = chunk.is_none() && reading.is_none() && !state.snapshots.is_empty();
             // With changes pending, gather what arrives with them into one write, for at most

@@ -14,6 +14,7 @@ pub mod pg_tls;
 pub mod postgres_cdc;
 pub mod postgres_sink;
 pub mod redis_sink;
+mod state_file;
 pub mod webhook;
 
 use deltalake::arrow::array::{AsArray, RecordBatch, StringArray};

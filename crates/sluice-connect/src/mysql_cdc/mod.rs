@@ -21,7 +21,7 @@ pub mod snapshot;
 pub mod types;
 
 use crate::postgres_cdc::{
-    load_state, run_sessions, save_state, Session, AppendFence, Writes, MAX_INFLIGHT,
+    run_sessions, Session, AppendFence, Writes, MAX_INFLIGHT,
     held_position, rfc3339, OpenStream, Pending, Position, SnapshotReceiver, SnapshotRequest, SnapshotSender, SnapshotTask, SourceStatus, Stop, GROUP_RECORDS,
 };
 use futures::StreamExt;
@@ -33,6 +33,7 @@ use mysql_common::io::ParseBuf;
 use mysql_async::prelude::*;
 use mysql_async::{BinlogStreamRequest, Conn, Opts};
 use serde_json::{json, Map, Value as Json};
+use crate::state_file::StateFile;
 use sluice_core::source::{table_stream_in, MysqlSourceConfig};
 use sluice_log::{Record, Stream};
 use std::collections::{BTreeMap, HashMap};
@@ -501,7 +502,7 @@ fn read_events(source: &str, info: &snapshot::TableInfo, rows: &[Vec<mysql_async
 pub struct MysqlSource {
     name: String,
     cfg: MysqlSourceConfig,
-    state_dir: PathBuf,
+    state: StateFile,
     open_stream: OpenStream,
     status: Arc<SourceStatus>,
     requests: tokio::sync::Mutex<SnapshotReceiver>,
@@ -525,7 +526,7 @@ impl MysqlSource {
         let source = MysqlSource {
             name: name.to_string(),
             cfg: cfg.clone(),
-            state_dir,
+            state: StateFile::new(&state_dir),
             open_stream,
             status,
             requests: tokio::sync::Mutex::new(requests),
@@ -550,15 +551,18 @@ impl MysqlSource {
     /// Captures changes until `shutdown` turns true, reconnecting after errors with backoff
     /// (up to 30 s); stops for good on a fault that needs the user.
     pub async fn run(self, shutdown: watch::Receiver<bool>) {
-        run_sessions(&self, &self.name, &self.status, shutdown).await
+        run_sessions(&self, &self.name, &self.status, shutdown).await;
+        if let Err(e) = self.state.flush() {
+            tracing::warn!(source = self.name, error = %e, "source state not saved at shutdown");
+        }
     }
 
     fn load_state(&self) -> anyhow::Result<State> {
-        load_state(&self.state_dir)
+        self.state.load()
     }
 
     fn save_state(&self, s: &State) -> anyhow::Result<()> {
-        save_state(&self.state_dir, s)
+        self.state.save(s)
     }
 
     /// Checks the server's binlog settings: anything else loses or garbles changes.
@@ -1003,7 +1007,7 @@ impl MysqlSource {
             "source {}: the server no longer has the binlog Sluice needs next ({file}): it was purged (see binlog_expire_logs_seconds / expire_logs_days), and the changes in it are lost to Sluice. \
              Remove {} to start over from the current position, then take a snapshot (sluice snapshot {})",
             self.name,
-            self.state_dir.join("state.json").display(),
+            self.state.path().display(),
             self.name
         ))
     }
@@ -1047,7 +1051,9 @@ impl MysqlSource {
         if let (Some(end), Some((file, pos))) = (l.confirm, l.at) {
             state.binlog_file = Some(file);
             state.binlog_pos = pos;
-            self.save_state(state)?;
+            // A restart before this is on disk reads the binlog from an earlier position
+            // and the log drops what it already holds (see `state_file`).
+            self.state.save_later(state)?;
             self.status.confirmed_lsn.store(end, Ordering::Relaxed);
         }
         Ok(())
@@ -1123,7 +1129,7 @@ impl MysqlSource {
             tracing::info!(source = self.name, table = t.table, rows = t.rows, "snapshot finished");
             self.status.snapshot_finished(&t);
         } else {
-            self.save_state(state)?;
+            self.state.save_later(state)?;
         }
         self.status.show_snapshots(&state.snapshots);
         Ok(())

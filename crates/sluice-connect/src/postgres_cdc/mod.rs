@@ -35,6 +35,7 @@ use parking_lot::Mutex;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
+use crate::state_file::StateFile;
 
 /// Changes written to the log at most per group (and so held in memory).
 pub const GROUP_RECORDS: usize = 10_000;
@@ -367,7 +368,7 @@ pub(crate) type Position = (u64, u64);
 pub struct PostgresSource {
     name: String,
     cfg: PostgresSourceConfig,
-    state_dir: PathBuf,
+    state: StateFile,
     open_stream: OpenStream,
     status: Arc<SourceStatus>,
     requests: tokio::sync::Mutex<SnapshotReceiver>,
@@ -421,7 +422,7 @@ impl PostgresSource {
         let source = PostgresSource {
             name: name.to_string(),
             cfg: cfg.clone(),
-            state_dir,
+            state: StateFile::new(&state_dir),
             open_stream,
             status,
             requests: tokio::sync::Mutex::new(requests),
@@ -500,15 +501,18 @@ impl PostgresSource {
     /// Captures changes until `shutdown` turns true, reconnecting after errors with backoff
     /// (up to 30 s); stops for good on a fault that needs the user (see the module docs).
     pub async fn run(self, shutdown: watch::Receiver<bool>) {
-        run_sessions(&self, &self.name, &self.status, shutdown).await
+        run_sessions(&self, &self.name, &self.status, shutdown).await;
+        if let Err(e) = self.state.flush() {
+            tracing::warn!(source = self.name, error = %e, "source state not saved at shutdown");
+        }
     }
 
     fn load_state(&self) -> anyhow::Result<State> {
-        load_state(&self.state_dir)
+        self.state.load()
     }
 
     fn save_state(&self, s: &State) -> anyhow::Result<()> {
-        save_state(&self.state_dir, s)
+        self.state.save(s)
     }
 }
 
@@ -555,7 +559,7 @@ impl Session for PostgresSource {
                      Take a snapshot to re-sync (sluice snapshot {}); to start over with a new slot, remove {}",
                     self.name,
                     self.name,
-                    self.state_dir.join("state.json").display()
+                    self.state.path().display()
                 )));
             }
             None => {
@@ -577,7 +581,7 @@ impl Session for PostgresSource {
                         "source {}: replication slot {slot} is invalidated (the server removed WAL it still needed, see max_slot_wal_keep_size): changes are lost to it. \
                          Drop the slot and remove {} to start over, then take a snapshot",
                         self.name,
-                        self.state_dir.join("state.json").display()
+                        self.state.path().display()
                     )));
                 }
                 if state.slot.is_none() {
@@ -900,7 +904,8 @@ impl PostgresSource {
             tracing::info!(source = self.name, table = t.table, rows = t.rows, "snapshot finished");
             self.status.snapshot_finished(&t);
         } else {
-            self.save_state(state)?;
+            // A restart before this is on disk reads the chunk again (see `state_file`).
+            self.state.save_later(state)?;
         }
         self.show_snapshots(state);
         Ok(())
@@ -1063,21 +1068,6 @@ pub(crate) async fn run_sessions(source: &impl Session, name: &str, status: &Sou
             }
         }
     }
-}
-
-/// A source's state (`<dir>/state.json`), or the default before its first run.
-pub(crate) fn load_state<T: serde::de::DeserializeOwned + Default>(dir: &std::path::Path) -> anyhow::Result<T> {
-    let path = dir.join("state.json");
-    match std::fs::read(&path) {
-        Ok(b) => serde_json::from_slice(&b).map_err(|e| anyhow::anyhow!("{}: {e}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
-        Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
-    }
-}
-
-/// Writes a source's state durably (temp file, fsync, rename).
-pub(crate) fn save_state<T: serde::Serialize>(dir: &std::path::Path, s: &T) -> anyhow::Result<()> {
-    Ok(sluice_core::fs::write_durably(&dir.join("state.json"), &serde_json::to_vec_pretty(s)?)?)
 }
 
 /// At most this many writes in flight: the stream waits for the oldest beyond it.

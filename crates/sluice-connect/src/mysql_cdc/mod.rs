@@ -59,6 +59,28 @@ fn file_number(name: &str) -> Option<u32> {
     name.rsplit('.').next()?.parse().ok()
 }
 
+/// Whether an event read before the format description (whose body then still holds any
+/// checksum) ends in the CRC32 of its header and the rest of its body.
+fn ends_in_checksum(ev: &mysql_async::binlog::events::Event) -> bool {
+    let h = ev.header();
+    ends_in_crc(&h.timestamp().to_le_bytes(), h.event_type_raw(), h.server_id(), h.event_size(), h.log_pos(), h.flags_raw(), ev.data())
+}
+
+/// The binlog event header (19 bytes) and body: whether the body's last 4 bytes are the
+/// CRC32 of the header and the rest.
+fn ends_in_crc(timestamp: &[u8; 4], event_type: u8, server_id: u32, size: u32, log_pos: u32, flags: u16, body: &[u8]) -> bool {
+    let Some(split) = body.len().checked_sub(4) else { return false };
+    let mut c = crc32fast::Hasher::new();
+    c.update(timestamp);
+    c.update(&[event_type]);
+    c.update(&server_id.to_le_bytes());
+    c.update(&size.to_le_bytes());
+    c.update(&log_pos.to_le_bytes());
+    c.update(&flags.to_le_bytes());
+    c.update(&body[..split]);
+    c.finalize().to_le_bytes() == body[split..]
+}
+
 fn lsn_text(p: u64) -> String {
     format!("{:X}/{:X}", p >> 32, p & 0xffff_ffff)
 }
@@ -509,6 +531,9 @@ pub struct MysqlSource {
     request_sender: SnapshotSender,
     /// Orders the log writes of one session after those of the sessions before it.
     fence: Arc<AppendFence>,
+    /// The server can snapshot (MariaDB reports the binlog position of a consistent read;
+    /// MySQL does not): known once a session has connected.
+    snapshots: std::sync::atomic::AtomicBool,
 }
 
 /// What a durable write lets the source record: the end of the last whole transaction
@@ -532,6 +557,7 @@ impl MysqlSource {
             requests: tokio::sync::Mutex::new(requests),
             request_sender,
             fence: Default::default(),
+            snapshots: std::sync::atomic::AtomicBool::new(true),
         };
         if let Ok(state) = source.load_state() {
             source.status.show_snapshots(&state.snapshots);
@@ -583,6 +609,15 @@ impl MysqlSource {
         Ok(())
     }
 
+    /// Why a MySQL server cannot be snapshotted.
+    fn no_snapshots(&self) -> String {
+        format!(
+            "source {}: snapshots need MariaDB 10.5 or later: MySQL does not report the binlog position of a consistent read, \
+             which a snapshot chunk needs to take its place among the changes (this source streams changes only)",
+            self.name
+        )
+    }
+
     /// The server's current binlog file and offset.
     async fn current_position(&self, conn: &mut Conn) -> Result<(String, u64), Stop> {
         // MySQL 8.4 renamed the statement.
@@ -599,6 +634,9 @@ impl MysqlSource {
     /// Queues snapshots of the tables a request names (all captured tables with a primary
     /// key when it names none).
     async fn queue_snapshots(&self, conn: &mut Conn, state: &mut State, req: &SnapshotRequest) -> Result<Json, String> {
+        if !self.snapshots.load(Ordering::Relaxed) {
+            return Err(self.no_snapshots());
+        }
         let home = self.cfg.home();
         let tables: Vec<(String, String)> = match &req.table {
             Some(t) => {
@@ -659,6 +697,15 @@ impl Session for MysqlSource {
         conn.query_drop("SET time_zone = '+00:00'").await?;
         conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ").await?;
         let mut state = self.load_state()?;
+        let version: Option<String> = conn.query_first("SELECT VERSION()").await?;
+        let mariadb = version.as_deref().is_some_and(|v| v.contains("MariaDB"));
+        self.snapshots.store(mariadb, Ordering::Relaxed);
+        if !mariadb && !state.snapshots.is_empty() {
+            let tables: Vec<String> = state.snapshots.drain(..).map(|t| t.table).collect();
+            tracing::warn!(source = self.name, ?tables, "{}: dropped the queued snapshots", self.no_snapshots());
+            self.save_state(&state)?;
+            self.status.show_snapshots(&state.snapshots);
+        }
         match &state.binlog_file {
             None => {
                 let (file, pos) = self.current_position(&mut conn).await?;
@@ -666,7 +713,9 @@ impl Session for MysqlSource {
                 state.binlog_file = Some(file);
                 state.binlog_pos = pos;
                 self.save_state(&state)?;
-                if self.cfg.snapshot == "initial" {
+                if self.cfg.snapshot == "initial" && !mariadb {
+                    tracing::warn!(source = self.name, "{}: no initial snapshot", self.no_snapshots());
+                } else if self.cfg.snapshot == "initial" {
                     self.queue_snapshots(&mut conn, &mut state, &SnapshotRequest::default())
                         .await
                         .map_err(|e| Stop::Retry(anyhow::anyhow!("initial snapshot: {e}")))?;
@@ -821,9 +870,10 @@ impl Session for MysqlSource {
             match data {
                 Some(EventData::RotateEvent(r)) => {
                     // The rotate the server sends first comes before the format description,
-                    // so the reader does not know yet to cut off its checksum.
+                    // so the reader does not know yet to cut off a checksum: MariaDB sends
+                    // one, MySQL does not (its first rotate is made before it reads the file).
                     let raw = r.name_raw();
-                    let raw = if !seen_fde && checksums { &raw[..raw.len().saturating_sub(4)] } else { raw };
+                    let raw = if !seen_fde && checksums && ends_in_checksum(&ev) { &raw[..raw.len().saturating_sub(4)] } else { raw };
                     cur_file = String::from_utf8_lossy(raw).into_owned();
                     file_no = file_number(&cur_file).ok_or_else(|| Stop::Fatal(format!("binlog file name {cur_file:?} has no sequence number")))?;
                     cur_pos = r.position();
@@ -1197,6 +1247,34 @@ fn split_ident(s: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream's first rotate event names the file with a checksum after it (MariaDB) or
+    /// without (MySQL): only a real CRC32 is cut off, whatever the name's last bytes are.
+    #[test]
+    fn a_rotate_name_loses_only_a_real_checksum() {
+        let ts = 0u32.to_le_bytes();
+        for name in ["binlog.000001", "mysql-bin.000042", "b.1234"] {
+            let mut body = 4u64.to_le_bytes().to_vec();
+            body.extend_from_slice(name.as_bytes());
+            let size = 19 + body.len() as u32;
+            // MySQL: no checksum; the name's last 4 bytes are not taken for one.
+            assert!(!ends_in_crc(&ts, 4, 1, size, 0, 0x20, &body), "{name}");
+            // MariaDB: the CRC32 of header and body follows.
+            let mut c = crc32fast::Hasher::new();
+            c.update(&ts);
+            c.update(&[4]);
+            c.update(&1u32.to_le_bytes());
+            c.update(&(size + 4).to_le_bytes());
+            c.update(&0u32.to_le_bytes());
+            c.update(&0x20u16.to_le_bytes());
+            c.update(&body);
+            let mut with = body.clone();
+            with.extend_from_slice(&c.finalize().to_le_bytes());
+            assert!(ends_in_crc(&ts, 4, 1, size + 4, 0, 0x20, &with), "{name}");
+            // A header that differs (another event size) does not match.
+            assert!(!ends_in_crc(&ts, 4, 1, size, 0, 0x20, &with), "{name}");
+        }
+    }
 
     #[test]
     fn written_events_are_the_values_text() {

@@ -158,6 +158,8 @@ pub struct MariaServer {
     child: Option<Child>,
     dir: tempfile::TempDir,
     pub port: u16,
+    /// A MySQL server run by this launcher instead of MariaDB (see [`MariaServer::start_mysql`]).
+    mysqld: Option<String>,
 }
 
 impl MariaServer {
@@ -174,7 +176,26 @@ impl MariaServer {
             .output()
             .expect("mariadb-install-db (scripts/test.sh installs mariadb-server)");
         assert!(out.status.success(), "mariadb-install-db: {}", String::from_utf8_lossy(&out.stderr));
-        let mut m = MariaServer { child: None, dir, port: free_port() };
+        let mut m = MariaServer { child: None, dir, port: free_port(), mysqld: None };
+        m.spawn();
+        let out = m.cli("CREATE DATABASE shop");
+        assert!(out.status.success(), "create database: {}", String::from_utf8_lossy(&out.stderr));
+        m
+    }
+
+    /// A MySQL server, run by `mysqld`: a command that starts mysqld with `--no-defaults` and
+    /// its base directory and then the arguments given (`scripts/mysql-sid.sh` writes one).
+    pub fn start_mysql(mysqld: &str) -> MariaServer {
+        let dir = tempfile::Builder::new().prefix("sluice-mysql").tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("tmp")).unwrap();
+        let out = Command::new(mysqld)
+            .arg("--initialize-insecure")
+            .arg(format!("--datadir={}", dir.path().join("data").display()))
+            .args(if is_root() { vec!["--user=root"] } else { vec![] })
+            .output()
+            .expect("the MySQL launcher (scripts/mysql-sid.sh)");
+        assert!(out.status.success(), "mysqld --initialize-insecure: {}", String::from_utf8_lossy(&out.stderr));
+        let mut m = MariaServer { child: None, dir, port: free_port(), mysqld: Some(mysqld.to_string()) };
         m.spawn();
         let out = m.cli("CREATE DATABASE shop");
         assert!(out.status.success(), "create database: {}", String::from_utf8_lossy(&out.stderr));
@@ -183,8 +204,20 @@ impl MariaServer {
 
     fn spawn(&mut self) {
         let d = self.dir.path();
-        let child = Command::new("mariadbd")
-            .arg("--no-defaults")
+        let mut cmd = match &self.mysqld {
+            Some(launcher) => {
+                let mut c = Command::new(launcher);
+                c.args(["--mysqlx=OFF", "--secure-file-priv="]);
+                c
+            }
+            None => {
+                let mut c = Command::new("mariadbd");
+                // MySQL's root is root@localhost: it needs the name of 127.0.0.1.
+                c.args(["--no-defaults", "--skip-name-resolve"]);
+                c
+            }
+        };
+        let child = cmd
             .args(if is_root() { vec!["--user=root"] } else { vec![] })
             .arg(format!("--datadir={}", d.join("data").display()))
             .arg(format!("--tmpdir={}", d.join("tmp").display()))
@@ -195,7 +228,7 @@ impl MariaServer {
             .arg(format!("--log-error={}", d.join("error.log").display()))
             .arg(format!("--log-bin={}", d.join("data").join("binlog").display()))
             .args(["--binlog-format=ROW", "--binlog-row-metadata=FULL", "--server-id=1", "--innodb-flush-log-at-trx-commit=2", "--sync-binlog=0"])
-            .args(["--innodb-buffer-pool-size=64M", "--max-connections=50", "--skip-name-resolve", "--default-time-zone=+00:00"])
+            .args(["--innodb-buffer-pool-size=64M", "--max-connections=50", "--default-time-zone=+00:00"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

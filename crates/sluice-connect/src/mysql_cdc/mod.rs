@@ -531,8 +531,8 @@ pub struct MysqlSource {
     request_sender: SnapshotSender,
     /// Orders the log writes of one session after those of the sessions before it.
     fence: Arc<AppendFence>,
-    /// The server can snapshot (MariaDB reports the binlog position of a consistent read;
-    /// MySQL does not): known once a session has connected.
+    /// The server can snapshot (MariaDB and Percona Server report the binlog position of a
+    /// consistent read; MySQL does not): known once a session has connected.
     snapshots: std::sync::atomic::AtomicBool,
 }
 
@@ -612,8 +612,8 @@ impl MysqlSource {
     /// Why a MySQL server cannot be snapshotted.
     fn no_snapshots(&self) -> String {
         format!(
-            "source {}: snapshots need MariaDB 10.5 or later: MySQL does not report the binlog position of a consistent read, \
-             which a snapshot chunk needs to take its place among the changes (this source streams changes only)",
+            "source {}: snapshots need MariaDB 10.5 or later (or Percona Server): MySQL does not report the binlog position of a \
+             consistent read, which a snapshot chunk needs to take its place among the changes (this source streams changes only)",
             self.name
         )
     }
@@ -697,10 +697,11 @@ impl Session for MysqlSource {
         conn.query_drop("SET time_zone = '+00:00'").await?;
         conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ").await?;
         let mut state = self.load_state()?;
-        let version: Option<String> = conn.query_first("SELECT VERSION()").await?;
-        let mariadb = version.as_deref().is_some_and(|v| v.contains("MariaDB"));
-        self.snapshots.store(mariadb, Ordering::Relaxed);
-        if !mariadb && !state.snapshots.is_empty() {
+        // MariaDB (and Percona Server) report a consistent read's binlog position; MySQL does not.
+        let reported: Vec<(String, String)> = conn.query("SHOW GLOBAL STATUS LIKE 'binlog_snapshot_file'").await?;
+        let can_snapshot = !reported.is_empty();
+        self.snapshots.store(can_snapshot, Ordering::Relaxed);
+        if !can_snapshot && !state.snapshots.is_empty() {
             let tables: Vec<String> = state.snapshots.drain(..).map(|t| t.table).collect();
             tracing::warn!(source = self.name, ?tables, "{}: dropped the queued snapshots", self.no_snapshots());
             self.save_state(&state)?;
@@ -713,7 +714,7 @@ impl Session for MysqlSource {
                 state.binlog_file = Some(file);
                 state.binlog_pos = pos;
                 self.save_state(&state)?;
-                if self.cfg.snapshot == "initial" && !mariadb {
+                if self.cfg.snapshot == "initial" && !can_snapshot {
                     tracing::warn!(source = self.name, "{}: no initial snapshot", self.no_snapshots());
                 } else if self.cfg.snapshot == "initial" {
                     self.queue_snapshots(&mut conn, &mut state, &SnapshotRequest::default())

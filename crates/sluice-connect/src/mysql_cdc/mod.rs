@@ -63,20 +63,21 @@ fn file_number(name: &str) -> Option<u32> {
 /// checksum) ends in the CRC32 of its header and the rest of its body.
 fn ends_in_checksum(ev: &mysql_async::binlog::events::Event) -> bool {
     let h = ev.header();
-    ends_in_crc(&h.timestamp().to_le_bytes(), h.event_type_raw(), h.server_id(), h.event_size(), h.log_pos(), h.flags_raw(), ev.data())
+    let mut header = Vec::with_capacity(19);
+    header.extend_from_slice(&h.timestamp().to_le_bytes());
+    header.push(h.event_type_raw());
+    for v in [h.server_id(), h.event_size(), h.log_pos()] {
+        header.extend_from_slice(&v.to_le_bytes());
+    }
+    header.extend_from_slice(&h.flags_raw().to_le_bytes());
+    ends_in_crc(&header, ev.data())
 }
 
-/// The binlog event header (19 bytes) and body: whether the body's last 4 bytes are the
-/// CRC32 of the header and the rest.
-fn ends_in_crc(timestamp: &[u8; 4], event_type: u8, server_id: u32, size: u32, log_pos: u32, flags: u16, body: &[u8]) -> bool {
+/// Whether the body's last 4 bytes are the CRC32 of the event's header and the rest of it.
+fn ends_in_crc(header: &[u8], body: &[u8]) -> bool {
     let Some(split) = body.len().checked_sub(4) else { return false };
     let mut c = crc32fast::Hasher::new();
-    c.update(timestamp);
-    c.update(&[event_type]);
-    c.update(&server_id.to_le_bytes());
-    c.update(&size.to_le_bytes());
-    c.update(&log_pos.to_le_bytes());
-    c.update(&flags.to_le_bytes());
+    c.update(header);
     c.update(&body[..split]);
     c.finalize().to_le_bytes() == body[split..]
 }
@@ -531,9 +532,6 @@ pub struct MysqlSource {
     request_sender: SnapshotSender,
     /// Orders the log writes of one session after those of the sessions before it.
     fence: Arc<AppendFence>,
-    /// The server can snapshot (MariaDB and Percona Server report the binlog position of a
-    /// consistent read; MySQL does not): known once a session has connected.
-    snapshots: std::sync::atomic::AtomicBool,
 }
 
 /// What a durable write lets the source record: the end of the last whole transaction
@@ -557,7 +555,6 @@ impl MysqlSource {
             requests: tokio::sync::Mutex::new(requests),
             request_sender,
             fence: Default::default(),
-            snapshots: std::sync::atomic::AtomicBool::new(true),
         };
         if let Ok(state) = source.load_state() {
             source.status.show_snapshots(&state.snapshots);
@@ -634,9 +631,6 @@ impl MysqlSource {
     /// Queues snapshots of the tables a request names (all captured tables with a primary
     /// key when it names none).
     async fn queue_snapshots(&self, conn: &mut Conn, state: &mut State, req: &SnapshotRequest) -> Result<Json, String> {
-        if !self.snapshots.load(Ordering::Relaxed) {
-            return Err(self.no_snapshots());
-        }
         let home = self.cfg.home();
         let tables: Vec<(String, String)> = match &req.table {
             Some(t) => {
@@ -700,7 +694,6 @@ impl Session for MysqlSource {
         // MariaDB (and Percona Server) report a consistent read's binlog position; MySQL does not.
         let reported: Vec<(String, String)> = conn.query("SHOW GLOBAL STATUS LIKE 'binlog_snapshot_file'").await?;
         let can_snapshot = !reported.is_empty();
-        self.snapshots.store(can_snapshot, Ordering::Relaxed);
         if !can_snapshot && !state.snapshots.is_empty() {
             let tables: Vec<String> = state.snapshots.drain(..).map(|t| t.table).collect();
             tracing::warn!(source = self.name, ?tables, "{}: dropped the queued snapshots", self.no_snapshots());
@@ -714,12 +707,14 @@ impl Session for MysqlSource {
                 state.binlog_file = Some(file);
                 state.binlog_pos = pos;
                 self.save_state(&state)?;
-                if self.cfg.snapshot == "initial" && !can_snapshot {
-                    tracing::warn!(source = self.name, "{}: no initial snapshot", self.no_snapshots());
-                } else if self.cfg.snapshot == "initial" {
-                    self.queue_snapshots(&mut conn, &mut state, &SnapshotRequest::default())
-                        .await
-                        .map_err(|e| Stop::Retry(anyhow::anyhow!("initial snapshot: {e}")))?;
+                if self.cfg.snapshot == "initial" {
+                    if can_snapshot {
+                        self.queue_snapshots(&mut conn, &mut state, &SnapshotRequest::default())
+                            .await
+                            .map_err(|e| Stop::Retry(anyhow::anyhow!("initial snapshot: {e}")))?;
+                    } else {
+                        tracing::warn!(source = self.name, "{}: no initial snapshot", self.no_snapshots());
+                    }
                 }
             }
             Some(file) => {
@@ -844,7 +839,8 @@ impl Session for MysqlSource {
                     continue;
                 }
                 Some((req, reply)) = requests.recv(), if idle => {
-                    let _ = reply.send(self.queue_snapshots(&mut *conn.lock().await, &mut state, &req).await);
+                    let queued = if can_snapshot { self.queue_snapshots(&mut *conn.lock().await, &mut state, &req).await } else { Err(self.no_snapshots()) };
+                    let _ = reply.send(queued);
                     continue;
                 }
                 _ = tokio::time::sleep(Duration::from_millis(20)), if idle && throttled => continue,
@@ -1253,27 +1249,20 @@ mod tests {
     /// without (MySQL): only a real CRC32 is cut off, whatever the name's last bytes are.
     #[test]
     fn a_rotate_name_loses_only_a_real_checksum() {
-        let ts = 0u32.to_le_bytes();
+        // timestamp 0, type 4 (rotate), server 1, size, log_pos 0, flags 0x20.
+        let header = |size: u32| [&[0, 0, 0, 0, 4][..], &1u32.to_le_bytes(), &size.to_le_bytes(), &[0, 0, 0, 0, 0x20, 0]].concat();
         for name in ["binlog.000001", "mysql-bin.000042", "b.1234"] {
             let mut body = 4u64.to_le_bytes().to_vec();
             body.extend_from_slice(name.as_bytes());
             let size = 19 + body.len() as u32;
             // MySQL: no checksum; the name's last 4 bytes are not taken for one.
-            assert!(!ends_in_crc(&ts, 4, 1, size, 0, 0x20, &body), "{name}");
+            assert!(!ends_in_crc(&header(size), &body), "{name}");
             // MariaDB: the CRC32 of header and body follows.
-            let mut c = crc32fast::Hasher::new();
-            c.update(&ts);
-            c.update(&[4]);
-            c.update(&1u32.to_le_bytes());
-            c.update(&(size + 4).to_le_bytes());
-            c.update(&0u32.to_le_bytes());
-            c.update(&0x20u16.to_le_bytes());
-            c.update(&body);
             let mut with = body.clone();
-            with.extend_from_slice(&c.finalize().to_le_bytes());
-            assert!(ends_in_crc(&ts, 4, 1, size + 4, 0, 0x20, &with), "{name}");
+            with.extend_from_slice(&crc32fast::hash(&[header(size + 4), body.clone()].concat()).to_le_bytes());
+            assert!(ends_in_crc(&header(size + 4), &with), "{name}");
             // A header that differs (another event size) does not match.
-            assert!(!ends_in_crc(&ts, 4, 1, size, 0, 0x20, &with), "{name}");
+            assert!(!ends_in_crc(&header(size), &with), "{name}");
         }
     }
 

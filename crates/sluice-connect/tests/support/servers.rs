@@ -212,7 +212,7 @@ impl MariaServer {
             }
             None => {
                 let mut c = Command::new("mariadbd");
-                // MySQL's root is root@localhost: it needs the name of 127.0.0.1.
+                // MariaDB only: MySQL's root is root@localhost, which 127.0.0.1 matches only by name.
                 c.args(["--no-defaults", "--skip-name-resolve"]);
                 c
             }

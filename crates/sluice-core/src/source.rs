@@ -129,9 +129,24 @@ pub struct MysqlSourceConfig {
     /// Pause between snapshot chunks.
     #[serde(default = "no_pause")]
     pub snapshot_throttle: Dur,
+    /// `[database.]table` (in the URL's database when unqualified) where snapshots write
+    /// their watermarks, DBLog's way: needed on MySQL, which does not report a consistent
+    /// read's binlog position; used on any server when set. Created if missing (the user
+    /// then needs CREATE on it, and INSERT and UPDATE always). Never captured itself.
+    #[serde(default)]
+    pub watermark_table: Option<String>,
 }
 
 impl MysqlSourceConfig {
+    /// The watermark table as (database, table), if set.
+    pub fn watermark(&self) -> Option<(String, String)> {
+        let t = self.watermark_table.as_deref()?;
+        Some(match t.split_once('.') {
+            Some((db, name)) => (db.to_string(), name.to_string()),
+            None => (self.home(), t.to_string()),
+        })
+    }
+
     /// The database named in the URL, if any.
     pub fn database(&self) -> Option<String> {
         let rest = self.url.split_once("://").map_or(self.url.as_str(), |(_, r)| r);
@@ -145,9 +160,12 @@ impl MysqlSourceConfig {
         self.database().unwrap_or_default()
     }
 
-    /// Is `db.table` captured? System databases never are.
+    /// Is `db.table` captured? System databases and the watermark table never are.
     pub fn captures(&self, db: &str, table: &str) -> bool {
         if matches!(db, "mysql" | "sys" | "information_schema" | "performance_schema") {
+            return false;
+        }
+        if self.watermark().is_some_and(|(d, t)| d == db && t == table) {
             return false;
         }
         let default = match self.database() {
@@ -329,6 +347,11 @@ pub(crate) fn validate(sources: &BTreeMap<String, SourceConfig>) -> Result<(), (
                 if my.server_id == Some(0) {
                     return Err((at(&["mysql", "server_id"]), "must be more than 0".into()));
                 }
+                if let Some((db, table)) = my.watermark() {
+                    if db.is_empty() || table.is_empty() || table.contains('.') {
+                        return Err((at(&["mysql", "watermark_table"]), "database.table (or a table of the URL's database, when the URL names one)".into()));
+                    }
+                }
             }
         }
     }
@@ -369,6 +392,7 @@ mod tests {
             snapshot: "initial".into(),
             snapshot_chunk: 1024,
             snapshot_throttle: no_pause(),
+            watermark_table: None,
         };
         let shop = c("mysql://u:p@h:3306/shop?x=1");
         assert_eq!(shop.database().as_deref(), Some("shop"));
@@ -377,5 +401,8 @@ mod tests {
         assert_eq!(all.database(), None);
         assert!(all.captures("crm", "users") && !all.captures("mysql", "user"));
         assert_ne!(all.server_id("a"), all.server_id("b"));
+        let marks = MysqlSourceConfig { watermark_table: Some("sluice_watermark".into()), ..shop.clone() };
+        assert_eq!(marks.watermark(), Some(("shop".into(), "sluice_watermark".into())));
+        assert!(!marks.captures("shop", "sluice_watermark") && marks.captures("shop", "orders"));
     }
 }

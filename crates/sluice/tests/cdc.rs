@@ -168,6 +168,16 @@ async fn every_dml_kind_and_type_lands_in_the_changelog() {
     assert_eq!(ops, ["insert", "insert", "truncate"]);
     assert!(s.stream_info("shop_skipped").await.is_none(), "an excluded table is not captured");
 
+    // An update that moves a row to another key: a delete of the old key and an insert of the
+    // new one (in the old and new key's partitions); the mirror holds the new key only.
+    db.batch_execute("CREATE TABLE moves (id INT PRIMARY KEY, v INT); INSERT INTO moves VALUES (1, 10), (2, 20); UPDATE moves SET id = 3 WHERE id = 1; UPDATE moves SET v = 21 WHERE id = 2;").await.unwrap();
+    wait_rows(&s, "shop_moves", 5).await;
+    let moves = s.query("SELECT op, key.id AS id FROM shop_moves__changelog ORDER BY _offset").await;
+    let ops: Vec<(&str, i64)> = moves.iter().map(|r| (r["op"].as_str().unwrap(), r["id"].as_i64().unwrap())).collect();
+    assert_eq!(ops, [("insert", 1), ("insert", 2), ("delete", 1), ("insert", 3), ("update", 2)]);
+    let mirror: Vec<(i64, i64)> = s.query("SELECT id, v FROM shop_moves ORDER BY id").await.iter().map(|r| (r["id"].as_i64().unwrap(), r["v"].as_i64().unwrap())).collect();
+    assert_eq!(mirror, [(2, 21), (3, 10)]);
+
     // A pipeline reads the table's change stream (declared before the table had changes).
     let deadline = Instant::now() + Duration::from_secs(60);
     while !s.lake().join("priced").join("_delta_log").is_dir() || s.scalar("SELECT count(*) FROM priced").await < 3.0 {
@@ -450,10 +460,15 @@ async fn snapshot_during_writes_and_kill9_converges_to_the_source() {
             let mut n = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let id = rng.i32(0..25_000);
-                let sql = match rng.u8(0..3) {
-                    0 => format!("INSERT INTO acct VALUES ({id}, {}, 'w') ON CONFLICT (id) DO UPDATE SET balance = EXCLUDED.balance, note = 'u'", rng.i64(0..1000)),
-                    1 => format!("UPDATE acct SET balance = balance + 1, note = 'b' WHERE id = {id}"),
-                    _ => format!("DELETE FROM acct WHERE id = {id}"),
+                let sql = match rng.u8(0..7) {
+                    0 | 1 => format!("INSERT INTO acct VALUES ({id}, {}, 'w') ON CONFLICT (id) DO UPDATE SET balance = EXCLUDED.balance, note = 'u'", rng.i64(0..1000)),
+                    2 | 3 => format!("UPDATE acct SET balance = balance + 1, note = 'b' WHERE id = {id}"),
+                    4 | 5 => format!("DELETE FROM acct WHERE id = {id}"),
+                    // A row moves to another key (if that one is free).
+                    _ => {
+                        let to = rng.i32(0..25_000);
+                        format!("UPDATE acct SET id = {to}, note = 'm' WHERE id = {id} AND NOT EXISTS (SELECT 1 FROM acct WHERE id = {to})")
+                    }
                 };
                 client.batch_execute(&sql).await.unwrap();
                 n += 1;

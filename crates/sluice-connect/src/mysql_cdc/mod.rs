@@ -36,7 +36,7 @@ use serde_json::{json, Map, Value as Json};
 use crate::state_file::StateFile;
 use sluice_core::source::{table_stream_in, MysqlSourceConfig};
 use sluice_log::{Record, Stream};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -289,6 +289,17 @@ impl Shape {
         out.push(b'}');
     }
 
+    /// Whether an update's images have different primary keys.
+    fn key_moved<R: Image + ?Sized>(&self, before: &R, after: &R) -> bool {
+        let (mut b, mut a) = (Vec::with_capacity(16), Vec::with_capacity(16));
+        self.keys.iter().any(|&i| {
+            (b.clear(), a.clear());
+            before.write(i, &self.kinds[i], &mut b);
+            after.write(i, &self.kinds[i], &mut a);
+            a != b
+        })
+    }
+
     /// The change event of one row as JSON text: the bytes [`MysqlSource::event`] gives
     /// (keys in serde_json's order) for rows that [`Shape::fits`], with `tail` from
     /// [`Shape::tail`] for the row's event and transaction. Returns the key's text.
@@ -390,6 +401,56 @@ fn push_change(pending: &mut Pending, stream: &Arc<Stream>, t: &mut Txn, value: 
     t.seq += 1;
 }
 
+/// The JSON text every change event of one row event shares after its row images (see
+/// [`Shape::tail`]); for an update, also a delete's and an insert's, for rows that move
+/// to another key.
+struct Tails {
+    op: Vec<u8>,
+    moved: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Tails {
+    fn new(shape: &Shape, source: &str, op: &str, t: &Txn, file: &str, pos: u64) -> Tails {
+        let moved = (op == "update" && !shape.keys.is_empty()).then(|| (shape.tail(source, "delete", t, file, pos), shape.tail(source, "insert", t, file, pos)));
+        Tails { op: shape.tail(source, op, t, file, pos), moved }
+    }
+}
+
+/// Where one row event's change events go.
+struct Out<'a> {
+    shape: &'a Shape,
+    tails: &'a Tails,
+    now: i64,
+    stream: &'a Arc<Stream>,
+    pending: &'a mut Pending,
+    /// A snapshot chunk's window the table's changes fall in: their keys leave the chunk.
+    window: Option<&'a mut Window>,
+}
+
+impl Out<'_> {
+    /// Queues the change event of one row: an update that moves the row to another key is a
+    /// delete of the old key and an insert of the new, as other CDC tools do, so that each key's
+    /// events stay in its partition and the mirror drops the old row.
+    fn row<R: Image + ?Sized>(&mut self, t: &mut Txn, before: Option<&R>, after: Option<&R>) {
+        match (before, after, &self.tails.moved) {
+            (Some(b), Some(a), Some((delete, insert))) if self.shape.key_moved(b, a) => {
+                self.one(t, Some(b), None, delete);
+                self.one(t, None, Some(a), insert);
+            }
+            _ => self.one(t, before, after, &self.tails.op),
+        }
+    }
+
+    fn one<R: Image + ?Sized>(&mut self, t: &mut Txn, before: Option<&R>, after: Option<&R>, tail: &[u8]) {
+        let mut e = Vec::with_capacity(256);
+        let key = self.shape.write_event(before, after, tail, t.seq, self.now, &mut e);
+        if let (Some(w), Some(k)) = (self.window.as_mut(), &key) {
+            w.changed.insert(k.clone());
+        }
+        push_change(self.pending, self.stream, t, bytes::Bytes::from(e), key);
+    }
+}
+
 /// The key columns' values, or null for a table without a key.
 fn key_of<'a>(names: impl Iterator<Item = &'a str>, row: &Json) -> Json {
     let mut k = Map::new();
@@ -441,17 +502,81 @@ struct Txn {
     explicit: bool,
 }
 
-/// A snapshot chunk read, waiting for the stream to reach its position. Its rows are
-/// written as `read` events as soon as they are read, on the reading task (see
-/// [`read_ahead`]), with sequence numbers from `base`.
+/// A snapshot chunk read, waiting for the stream to pass `place`, the position its events
+/// take: just before the binlog position of MariaDB's consistent read (see [`read_ahead`],
+/// which writes the events on the reading task), or the high watermark's transaction (see
+/// [`Window`]). Sequence numbers start at `base`.
 struct Chunk {
     task: u64,
     info: snapshot::TableInfo,
-    at: u64,
+    place: u64,
     rows: Vec<Vec<mysql_async::Value>>,
     limit: usize,
     base: u64,
     records: Vec<Record>,
+    /// Keys changed between the chunk's watermarks (read with `watermark_table`): their rows
+    /// are not written, the changes are as new or newer.
+    changed: HashSet<String>,
+}
+
+/// A chunk read between watermarks (with `watermark_table`; see [`snapshot`]) while the
+/// binlog streams on.
+struct Window {
+    marker: String,
+    task: u64,
+    db: String,
+    table: String,
+    /// The low watermark has passed: changes to the table add their keys to `changed`.
+    open: bool,
+    /// A truncate of the table passed in the window: the rows read may be gone, the chunk is
+    /// read again.
+    stale: bool,
+    changed: HashSet<String>,
+    /// The high watermark's transaction, once it has passed: the chunk's events take its
+    /// position.
+    high: Option<u64>,
+    read: tokio::task::JoinHandle<Result<Option<Windowed>, Stop>>,
+    /// What the read gave, once it has finished.
+    done: Option<Windowed>,
+    started: std::time::Instant,
+}
+
+/// A chunk read between watermarks.
+struct Windowed {
+    info: snapshot::TableInfo,
+    rows: Vec<Vec<mysql_async::Value>>,
+    limit: usize,
+}
+
+impl Window {
+    /// Whether a transaction's change of `db.table` falls in the window.
+    fn covers(&self, db: &str, table: &str) -> bool {
+        self.open && self.high.is_none() && self.db == db && self.table == table
+    }
+
+    /// A watermark row of the source's has passed in the binlog (at transaction `pos`).
+    fn mark(&mut self, mark: &str, pos: u64) {
+        match mark.split_once(' ') {
+            Some(("low", m)) if m == self.marker => self.open = true,
+            Some(("high", m)) if m == self.marker && self.open => self.high = Some(pos),
+            _ => {}
+        }
+    }
+
+    /// Past its high watermark, read and between transactions: the chunk to land, with its
+    /// events at the high watermark's position; None if a truncate made it stale.
+    async fn into_chunk(self, source: &str) -> Result<Option<Chunk>, Stop> {
+        let (Some(place), Some(Windowed { info, rows, limit })) = (self.high, self.done) else { unreachable!("checked by the caller") };
+        if self.stale {
+            tracing::debug!(source, table = self.table, "snapshot chunk read again: the table was truncated between its watermarks");
+            return Ok(None);
+        }
+        let name = source.to_string();
+        let (records, info, rows) = tokio::task::spawn_blocking(move || (read_events(&name, &info, &rows, place, 0), info, rows))
+            .await
+            .map_err(|e| anyhow::anyhow!("snapshot chunk: {e}"))?;
+        Ok(Some(Chunk { task: self.task, info, place, rows, limit, base: 0, records, changed: self.changed }))
+    }
 }
 
 /// A chunk being read on its own task. None: the table is gone (or its key changed).
@@ -470,6 +595,26 @@ impl ReadAhead {
     /// Starts reading the next chunk of the first queued snapshot on its own task.
     fn start(&self, state: &State, prev: Option<(u64, u64)>) -> Reading {
         tokio::spawn(read_ahead(self.clone(), state.snapshots[0].clone(), prev))
+    }
+
+    /// Starts reading the next chunk of the first queued snapshot between watermarks in
+    /// `watermarks`, on its own task.
+    fn start_window(&self, state: &State, watermarks: &(String, String)) -> Window {
+        let task = state.snapshots[0].clone();
+        let (db, table) = task.table.split_once('.').map_or((self.home.clone(), task.table.clone()), |(d, t)| (d.to_string(), t.to_string()));
+        let marker = format!("{}:{}:{:016x}", task.id, task.chunks, fastrand::u64(..));
+        let (r, m, w) = (self.clone(), marker.clone(), watermarks.clone());
+        let id = task.id;
+        let read = tokio::spawn(async move {
+            let mut conn = r.conn.lock().await;
+            let (db, name) = task.table.split_once('.').unwrap_or((r.home.as_str(), task.table.as_str()));
+            let Some(info) = snapshot::table_info(&mut conn, db, name).await? else { return Ok(None) };
+            let Some((limit, keys)) = task.chunk_plan(&r.source, &info.key_names(), r.chunk_rows) else { return Ok(None) };
+            let (low, high) = (format!("low {m}"), format!("high {m}"));
+            let rows = snapshot::read_between_watermarks(&mut conn, &w, &r.source, (&low, &high), &info, task.after.as_deref(), keys.as_deref(), limit).await?;
+            Ok(Some(Windowed { info, rows, limit }))
+        });
+        Window { marker, task: id, db, table, open: false, stale: false, changed: HashSet::new(), high: None, read, done: None, started: std::time::Instant::now() }
     }
 }
 
@@ -493,19 +638,19 @@ async fn read_ahead(r: ReadAhead, task: SnapshotTask, prev: Option<(u64, u64)>) 
     })?;
     drop(conn);
     let file_no = file_number(&read.file).ok_or_else(|| anyhow::anyhow!("binlog file name {:?} has no sequence number", read.file))?;
-    let at = position(file_no, read.pos);
-    let base = prev.filter(|(p, _)| *p == at).map_or(0, |(_, next)| next);
-    let (records, info, rows) = tokio::task::spawn_blocking(move || (read_events(&r.source, &info, &read.rows, at, base), info, read.rows))
+    // Just before the position: after every transaction before it (which starts earlier and
+    // ends at it at the latest), before every one after it.
+    let place = position(file_no, read.pos).saturating_sub(1);
+    let base = prev.filter(|(p, _)| *p == place).map_or(0, |(_, next)| next);
+    let (records, info, rows) = tokio::task::spawn_blocking(move || (read_events(&r.source, &info, &read.rows, place, base), info, read.rows))
         .await
         .map_err(|e| anyhow::anyhow!("snapshot chunk: {e}"))?;
-    Ok(Some(Chunk { task: task.id, info, at, rows, limit, base, records }))
+    Ok(Some(Chunk { task: task.id, info, place, rows, limit, base, records, changed: HashSet::new() }))
 }
 
-/// A chunk's rows as keyed `read` events just before its position `at`, with sequence
-/// numbers from `base`.
+/// A chunk's rows as keyed `read` events at position `at`, with sequence numbers from `base`.
 fn read_events(source: &str, info: &snapshot::TableInfo, rows: &[Vec<mysql_async::Value>], at: u64, base: u64) -> Vec<Record> {
     let now = sluice_core::time::now_ms();
-    let at = at.saturating_sub(1);
     let source = json!({"connector": "mysql", "name": source, "db": info.db, "schema": info.db, "table": info.name,
                         "file": null, "pos": null, "gtid": null, "commit_time": null, "snapshot": true});
     let keys: Vec<bool> = (0..info.columns.len()).map(|i| info.keys.contains(&i)).collect();
@@ -606,13 +751,41 @@ impl MysqlSource {
         Ok(())
     }
 
-    /// Why a MySQL server cannot be snapshotted.
+    /// Why a MySQL server cannot be snapshotted without a watermark table.
     fn no_snapshots(&self) -> String {
         format!(
-            "source {}: snapshots need MariaDB 10.5 or later (or Percona Server): MySQL does not report the binlog position of a \
-             consistent read, which a snapshot chunk needs to take its place among the changes (this source streams changes only)",
+            "source {}: snapshots on MySQL need a watermark table: MySQL does not report the binlog position of a consistent read, \
+             which MariaDB 10.5+ and Percona Server do. Set watermark_table (e.g. sluice_watermark) on the source; until then it \
+             streams changes only",
             self.name
         )
+    }
+
+    /// Makes sure snapshots can use the watermark table: None if so, else why not (the
+    /// source streams on without snapshots).
+    async fn watermarks_refused(&self, conn: &mut Conn, w: &(String, String)) -> Result<Option<String>, Stop> {
+        if let Err(e) = snapshot::ensure_watermark_table(conn, w).await {
+            return Ok(Some(format!("source {}: no snapshots: {e:#}", self.name)));
+        }
+        // MySQL can be told to commit a group's transactions to InnoDB out of binlog order:
+        // then a low watermark's commit does not show the transactions before it.
+        let order: Vec<(String, String)> = conn.query("SHOW GLOBAL VARIABLES LIKE 'binlog_order_commits'").await?;
+        if order.first().is_some_and(|(_, v)| v.eq_ignore_ascii_case("OFF")) {
+            return Ok(Some(format!(
+                "source {}: no snapshots: the server has binlog_order_commits = OFF; snapshots with watermarks need it ON (the default)",
+                self.name
+            )));
+        }
+        Ok(None)
+    }
+
+    /// Drops the first queued snapshot: its table is gone (or its key changed).
+    fn skip_snapshot(&self, state: &mut State) -> Result<(), Stop> {
+        let t = state.snapshots.remove(0);
+        tracing::warn!(source = self.name, table = t.table, "snapshot skipped: the table does not exist (any more), or its primary key changed");
+        self.save_state(state)?;
+        self.status.show_snapshots(&state.snapshots);
+        Ok(())
     }
 
     /// The server's current binlog file and offset.
@@ -691,12 +864,23 @@ impl Session for MysqlSource {
         conn.query_drop("SET time_zone = '+00:00'").await?;
         conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ").await?;
         let mut state = self.load_state()?;
-        // MariaDB (and Percona Server) report a consistent read's binlog position; MySQL does not.
-        let reported: Vec<(String, String)> = conn.query("SHOW GLOBAL STATUS LIKE 'binlog_snapshot_file'").await?;
-        let can_snapshot = !reported.is_empty();
-        if !can_snapshot && !state.snapshots.is_empty() {
+        // Chunks are read between watermarks when the source has a watermark table, else at
+        // the consistent read's binlog position that MariaDB (and Percona Server) report;
+        // MySQL does not.
+        let watermarks = self.cfg.watermark();
+        let refusal = match &watermarks {
+            Some(w) => self.watermarks_refused(&mut conn, w).await?,
+            None => {
+                let reported: Vec<(String, String)> = conn.query("SHOW GLOBAL STATUS LIKE 'binlog_snapshot_file'").await?;
+                reported.is_empty().then(|| self.no_snapshots())
+            }
+        };
+        if let Some(why) = &refusal {
+            tracing::warn!(source = self.name, "{why}");
+        }
+        if refusal.is_some() && !state.snapshots.is_empty() {
             let tables: Vec<String> = state.snapshots.drain(..).map(|t| t.table).collect();
-            tracing::warn!(source = self.name, ?tables, "{}: dropped the queued snapshots", self.no_snapshots());
+            tracing::warn!(source = self.name, ?tables, "dropped the queued snapshots (see above)");
             self.save_state(&state)?;
             self.status.show_snapshots(&state.snapshots);
         }
@@ -708,12 +892,12 @@ impl Session for MysqlSource {
                 state.binlog_pos = pos;
                 self.save_state(&state)?;
                 if self.cfg.snapshot == "initial" {
-                    if can_snapshot {
+                    if refusal.is_none() {
                         self.queue_snapshots(&mut conn, &mut state, &SnapshotRequest::default())
                             .await
                             .map_err(|e| Stop::Retry(anyhow::anyhow!("initial snapshot: {e}")))?;
                     } else {
-                        tracing::warn!(source = self.name, "{}: no initial snapshot", self.no_snapshots());
+                        tracing::warn!(source = self.name, "no initial snapshot (see above)");
                     }
                 }
             }
@@ -769,6 +953,7 @@ impl Session for MysqlSource {
         let conn = Arc::new(tokio::sync::Mutex::new(conn));
         let reader = ReadAhead { source: self.name.clone(), home: self.cfg.home(), chunk_rows: self.cfg.snapshot_chunk, conn: conn.clone() };
         let mut reading: Option<Reading> = None;
+        let mut window: Option<Window> = None;
         // The last chunk's position and the sequence number after its rows.
         let mut last_read: Option<(u64, u64)> = None;
         let mut mariadb_gtid_pending: Option<String> = None;
@@ -780,29 +965,42 @@ impl Session for MysqlSource {
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(60), Duration::from_secs(60));
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            // A chunk lands when the stream reaches its position, between transactions.
-            if txn.is_none() && chunk.as_ref().is_some_and(|c| position(file_no, cur_pos) >= c.at) {
+            // A chunk read between watermarks lands after its high watermark's transaction.
+            if txn.is_none() && window.as_ref().is_some_and(|w| w.high.is_some() && w.done.is_some()) {
+                chunk = window.take().expect("checked").into_chunk(&self.name).await?;
+            }
+            // A chunk lands when the stream passes its place, between transactions.
+            if txn.is_none() && chunk.as_ref().is_some_and(|c| position(file_no, cur_pos) > c.place) {
                 // The writes before it land first: the chunk's progress (in `state` from
                 // here) is saved only once its rows are durable.
                 self.drain(&mut writes, &mut state).await?;
                 let c = chunk.take().expect("checked");
-                let at = c.at;
+                let place = c.place;
                 let (finished, next_seq) = self.land_chunk(c, &mut state, &mut streams, &written, &mut pending)?;
                 // (The next snapshot's chunks go to another stream: their numbers start at 0.)
-                last_read = (!finished).then_some((at, next_seq));
+                last_read = (!finished).then_some((place, next_seq));
                 if !finished && self.cfg.snapshot_throttle.0.is_zero() {
                     // The next chunk is read while this one is written.
-                    reading = Some(reader.start(&state, last_read));
+                    match &watermarks {
+                        Some(w) => window = Some(reader.start_window(&state, w)),
+                        None => reading = Some(reader.start(&state, last_read)),
+                    }
                 }
                 self.write(&mut pending, &mut written, &mut writes, &mut state, &last_commit).await?;
                 self.drain(&mut writes, &mut state).await?;
                 self.chunk_done(&mut state, finished)?;
                 last_chunk = std::time::Instant::now();
             }
-            if chunk.is_none() && reading.is_none() && txn.is_none() && !state.snapshots.is_empty() && last_chunk.elapsed() >= self.cfg.snapshot_throttle.0 {
-                reading = Some(reader.start(&state, last_read));
+            let reading_none = chunk.is_none() && reading.is_none() && window.is_none();
+            if reading_none && txn.is_none() && !state.snapshots.is_empty() && last_chunk.elapsed() >= self.cfg.snapshot_throttle.0 {
+                match &watermarks {
+                    Some(w) => window = Some(reader.start_window(&state, w)),
+                    None => reading = Some(reader.start(&state, last_read)),
+                }
             }
-            let throttled = chunk.is_none() && reading.is_none() && !state.snapshots.is_empty();
+            let throttled = chunk.is_none() && reading.is_none() && window.is_none() && !state.snapshots.is_empty();
+            // Past a high watermark, between transactions: the stream waits for the chunk's rows.
+            let awaiting_rows = txn.is_none() && window.as_ref().is_some_and(|w| w.high.is_some());
             // With changes pending, gather what arrives with them into one write, for at most
             // 5 ms; the rest waits until they are written.
             let idle = pending.is_empty();
@@ -816,16 +1014,21 @@ impl Session for MysqlSource {
                 // Not while a chunk is read: the stream must not pass the chunk's position
                 // before its rows are in place (the read's position is at or after the
                 // stream's when the read starts).
-                ev = binlog.next(), if reading.is_none() => ev,
+                ev = binlog.next(), if reading.is_none() && !awaiting_rows => ev,
                 read = async { reading.as_mut().expect("checked").await }, if reading.is_some() => {
                     reading = None;
                     match read.map_err(|e| anyhow::anyhow!("snapshot read: {e}"))?? {
                         Some(c) => chunk = Some(c),
+                        None => self.skip_snapshot(&mut state)?,
+                    }
+                    continue;
+                }
+                read = async { (&mut window.as_mut().expect("checked").read).await }, if window.as_ref().is_some_and(|w| w.done.is_none()) => {
+                    match read.map_err(|e| anyhow::anyhow!("snapshot read: {e}"))?? {
+                        Some(r) => window.as_mut().expect("checked").done = Some(r),
                         None => {
-                            let t = state.snapshots.remove(0);
-                            tracing::warn!(source = self.name, table = t.table, "snapshot skipped: the table does not exist (any more), or its primary key changed");
-                            self.save_state(&state)?;
-                            self.status.show_snapshots(&state.snapshots);
+                            window = None;
+                            self.skip_snapshot(&mut state)?;
                         }
                     }
                     continue;
@@ -839,17 +1042,30 @@ impl Session for MysqlSource {
                     continue;
                 }
                 Some((req, reply)) = requests.recv(), if idle => {
-                    let queued = if can_snapshot { self.queue_snapshots(&mut *conn.lock().await, &mut state, &req).await } else { Err(self.no_snapshots()) };
+                    let queued = match &refusal {
+                        None => self.queue_snapshots(&mut *conn.lock().await, &mut state, &req).await,
+                        Some(why) => Err(why.clone()),
+                    };
                     let _ = reply.send(queued);
                     continue;
                 }
                 _ = tokio::time::sleep(Duration::from_millis(20)), if idle && throttled => continue,
                 // Keeps the query connection alive through long quiet spells.
                 _ = ping.tick(), if idle => {
+                    if let Some(w) = window.as_ref().filter(|w| w.done.is_some() && w.high.is_none()) {
+                        tracing::warn!(
+                            source = self.name,
+                            "a snapshot chunk's high watermark has not come through the binlog for {:?}: is the watermark table's database left out of the binlog (binlog_do_db, binlog_ignore_db)?",
+                            w.started.elapsed()
+                        );
+                    }
                     conn.lock().await.ping().await?;
                     continue;
                 }
                 _ = shutdown.changed(), if idle => {
+                    if let Some(w) = window.take() {
+                        w.read.abort();
+                    }
                     self.drain(&mut writes, &mut state).await?;
                     return Ok(());
                 }
@@ -923,6 +1139,9 @@ impl Session for MysqlSource {
                             explicit: false,
                         });
                         if let Some((db, table)) = truncated_table(&sql, &q.schema()) {
+                            if let Some(w) = window.as_mut().filter(|w| w.covers(&db, &table)) {
+                                w.stale = true;
+                            }
                             if self.cfg.captures(&db, &table) {
                                 let stream = self.stream_for(&db, &table, &mut streams, &mut state)?;
                                 let event = self.event(&db, &table, "truncate", None, None, Json::Null, t, &cur_file, start);
@@ -956,8 +1175,23 @@ impl Session for MysqlSource {
                 Some(EventData::RowsEvent(r)) => {
                     let shape =
                         shapes.get(&r.table_id()).cloned().ok_or_else(|| anyhow::anyhow!("a row event for table id {} before its table map", r.table_id()))?;
-                    if self.cfg.captures(&shape.db, &shape.table) {
+                    if watermarks.as_ref().is_some_and(|(d, t)| *d == shape.db && *t == shape.table) {
+                        // A watermark: opens or closes the window of the chunk being read.
+                        if let Some(w) = window.as_mut() {
+                            let tme = binlog.get_tme(r.table_id()).ok_or_else(|| anyhow::anyhow!("no table map for table id {}", r.table_id()))?;
+                            let pos = txn.as_ref().map_or(position(file_no, start), |t| t.pos);
+                            let col = shape.names.iter().position(|n| n == "mark");
+                            for row in r.rows(tme) {
+                                let (_, after) = row.map_err(|e| anyhow::anyhow!("watermark row: {e}"))?;
+                                if let Some(BinlogValue::Value(mysql_async::Value::Bytes(b))) = after.as_ref().zip(col).and_then(|(a, c)| a.as_ref(c)) {
+                                    w.mark(&String::from_utf8_lossy(b), pos);
+                                }
+                            }
+                        }
+                    } else if self.cfg.captures(&shape.db, &shape.table) {
                         let tme = binlog.get_tme(r.table_id()).ok_or_else(|| anyhow::anyhow!("no table map for table id {}", r.table_id()))?;
+                        // Changes in a snapshot chunk's window: their keys leave the chunk.
+                        let mut window = window.as_mut().filter(|w| w.covers(&shape.db, &shape.table));
                         let op = match &r {
                             RowsEventData::WriteRowsEvent(_) | RowsEventData::WriteRowsEventV1(_) => "insert",
                             RowsEventData::DeleteRowsEvent(_) | RowsEventData::DeleteRowsEventV1(_) => "delete",
@@ -973,7 +1207,9 @@ impl Session for MysqlSource {
                         let stream = self.stream_for(&shape.db, &shape.table, &mut streams, &mut state)?;
                         let bad_row = |e: std::io::Error| anyhow::anyhow!("row event of {}.{}: {e}", shape.db, shape.table);
                         // Shared by this row event's change events.
-                        let (tail, now) = (shape.tail(&self.name, op, t, &cur_file, start), sluice_core::time::now_ms());
+                        let now = sluice_core::time::now_ms();
+                        let tails = Tails::new(&shape, &self.name, op, t, &cur_file, start);
+                        let mut out = Out { shape: &shape, tails: &tails, now, stream: &stream, pending: &mut pending, window: window.as_deref_mut() };
                         if shape.reads_directly(&r) {
                             let (has_before, has_after) = (r.columns_before_image().is_some(), r.columns_after_image().is_some());
                             let data: &[u8] = r.rows_data();
@@ -986,27 +1222,35 @@ impl Session for MysqlSource {
                                 if has_after {
                                     shape.read_image(&mut buf, &mut after).map_err(bad_row)?;
                                 }
-                                let mut e = Vec::with_capacity(256);
-                                let (b, a) = (has_before.then_some(&before[..]), has_after.then_some(&after[..]));
-                                let key = shape.write_event(b, a, &tail, t.seq, now, &mut e);
-                                push_change(&mut pending, &stream, t, bytes::Bytes::from(e), key);
+                                out.row(t, has_before.then_some(&before[..]), has_after.then_some(&after[..]));
                                 self.status.changes.fetch_add(1, Ordering::Relaxed);
                             }
                         } else {
                             for row in r.rows(tme) {
                                 let (before, after) = row.map_err(bad_row)?;
-                                let (value, key) = if before.iter().chain(&after).all(|r| shape.fits(r)) {
-                                    let mut e = Vec::with_capacity(256);
-                                    let key = shape.write_event(before.as_ref(), after.as_ref(), &tail, t.seq, now, &mut e);
-                                    (bytes::Bytes::from(e), key)
+                                if before.iter().chain(&after).all(|r| shape.fits(r)) {
+                                    out.row(t, before.as_ref(), after.as_ref());
                                 } else {
                                     let before = before.map(|b| shape.row(&b));
                                     let after = after.map(|a| shape.row(&a));
-                                    let key = shape.key(after.as_ref().or(before.as_ref()).unwrap_or(&Json::Null));
-                                    let event = self.event(&shape.db, &shape.table, op, before, after, key.clone(), t, &cur_file, start);
-                                    (bytes::Bytes::from(event.to_string()), (!key.is_null()).then(|| key.to_string()))
-                                };
-                                push_change(&mut pending, &stream, t, value, key);
+                                    let (bk, ak) = (before.as_ref().map(|b| shape.key(b)), after.as_ref().map(|a| shape.key(a)));
+                                    let emit = |op: &str, before: Option<Json>, after: Option<Json>, key: Json, t: &mut Txn, out: &mut Out<'_>| {
+                                        let event = self.event(&shape.db, &shape.table, op, before, after, key.clone(), t, &cur_file, start);
+                                        let key = (!key.is_null()).then(|| key.to_string());
+                                        if let (Some(k), Some(w)) = (&key, out.window.as_mut()) {
+                                            w.changed.insert(k.clone());
+                                        }
+                                        push_change(out.pending, out.stream, t, bytes::Bytes::from(event.to_string()), key);
+                                    };
+                                    match (bk, ak) {
+                                        // A row moved to another key: a delete of the old, an insert of the new.
+                                        (Some(bk), Some(ak)) if !bk.is_null() && bk != ak => {
+                                            emit("delete", before, None, bk, t, &mut out);
+                                            emit("insert", None, after, ak, t, &mut out);
+                                        }
+                                        (bk, ak) => emit(op, before, after, ak.or(bk).unwrap_or(Json::Null), t, &mut out),
+                                    }
+                                }
                                 self.status.changes.fetch_add(1, Ordering::Relaxed);
                             }
                         }
@@ -1123,8 +1367,9 @@ impl MysqlSource {
         Ok(s)
     }
 
-    /// The chunk's rows as `read` events just before its position (after every transaction
-    /// before it, before every one after it).
+    /// The chunk's rows as `read` events at its place (after every transaction before the
+    /// position its rows are as of, before every one after it), but for keys changed
+    /// between its watermarks.
     fn land_chunk(
         &self,
         c: Chunk,
@@ -1134,7 +1379,7 @@ impl MysqlSource {
         pending: &mut Pending,
     ) -> Result<(bool, u64), Stop> {
         let stream = self.stream_for(&c.info.db, &c.info.name, streams, state)?;
-        let at = c.at.saturating_sub(1);
+        let at = c.place;
         // Chunks read with no binlog event in between share their position: their sequence
         // numbers go on from the last chunk's, so the log's de-duplication keeps them apart.
         let base = written.iter().filter(|((s, _), (pos, _))| s == stream.name() && *pos == at).map(|(_, (_, seq))| seq + 1).max().unwrap_or(0);
@@ -1142,10 +1387,15 @@ impl MysqlSource {
             c.records
         } else {
             tracing::debug!(source = self.name, base, read_with = c.base, "snapshot events written again with other sequence numbers");
-            read_events(&self.name, &c.info, &c.rows, c.at, base)
+            read_events(&self.name, &c.info, &c.rows, c.place, base)
         };
         for (i, r) in records.into_iter().enumerate() {
-            let p = stream.partition_for_key(r.key.as_deref().expect("read events are keyed"));
+            let k = r.key.as_deref().expect("read events are keyed");
+            if !c.changed.is_empty() && c.changed.contains(std::str::from_utf8(k).expect("JSON text is UTF-8")) {
+                // Changed between the watermarks: the change event is as new or newer.
+                continue;
+            }
+            let p = stream.partition_for_key(k);
             pending.push(&stream, p, (at, base + i as u64), r);
         }
         let last_key = c.rows.last().map(|values| {

@@ -9,6 +9,9 @@
 //! the read. This is DBLog's watermark reconciliation with the window shrunk to one point:
 //! the database names the point, so no watermark table (and no write to the source) is
 //! needed. InnoDB's consistent read takes no locks beyond a plain SELECT's.
+//!
+//! MySQL reports no such position: there, with the `watermark_table` option, chunks are read
+//! between watermarks instead (see [`read_between_watermarks`]).
 
 use super::types::Kind;
 use mysql_async::prelude::*;
@@ -85,9 +88,9 @@ fn key_param(kind: &Kind, text: &str) -> Value {
     }
 }
 
-/// Reads the chunk after key `after` (or the rows with primary key in `keys`), up to
-/// `limit` rows in key order, with the binlog position it is as of.
-pub async fn read_chunk(conn: &mut Conn, info: &TableInfo, after: Option<&[String]>, keys: Option<&[Vec<String>]>, limit: usize) -> anyhow::Result<ChunkRows> {
+/// The chunk after key `after` (or the rows with primary key in `keys`), up to `limit` rows
+/// in key order: the statement and its parameters.
+fn chunk_query(info: &TableInfo, after: Option<&[String]>, keys: Option<&[Vec<String>]>, limit: usize) -> (String, Vec<Value>) {
     let cols = info.columns.iter().map(|(n, _)| quote(n)).collect::<Vec<_>>().join(", ");
     let key_cols: Vec<String> = info.keys.iter().map(|&i| quote(&info.columns[i].0)).collect();
     let mut params: Vec<Value> = Vec::new();
@@ -117,6 +120,14 @@ pub async fn read_chunk(conn: &mut Conn, info: &TableInfo, after: Option<&[Strin
         (None, None) => String::new(),
     };
     let sql = format!("SELECT {cols} FROM {}.{} {filter} ORDER BY {} LIMIT {limit}", quote(&info.db), quote(&info.name), key_cols.join(", "));
+    (sql, params)
+}
+
+/// Reads the chunk after key `after` (or the rows with primary key in `keys`), up to
+/// `limit` rows in key order, with the binlog position it is as of (MariaDB's consistent
+/// read position).
+pub async fn read_chunk(conn: &mut Conn, info: &TableInfo, after: Option<&[String]>, keys: Option<&[Vec<String>]>, limit: usize) -> anyhow::Result<ChunkRows> {
+    let (sql, params) = chunk_query(info, after, keys, limit);
     conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY").await?;
     let result = async {
         let status: Vec<(String, String)> = conn.query("SHOW SESSION STATUS LIKE 'binlog_snapshot_%'").await?;
@@ -131,4 +142,57 @@ pub async fn read_chunk(conn: &mut Conn, info: &TableInfo, after: Option<&[Strin
     // Read only: a commit ends it either way.
     conn.query_drop("COMMIT").await?;
     result
+}
+
+// Watermarks (the `watermark_table` option), for servers that do not report a consistent
+// read's position (MySQL): DBLog's method as published. For each chunk the source commits a
+// low watermark (a row update of the watermark table), selects the chunk in a statement of
+// its own, and commits a high watermark. The server commits transactions to InnoDB in
+// binlog order (MariaDB always, MySQL with binlog_order_commits = ON, its default) and
+// answers a commit only after that, so the SELECT sees every transaction before the low
+// watermark in the binlog; everything it sees was in the binlog before the high
+// watermark. In the binlog stream the source drops from the chunk every key the table's
+// changes touch between the two watermarks (the change is as new as the row read, or
+// newer) and writes the rest as `read` events at the high watermark.
+
+/// Creates the watermark table if it is missing. Err: it is missing and cannot be created.
+pub async fn ensure_watermark_table(conn: &mut Conn, (db, table): &(String, String)) -> anyhow::Result<()> {
+    let create = format!(
+        "CREATE TABLE IF NOT EXISTS {}.{} (source VARCHAR(191) NOT NULL PRIMARY KEY, mark VARCHAR(255) NOT NULL) ENGINE=InnoDB",
+        quote(db),
+        quote(table)
+    );
+    if let Err(e) = conn.query_drop(create.as_str()).await {
+        if table_info(conn, db, table).await?.is_none() {
+            anyhow::bail!("the watermark table {db}.{table} does not exist and could not be created ({e}): create it with `{create}`");
+        }
+    }
+    Ok(())
+}
+
+/// Commits a watermark: `mark` in the source's row of the watermark table.
+pub async fn write_watermark(conn: &mut Conn, (db, table): &(String, String), source: &str, mark: &str) -> anyhow::Result<()> {
+    let sql = format!("INSERT INTO {}.{} (source, mark) VALUES (?, ?) ON DUPLICATE KEY UPDATE mark = ?", quote(db), quote(table));
+    conn.exec_drop(sql, (source, mark, mark)).await.map_err(|e| anyhow::anyhow!("snapshot watermark in {db}.{table}: {e}"))
+}
+
+/// Reads the chunk after key `after` (or the rows with primary key in `keys`), up to
+/// `limit` rows in key order, in one statement between committed watermarks `low` and
+/// `high`.
+#[allow(clippy::too_many_arguments)]
+pub async fn read_between_watermarks(
+    conn: &mut Conn,
+    watermarks: &(String, String),
+    source: &str,
+    (low, high): (&str, &str),
+    info: &TableInfo,
+    after: Option<&[String]>,
+    keys: Option<&[Vec<String>]>,
+    limit: usize,
+) -> anyhow::Result<Vec<Vec<Value>>> {
+    let (sql, params) = chunk_query(info, after, keys, limit);
+    write_watermark(conn, watermarks, source, low).await?;
+    let rows: Vec<mysql_async::Row> = conn.exec(sql.as_str(), params).await?;
+    write_watermark(conn, watermarks, source, high).await?;
+    Ok(rows.into_iter().map(|r| r.unwrap()).collect())
 }

@@ -151,8 +151,20 @@ pub(crate) fn events<'a>(
         Message::Update { relation, old, new } => {
             let r = get(*relation)?;
             if captured(r.0) {
-                let before = old.as_ref().map(|(kind, t)| (t, *kind == OldKind::Key));
-                push(r, "update", before, Some(new), Some(new));
+                // (A key value not sent again, TOASTed and unchanged, has not moved.)
+                let moved = |old: &Tuple| {
+                    r.0.columns.iter().enumerate().any(|(i, c)| c.key && !matches!(new.get(i), Some(Value::UnchangedToast)) && old.get(i) != new.get(i))
+                };
+                match old {
+                    // The row moved to another key: a delete of the old key and an insert of
+                    // the new, as other CDC tools do, so that each key's events stay in its
+                    // partition and the mirror drops the old row.
+                    Some((kind, t)) if moved(t) => {
+                        push(r, "delete", Some((t, *kind == OldKind::Key)), None, Some(t));
+                        push(r, "insert", None, Some(new), Some(new));
+                    }
+                    _ => push(r, "update", old.as_ref().map(|(kind, t)| (t, *kind == OldKind::Key)), Some(new), Some(new)),
+                }
             }
         }
         Message::Delete { relation, old: (kind, t) } => {
@@ -376,6 +388,27 @@ mod tests {
             prop_assert_eq!(got, want);
             prop_assert_eq!(s1, s2);
         }
+    }
+
+    #[test]
+    fn an_update_that_moves_a_row_to_another_key_is_a_delete_and_an_insert() {
+        let col = |name: &str, key| Column { key, name: name.into(), type_oid: types::oid::INT4, type_modifier: -1 };
+        let r = Relation { oid: 7, namespace: "public".into(), name: "t".into(), replica_identity: b'd', columns: vec![col("id", true), col("v", false)] };
+        let text = RelText::new("src", &r);
+        let txn = TxnText::new(1, "0/1", "2026-01-05T08:00:00.000000Z", "db");
+        let v = |s: &str| Value::Text(s.into());
+        let update = |old: Tuple, new: Tuple| {
+            let m = Message::Update { relation: 7, old: Some((OldKind::Key, old)), new };
+            let changes = events(|oid| (oid == 7).then_some((&r, &text)), |_| true, &m, &txn, &mut 0, 0).unwrap();
+            changes.into_iter().map(|c| {
+                let e: Json = serde_json::from_slice(&c.event).unwrap();
+                (e["op"].as_str().unwrap().to_string(), c.key.unwrap(), c.seq)
+            }).collect::<Vec<_>>()
+        };
+        let moved = update(vec![v("1"), Value::Null], vec![v("2"), v("9")]);
+        assert_eq!(moved, [("delete".into(), r#"{"id":1}"#.into(), 0), ("insert".into(), r#"{"id":2}"#.into(), 1)]);
+        let kept = update(vec![v("1"), Value::Null], vec![v("1"), v("9")]);
+        assert_eq!(kept, [("update".into(), r#"{"id":1}"#.into(), 0)]);
     }
 
     #[test]

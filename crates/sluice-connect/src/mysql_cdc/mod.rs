@@ -991,8 +991,7 @@ impl Session for MysqlSource {
                 self.chunk_done(&mut state, finished)?;
                 last_chunk = std::time::Instant::now();
             }
-            let reading_none = chunk.is_none() && reading.is_none() && window.is_none();
-            if reading_none && txn.is_none() && !state.snapshots.is_empty() && last_chunk.elapsed() >= self.cfg.snapshot_throttle.0 {
+            if chunk.is_none() && reading.is_none() && window.is_none() && txn.is_none() && !state.snapshots.is_empty() && last_chunk.elapsed() >= self.cfg.snapshot_throttle.0 {
                 match &watermarks {
                     Some(w) => window = Some(reader.start_window(&state, w)),
                     None => reading = Some(reader.start(&state, last_read)),

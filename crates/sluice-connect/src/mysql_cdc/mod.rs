@@ -1529,6 +1529,8 @@ mod tests {
             BinlogRow::new(values.into_iter().map(|v| Some(BinlogValue::Value(v))).collect(), columns.clone())
         };
         let (b, a) = (row(1, "z\n"), row(2, "é"));
+        // The key is (Line "2", id): b and a differ in id, so an update from b to a moves the row.
+        assert!(shape.key_moved(&b, &a) && !shape.key_moved(&a, &row(2, "other")));
         for gtid in [None, Some("0-1-7".to_string())] {
             let t = Txn { pos: position(3, 500), gtid, commit_time_ms: 1_767_607_200_123, seq: 4, explicit: true };
             for (op, before, after) in [("insert", None, Some(&a)), ("update", Some(&b), Some(&a)), ("delete", Some(&b), None)] {

@@ -230,3 +230,20 @@ pub fn cli(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN).args(args).output().unwrap();
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
+
+/// The statements [`check_moved_rows`] expects in a source database: a table `moves` whose
+/// row 1 moves to key 3 (and row 2 is updated in place).
+pub const MOVES_SQL: &str =
+    "CREATE TABLE moves (id INT PRIMARY KEY, v INT); INSERT INTO moves VALUES (1, 10), (2, 20); UPDATE moves SET id = 3 WHERE id = 1; UPDATE moves SET v = 21 WHERE id = 2;";
+
+/// After [`MOVES_SQL`] has landed in `stream` (5 changelog rows): the update that moved a
+/// row to another key is a delete of the old key and an insert of the new one, and the
+/// mirror holds the new key only.
+pub async fn check_moved_rows(s: &Server, stream: &str) {
+    let moves = s.query(&format!("SELECT op, key.id AS id FROM {stream}__changelog ORDER BY _offset")).await;
+    let ops: Vec<(&str, i64)> = moves.iter().map(|r| (r["op"].as_str().unwrap(), r["id"].as_i64().unwrap())).collect();
+    assert_eq!(ops, [("insert", 1), ("insert", 2), ("delete", 1), ("insert", 3), ("update", 2)]);
+    let mirror: Vec<(i64, i64)> =
+        s.query(&format!("SELECT id, v FROM {stream} ORDER BY id")).await.iter().map(|r| (r["id"].as_i64().unwrap(), r["v"].as_i64().unwrap())).collect();
+    assert_eq!(mirror, [(2, 21), (3, 10)]);
+}

@@ -598,9 +598,13 @@ impl ReadAhead {
     }
 
     /// Starts reading the next chunk of the first queued snapshot between watermarks in
-    /// `watermarks`, on its own task.
-    fn start_window(&self, state: &State, watermarks: &(String, String)) -> Window {
-        let task = state.snapshots[0].clone();
+    /// `watermarks`, on its own task: after the task's last key, or `after` when given (the
+    /// last key of a chunk read but not landed yet).
+    fn start_window(&self, state: &State, watermarks: &(String, String), after: Option<Vec<String>>) -> Window {
+        let mut task = state.snapshots[0].clone();
+        if after.is_some() {
+            task.after = after;
+        }
         let (db, table) = task.table.split_once('.').map_or((self.home.clone(), task.table.clone()), |(d, t)| (d.to_string(), t.to_string()));
         let marker = format!("{}:{}:{:016x}", task.id, task.chunks, fastrand::u64(..));
         let (r, m, w) = (self.clone(), marker.clone(), watermarks.clone());
@@ -646,6 +650,20 @@ async fn read_ahead(r: ReadAhead, task: SnapshotTask, prev: Option<(u64, u64)>) 
         .await
         .map_err(|e| anyhow::anyhow!("snapshot chunk: {e}"))?;
     Ok(Some(Chunk { task: task.id, info, place, rows, limit, base, records, changed: HashSet::new() }))
+}
+
+/// The key of a chunk's last row, as a snapshot task keeps it (one text per key column).
+fn last_key(info: &snapshot::TableInfo, rows: &[Vec<mysql_async::Value>]) -> Option<Vec<String>> {
+    let values = rows.last()?;
+    Some(
+        info.keys
+            .iter()
+            .map(|&i| match types::value_to_json(&info.columns[i].1, &values[i], false) {
+                Json::String(s) => s,
+                v => v.to_string(),
+            })
+            .collect(),
+    )
 }
 
 /// A chunk's rows as keyed `read` events at position `at`, with sequence numbers from `base`.
@@ -967,7 +985,17 @@ impl Session for MysqlSource {
         loop {
             // A chunk read between watermarks lands after its high watermark's transaction.
             if txn.is_none() && window.as_ref().is_some_and(|w| w.high.is_some() && w.done.is_some()) {
-                chunk = window.take().expect("checked").into_chunk(&self.name).await?;
+                let w = window.take().expect("checked");
+                // Unless it is the last, the next chunk's watermarks and read start now, while
+                // this one's events are built and written (its low watermark is past this
+                // one's high watermark in the binlog).
+                let next = watermarks.as_ref().zip(w.done.as_ref()).filter(|(_, d)| {
+                    !w.stale && self.cfg.snapshot_throttle.0.is_zero() && state.snapshots[0].keys.is_none() && d.rows.len() >= d.limit
+                });
+                if let Some((wm, d)) = next {
+                    window = Some(reader.start_window(&state, wm, last_key(&d.info, &d.rows)));
+                }
+                chunk = w.into_chunk(&self.name).await?;
             }
             // A chunk lands when the stream passes its place, between transactions.
             if txn.is_none() && chunk.as_ref().is_some_and(|c| position(file_no, cur_pos) > c.place) {
@@ -982,7 +1010,8 @@ impl Session for MysqlSource {
                 if !finished && self.cfg.snapshot_throttle.0.is_zero() {
                     // The next chunk is read while this one is written.
                     match &watermarks {
-                        Some(w) => window = Some(reader.start_window(&state, w)),
+                        Some(w) if window.is_none() => window = Some(reader.start_window(&state, w, None)),
+                        Some(_) => {}
                         None => reading = Some(reader.start(&state, last_read)),
                     }
                 }
@@ -993,7 +1022,7 @@ impl Session for MysqlSource {
             }
             if chunk.is_none() && reading.is_none() && window.is_none() && txn.is_none() && !state.snapshots.is_empty() && last_chunk.elapsed() >= self.cfg.snapshot_throttle.0 {
                 match &watermarks {
-                    Some(w) => window = Some(reader.start_window(&state, w)),
+                    Some(w) => window = Some(reader.start_window(&state, w, None)),
                     None => reading = Some(reader.start(&state, last_read)),
                 }
             }
@@ -1397,16 +1426,7 @@ impl MysqlSource {
             let p = stream.partition_for_key(k);
             pending.push(&stream, p, (at, base + i as u64), r);
         }
-        let last_key = c.rows.last().map(|values| {
-            c.info
-                .keys
-                .iter()
-                .map(|&i| match types::value_to_json(&c.info.columns[i].1, &values[i], false) {
-                    Json::String(s) => s,
-                    v => v.to_string(),
-                })
-                .collect::<Vec<_>>()
-        });
+        let last_key = last_key(&c.info, &c.rows);
         let finished = c.rows.len() < c.limit || state.snapshots[0].keys.is_some();
         let task = &mut state.snapshots[0];
         debug_assert_eq!(task.id, c.task);

@@ -289,13 +289,13 @@ impl Shape {
         out.push(b'}');
     }
 
-    /// Whether an update's images have different primary keys.
-    fn key_moved<R: Image + ?Sized>(&self, before: &R, after: &R) -> bool {
-        let (mut b, mut a) = (Vec::with_capacity(16), Vec::with_capacity(16));
+    /// Whether an update's images have different primary keys (`scratch` holds each key
+    /// column's two values as JSON text).
+    fn key_moved<R: Image + ?Sized>(&self, before: &R, after: &R, (b, a): &mut (Vec<u8>, Vec<u8>)) -> bool {
         self.keys.iter().any(|&i| {
             (b.clear(), a.clear());
-            before.write(i, &self.kinds[i], &mut b);
-            after.write(i, &self.kinds[i], &mut a);
+            before.write(i, &self.kinds[i], b);
+            after.write(i, &self.kinds[i], a);
             a != b
         })
     }
@@ -425,6 +425,8 @@ struct Out<'a> {
     pending: &'a mut Pending,
     /// A snapshot chunk's window the table's changes fall in: their keys leave the chunk.
     window: Option<&'a mut Window>,
+    /// Scratch for comparing an update's old and new keys.
+    keys: (Vec<u8>, Vec<u8>),
 }
 
 impl Out<'_> {
@@ -433,7 +435,7 @@ impl Out<'_> {
     /// events stay in its partition and the mirror drops the old row.
     fn row<R: Image + ?Sized>(&mut self, t: &mut Txn, before: Option<&R>, after: Option<&R>) {
         match (before, after, &self.tails.moved) {
-            (Some(b), Some(a), Some((delete, insert))) if self.shape.key_moved(b, a) => {
+            (Some(b), Some(a), Some((delete, insert))) if self.shape.key_moved(b, a, &mut self.keys) => {
                 self.one(t, Some(b), None, delete);
                 self.one(t, None, Some(a), insert);
             }
@@ -444,10 +446,15 @@ impl Out<'_> {
     fn one<R: Image + ?Sized>(&mut self, t: &mut Txn, before: Option<&R>, after: Option<&R>, tail: &[u8]) {
         let mut e = Vec::with_capacity(256);
         let key = self.shape.write_event(before, after, tail, t.seq, self.now, &mut e);
+        self.push(t, bytes::Bytes::from(e), key);
+    }
+
+    /// Queues one change event (its key leaves a snapshot chunk whose window it falls in).
+    fn push(&mut self, t: &mut Txn, event: bytes::Bytes, key: Option<String>) {
         if let (Some(w), Some(k)) = (self.window.as_mut(), &key) {
             w.changed.insert(k.clone());
         }
-        push_change(self.pending, self.stream, t, bytes::Bytes::from(e), key);
+        push_change(self.pending, self.stream, t, event, key);
     }
 }
 
@@ -607,12 +614,11 @@ impl ReadAhead {
         }
         let (db, table) = task.table.split_once('.').map_or((self.home.clone(), task.table.clone()), |(d, t)| (d.to_string(), t.to_string()));
         let marker = format!("{}:{}:{:016x}", task.id, task.chunks, fastrand::u64(..));
-        let (r, m, w) = (self.clone(), marker.clone(), watermarks.clone());
+        let (r, m, w, d, t) = (self.clone(), marker.clone(), watermarks.clone(), db.clone(), table.clone());
         let id = task.id;
         let read = tokio::spawn(async move {
             let mut conn = r.conn.lock().await;
-            let (db, name) = task.table.split_once('.').unwrap_or((r.home.as_str(), task.table.as_str()));
-            let Some(info) = snapshot::table_info(&mut conn, db, name).await? else { return Ok(None) };
+            let Some(info) = snapshot::table_info(&mut conn, &d, &t).await? else { return Ok(None) };
             let Some((limit, keys)) = task.chunk_plan(&r.source, &info.key_names(), r.chunk_rows) else { return Ok(None) };
             let (low, high) = (format!("low {m}"), format!("high {m}"));
             let rows = snapshot::read_between_watermarks(&mut conn, &w, &r.source, (&low, &high), &info, task.after.as_deref(), keys.as_deref(), limit).await?;
@@ -1007,13 +1013,10 @@ impl Session for MysqlSource {
                 let (finished, next_seq) = self.land_chunk(c, &mut state, &mut streams, &written, &mut pending)?;
                 // (The next snapshot's chunks go to another stream: their numbers start at 0.)
                 last_read = (!finished).then_some((place, next_seq));
-                if !finished && self.cfg.snapshot_throttle.0.is_zero() {
-                    // The next chunk is read while this one is written.
-                    match &watermarks {
-                        Some(w) if window.is_none() => window = Some(reader.start_window(&state, w, None)),
-                        Some(_) => {}
-                        None => reading = Some(reader.start(&state, last_read)),
-                    }
+                if !finished && self.cfg.snapshot_throttle.0.is_zero() && watermarks.is_none() {
+                    // The next chunk is read while this one is written (a chunk between
+                    // watermarks started the next at its high watermark, above).
+                    reading = Some(reader.start(&state, last_read));
                 }
                 self.write(&mut pending, &mut written, &mut writes, &mut state, &last_commit).await?;
                 self.drain(&mut writes, &mut state).await?;
@@ -1237,7 +1240,7 @@ impl Session for MysqlSource {
                         // Shared by this row event's change events.
                         let now = sluice_core::time::now_ms();
                         let tails = Tails::new(&shape, &self.name, op, t, &cur_file, start);
-                        let mut out = Out { shape: &shape, tails: &tails, now, stream: &stream, pending: &mut pending, window: window.as_deref_mut() };
+                        let mut out = Out { shape: &shape, tails: &tails, now, stream: &stream, pending: &mut pending, window: window.as_deref_mut(), keys: Default::default() };
                         if shape.reads_directly(&r) {
                             let (has_before, has_after) = (r.columns_before_image().is_some(), r.columns_after_image().is_some());
                             let data: &[u8] = r.rows_data();
@@ -1264,11 +1267,7 @@ impl Session for MysqlSource {
                                     let (bk, ak) = (before.as_ref().map(|b| shape.key(b)), after.as_ref().map(|a| shape.key(a)));
                                     let emit = |op: &str, before: Option<Json>, after: Option<Json>, key: Json, t: &mut Txn, out: &mut Out<'_>| {
                                         let event = self.event(&shape.db, &shape.table, op, before, after, key.clone(), t, &cur_file, start);
-                                        let key = (!key.is_null()).then(|| key.to_string());
-                                        if let (Some(k), Some(w)) = (&key, out.window.as_mut()) {
-                                            w.changed.insert(k.clone());
-                                        }
-                                        push_change(out.pending, out.stream, t, bytes::Bytes::from(event.to_string()), key);
+                                        out.push(t, bytes::Bytes::from(event.to_string()), (!key.is_null()).then(|| key.to_string()));
                                     };
                                     match (bk, ak) {
                                         // A row moved to another key: a delete of the old, an insert of the new.
@@ -1550,7 +1549,8 @@ mod tests {
         };
         let (b, a) = (row(1, "z\n"), row(2, "é"));
         // The key is (Line "2", id): b and a differ in id, so an update from b to a moves the row.
-        assert!(shape.key_moved(&b, &a) && !shape.key_moved(&a, &row(2, "other")));
+        let mut scratch = Default::default();
+        assert!(shape.key_moved(&b, &a, &mut scratch) && !shape.key_moved(&a, &row(2, "other"), &mut scratch));
         for gtid in [None, Some("0-1-7".to_string())] {
             let t = Txn { pos: position(3, 500), gtid, commit_time_ms: 1_767_607_200_123, seq: 4, explicit: true };
             for (op, before, after) in [("insert", None, Some(&a)), ("update", Some(&b), Some(&a)), ("delete", Some(&b), None)] {

@@ -36,6 +36,26 @@ pub(crate) fn texts(fields: &[(String, String)], b: &RecordBatch) -> anyhow::Res
     out.columns().iter().map(|c| Ok(cast(c, &DataType::Utf8)?.as_string::<i32>().clone())).collect()
 }
 
+/// Writes UTF-8 text `b` as a JSON string, the bytes `serde_json` writes for it. Text that
+/// needs no escape (printable ASCII other than `"` and `\\`: most values) is copied as it
+/// is, without the validation and escaping pass. False, writing nothing, if `b` is not UTF-8.
+pub(crate) fn write_json_str(b: &[u8], out: &mut Vec<u8>) -> bool {
+    if b.iter().all(|&c| (0x20..0x7f).contains(&c) && c != b'"' && c != b'\\') {
+        out.reserve(b.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(b);
+        out.push(b'"');
+        return true;
+    }
+    match std::str::from_utf8(b) {
+        Ok(s) => {
+            serde_json::to_writer(out, s).expect("JSON to memory");
+            true
+        }
+        Err(_) => false,
+    }
+}
+
 /// Snapshot rows as `read` change events, written as JSON text directly: the bytes
 /// serializing the event as a `serde_json::Value` gives (keys in the same order), without
 /// building one. Snapshots write millions of rows; the values were most of their cost.
@@ -149,6 +169,21 @@ pub(crate) fn snapshot_keys(table: &str, columns: &[&str], keys: &[String]) -> R
 mod tests {
     use super::{snapshot_keys, ReadEvents};
     use serde_json::{json, Map, Value};
+
+    proptest::proptest! {
+        /// Any bytes: the JSON serde_json writes for them when they are UTF-8, else nothing.
+        #[test]
+        fn json_strings_are_serde_json_s(b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..24), ascii in "[ -~]{0,24}") {
+            for b in [b.as_slice(), ascii.as_bytes()] {
+                let mut out = b"x".to_vec();
+                let ok = super::write_json_str(b, &mut out);
+                match std::str::from_utf8(b) {
+                    Ok(s) => proptest::prop_assert_eq!(String::from_utf8(out).unwrap(), format!("x{}", serde_json::to_string(s).unwrap())),
+                    Err(_) => proptest::prop_assert!(!ok && out == b"x"),
+                }
+            }
+        }
+    }
 
     #[test]
     fn read_events_are_the_values_text() {

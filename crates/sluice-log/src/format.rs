@@ -492,6 +492,8 @@ pub(crate) struct PendingBatch {
     pub max_timestamp: i64,
     /// Bytes of the framed records before compression.
     pub raw_len: usize,
+    /// Bytes of the batch (header and payload) at the start of the scratch buffer.
+    pub len: usize,
     payload_crc: crc32fast::Hasher,
 }
 
@@ -500,13 +502,13 @@ pub(crate) struct PendingBatch {
 pub(crate) fn with_encoded<R>(
     records: &[Record],
     plan: Plan<'_>,
-    f: impl FnOnce(&PendingBatch, &mut Vec<u8>) -> R,
+    f: impl FnOnce(&PendingBatch, &mut [u8]) -> R,
 ) -> Result<R, FormatError> {
     SCRATCH.with(|s| {
         let mut s = s.borrow_mut();
         let s = &mut *s;
         let pending = encode_into(records, plan, s)?;
-        let r = f(&pending, &mut s.out);
+        let r = f(&pending, &mut s.out[..pending.len]);
         // Do not keep huge buffers alive on every thread after one big batch.
         const KEEP: usize = 8 << 20;
         if s.out.capacity() > KEEP {
@@ -559,8 +561,9 @@ fn encode_into(records: &[Record], plan: Plan<'_>, s: &mut EncodeScratch) -> Res
     if raw.len() > MAX_BATCH_BYTES {
         return Err(FormatError::TooLarge(raw.len() as u64));
     }
+    // The batch is built at the start of `out`, which only grows: zeroing the compressor's
+    // whole worst case on every batch cost more than the compression of small records saved.
     let out = &mut s.out;
-    out.clear();
     let codec = match plan.codec {
         Codec::Auto if raw.len() < AUTO_SMALL_BATCH_BYTES => Codec::Zstd(AUTO_ZSTD_LEVEL),
         Codec::Auto => Codec::Lz4,
@@ -573,47 +576,44 @@ fn encode_into(records: &[Record], plan: Plan<'_>, s: &mut EncodeScratch) -> Res
     let compressed = match (codec, cdict) {
         (Codec::None | Codec::Auto, _) => None,
         (Codec::Zstd(_), Some((id, cd))) => {
-            out.resize(HEADER_LEN + 4 + zstd::zstd_safe::compress_bound(raw.len()), 0);
+            let end = HEADER_LEN + 4 + zstd::zstd_safe::compress_bound(raw.len());
+            grow_zeroed(out, end);
             out[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&id.to_le_bytes());
             let cctx = s.cctx.get_or_insert_with(zstd::zstd_safe::CCtx::create);
-            cctx.compress_using_cdict(&mut out[HEADER_LEN + 4..], raw.as_slice(), &cd)
+            cctx.compress_using_cdict(&mut out[HEADER_LEN + 4..end], raw.as_slice(), &cd)
                 .ok()
                 .map(|n| (n + 4, CODEC_ZSTD_DICT))
         }
         (Codec::Zstd(level), None) => {
-            out.resize(HEADER_LEN + zstd::zstd_safe::compress_bound(raw.len()), 0);
+            let end = HEADER_LEN + zstd::zstd_safe::compress_bound(raw.len());
+            grow_zeroed(out, end);
             let reuse = matches!(&s.compressor, Some((l, _)) if *l == level);
             if !reuse {
                 s.compressor = zstd::bulk::Compressor::new(level).ok().map(|c| (level, c));
             }
             match &mut s.compressor {
-                Some((_, c)) => c.compress_to_buffer(raw.as_slice(), &mut out[HEADER_LEN..]).ok().map(|n| (n, CODEC_ZSTD)),
+                Some((_, c)) => c.compress_to_buffer(raw.as_slice(), &mut out[HEADER_LEN..end]).ok().map(|n| (n, CODEC_ZSTD)),
                 None => None,
             }
         }
         (Codec::Lz4, _) => {
-            out.resize(HEADER_LEN + lz4_flex::block::get_maximum_output_size(raw.len()), 0);
-            lz4_flex::block::compress_into(raw, &mut out[HEADER_LEN..]).ok().map(|n| (n, CODEC_LZ4))
+            let end = HEADER_LEN + lz4_flex::block::get_maximum_output_size(raw.len());
+            grow_zeroed(out, end);
+            lz4_flex::block::compress_into(raw, &mut out[HEADER_LEN..end]).ok().map(|n| (n, CODEC_LZ4))
         }
     };
-    let codec = match compressed {
-        Some((n, c)) if n < raw.len() => {
-            out.truncate(HEADER_LEN + n);
-            c
-        }
+    let (codec, len) = match compressed {
+        Some((n, c)) if n < raw.len() => (c, HEADER_LEN + n),
         _ => {
-            out.clear();
-            CODEC_NONE
+            grow_zeroed(out, HEADER_LEN + raw.len());
+            out[HEADER_LEN..HEADER_LEN + raw.len()].copy_from_slice(raw);
+            (CODEC_NONE, HEADER_LEN + raw.len())
         }
     };
-    if codec == CODEC_NONE {
-        out.resize(HEADER_LEN, 0);
-        out.extend_from_slice(raw);
+    if len > MAX_BATCH_BYTES {
+        return Err(FormatError::TooLarge(len as u64));
     }
-    if out.len() > MAX_BATCH_BYTES {
-        return Err(FormatError::TooLarge(out.len() as u64));
-    }
-    let rest = (out.len() - 5) as u32;
+    let rest = (len - 5) as u32;
     out[0] = MAGIC_V1;
     out[LEN_AT..LEN_AT + 4].copy_from_slice(&rest.to_le_bytes());
     out[COUNT_AT..COUNT_AT + 4].copy_from_slice(&count.to_le_bytes());
@@ -622,8 +622,15 @@ fn encode_into(records: &[Record], plan: Plan<'_>, s: &mut EncodeScratch) -> Res
     out[CODEC_AT] = codec;
     out[ULEN_AT..ULEN_AT + 4].copy_from_slice(&(raw.len() as u32).to_le_bytes());
     let mut payload_crc = crc32fast::Hasher::new();
-    payload_crc.update(&out[HEADER_LEN..]);
-    Ok(PendingBatch { record_count: count, max_timestamp: max_ts, raw_len: raw.len(), payload_crc })
+    payload_crc.update(&out[HEADER_LEN..len]);
+    Ok(PendingBatch { record_count: count, max_timestamp: max_ts, raw_len: raw.len(), len, payload_crc })
+}
+
+/// Makes `buf` at least `len` long, zeroing only what it adds.
+fn grow_zeroed(buf: &mut Vec<u8>, len: usize) {
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
 }
 
 /// Stamps the base offset into an encoded batch and completes its CRC.
@@ -645,7 +652,7 @@ pub fn encode_batch(records: &[Record], base_offset: u64, codec: Codec) -> Resul
 pub fn encode_batch_with(records: &[Record], base_offset: u64, plan: Plan<'_>) -> Result<Vec<u8>, FormatError> {
     with_encoded(records, plan, |p, out| {
         finish_batch(p, out, base_offset);
-        out.clone()
+        out.to_vec()
     })
 }
 

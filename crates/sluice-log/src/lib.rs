@@ -498,7 +498,10 @@ impl Stream {
     /// The partition records with this key go to (stable across restarts and versions:
     /// CRC32 of the key modulo the partition count).
     pub fn partition_for_key(&self, key: &[u8]) -> u32 {
-        crc32fast::hash(key) % (self.partitions.len().max(1) as u32)
+        if self.partitions.len() <= 1 {
+            return 0;
+        }
+        crc32fast::hash(key) % (self.partitions.len() as u32)
     }
 
     /// Applies retention to every partition; returns the bytes deleted.

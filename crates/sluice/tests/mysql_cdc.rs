@@ -78,7 +78,7 @@ async fn every_dml_kind_and_type_lands_in_the_changelog_and_the_mirror() {
         "CREATE TABLE items (
            id BIGINT PRIMARY KEY, name VARCHAR(50), price DECIMAL(20,4), at TIMESTAMP(6) NULL, day DATE, ts DATETIME(3),
            t TIME, y YEAR, doc JSON, data VARBINARY(10), blob_data BLOB, mood ENUM('happy','sad'), tags SET('a','b','c'),
-           flag TINYINT(1), ratio DOUBLE, small SMALLINT UNSIGNED, big BIGINT UNSIGNED, bits BIT(12), note TEXT);
+           flag TINYINT(1), ratio DOUBLE, small SMALLINT UNSIGNED, big BIGINT UNSIGNED, bits BIT(12), note TEXT, med MEDIUMINT, tiny TINYINT);
          CREATE TABLE skipped (id INT PRIMARY KEY);
          CREATE TABLE logs (id INT PRIMARY KEY, msg VARCHAR(20));
          CREATE TABLE pre (id INT PRIMARY KEY, v VARCHAR(20), at TIMESTAMP NULL, mood ENUM('x','y'));
@@ -103,7 +103,7 @@ async fn every_dml_kind_and_type_lands_in_the_changelog_and_the_mirror() {
     db.sql(
         "SET time_zone = '+02:00';
          INSERT INTO items VALUES (1, 'tea', 12345678901234.5600, '2026-01-05 10:00:00.123456', '2026-01-05', '2026-01-05 10:00:00.5',
-            '-26:03:04', 2024, '{\"a\": {\"b\": [1, 2]}}', X'0aff', X'00', 'happy', 'a,c', 1, 0.5, 65535, 18446744073709551615, b'101', REPEAT('x', 5000));
+            '-26:03:04', 2024, '{\"a\": {\"b\": [1, 2]}}', X'0aff', X'00', 'happy', 'a,c', 1, 0.5, 65535, 18446744073709551615, b'101', REPEAT('x', 5000), -8388608, -128);
          INSERT INTO items (id, name) VALUES (2, 'coffee');
          INSERT INTO skipped VALUES (1);
          BEGIN;
@@ -141,6 +141,7 @@ async fn every_dml_kind_and_type_lands_in_the_changelog_and_the_mirror() {
     assert_eq!(a["big"].as_f64(), Some(18446744073709551615u64 as f64));
     assert_eq!(a["bits"], 5);
     assert_eq!(a["note"].as_str().unwrap().len(), 5000);
+    assert_eq!((a["med"].as_i64(), a["tiny"].as_i64()), (Some(-8388608), Some(-128)), "signed integers keep their sign");
     let src = &rows[0]["source"];
     assert_eq!((src["connector"].as_str(), src["db"].as_str(), src["table"].as_str()), (Some("mysql"), Some("shop"), Some("items")));
     assert_eq!(src["snapshot"], false);

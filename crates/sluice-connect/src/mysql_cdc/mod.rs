@@ -123,6 +123,49 @@ struct Shape {
     codecs: Vec<(ColumnType, Vec<u8>, bool)>,
 }
 
+/// The bytes of an integer column's value in a row event (mysql_common's reader, which
+/// [`read_int`] follows, takes a generic path per value).
+fn int_width(ty: ColumnType) -> Option<usize> {
+    use ColumnType::*;
+    match ty {
+        MYSQL_TYPE_TINY => Some(1),
+        MYSQL_TYPE_SHORT => Some(2),
+        MYSQL_TYPE_INT24 => Some(3),
+        MYSQL_TYPE_LONG => Some(4),
+        MYSQL_TYPE_LONGLONG => Some(8),
+        _ => None,
+    }
+}
+
+/// A little-endian integer of 1 to 8 bytes as mysql_common reads it from a row event: `Int`,
+/// but `UInt` for an unsigned BIGINT above `i64::MAX`.
+fn read_int(b: &[u8], unsigned: bool) -> mysql_async::Value {
+    let bits = b.len() as u32 * 8;
+    let raw = b.iter().rev().fold(0u64, |n, &x| n << 8 | x as u64);
+    if unsigned {
+        i64::try_from(raw).map_or(mysql_async::Value::UInt(raw), mysql_async::Value::Int)
+    } else {
+        // Sign-extended from the value's width.
+        let shift = 64 - bits;
+        mysql_async::Value::Int(((raw << shift) as i64) >> shift)
+    }
+}
+
+/// Gives signed MEDIUMINT values of a row mysql_common read their sign: it reads the three
+/// bytes without extending it (-1 as 16777215).
+fn signed_int24(r: &mut BinlogRow) {
+    for i in 0..r.len() {
+        let c = &r.columns_ref()[i];
+        let signed = c.column_type() == ColumnType::MYSQL_TYPE_INT24 && !c.flags().contains(mysql_async::consts::ColumnFlags::UNSIGNED_FLAG);
+        if let (true, Some(BinlogValue::Value(mysql_async::Value::Int(x)))) = (signed, r.as_ref(i)) {
+            if *x >= 1 << 23 {
+                let v = *x - (1 << 24);
+                r.place(i, BinlogValue::Value(mysql_async::Value::Int(v)));
+            }
+        }
+    }
+}
+
 /// A row image: writes the value of each column as JSON (`null` for a column the image
 /// leaves out, as for a NULL).
 trait Image {
@@ -258,13 +301,14 @@ impl Shape {
                 (MYSQL_TYPE_TINY_BLOB | MYSQL_TYPE_MEDIUM_BLOB | MYSQL_TYPE_LONG_BLOB | MYSQL_TYPE_BLOB, [n @ 1..=4, ..]) => Some(*n as usize),
                 _ => None,
             };
-            out.push(match text_length {
-                Some(size) => {
+            out.push(match (text_length, int_width(*ty)) {
+                (Some(size), _) => {
                     let len: &[u8] = buf.parse(size)?;
                     let len = len.iter().rev().fold(0usize, |n, &b| n << 8 | b as usize);
                     Cell::Text(buf.parse(len)?)
                 }
-                None => Cell::Value(buf.parse((*ty, meta.as_slice(), *unsigned, false))?),
+                (None, Some(width)) => Cell::Value(BinlogValue::Value(read_int(buf.parse(width)?, *unsigned))),
+                (None, None) => Cell::Value(buf.parse((*ty, meta.as_slice(), *unsigned, false))?),
             });
         }
         Ok(())
@@ -427,6 +471,9 @@ struct Out<'a> {
     window: Option<&'a mut Window>,
     /// Scratch for comparing an update's old and new keys.
     keys: (Vec<u8>, Vec<u8>),
+    /// The last event's length: the next one's buffer is made this big (rows of one event
+    /// are alike), not grown to it.
+    size: usize,
 }
 
 impl Out<'_> {
@@ -444,8 +491,9 @@ impl Out<'_> {
     }
 
     fn one<R: Image + ?Sized>(&mut self, t: &mut Txn, before: Option<&R>, after: Option<&R>, tail: &[u8]) {
-        let mut e = Vec::with_capacity(256);
+        let mut e = Vec::with_capacity(self.size + self.size / 8);
         let key = self.shape.write_event(before, after, tail, t.seq, self.now, &mut e);
+        self.size = e.len();
         self.push(t, bytes::Bytes::from(e), key);
     }
 
@@ -1240,7 +1288,7 @@ impl Session for MysqlSource {
                         // Shared by this row event's change events.
                         let now = sluice_core::time::now_ms();
                         let tails = Tails::new(&shape, &self.name, op, t, &cur_file, start);
-                        let mut out = Out { shape: &shape, tails: &tails, now, stream: &stream, pending: &mut pending, window: window.as_deref_mut(), keys: Default::default() };
+                        let mut out = Out { shape: &shape, tails: &tails, now, stream: &stream, pending: &mut pending, window: window.as_deref_mut(), keys: Default::default(), size: 256 };
                         if shape.reads_directly(&r) {
                             let (has_before, has_after) = (r.columns_before_image().is_some(), r.columns_after_image().is_some());
                             let data: &[u8] = r.rows_data();
@@ -1258,7 +1306,8 @@ impl Session for MysqlSource {
                             }
                         } else {
                             for row in r.rows(tme) {
-                                let (before, after) = row.map_err(bad_row)?;
+                                let (mut before, mut after) = row.map_err(bad_row)?;
+                                before.iter_mut().chain(after.iter_mut()).for_each(signed_int24);
                                 if before.iter().chain(&after).all(|r| shape.fits(r)) {
                                     out.row(t, before.as_ref(), after.as_ref());
                                 } else {
@@ -1634,6 +1683,45 @@ mod tests {
         // A truncated image is an error, not a short row.
         let mut short = ParseBuf(&bytes[..7]);
         assert!(shape.read_image(&mut short, &mut before).is_err());
+    }
+
+    proptest::proptest! {
+        /// Integers read from a row event's bytes are the values mysql_common reads, for every
+        /// width and sign (a signed MEDIUMINT with its sign, which mysql_common drops).
+        #[test]
+        fn integers_are_read_as_mysql_common_reads_them(bytes in proptest::array::uniform8(proptest::prelude::any::<u8>()), unsigned: bool) {
+            use ColumnType::*;
+            for ty in [MYSQL_TYPE_TINY, MYSQL_TYPE_SHORT, MYSQL_TYPE_INT24, MYSQL_TYPE_LONG, MYSQL_TYPE_LONGLONG] {
+                let width = int_width(ty).unwrap();
+                let mut theirs: BinlogValue<'_> = ParseBuf(&bytes[..width]).parse((ty, &[][..], unsigned, false)).unwrap();
+                if let (MYSQL_TYPE_INT24, false, BinlogValue::Value(mysql_async::Value::Int(x))) = (ty, unsigned, &mut theirs) {
+                    // mysql_common leaves out the sign of a MEDIUMINT (`signed_int24`).
+                    if *x >= 1 << 23 {
+                        *x -= 1 << 24;
+                    }
+                }
+                proptest::prop_assert_eq!(BinlogValue::Value(read_int(&bytes[..width], unsigned)), theirs, "{:?} unsigned={}", ty, unsigned);
+            }
+        }
+    }
+
+    #[test]
+    fn signed_mediumints_read_by_mysql_common_get_their_sign() {
+        use mysql_async::consts::ColumnFlags;
+        use mysql_async::{Column, Value};
+        let columns: Arc<[Column]> = vec![
+            Column::new(ColumnType::MYSQL_TYPE_INT24),
+            Column::new(ColumnType::MYSQL_TYPE_INT24).with_flags(ColumnFlags::UNSIGNED_FLAG),
+            Column::new(ColumnType::MYSQL_TYPE_LONG),
+            Column::new(ColumnType::MYSQL_TYPE_INT24),
+        ]
+        .into();
+        let values = [Value::Int(16_777_215), Value::Int(16_777_215), Value::Int(16_777_215), Value::Int(8_388_607)];
+        let mut row = BinlogRow::new(values.into_iter().map(|v| Some(BinlogValue::Value(v))).collect(), columns);
+        signed_int24(&mut row);
+        let got: Vec<_> = (0..4).map(|i| row.as_ref(i).cloned()).collect();
+        let want = [-1, 16_777_215, 16_777_215, 8_388_607].map(|v| Some(BinlogValue::Value(Value::Int(v))));
+        assert_eq!(got, want);
     }
 
     #[test]

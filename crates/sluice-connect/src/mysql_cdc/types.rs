@@ -214,10 +214,11 @@ pub fn write_value(kind: &Kind, v: &Value, out: &mut Vec<u8>) {
         (_, Value::NULL) => out.extend_from_slice(b"null"),
         (Kind::Int | Kind::Year, Value::Int(i)) => out.extend_from_slice(itoa::Buffer::new().format(*i).as_bytes()),
         (Kind::Int | Kind::Year, Value::UInt(i)) => out.extend_from_slice(itoa::Buffer::new().format(*i).as_bytes()),
-        (Kind::Text | Kind::Enum(_) | Kind::Set(_) | Kind::Decimal, Value::Bytes(b)) => match std::str::from_utf8(b) {
-            Ok(text) => serde_json::to_writer(out, text).expect("JSON to memory"),
-            Err(_) => serde_json::to_writer(out, &value_to_json(kind, v, false)).expect("JSON to memory"),
-        },
+        (Kind::Text | Kind::Enum(_) | Kind::Set(_) | Kind::Decimal, Value::Bytes(b)) => {
+            if !crate::write_json_str(b, out) {
+                serde_json::to_writer(out, &value_to_json(kind, v, false)).expect("JSON to memory")
+            }
+        }
         // Dates and times as `datetime` prints them, without formatting machinery (snapshots
         // write millions); values out of the usual ranges take the general path.
         (Kind::Timestamp | Kind::DateTime | Kind::Date, &Value::Date(y, mo, d, h, mi, s, us)) if y <= 9999 && mo < 100 && d < 100 && h < 100 && mi < 100 && s < 100 && us < 1_000_000 => {
@@ -253,18 +254,15 @@ pub fn write_binlog(kind: &Kind, v: &BinlogValue<'_>, out: &mut Vec<u8>) {
         (_, BinlogValue::Value(Value::NULL)) => out.extend_from_slice(b"null"),
         (Kind::Int | Kind::Year, BinlogValue::Value(Value::Int(i))) => out.extend_from_slice(itoa::Buffer::new().format(*i).as_bytes()),
         (Kind::Int | Kind::Year, BinlogValue::Value(Value::UInt(i))) => out.extend_from_slice(itoa::Buffer::new().format(*i).as_bytes()),
-        (Kind::Text | Kind::Decimal, BinlogValue::Value(Value::Bytes(b))) if std::str::from_utf8(b).is_ok() => {
-            serde_json::to_writer(out, std::str::from_utf8(b).expect("checked")).expect("JSON to memory")
-        }
+        (Kind::Text | Kind::Decimal, BinlogValue::Value(Value::Bytes(b))) if crate::write_json_str(b, out) => {}
         _ => serde_json::to_writer(out, &binlog_to_json(kind, v)).expect("JSON to memory"),
     }
 }
 
 /// A text column's bytes as [`write_binlog`] writes them.
 pub fn write_text(kind: &Kind, b: &[u8], out: &mut Vec<u8>) {
-    match std::str::from_utf8(b) {
-        Ok(s) if matches!(kind, Kind::Text | Kind::Decimal) => serde_json::to_writer(out, s).expect("JSON to memory"),
-        _ => write_binlog(kind, &BinlogValue::Value(Value::Bytes(b.to_vec())), out),
+    if !(matches!(kind, Kind::Text | Kind::Decimal) && crate::write_json_str(b, out)) {
+        write_binlog(kind, &BinlogValue::Value(Value::Bytes(b.to_vec())), out)
     }
 }
 

@@ -393,6 +393,9 @@ pub(crate) struct Pending {
     pub(crate) records: usize,
     /// The end LSN of the last whole transaction in the group: confirmed once written.
     pub(crate) commit_end: Option<u64>,
+    /// Records per group in the last write: a new group's room (a backlog's groups are
+    /// alike, and growing one by doubling copied every change once more).
+    pub(crate) hint: usize,
 }
 
 impl Pending {
@@ -401,7 +404,7 @@ impl Pending {
         let i = match self.groups.iter().position(|(s, p, _)| *p == partition && Arc::ptr_eq(s, stream)) {
             Some(i) => i,
             None => {
-                self.groups.push((stream.clone(), partition, Vec::new()));
+                self.groups.push((stream.clone(), partition, Vec::with_capacity(self.hint + self.hint / 8)));
                 self.groups.len() - 1
             }
         };
@@ -1168,6 +1171,7 @@ fn fresh_batches(
     written: &mut HashMap<(String, u32), Position>,
 ) -> Result<(Vec<(Arc<sluice_log::Partition>, Vec<Record>)>, Option<u64>), Stop> {
     let p = std::mem::take(pending);
+    pending.hint = if p.groups.is_empty() { p.hint } else { p.records / p.groups.len() };
     let mut batches = Vec::new();
     for (stream, partition, recs) in p.groups {
         let k = (stream.name().to_string(), partition);

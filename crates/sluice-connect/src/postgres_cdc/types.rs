@@ -145,7 +145,7 @@ pub fn write_json(type_oid: u32, text: &str, out: &mut Vec<u8>) {
 
 /// A string as JSON text.
 pub fn write_str(s: &str, out: &mut Vec<u8>) {
-    serde_json::to_writer(out, s).expect("writing JSON to memory")
+    crate::write_json_str(s.as_bytes(), out);
 }
 
 /// The fast path of [`timestamptz`] for what a UTC session prints (`2026-01-05

@@ -76,6 +76,13 @@ impl SourceStatus {
         *self.last_error.lock() = e;
     }
 
+    /// A failing state and its error: the error first, so that whoever sees the state sees
+    /// its error too ([`SourceStatus::to_json`] reads the state first).
+    pub(crate) fn set_failing(&self, state: &str, e: String) {
+        self.set_error(Some(e));
+        self.set_state(state);
+    }
+
     /// As JSON for the API.
     pub fn to_json(&self) -> Json {
         let lsn = |a: &AtomicU64| {
@@ -86,6 +93,7 @@ impl SourceStatus {
         json!({
             "name": self.name,
             "kind": self.kind,
+            // Before the error (see `set_failing`).
             "state": *self.state.lock(),
             "last_error": *self.last_error.lock(),
             "confirmed_lsn": lsn(&self.confirmed_lsn),
@@ -1053,16 +1061,14 @@ pub(crate) async fn run_sessions(source: &impl Session, name: &str, status: &Sou
             }
             Err(Stop::Fatal(m)) => {
                 tracing::error!(source = name, "{m}");
-                status.set_state("failed");
-                status.set_error(Some(m));
+                status.set_failing("failed", m);
                 return;
             }
             Err(Stop::Retry(e)) => {
                 let m = format!("{e:#}");
                 tracing::warn!(source = name, error = m, "source: retrying in {backoff:?}");
                 metrics::counter!("sluice_source_errors_total", "source" => name.to_string()).increment(1);
-                status.set_state("retrying");
-                status.set_error(Some(m));
+                status.set_failing("retrying", m);
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.changed() => {}

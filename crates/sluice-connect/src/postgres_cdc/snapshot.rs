@@ -71,41 +71,70 @@ impl Rows {
     /// each row, `\N` for NULL, backslash escapes in values). Err: not that format.
     fn push_copy(&mut self, data: &[u8]) -> Result<(), String> {
         let text = std::str::from_utf8(data).map_err(|e| format!("COPY output is not UTF-8: {e}"))?;
-        for line in text.split_terminator('\n') {
-            let before = self.values.len();
-            for v in line.split('\t') {
+        let b = text.as_bytes();
+        self.text.reserve(b.len());
+        // One pass: each value runs to the next tab or newline (both ASCII, so every cut is
+        // at a character boundary); a backslash in it means escapes to undo.
+        let mut i = 0;
+        while i < b.len() {
+            let (row, before) = (i, self.values.len());
+            loop {
+                let (start, mut escaped) = (i, false);
+                while i < b.len() && b[i] != b'\t' && b[i] != b'\n' {
+                    escaped |= b[i] == b'\\';
+                    i += 1;
+                }
+                let v = &text[start..i];
                 if v == "\\N" {
                     self.push(None);
-                } else if !v.contains('\\') {
+                } else if !escaped {
                     self.push(Some(v));
                 } else {
-                    let start = self.text.len();
-                    let mut chars = v.chars();
-                    while let Some(c) = chars.next() {
-                        if c != '\\' {
-                            self.text.push(c);
-                            continue;
-                        }
-                        self.text.push(match chars.next() {
-                            Some('b') => '\u{8}',
-                            Some('f') => '\u{c}',
-                            Some('n') => '\n',
-                            Some('r') => '\r',
-                            Some('t') => '\t',
-                            Some('v') => '\u{b}',
-                            Some(c) => c,
-                            None => return Err(format!("COPY output ends in a backslash: {line:?}")),
-                        });
-                    }
-                    self.values.push((start, self.text.len()));
+                    self.push_escaped(v).map_err(|e| format!("{e}: {:?}", line(text, row)))?;
+                }
+                if i < b.len() && b[i] == b'\t' {
+                    i += 1;
+                } else {
+                    break;
                 }
             }
+            let end = i;
+            i += 1; // the newline (or past the end)
             if self.values.len() - before != self.columns {
-                return Err(format!("COPY output row has {} values, not {}: {line:?}", self.values.len() - before, self.columns));
+                return Err(format!("COPY output row has {} values, not {}: {:?}", self.values.len() - before, self.columns, &text[row..end]));
             }
         }
         Ok(())
     }
+
+    /// A value with backslash escapes, undone.
+    fn push_escaped(&mut self, v: &str) -> Result<(), &'static str> {
+        let start = self.text.len();
+        let mut chars = v.chars();
+        while let Some(c) = chars.next() {
+            if c != '\\' {
+                self.text.push(c);
+                continue;
+            }
+            self.text.push(match chars.next() {
+                Some('b') => '\u{8}',
+                Some('f') => '\u{c}',
+                Some('n') => '\n',
+                Some('r') => '\r',
+                Some('t') => '\t',
+                Some('v') => '\u{b}',
+                Some(c) => c,
+                None => return Err("COPY output ends in a backslash"),
+            });
+        }
+        self.values.push((start, self.text.len()));
+        Ok(())
+    }
+}
+
+/// The line of `text` that starts at `at`.
+fn line(text: &str, at: usize) -> &str {
+    text[at..].split('\n').next().unwrap_or_default()
 }
 
 /// `text` as an SQL string literal.

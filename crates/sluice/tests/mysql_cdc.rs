@@ -254,16 +254,16 @@ async fn kill9_during_writes_and_a_database_restart_lose_and_duplicate_nothing()
     crash_loop(servers::MariaServer::start()).await;
 }
 
-/// MySQL (9.x from Debian unstable; CI has no MySQL): its encodings of the types MariaDB
+/// MySQL (8.0 from Ubuntu 22.04 or 9.x from Debian unstable; CI has no MySQL): its encodings of the types MariaDB
 /// encodes differently, a snapshot refused with the reason when the source has no watermark
 /// table, the convergence test with one, then the crash loop with binlog rotations and a
 /// database restart. Run with
-/// `bash scripts/mysql-sid.sh DIR` and `SLUICE_TEST_MYSQLD=DIR/mysqld cargo nextest run
+/// `bash scripts/mysql-ubuntu.sh DIR` (or `scripts/mysql-sid.sh`) and `SLUICE_TEST_MYSQLD=DIR/mysqld cargo nextest run
 /// --run-ignored only -E 'test(mysql_server)'`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a MySQL server: SLUICE_TEST_MYSQLD (scripts/mysql-sid.sh)"]
+#[ignore = "needs a MySQL server: SLUICE_TEST_MYSQLD (scripts/mysql-ubuntu.sh or scripts/mysql-sid.sh)"]
 async fn mysql_server_types_kill9_rotations_and_a_database_restart() {
-    let mysqld = std::env::var("SLUICE_TEST_MYSQLD").expect("SLUICE_TEST_MYSQLD: a MySQL launcher (scripts/mysql-sid.sh)");
+    let mysqld = std::env::var("SLUICE_TEST_MYSQLD").expect("SLUICE_TEST_MYSQLD: a MySQL launcher (scripts/mysql-ubuntu.sh or scripts/mysql-sid.sh)");
     let db = servers::MariaServer::start_mysql(&mysqld);
     db.sql(
         "CREATE TABLE items (id BIGINT PRIMARY KEY, price DECIMAL(20,4), at TIMESTAMP(6) NULL, t TIME, doc JSON, data VARBINARY(10),
@@ -291,6 +291,14 @@ async fn mysql_server_types_kill9_rotations_and_a_database_restart() {
     assert_eq!(a["doc"]["s"], "x");
     assert_eq!((a["data"].as_str(), a["mood"].as_str(), a["tags"].as_str(), a["bits"].as_i64()), (Some("\\x0aff"), Some("sad"), Some("a,c"), Some(5)));
     assert_eq!(a["big"].as_f64(), Some(18446744073709551615u64 as f64));
+    // With gtid_mode = ON (SLUICE_TEST_MYSQLD_ARGS) each change names its GTID, uuid:n.
+    // (A column that was only ever null is not in the lake: no GTIDs, no `gtid` field.)
+    let gtid = s.query("SELECT source FROM shop_items__changelog").await[0]["source"]["gtid"].clone();
+    if db.sql("SELECT @@gtid_mode").trim() == "ON" {
+        assert!(gtid.as_str().is_some_and(|g| g.len() > 37 && g.as_bytes()[36] == b':'), "{gtid}");
+    } else {
+        assert!(gtid.is_null(), "{gtid}");
+    }
     let _ = s.stop();
     // Snapshots between watermarks converge while the table changes, through a kill -9.
     converges(&db, "      watermark_table: sluice_watermark\n").await;

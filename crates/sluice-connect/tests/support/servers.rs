@@ -184,7 +184,8 @@ impl MariaServer {
     }
 
     /// A MySQL server, run by `mysqld`: a command that starts mysqld with `--no-defaults` and
-    /// its base directory and then the arguments given (`scripts/mysql-sid.sh` writes one).
+    /// its base directory and then the arguments given (`scripts/mysql-ubuntu.sh` and
+    /// `scripts/mysql-sid.sh` write one).
     pub fn start_mysql(mysqld: &str) -> MariaServer {
         let dir = tempfile::Builder::new().prefix("sluice-mysql").tempdir().unwrap();
         std::fs::create_dir(dir.path().join("tmp")).unwrap();
@@ -193,7 +194,7 @@ impl MariaServer {
             .arg(format!("--datadir={}", dir.path().join("data").display()))
             .args(if is_root() { vec!["--user=root"] } else { vec![] })
             .output()
-            .expect("the MySQL launcher (scripts/mysql-sid.sh)");
+            .expect("the MySQL launcher (scripts/mysql-ubuntu.sh or scripts/mysql-sid.sh)");
         assert!(out.status.success(), "mysqld --initialize-insecure: {}", String::from_utf8_lossy(&out.stderr));
         let mut m = MariaServer { child: None, dir, port: free_port(), mysqld: Some(mysqld.to_string()) };
         m.spawn();
@@ -208,6 +209,8 @@ impl MariaServer {
             Some(launcher) => {
                 let mut c = Command::new(launcher);
                 c.args(["--mysqlx=OFF", "--secure-file-priv="]);
+                // More server options, e.g. "--gtid-mode=ON --enforce-gtid-consistency=ON".
+                c.args(std::env::var("SLUICE_TEST_MYSQLD_ARGS").unwrap_or_default().split_whitespace());
                 c
             }
             None => {

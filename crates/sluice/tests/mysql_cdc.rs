@@ -291,6 +291,15 @@ async fn mysql_server_types_kill9_rotations_and_a_database_restart() {
     assert_eq!(a["doc"]["s"], "x");
     assert_eq!((a["data"].as_str(), a["mood"].as_str(), a["tags"].as_str(), a["bits"].as_i64()), (Some("\\x0aff"), Some("sad"), Some("a,c"), Some(5)));
     assert_eq!(a["big"].as_f64(), Some(18446744073709551615u64 as f64));
+    // An in-place JSON update logged as a partial JSON diff where the server allows it
+    // (binlog_row_value_options = PARTIAL_JSON, for this session): the change still carries
+    // the whole document.
+    db.sql("SET SESSION binlog_row_value_options = 'PARTIAL_JSON'; UPDATE items SET doc = JSON_SET(doc, '$.s', 'y') WHERE id = 1");
+    wait_rows(&s, "shop_items", 2).await;
+    let a = &s.query("SELECT after FROM shop_items__changelog WHERE op = 'update'").await[0]["after"];
+    assert_eq!((a["doc"]["s"].as_str(), &a["doc"]["a"]["b"]), (Some("y"), &serde_json::json!([1, 2])), "{a}");
+    let m = &s.query("SELECT doc FROM shop_items WHERE id = 1").await[0]["doc"];
+    assert!(m.to_string().contains("\"y\""), "{m}");
     // With gtid_mode = ON (SLUICE_TEST_MYSQLD_ARGS) each change names its GTID, uuid:n.
     // (A column that was only ever null is not in the lake: no GTIDs, no `gtid` field.)
     let gtid = s.query("SELECT source FROM shop_items__changelog").await[0]["source"]["gtid"].clone();

@@ -445,6 +445,24 @@ fn push_change(pending: &mut Pending, stream: &Arc<Stream>, t: &mut Txn, value: 
     t.seq += 1;
 }
 
+/// Replaces the partial JSON updates in an update's new image (MySQL's
+/// `binlog_row_value_options = PARTIAL_JSON`) with the whole documents they make of the old
+/// image's: a change event carries whole values. A diff that does not apply to the old
+/// document is an error: the row cannot be known, and a wrong one must not reach the mirror.
+fn whole_json_documents(shape: &Shape, before: Option<&BinlogRow>, after: &mut BinlogRow) -> Result<(), String> {
+    for i in 0..after.len() {
+        if let Some(BinlogValue::JsonDiff(diffs)) = after.as_ref(i) {
+            let name = shape.names.get(i).map_or("?", String::as_str);
+            let old = before.and_then(|b| b.as_ref(i)).map_or(Json::Null, |v| types::binlog_to_json(&Kind::Json, v));
+            let doc = types::apply_json_diffs(old, diffs).map_err(|e| {
+                format!("a partial JSON update of {}.{}.{name}: {e}; set binlog_row_value_options = '' on the server and take a snapshot of the table", shape.db, shape.table)
+            })?;
+            after.place(i, BinlogValue::Value(mysql_async::Value::Bytes(doc.to_string().into_bytes())));
+        }
+    }
+    Ok(())
+}
+
 /// The JSON text every change event of one row event shares after its row images (see
 /// [`Shape::tail`]); for an update, also a delete's and an insert's, for rows that move
 /// to another key.
@@ -1308,6 +1326,9 @@ impl Session for MysqlSource {
                             for row in r.rows(tme) {
                                 let (mut before, mut after) = row.map_err(bad_row)?;
                                 before.iter_mut().chain(after.iter_mut()).for_each(signed_int24);
+                                if let Some(a) = after.as_mut() {
+                                    whole_json_documents(&shape, before.as_ref(), a).map_err(|e| Stop::Fatal(format!("source {}: {e}", self.name)))?;
+                                }
                                 if before.iter().chain(&after).all(|r| shape.fits(r)) {
                                     out.row(t, before.as_ref(), after.as_ref());
                                 } else {

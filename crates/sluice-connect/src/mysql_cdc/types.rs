@@ -16,6 +16,7 @@
 //! | CHAR, VARCHAR, TEXT | string |
 //! | GEOMETRY, VECTOR, anything else | unsupported: the bytes as `\x…`, with a warning naming the column |
 
+use mysql_async::binlog::jsondiff::{JsonDiff, JsonDiffOperation};
 use mysql_async::binlog::value::BinlogValue;
 use mysql_async::consts::ColumnType;
 use mysql_async::Value;
@@ -139,9 +140,126 @@ pub fn binlog_to_json(kind: &Kind, v: &BinlogValue<'_>) -> Json {
     match v {
         BinlogValue::Value(v) => value_to_json(kind, v, true),
         BinlogValue::Jsonb(j) => serde_json::Value::try_from(j.clone()).unwrap_or_else(|e| Json::String(format!("unreadable JSON value: {e}"))),
-        // Only with binlog_row_value_options = PARTIAL_JSON (MySQL); the source asks for full rows.
+        // Only with binlog_row_value_options = PARTIAL_JSON (MySQL); the source applies the
+        // diffs to the old document before rows are written (`apply_json_diffs`).
         BinlogValue::JsonDiff(_) => Json::Null,
     }
+}
+
+/// The document a partial JSON update (MySQL with `binlog_row_value_options = PARTIAL_JSON`
+/// logs `JSON_SET`, `JSON_REPLACE` and `JSON_REMOVE` as diffs, even with full row images)
+/// makes of `doc`, the column's old value; or why the diffs do not apply.
+pub fn apply_json_diffs(mut doc: Json, diffs: &[JsonDiff<'_>]) -> Result<Json, String> {
+    for d in diffs {
+        let path = d.path_str();
+        let value = match d.value() {
+            Some(v) => Some(Json::try_from(v.clone()).map_err(|e| format!("unreadable JSON value at {path}: {e}"))?),
+            None => None,
+        };
+        apply_json_diff(&mut doc, d.operation(), &path, value)?;
+    }
+    Ok(doc)
+}
+
+/// One diff of [`apply_json_diffs`]: `op` at `path` with `value` (none for a removal).
+fn apply_json_diff(doc: &mut Json, op: JsonDiffOperation, path: &str, value: Option<Json>) -> Result<(), String> {
+    let legs = json_path(path).ok_or_else(|| format!("unreadable JSON path {path:?}"))?;
+    let Some((last, parents)) = legs.split_last() else {
+        // The whole document.
+        return match (op, value) {
+            (JsonDiffOperation::REPLACE, Some(v)) => {
+                *doc = v;
+                Ok(())
+            }
+            _ => Err(format!("cannot {op:?} the whole document")),
+        };
+    };
+    let mut at = doc;
+    for leg in parents {
+        at = match (leg, at) {
+            (Leg::Member(m), Json::Object(o)) => o.get_mut(m.as_str()),
+            (Leg::Index(i), Json::Array(a)) => a.get_mut(*i),
+            _ => None,
+        }
+        .ok_or_else(|| format!("JSON path {path} is not in the old document"))?;
+    }
+    let done = match (op, last, at, value) {
+        (JsonDiffOperation::REPLACE | JsonDiffOperation::INSERT, Leg::Member(m), Json::Object(o), Some(v)) => {
+            o.insert(m.clone(), v);
+            true
+        }
+        (JsonDiffOperation::REPLACE, Leg::Index(i), Json::Array(a), Some(v)) if *i < a.len() => {
+            a[*i] = v;
+            true
+        }
+        (JsonDiffOperation::INSERT, Leg::Index(i), Json::Array(a), Some(v)) => {
+            a.insert((*i).min(a.len()), v);
+            true
+        }
+        (JsonDiffOperation::REMOVE, Leg::Member(m), Json::Object(o), None) => o.remove(m.as_str()).is_some(),
+        (JsonDiffOperation::REMOVE, Leg::Index(i), Json::Array(a), None) if *i < a.len() => {
+            a.remove(*i);
+            true
+        }
+        _ => false,
+    };
+    if done {
+        Ok(())
+    } else {
+        Err(format!("cannot {op:?} at JSON path {path} of the old document"))
+    }
+}
+
+/// One step of a JSON path.
+#[derive(Debug, PartialEq)]
+enum Leg {
+    Member(String),
+    Index(usize),
+}
+
+/// A JSON path as MySQL writes one in a partial update: `$`, then `.name`, `."quoted name"`
+/// or `[n]` steps (no wildcards or ranges).
+fn json_path(p: &str) -> Option<Vec<Leg>> {
+    let mut rest = p.trim().strip_prefix('$')?.trim_start();
+    let mut legs = Vec::new();
+    while !rest.is_empty() {
+        if let Some(r) = rest.strip_prefix('.') {
+            let r = r.trim_start();
+            if r.starts_with('"') {
+                // A JSON string: find its end, then unescape it as JSON does.
+                let mut end = None;
+                let mut escaped = false;
+                for (i, c) in r.char_indices().skip(1) {
+                    match (c, escaped) {
+                        ('\\', false) => escaped = true,
+                        ('"', false) => {
+                            end = Some(i);
+                            break;
+                        }
+                        _ => escaped = false,
+                    }
+                }
+                let end = end?;
+                legs.push(Leg::Member(serde_json::from_str(&r[..=end]).ok()?));
+                rest = &r[end + 1..];
+            } else {
+                let end = r.find(['.', '[', ' ']).unwrap_or(r.len());
+                if end == 0 || r[..end].contains('*') {
+                    return None;
+                }
+                legs.push(Leg::Member(r[..end].to_string()));
+                rest = &r[end..];
+            }
+        } else if let Some(r) = rest.strip_prefix('[') {
+            let (n, r) = r.split_once(']')?;
+            legs.push(Leg::Index(n.trim().parse().ok()?));
+            rest = r;
+        } else {
+            return None;
+        }
+        rest = rest.trim_start();
+    }
+    Some(legs)
 }
 
 /// A value as JSON. `binlog`: it came from a row event (whose TIMESTAMP is seconds since the
@@ -306,6 +424,38 @@ pub fn hex(b: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_diffs_apply_to_the_old_document() {
+        use serde_json::json;
+        use JsonDiffOperation::*;
+        let mut doc = json!({"a": {"b": [1, 2]}, "s": "x", "k y": {"z\"": 0}});
+        for (op, path, v) in [
+            (REPLACE, "$.s", Some(json!("y"))),
+            (INSERT, "$.a.c", Some(json!({"d": null}))),
+            (INSERT, "$.a.b[1]", Some(json!(9))),
+            (INSERT, "$.a.b[7]", Some(json!(3))),
+            (REPLACE, "$.a.b[0]", Some(json!(0))),
+            (REMOVE, "$.a.b[2]", None),
+            (REPLACE, r#"$."k y"."z\"""#, Some(json!(1))),
+        ] {
+            apply_json_diff(&mut doc, op, path, v).unwrap();
+        }
+        assert_eq!(doc, json!({"a": {"b": [0, 9, 3], "c": {"d": null}}, "s": "y", "k y": {"z\"": 1}}));
+        for (op, path, v) in [
+            (REPLACE, "$.nope.x", Some(json!(1))),
+            (REPLACE, "$.a.b[5]", Some(json!(1))),
+            (REMOVE, "$.gone", None),
+            (REMOVE, "$", None),
+            (REPLACE, "$.a.*", Some(json!(1))),
+            (REPLACE, "a", Some(json!(1))),
+            (REPLACE, "$.s[", Some(json!(1))),
+        ] {
+            assert!(apply_json_diff(&mut doc.clone(), op, path, v).is_err(), "{path}");
+        }
+        apply_json_diff(&mut doc, REPLACE, "$", Some(json!([1]))).unwrap();
+        assert_eq!(doc, json!([1]));
+    }
 
     #[test]
     fn written_values_are_the_values_text() {

@@ -424,6 +424,24 @@ pub fn hex(b: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::Strategy;
+
+    proptest::proptest! {
+        /// Paths written as MySQL writes them read back as their steps; any text is read or
+        /// refused without panicking.
+        #[test]
+        fn json_paths_read_back(steps in proptest::collection::vec(proptest::prop_oneof![
+            "[a-z_][a-z0-9_]{0,5}".prop_map(|m| (format!(".{m}"), Leg::Member(m))),
+            "(?s).{0,6}".prop_map(|m| (format!(".{}", serde_json::to_string(&m).unwrap()), Leg::Member(m))),
+            (0usize..1000).prop_map(|i| (format!("[{i}]"), Leg::Index(i))),
+        ], 0..5), junk in "(?s).{0,12}") {
+            let text: String = std::iter::once("$".to_string()).chain(steps.iter().map(|(t, _)| t.clone())).collect();
+            let want: Vec<Leg> = steps.into_iter().map(|(_, l)| l).collect();
+            proptest::prop_assert_eq!(json_path(&text), Some(want));
+            let _ = json_path(&junk);
+            let _ = apply_json_diff(&mut serde_json::json!({"a": [1]}), JsonDiffOperation::REPLACE, &junk, Some(Json::Null));
+        }
+    }
 
     #[test]
     fn json_diffs_apply_to_the_old_document() {

@@ -300,6 +300,12 @@ async fn mysql_server_types_kill9_rotations_and_a_database_restart() {
     assert_eq!((a["doc"]["s"].as_str(), &a["doc"]["a"]["b"]), (Some("y"), &serde_json::json!([1, 2])), "{a}");
     let m = &s.query("SELECT doc FROM shop_items WHERE id = 1").await[0]["doc"];
     assert!(m.to_string().contains("\"y\""), "{m}");
+    // A transaction the server compresses into one payload event (binlog_transaction_compression,
+    // for this session): its changes arrive all the same.
+    db.sql("SET SESSION binlog_transaction_compression = ON; INSERT INTO items (id, price) VALUES (2, 1.5), (3, 2.5); UPDATE items SET price = 3.5 WHERE id = 3");
+    wait_rows(&s, "shop_items", 5).await;
+    assert_eq!(s.scalar("SELECT count(*) FROM shop_items WHERE id IN (2, 3)").await, 2.0);
+    assert_eq!(s.query("SELECT price FROM shop_items WHERE id = 3").await[0]["price"], "3.5000");
     // With gtid_mode = ON (SLUICE_TEST_MYSQLD_ARGS) each change names its GTID, uuid:n.
     // (A column that was only ever null is not in the lake: no GTIDs, no `gtid` field.)
     let gtid = s.query("SELECT source FROM shop_items__changelog").await[0]["source"]["gtid"].clone();

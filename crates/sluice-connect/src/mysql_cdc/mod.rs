@@ -1052,6 +1052,10 @@ impl Session for MysqlSource {
         let gather = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(gather);
         let mut gathering = false;
+        // Where the compressed transaction whose events are being handled is (MySQL's
+        // binlog_transaction_compression: mysql_async hands out a Transaction_payload_event's
+        // events after it, and they have no positions of their own).
+        let mut payload_at: Option<(u64, u64)> = None;
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(60), Duration::from_secs(60));
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -1173,8 +1177,13 @@ impl Session for MysqlSource {
                 None => return Err(Stop::Retry(anyhow::anyhow!("the server ended the binlog stream"))),
             };
             let hdr = ev.header();
-            let end = hdr.log_pos() as u64;
-            let start = end.saturating_sub(hdr.event_size() as u64);
+            let (start, end) = match (hdr.log_pos(), payload_at) {
+                (0, Some(at)) => at,
+                (end, _) => {
+                    payload_at = None;
+                    (u64::from(end).saturating_sub(u64::from(hdr.event_size())), u64::from(end))
+                }
+            };
             let data = ev.read_data().map_err(|e| anyhow::anyhow!("binlog event at {cur_file}:{start}: {e}"))?;
             let mut commit = false;
             match data {
@@ -1252,6 +1261,11 @@ impl Session for MysqlSource {
                         }
                         commit = !t.explicit;
                     }
+                }
+                Some(EventData::TransactionPayloadEvent(_)) => {
+                    // Its events come next, each at this position (the transaction's start).
+                    payload_at = Some((start, end));
+                    continue;
                 }
                 Some(EventData::TableMapEvent(t)) => {
                     let shape = Shape::of(&t).map_err(|m| Stop::Fatal(format!("source {}: {m}", self.name)))?;

@@ -555,6 +555,26 @@ async fn a_purged_binlog_stops_the_source_with_an_error_that_says_what_to_do() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_binlog_events_stop_the_source_with_the_setting_to_change() {
+    let db = servers::MariaServer::start();
+    db.sql("CREATE TABLE t (id INT PRIMARY KEY, v TEXT)");
+    let mut s = Server::start(&source_cfg(&db, "")).await;
+    wait_state(&s, "streaming").await;
+    // Turned on while the source streams: the first compressed event stops it, rather than
+    // its changes being skipped.
+    db.sql(&format!("SET GLOBAL log_bin_compress = ON; SET GLOBAL log_bin_compress_min_len = 10; INSERT INTO t VALUES (1, '{}')", "x".repeat(200)));
+    let src = wait_state(&s, "failed").await;
+    let e = src["last_error"].as_str().unwrap();
+    assert!(e.contains("at binlog.0") && e.contains("log_bin_compress = OFF") && e.contains("snapshot"), "{e}");
+    // And a start against such a server is refused.
+    let _ = s.stop();
+    s.spawn().await;
+    let src = wait_state(&s, "failed").await;
+    let e = src["last_error"].as_str().unwrap();
+    assert!(e.contains("log_bin_compress = OFF"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_without_full_row_metadata_is_refused_with_the_setting_to_change() {
     let db = servers::MariaServer::start();
     db.sql("SET GLOBAL binlog_row_metadata = MINIMAL");

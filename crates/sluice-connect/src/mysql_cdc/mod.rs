@@ -46,6 +46,11 @@ use types::Kind;
 
 /// MariaDB's GTID event (it replaces BEGIN when the replica says it understands GTIDs).
 const MARIADB_GTID_EVENT: u8 = 162;
+/// MariaDB's compressed binlog events (`log_bin_compress = ON`): QUERY_COMPRESSED_EVENT and
+/// the six compressed row events, which Sluice does not read.
+const MARIADB_COMPRESSED_EVENTS: std::ops::RangeInclusive<u8> = 165..=171;
+const COMPRESSED_EVENTS: &str = "the server writes compressed binlog events (log_bin_compress = ON), which Sluice does not read: \
+     set log_bin_compress = OFF on the server; changes written while it was on are not in the stream, so take a snapshot of the tables afterwards";
 /// The server's error for a binlog position it no longer has (purged, or never existed).
 const ER_MASTER_FATAL_ERROR_READING_BINLOG: u16 = 1236;
 
@@ -826,8 +831,11 @@ impl MysqlSource {
     /// Checks the server's binlog settings: anything else loses or garbles changes.
     async fn check_server(&self, conn: &mut Conn) -> Result<(), Stop> {
         let vars: Vec<(String, String)> =
-            conn.query("SHOW GLOBAL VARIABLES WHERE Variable_name IN ('log_bin', 'binlog_format', 'binlog_row_image', 'binlog_row_metadata')").await?;
+            conn.query("SHOW GLOBAL VARIABLES WHERE Variable_name IN ('log_bin', 'binlog_format', 'binlog_row_image', 'binlog_row_metadata', 'log_bin_compress')").await?;
         let get = |k: &str| vars.iter().find(|(n, _)| n.eq_ignore_ascii_case(k)).map(|(_, v)| v.to_ascii_uppercase());
+        if get("log_bin_compress").as_deref() == Some("ON") {
+            return Err(Stop::Fatal(format!("source {}: {}", self.name, COMPRESSED_EVENTS)));
+        }
         let want = [("log_bin", "ON"), ("binlog_format", "ROW"), ("binlog_row_image", "FULL"), ("binlog_row_metadata", "FULL")];
         for (k, v) in want {
             let got = get(k).unwrap_or_else(|| "(not supported by this server)".into());
@@ -1203,6 +1211,10 @@ impl Session for MysqlSource {
                     let uuid = sid.iter().map(|b| format!("{b:02x}")).collect::<String>();
                     let u = format!("{}-{}-{}-{}-{}", &uuid[..8], &uuid[8..12], &uuid[12..16], &uuid[16..20], &uuid[20..]);
                     mariadb_gtid_pending = Some(format!("{u}:{}", g.gno()));
+                }
+                None if MARIADB_COMPRESSED_EVENTS.contains(&hdr.event_type_raw()) => {
+                    // Never skipped: the changes in it would be lost without a word.
+                    return Err(Stop::Fatal(format!("source {}: at {cur_file}:{start}: {COMPRESSED_EVENTS}", self.name)));
                 }
                 None if hdr.event_type_raw() == MARIADB_GTID_EVENT => {
                     let d = ev.data();

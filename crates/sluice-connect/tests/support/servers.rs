@@ -209,8 +209,6 @@ impl MariaServer {
             Some(launcher) => {
                 let mut c = Command::new(launcher);
                 c.args(["--mysqlx=OFF", "--secure-file-priv="]);
-                // More server options, e.g. "--gtid-mode=ON --enforce-gtid-consistency=ON".
-                c.args(std::env::var("SLUICE_TEST_MYSQLD_ARGS").unwrap_or_default().split_whitespace());
                 c
             }
             None => {
@@ -220,6 +218,9 @@ impl MariaServer {
                 c
             }
         };
+        // More server options, e.g. "--gtid-mode=ON --enforce-gtid-consistency=ON" (MySQL) or
+        // "--log-bin-compress=ON" (MariaDB).
+        cmd.args(std::env::var("SLUICE_TEST_MYSQLD_ARGS").unwrap_or_default().split_whitespace());
         let child = cmd
             .args(if is_root() { vec!["--user=root"] } else { vec![] })
             .arg(format!("--datadir={}", d.join("data").display()))

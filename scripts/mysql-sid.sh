@@ -7,6 +7,7 @@
 #   bash scripts/mysql-sid.sh /var/tmp/mysql-sid
 #   SLUICE_TEST_MYSQLD=/var/tmp/mysql-sid/mysqld cargo nextest run --run-ignored only -E 'test(mysql_server)'
 set -euo pipefail
+. "$(dirname "$0")/unpack-debs.sh"
 dir=${1:?usage: scripts/mysql-sid.sh DIR}
 mkdir -p "$dir/debs" "$dir/root"
 dir=$(cd "$dir" && pwd)
@@ -14,14 +15,9 @@ mirror=http://deb.debian.org/debian
 curl -fsS "$mirror/dists/sid/main/binary-amd64/Packages.xz" | xz -dc > "$dir/Packages"
 # The server and what the machine's bookworm libraries cannot stand in for (newer glibc and
 # libstdc++, sonames bookworm lacks); the rest of its libraries come from the machine.
-for p in mysql-server-core libc6 libstdc++6 libgcc-s1 libicu78 libaio1t64 libprotobuf-lite32t64 libprotobuf32t64 \
-    libtirpc3t64 libgoogle-perftools4t64 libtcmalloc-minimal4t64 libmecab2 libnuma1 libfido2-1 libcurl4t64 libssl3t64 \
-    libzstd1 liblz4-1 zlib1g libcbor0.10 libunwind8; do
-  f=$(awk -v P="$p" '$0 == "Package: " P {f = 1} f && /^Filename:/ {print $2; exit}' "$dir/Packages")
-  [ -n "$f" ] || { echo "package $p is not in Debian unstable any more" >&2; exit 1; }
-  [ -f "$dir/debs/$(basename "$f")" ] || curl -fsS -o "$dir/debs/$(basename "$f")" "$mirror/$f"
-  dpkg-deb -x "$dir/debs/$(basename "$f")" "$dir/root"
-done
+unpack_debs "$mirror" "$dir" mysql-server-core libc6 libstdc++6 libgcc-s1 libicu78 libaio1t64 libprotobuf-lite32t64 \
+  libprotobuf32t64 libtirpc3t64 libgoogle-perftools4t64 libtcmalloc-minimal4t64 libmecab2 libnuma1 libfido2-1 libcurl4t64 \
+  libssl3t64 libzstd1 liblz4-1 zlib1g libcbor0.10 libunwind8
 lib=$dir/root/usr/lib/x86_64-linux-gnu
 cat > "$dir/mysqld" <<EOF
 #!/bin/sh

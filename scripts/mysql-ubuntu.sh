@@ -9,6 +9,7 @@
 #   bash scripts/mysql-ubuntu.sh /var/tmp/mysql8
 #   SLUICE_TEST_MYSQLD=/var/tmp/mysql8/mysqld cargo nextest run --run-ignored only -E 'test(mysql_server)'
 set -euo pipefail
+. "$(dirname "$0")/unpack-debs.sh"
 dir=${1:?usage: scripts/mysql-ubuntu.sh DIR}
 mkdir -p "$dir/debs" "$dir/root"
 dir=$(cd "$dir" && pwd)
@@ -17,14 +18,9 @@ mirror=http://archive.ubuntu.com/ubuntu
 for d in jammy-updates/main jammy/main jammy/universe; do
   curl -fsS "$mirror/dists/$d/binary-amd64/Packages.xz" | xz -dc >> "$dir/Packages"
 done
-for p in mysql-server-core-8.0 libicu70 libprotobuf-lite23 libmecab2 libaio1 libevent-core-2.1-7 \
-    libevent-pthreads-2.1-7 libnuma1 libtirpc3; do
-  # The first stanza wins: jammy-updates comes before jammy.
-  f=$(awk -v P="$p" '$0 == "Package: " P {f = 1} f && /^Filename:/ {print $2; exit}' "$dir/Packages")
-  [ -n "$f" ] || { echo "package $p is not in Ubuntu 22.04 any more" >&2; exit 1; }
-  [ -f "$dir/debs/$(basename "$f")" ] || curl -fsS -o "$dir/debs/$(basename "$f")" "$mirror/$f"
-  dpkg-deb -x "$dir/debs/$(basename "$f")" "$dir/root"
-done
+# jammy-updates comes first in Packages: its newer stanzas win.
+unpack_debs "$mirror" "$dir" mysql-server-core-8.0 libicu70 libprotobuf-lite23 libmecab2 libaio1 libevent-core-2.1-7 \
+  libevent-pthreads-2.1-7 libnuma1 libtirpc3
 lib=$dir/root/usr/lib/x86_64-linux-gnu
 cat > "$dir/mysqld" <<EOS
 #!/bin/sh

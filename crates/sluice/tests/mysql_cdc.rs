@@ -299,7 +299,7 @@ async fn mysql_server_types_kill9_rotations_and_a_database_restart() {
     let a = &s.query("SELECT after FROM shop_items__changelog WHERE op = 'update'").await[0]["after"];
     assert_eq!((a["doc"]["s"].as_str(), &a["doc"]["a"]["b"]), (Some("y"), &serde_json::json!([1, 2])), "{a}");
     let m = &s.query("SELECT doc FROM shop_items WHERE id = 1").await[0]["doc"];
-    assert!(m.to_string().contains("\"y\""), "{m}");
+    assert_eq!((m["s"].as_str(), &m["a"]["b"]), (Some("y"), &serde_json::json!([1, 2])), "{m}");
     // A transaction the server compresses into one payload event (binlog_transaction_compression,
     // for this session): its changes arrive all the same.
     db.sql("SET SESSION binlog_transaction_compression = ON; INSERT INTO items (id, price) VALUES (2, 1.5), (3, 2.5); UPDATE items SET price = 3.5 WHERE id = 3");

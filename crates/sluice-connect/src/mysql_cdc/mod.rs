@@ -1349,10 +1349,11 @@ impl Session for MysqlSource {
                                 self.status.changes.fetch_add(1, Ordering::Relaxed);
                             }
                         } else {
+                            let partial = matches!(r, RowsEventData::PartialUpdateRowsEvent(_));
                             for row in r.rows(tme) {
                                 let (mut before, mut after) = row.map_err(bad_row)?;
                                 before.iter_mut().chain(after.iter_mut()).for_each(signed_int24);
-                                if let Some(a) = after.as_mut() {
+                                if let Some(a) = after.as_mut().filter(|_| partial) {
                                     whole_json_documents(&shape, before.as_ref(), a).map_err(|e| Stop::Fatal(format!("source {}: {e}", self.name)))?;
                                 }
                                 if before.iter().chain(&after).all(|r| shape.fits(r)) {

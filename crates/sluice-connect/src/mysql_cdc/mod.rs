@@ -17,6 +17,7 @@
 //! - **Faults are explicit.** A binlog purged past the saved position stops the source with
 //!   an error saying a snapshot is needed; connection errors are retried with backoff.
 
+pub mod compressed;
 pub mod snapshot;
 pub mod types;
 
@@ -46,11 +47,6 @@ use types::Kind;
 
 /// MariaDB's GTID event (it replaces BEGIN when the replica says it understands GTIDs).
 const MARIADB_GTID_EVENT: u8 = 162;
-/// MariaDB's compressed binlog events (`log_bin_compress = ON`): QUERY_COMPRESSED_EVENT and
-/// the six compressed row events, which Sluice does not read.
-const MARIADB_COMPRESSED_EVENTS: std::ops::RangeInclusive<u8> = 165..=171;
-const COMPRESSED_EVENTS: &str = "the server writes compressed binlog events (log_bin_compress = ON), which Sluice does not read: \
-     set log_bin_compress = OFF on the server; changes written while it was on are not in the stream, so take a snapshot of the tables afterwards";
 /// The server's error for a binlog position it no longer has (purged, or never existed).
 const ER_MASTER_FATAL_ERROR_READING_BINLOG: u16 = 1236;
 
@@ -831,11 +827,8 @@ impl MysqlSource {
     /// Checks the server's binlog settings: anything else loses or garbles changes.
     async fn check_server(&self, conn: &mut Conn) -> Result<(), Stop> {
         let vars: Vec<(String, String)> =
-            conn.query("SHOW GLOBAL VARIABLES WHERE Variable_name IN ('log_bin', 'binlog_format', 'binlog_row_image', 'binlog_row_metadata', 'log_bin_compress')").await?;
+            conn.query("SHOW GLOBAL VARIABLES WHERE Variable_name IN ('log_bin', 'binlog_format', 'binlog_row_image', 'binlog_row_metadata')").await?;
         let get = |k: &str| vars.iter().find(|(n, _)| n.eq_ignore_ascii_case(k)).map(|(_, v)| v.to_ascii_uppercase());
-        if get("log_bin_compress").as_deref() == Some("ON") {
-            return Err(Stop::Fatal(format!("source {}: {}", self.name, COMPRESSED_EVENTS)));
-        }
         let want = [("log_bin", "ON"), ("binlog_format", "ROW"), ("binlog_row_image", "FULL"), ("binlog_row_metadata", "FULL")];
         for (k, v) in want {
             let got = get(k).unwrap_or_else(|| "(not supported by this server)".into());
@@ -1192,6 +1185,14 @@ impl Session for MysqlSource {
                     (u64::from(end).saturating_sub(u64::from(hdr.event_size())), u64::from(end))
                 }
             };
+            // MariaDB's compressed events (log_bin_compress = ON) are read as the events they compress.
+            let inflated;
+            let ev = if compressed::is_compressed(hdr.event_type_raw()) {
+                inflated = compressed::inflate(&ev).map_err(|e| Stop::Fatal(format!("source {}: binlog event at {cur_file}:{start}: {e}", self.name)))?;
+                &inflated
+            } else {
+                &ev
+            };
             let data = ev.read_data().map_err(|e| anyhow::anyhow!("binlog event at {cur_file}:{start}: {e}"))?;
             let mut commit = false;
             match data {
@@ -1200,7 +1201,7 @@ impl Session for MysqlSource {
                     // so the reader does not know yet to cut off a checksum: MariaDB sends
                     // one, MySQL does not (its first rotate is made before it reads the file).
                     let raw = r.name_raw();
-                    let raw = if !seen_fde && checksums && ends_in_checksum(&ev) { &raw[..raw.len().saturating_sub(4)] } else { raw };
+                    let raw = if !seen_fde && checksums && ends_in_checksum(ev) { &raw[..raw.len().saturating_sub(4)] } else { raw };
                     cur_file = String::from_utf8_lossy(raw).into_owned();
                     file_no = file_number(&cur_file).ok_or_else(|| Stop::Fatal(format!("binlog file name {cur_file:?} has no sequence number")))?;
                     cur_pos = r.position();
@@ -1211,10 +1212,6 @@ impl Session for MysqlSource {
                     let uuid = sid.iter().map(|b| format!("{b:02x}")).collect::<String>();
                     let u = format!("{}-{}-{}-{}-{}", &uuid[..8], &uuid[8..12], &uuid[12..16], &uuid[16..20], &uuid[20..]);
                     mariadb_gtid_pending = Some(format!("{u}:{}", g.gno()));
-                }
-                None if MARIADB_COMPRESSED_EVENTS.contains(&hdr.event_type_raw()) => {
-                    // Never skipped: the changes in it would be lost without a word.
-                    return Err(Stop::Fatal(format!("source {}: at {cur_file}:{start}: {COMPRESSED_EVENTS}", self.name)));
                 }
                 None if hdr.event_type_raw() == MARIADB_GTID_EVENT => {
                     let d = ev.data();

@@ -87,6 +87,42 @@ fn lsn_text(p: u64) -> String {
     format!("{:X}/{:X}", p >> 32, p & 0xffff_ffff)
 }
 
+/// Where each binlog event is: (start, end). MySQL's compressed transactions
+/// (`binlog_transaction_compression`) complicate it: mysql_async hands out a
+/// Transaction_payload_event's events right after it, with no positions of their own (log_pos
+/// 0), so they take the payload's. When it cannot decompress a payload it drops the error and
+/// hands out none, which would lose the transaction without a word: a payload not followed by
+/// any of its events is an error (`Err` with the payload's position).
+#[derive(Default)]
+struct Positions {
+    payload: Option<(u64, u64)>,
+    inner: usize,
+}
+
+impl Positions {
+    fn of(&mut self, log_pos: u32, size: u32) -> Result<(u64, u64), (u64, u64)> {
+        match (log_pos, self.payload) {
+            (0, Some(at)) => {
+                self.inner += 1;
+                Ok(at)
+            }
+            (end, at) => {
+                if let Some(at) = at.filter(|_| self.inner == 0) {
+                    return Err(at);
+                }
+                self.payload = None;
+                Ok((u64::from(end).saturating_sub(u64::from(size)), u64::from(end)))
+            }
+        }
+    }
+
+    /// A Transaction_payload_event at `at`: its events come next.
+    fn payload(&mut self, at: (u64, u64)) {
+        self.payload = Some(at);
+        self.inner = 0;
+    }
+}
+
 impl From<mysql_async::Error> for Stop {
     fn from(e: mysql_async::Error) -> Stop {
         Stop::Retry(e.into())
@@ -1053,10 +1089,7 @@ impl Session for MysqlSource {
         let gather = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(gather);
         let mut gathering = false;
-        // Where the compressed transaction whose events are being handled is (MySQL's
-        // binlog_transaction_compression: mysql_async hands out a Transaction_payload_event's
-        // events after it, and they have no positions of their own).
-        let mut payload_at: Option<(u64, u64)> = None;
+        let mut positions = Positions::default();
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(60), Duration::from_secs(60));
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -1178,13 +1211,12 @@ impl Session for MysqlSource {
                 None => return Err(Stop::Retry(anyhow::anyhow!("the server ended the binlog stream"))),
             };
             let hdr = ev.header();
-            let (start, end) = match (hdr.log_pos(), payload_at) {
-                (0, Some(at)) => at,
-                (end, _) => {
-                    payload_at = None;
-                    (u64::from(end).saturating_sub(u64::from(hdr.event_size())), u64::from(end))
-                }
-            };
+            let (start, end) = positions.of(hdr.log_pos(), hdr.event_size()).map_err(|(start, _)| {
+                Stop::Fatal(format!(
+                    "source {}: the compressed transaction at {cur_file}:{start} came without its changes (the client library could not decompress it); stopped rather than lose them",
+                    self.name
+                ))
+            })?;
             // MariaDB's compressed events (log_bin_compress = ON) are read as the events they compress.
             let inflated;
             let ev = if compressed::is_compressed(hdr.event_type_raw()) {
@@ -1272,8 +1304,7 @@ impl Session for MysqlSource {
                     }
                 }
                 Some(EventData::TransactionPayloadEvent(_)) => {
-                    // Its events come next, each at this position (the transaction's start).
-                    payload_at = Some((start, end));
+                    positions.payload((start, end));
                     continue;
                 }
                 Some(EventData::TableMapEvent(t)) => {
@@ -1767,6 +1798,18 @@ mod tests {
         let got: Vec<_> = (0..4).map(|i| row.as_ref(i).cloned()).collect();
         let want = [-1, 16_777_215, 16_777_215, 8_388_607].map(|v| Some(BinlogValue::Value(Value::Int(v))));
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_compressed_transactions_events_take_its_position_and_must_come() {
+        let mut p = Positions::default();
+        assert_eq!(p.of(500, 100), Ok((400, 500)));
+        p.payload((500, 900));
+        assert_eq!((p.of(0, 60), p.of(0, 80)), (Ok((500, 900)), Ok((500, 900))));
+        assert_eq!(p.of(1000, 100), Ok((900, 1000)));
+        // A payload whose events mysql_async dropped (it could not decompress it).
+        p.payload((1000, 1400));
+        assert_eq!(p.of(1500, 100), Err((1000, 1400)));
     }
 
     #[test]

@@ -509,7 +509,11 @@ pub async fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> anyhow
 
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info,buoyant_kernel=warn,delta_kernel=warn,deltalake_core=warn,datafusion=warn"));
+    // delta-rs's MERGE warns on every mirror commit that a metric it derives is missing:
+    // noise to an operator (its failures come back as errors, which Sluice logs).
+    let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| {
+        EnvFilter::new("info,buoyant_kernel=warn,delta_kernel=warn,deltalake_core=warn,deltalake_core::operations::merge=error,datafusion=warn")
+    });
     let json = std::env::var("SLUICE_LOG_FORMAT").is_ok_and(|v| v == "json");
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {

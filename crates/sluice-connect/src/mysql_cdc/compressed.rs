@@ -17,6 +17,8 @@ use std::io::Read;
 pub const FIRST: u8 = 165;
 /// DELETE_ROWS_COMPRESSED_EVENT, the last.
 pub const LAST: u8 = 171;
+/// `max_allowed_packet`'s largest value.
+const MAX_EVENT_BYTES: usize = 1 << 30;
 
 /// The uncompressed kind of a compressed event type: QUERY_EVENT, the three V1 row events
 /// (what MariaDB writes), the three V2 ones.
@@ -122,7 +124,12 @@ fn uncompress(b: &[u8]) -> Result<Vec<u8>, String> {
         return Err(format!("the uncompressed length takes {n} bytes, not 1 to 4"));
     }
     let len = b.get(1..1 + n).ok_or("the uncompressed length is cut short")?.iter().fold(0usize, |l, &x| l << 8 | usize::from(x));
-    let mut out = Vec::with_capacity(len);
+    // No event is larger than the server's packet limit (at most 1 GiB); a garbled length
+    // must not make a huge allocation.
+    if len > MAX_EVENT_BYTES {
+        return Err(format!("the uncompressed length {len} is over the largest event a server sends ({MAX_EVENT_BYTES})"));
+    }
+    let mut out = Vec::with_capacity(len.min(b.len().saturating_mul(8)));
     // One byte more than promised is read, to tell a longer stream from an exact one.
     flate2::read::ZlibDecoder::new(&b[1 + n..]).take(len as u64 + 1).read_to_end(&mut out).map_err(|e| format!("zlib: {e}"))?;
     if out.len() != len {
@@ -232,6 +239,7 @@ mod tests {
         assert!(err(vec![0x01, 0x00]).contains("not 0x80"));
         assert!(err(vec![0x91, 100]).contains("algorithm 1"));
         assert!(err(vec![0x85, 0, 0, 0, 0, 100]).contains("5 bytes"));
+        assert!(err(vec![0x84, 0xff, 0xff, 0xff, 0xff, 0x78]).contains("over the largest event"));
         let mut short = compress(&rows);
         short[1] = 99;
         assert!(err(short).contains("inflates to 100 bytes, not the 99"));

@@ -66,6 +66,27 @@ def source(s):
     return s.get("/v1/sources")["sources"][0]
 
 
+def catch_up_round(a, d, cfg, ref):
+    """One round of (a): Sluice started in `d` with `cfg` catches up on the changes to table
+    `ev` (half inserts, half updates of `n`). (ratio to `ref`, changes/s into the log, ref,
+    seconds from the last change in the log to the mirror caught up, seconds from start to
+    the mirror caught up, peak RSS MiB)."""
+    t = time.monotonic()
+    s = Sluice(a.bin, d, cfg)
+    # Durable in the log (its end offset is the high watermark), not just decoded.
+    wait(lambda: (s.stream("bench_ev") or {}).get("log_end_offset", 0) >= a.changes, "the changes in the log")
+    el = time.monotonic() - t
+    wait(lambda: (s.stream("bench_ev") or {}).get("lag", 1) == 0, "the mirror")
+    mirror_el = time.monotonic() - t
+    half = a.changes // 2
+    row = s.query("SELECT count(*) AS n, sum(n) AS u FROM bench_ev")[0]
+    assert row["n"] == half and row["u"] == half, row
+    out = (a.changes / el / ref, a.changes / el, ref, mirror_el - el, mirror_el, s.peak_rss_mib())
+    s.stop()
+    shutil.rmtree(d, ignore_errors=True)
+    return out
+
+
 def pct(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
@@ -178,18 +199,7 @@ def main():
             d = os.path.join(work, f"stream{r}"); os.makedirs(d)
             cfg = (f"lake:\n  flush_interval: 1s\nsources:\n  bench:\n    postgres:\n      url: {pg.url}\n      slot: sluice_bench{r}\n"
                    "      publication: pub\n      snapshot: never\n")
-            t = time.monotonic()
-            s = Sluice(a.bin, d, cfg)
-            # Durable in the log (its end offset is the high watermark), not just decoded.
-            wait(lambda: (s.stream("bench_ev") or {}).get("log_end_offset", 0) >= a.changes, "the changes in the log")
-            el = time.monotonic() - t
-            wait(lambda: (s.stream("bench_ev") or {}).get("lag", 1) == 0, "the mirror")
-            mirror_el = time.monotonic() - t
-            row = s.query("SELECT count(*) AS n, sum(n) AS u FROM bench_ev")[0]
-            assert row["n"] == half and row["u"] == half, row
-            rounds.append((a.changes / el / ref, a.changes / el, ref, mirror_el - el, mirror_el, s.peak_rss_mib()))
-            s.stop()
-            shutil.rmtree(d, ignore_errors=True)
+            rounds.append(catch_up_round(a, d, cfg, ref))
         rounds.sort()
         ratio, streamed, ref, catch_up, mirror_el, stream_rss = rounds[len(rounds) // 2]
 

@@ -12,7 +12,7 @@ import argparse, os, shutil, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ingest_bench import Sluice, free_port  # noqa: E402
-from cdc_bench import wait, source, lag_run, pct  # noqa: E402
+from cdc_bench import wait, source, lag_run, pct, catch_up_round  # noqa: E402
 
 SECTION = "## Change data capture from MariaDB (issue 4)"
 
@@ -93,18 +93,7 @@ def main():
             with open(os.path.join(d, "data", "sources", "bench", "state.json"), "w") as f:
                 f.write('{"binlog_file": "%s", "binlog_pos": 4, "tables": {}}' % first)
             cfg = f"lake:\n  flush_interval: 1s\nsources:\n  bench:\n    mysql:\n      url: {db.url}\n      snapshot: never\n"
-            t = time.monotonic()
-            s = Sluice(a.bin, d, cfg)
-            # Durable in the log (its end offset is the high watermark), not just decoded.
-            wait(lambda: (s.stream("bench_ev") or {}).get("log_end_offset", 0) >= a.changes, "the changes in the log")
-            el = time.monotonic() - t
-            wait(lambda: (s.stream("bench_ev") or {}).get("lag", 1) == 0, "the mirror")
-            mirror_el = time.monotonic() - t
-            row = s.query("SELECT count(*) AS n, sum(n) AS u FROM bench_ev")[0]
-            assert row["n"] == half and row["u"] == half, row
-            rounds.append((a.changes / el / ref, a.changes / el, ref, mirror_el - el, mirror_el, s.peak_rss_mib()))
-            s.stop()
-            shutil.rmtree(d, ignore_errors=True)
+            rounds.append(catch_up_round(a, d, cfg, ref))
         rounds.sort()
         ratio, streamed, ref, catch_up, mirror_el, stream_rss = rounds[len(rounds) // 2]
 

@@ -602,6 +602,45 @@ async fn compressed_binlog_events_are_read_as_the_events_they_compress() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_row_events_keep_their_changes_numbered_in_commit_order() {
+    let db = servers::MariaServer::start();
+    db.sql("CREATE TABLE big (id INT PRIMARY KEY, v INT)");
+    let s = Server::start(&source_cfg(&db, "")).await;
+    wait_state(&s, "streaming").await;
+    // Row events of hundreds of rows each, then an update that moves every key: a delete and
+    // an insert per row.
+    db.sql(
+        "INSERT INTO big SELECT seq, seq FROM seq_1_to_1000;
+         UPDATE big SET id = id + 5000, v = v + 1 WHERE id <= 1000;
+         INSERT INTO big VALUES (-1, 0);",
+    );
+    wait_marker(&s, "shop_big").await;
+    assert_eq!(s.scalar("SELECT count(*) FROM shop_big").await, 1001.0);
+    assert_eq!(s.scalar("SELECT count(*) FROM shop_big WHERE id > 5000 AND v = id - 4999").await, 1000.0);
+    // Each transaction's changes in the log in the order of their `seq`, which runs 0, 1, 2 ...
+    let rows = s.query("SELECT transaction.lsn AS lsn, transaction.seq AS seq, op, key.id AS id FROM shop_big__changelog ORDER BY _offset").await;
+    let mut by_txn: Vec<(String, Vec<(u64, String, i64)>)> = Vec::new();
+    for r in &rows {
+        let lsn = r["lsn"].as_str().unwrap().to_string();
+        if by_txn.last().is_none_or(|(l, _)| *l != lsn) {
+            by_txn.push((lsn, Vec::new()));
+        }
+        by_txn.last_mut().unwrap().1.push((r["seq"].as_u64().unwrap(), r["op"].as_str().unwrap().to_string(), r["id"].as_i64().unwrap()));
+    }
+    let ops: Vec<(usize, &str)> = by_txn.iter().map(|(_, c)| (c.len(), c[0].1.as_str())).collect();
+    assert_eq!(ops, [(1000, "insert"), (2000, "delete"), (1, "insert")], "{by_txn:?}");
+    for (lsn, changes) in &by_txn {
+        let seqs: Vec<u64> = changes.iter().map(|c| c.0).collect();
+        assert_eq!(seqs, (0..changes.len() as u64).collect::<Vec<_>>(), "transaction {lsn}");
+    }
+    // The moving update: row by row, the old key's delete then the new key's insert.
+    for (i, pair) in by_txn[1].1.chunks(2).enumerate() {
+        let id = i as i64 + 1;
+        assert_eq!((pair[0].1.as_str(), pair[0].2, pair[1].1.as_str(), pair[1].2), ("delete", id, "insert", id + 5000));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_without_full_row_metadata_is_refused_with_the_setting_to_change() {
     let db = servers::MariaServer::start();
     db.sql("SET GLOBAL binlog_row_metadata = MINIMAL");

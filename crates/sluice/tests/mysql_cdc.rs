@@ -594,6 +594,8 @@ async fn compressed_binlog_events_are_read_as_the_events_they_compress() {
         {"id": 5, "v": "five", "n": 5},
     ]);
     assert_eq!(Value::Array(rows), want);
+    // The changelog lands on its own (`wait_marker` waits for the mirror).
+    wait_rows(&s, "shop_t", 9).await;
     let ops = s.query("SELECT op, count(*) AS n FROM shop_t__changelog GROUP BY op ORDER BY op").await;
     assert_eq!(Value::Array(ops), serde_json::json!([{"op": "delete", "n": 1}, {"op": "insert", "n": 5}, {"op": "read", "n": 1}, {"op": "update", "n": 2}]));
     wait_rows(&s, "shop_a_table_whose_truncate_is_compressed", 3).await;
@@ -618,6 +620,8 @@ async fn big_row_events_keep_their_changes_numbered_in_commit_order() {
     assert_eq!(s.scalar("SELECT count(*) FROM shop_big").await, 1001.0);
     assert_eq!(s.scalar("SELECT count(*) FROM shop_big WHERE id > 5000 AND v = id - 4999").await, 1000.0);
     // Each transaction's changes in the log in the order of their `seq`, which runs 0, 1, 2 ...
+    // (the changelog lands on its own: `wait_marker` waits for the mirror).
+    wait_rows(&s, "shop_big", 3001).await;
     let rows = s.query("SELECT transaction.lsn AS lsn, transaction.seq AS seq, op, key.id AS id FROM shop_big__changelog ORDER BY _offset").await;
     let mut by_txn: Vec<(String, Vec<(u64, String, i64)>)> = Vec::new();
     for r in &rows {

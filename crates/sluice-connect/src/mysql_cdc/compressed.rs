@@ -13,15 +13,12 @@ use mysql_async::binlog::events::{BinlogEventFooter, Event};
 use mysql_async::binlog::{BinlogChecksumAlg, EventType};
 use std::io::Read;
 
-/// QUERY_COMPRESSED_EVENT, the first of MariaDB's compressed events.
-pub const FIRST: u8 = 165;
-/// DELETE_ROWS_COMPRESSED_EVENT, the last.
-pub const LAST: u8 = 171;
 /// `max_allowed_packet`'s largest value.
 const MAX_EVENT_BYTES: usize = 1 << 30;
 
-/// The uncompressed kind of a compressed event type: QUERY_EVENT, the three V1 row events
-/// (what MariaDB writes), the three V2 ones.
+/// The uncompressed kind of a compressed event type (QUERY_COMPRESSED_EVENT, 165, to
+/// DELETE_ROWS_COMPRESSED_EVENT, 171): QUERY_EVENT, the three V1 row events (what MariaDB
+/// writes), the three V2 ones. None: not a compressed event.
 fn plain_type(compressed: u8) -> Option<EventType> {
     Some(match compressed {
         165 => EventType::QUERY_EVENT,
@@ -37,7 +34,7 @@ fn plain_type(compressed: u8) -> Option<EventType> {
 
 /// Whether an event type is one of MariaDB's compressed events.
 pub fn is_compressed(event_type: u8) -> bool {
-    (FIRST..=LAST).contains(&event_type)
+    plain_type(event_type).is_some()
 }
 
 /// The event a compressed event compresses, with the same header (but its type and size).
@@ -60,13 +57,8 @@ pub fn inflate(ev: &Event) -> Result<Event, String> {
     let checksummed = footer.get_checksum_enabled() && !matches!(footer.get_checksum_alg(), Ok(None) | Ok(Some(BinlogChecksumAlg::BINLOG_CHECKSUM_ALG_OFF)));
     let size = 19 + at + body.len() + if checksummed { BinlogEventFooter::BINLOG_CHECKSUM_LEN } else { 0 };
     let size = u32::try_from(size).map_err(|_| format!("compressed event of type {raw} inflates to {size} bytes"))?;
-    let mut bytes = Vec::with_capacity(size as usize);
-    bytes.extend_from_slice(&h.timestamp().to_le_bytes());
-    bytes.push(plain as u8);
-    bytes.extend_from_slice(&h.server_id().to_le_bytes());
-    bytes.extend_from_slice(&size.to_le_bytes());
-    bytes.extend_from_slice(&h.log_pos().to_le_bytes());
-    bytes.extend_from_slice(&h.flags_raw().to_le_bytes());
+    let mut bytes = super::header_bytes(&h, plain as u8, size);
+    bytes.reserve(size as usize - bytes.len());
     bytes.extend_from_slice(&data[..at]);
     bytes.extend_from_slice(&body);
     if checksummed {
@@ -257,7 +249,7 @@ mod tests {
         /// Any body of any compressed type inflates or is refused, never a panic; rows
         /// compressed as MariaDB does come back as they were.
         #[test]
-        fn any_body_inflates_or_is_refused(kind in FIRST..=LAST, body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80),
+        fn any_body_inflates_or_is_refused(kind in 165u8..=171, body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80),
                                            rows in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
             let fde = fde(false);
             let _ = inflate(&event(&fde, kind, &body, false));

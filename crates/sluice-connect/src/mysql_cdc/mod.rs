@@ -64,14 +64,20 @@ fn file_number(name: &str) -> Option<u32> {
 /// checksum) ends in the CRC32 of its header and the rest of its body.
 fn ends_in_checksum(ev: &mysql_async::binlog::events::Event) -> bool {
     let h = ev.header();
+    ends_in_crc(&header_bytes(&h, h.event_type_raw(), h.event_size()), ev.data())
+}
+
+/// An event's 19-byte header as the binlog holds it, with `event_type` and `size` in place
+/// of its own.
+fn header_bytes(h: &mysql_async::binlog::events::BinlogEventHeader, event_type: u8, size: u32) -> Vec<u8> {
     let mut header = Vec::with_capacity(19);
     header.extend_from_slice(&h.timestamp().to_le_bytes());
-    header.push(h.event_type_raw());
-    for v in [h.server_id(), h.event_size(), h.log_pos()] {
+    header.push(event_type);
+    for v in [h.server_id(), size, h.log_pos()] {
         header.extend_from_slice(&v.to_le_bytes());
     }
     header.extend_from_slice(&h.flags_raw().to_le_bytes());
-    ends_in_crc(&header, ev.data())
+    header
 }
 
 /// Whether the body's last 4 bytes are the CRC32 of the event's header and the rest of it.

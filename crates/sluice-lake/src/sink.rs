@@ -372,6 +372,20 @@ impl LakeSink {
         }
 
         let rows: usize = converted.batches.iter().map(|b| b.num_rows()).sum();
+        if w.main.is_none() && mirror.is_none() {
+            // A new table of appends: created with this flush's rows in one commit.
+            let t = LakeTable::create_with_rows(
+                &self.opts.lake_root,
+                self.table_name(),
+                &converted.schema,
+                &self.partition_columns(),
+                converted.batches,
+                &txns,
+            )
+            .await?;
+            w.main = Some(t);
+            return self.committed(&last, count, rows, started, convert_time, commit_started);
+        }
         let main = match w.main.as_mut() {
             Some(t) => {
                 if !converted.widened.is_empty() {
@@ -410,7 +424,11 @@ impl LakeSink {
                 main.merge_by_key(batch, &keys, &txns).await?;
             }
         }
+        self.committed(&last, count, rows, started, convert_time, commit_started)
+    }
 
+    /// After a flush's commit: the log consumer offset, status, metrics.
+    fn committed(&self, last: &[Option<u64>], count: usize, rows: usize, started: Instant, convert_time: Duration, commit_started: Instant) -> anyhow::Result<()> {
         let consumer = self.consumer();
         for (p, o) in last.iter().enumerate() {
             if let Some(o) = o {

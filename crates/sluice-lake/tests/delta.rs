@@ -701,3 +701,54 @@ async fn large_append_is_written_in_parallel_as_one_commit() {
     let days = strings(rows.column_by_name("day").unwrap());
     assert_eq!(days.iter().filter(|d| d.as_deref() == Some("d1")).count(), n as usize / 2);
 }
+
+/// A new table created with its first rows: version 0 holds the schema, the files and the
+/// txns in one commit; reopened, the rows and offsets are there; a second call for the same
+/// table (it exists now) appends; a partitioned one gets its directories.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_with_rows_is_one_commit_and_appends_once_the_table_exists() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = root(&dir);
+    let txns = [("sluice:events:0".to_string(), 2), ("sluice:events:1".to_string(), 7)];
+    let table = LakeTable::create_with_rows(&root, "events", &base_schema(), &[], vec![base_batch(&[1, 2, 3], 0)], &txns)
+        .await
+        .unwrap();
+    assert_eq!(table.version(), 0);
+    assert_eq!(table.txn_version("sluice:events:1"), Some(7));
+    let commit0 = log_file(&dir.path().join("events"), 0);
+    for action in ["\"metaData\":", "\"protocol\":", "\"add\":", r#""txn":{"appId":"sluice:events:0","version":2"#] {
+        assert!(commit0.contains(action), "{action} missing: {commit0}");
+    }
+    assert!(!dir.path().join("events/_delta_log/00000000000000000001.json").exists());
+
+    let reopened = LakeTable::open(&root, "events").await.unwrap().unwrap();
+    assert_eq!(reopened.txn_version("sluice:events:0"), Some(2));
+    assert_eq!(i64s(&read_all(&reopened, "id").await, "id"), vec![Some(1), Some(2), Some(3)]);
+
+    // The table exists: the rows are appended as version 1.
+    let table = LakeTable::create_with_rows(&root, "events", &base_schema(), &[], vec![base_batch(&[4], 1)], &[("sluice:events:1".into(), 8)])
+        .await
+        .unwrap();
+    assert_eq!(table.version(), 1);
+    assert_eq!(table.txn_version("sluice:events:0"), Some(2));
+    assert_eq!(table.txn_version("sluice:events:1"), Some(8));
+    assert_eq!(i64s(&read_all(&table, "id").await, "id"), vec![Some(1), Some(2), Some(3), Some(4)]);
+
+    // Partitioned, and a partition column that is not in the schema is refused.
+    let schema = Schema::new(vec![
+        Field::new("region", DataType::Utf8, true),
+        Field::new("v", DataType::Int64, true),
+    ]);
+    let batch = RecordBatch::try_new(
+        Arc::new(schema.clone()),
+        vec![Arc::new(StringArray::from(vec!["eu", "us", "eu"])), Arc::new(Int64Array::from(vec![1, 2, 3]))],
+    )
+    .unwrap();
+    let parted = LakeTable::create_with_rows(&root, "parted", &schema, &["region".to_string()], vec![batch.clone()], &[])
+        .await
+        .unwrap();
+    assert_eq!((parted.version(), parted.file_stats().num_files), (0, 2));
+    assert!(dir.path().join("parted/region=us").is_dir());
+    let err = LakeTable::create_with_rows(&root, "other", &schema, &["day".to_string()], vec![batch], &[]).await.err().unwrap();
+    assert!(err.to_string().contains("partition column `day`"), "{err}");
+}

@@ -78,9 +78,12 @@ pub async fn collect(
                 }
                 if out.is_empty() && !recs.is_empty() {
                     // Room for a whole flush of records this size at once: doubling up to a
-                    // 64 MiB flush copied ~20 MB of `Collected` each time.
+                    // 64 MiB flush copied ~20 MB of `Collected` each time. A flush ends past
+                    // its bytes by up to a read (whole batches), hence the read's count on top:
+                    // without it the last read of a full flush doubled the vector (13% of a
+                    // bulk load's page faults).
                     let avg = recs.iter().map(|r| r.value.len() as u64).sum::<u64>() / recs.len() as u64;
-                    out.reserve((policy.bytes / avg.max(1)).min(1 << 20) as usize);
+                    out.reserve((policy.bytes / avg.max(1)).min(1 << 20) as usize + recs.len());
                 }
                 for r in recs {
                     bytes += r.value.len() as u64;

@@ -103,8 +103,14 @@ async fn handle(app: &App, stream: &str, headers: &HeaderMap, body: Bytes) -> Re
     // the next partition in turn (one fsync per request).
     let n = log_stream.partitions().len() as u32;
     let now = sluice_core::time::now_ms();
-    let mut groups: Vec<Vec<Record>> = (0..n).map(|_| Vec::new()).collect();
     let rr = (app.round_robin.fetch_add(1, Ordering::Relaxed) % n as u64) as u32;
+    // Sized up front (all in one group without a key; about even by hash with one).
+    let room = |p: u32| match settings.key_field {
+        Some(_) => parsed.len() / n as usize + parsed.len() / (8 * n as usize) + 1,
+        None if p == rr => parsed.len(),
+        None => 0,
+    };
+    let mut groups: Vec<Vec<Record>> = (0..n).map(|p| Vec::with_capacity(room(p))).collect();
     for r in &parsed {
         let p = match &r.key {
             Some(k) => partition_for_key(k, n),

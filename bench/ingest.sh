@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 2 benchmark: HTTP ingest into the log, end-to-end into the lake, freshness at a
 # steady 50k events/s, peak RSS, lake bytes/event — and DuckDB converting the same NDJSON
-# into date-partitioned zstd Parquet in the same run. Writes bench/RESULTS.md.
+# into date-partitioned zstd Parquet in the same run (end to end: three alternating rounds,
+# the median round reported). Writes bench/RESULTS.md.
 #
 #   bash bench/ingest.sh              # 1,000,000 events, release build
 #   EVENTS=200000 bash bench/ingest.sh

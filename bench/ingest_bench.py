@@ -156,11 +156,26 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
+def duckdb_round(data, out, events):
+    """DuckDB converting the NDJSON into date-partitioned zstd Parquet: (events/s, bytes, version)."""
+    import duckdb
+    con = duckdb.connect()
+    t = time.monotonic()
+    con.execute(f"""COPY (SELECT *, strftime(CAST(ts AS TIMESTAMP), '%Y-%m-%d') AS event_date
+                   FROM read_json_auto('{data}', format='newline_delimited'))
+                   TO '{out}' (FORMAT PARQUET, PARTITION_BY (event_date), COMPRESSION ZSTD)""")
+    el = time.monotonic() - t
+    size = du(out)
+    shutil.rmtree(out, ignore_errors=True)
+    return events / el, size, duckdb.__version__
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
+    ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="sluice-bench-")
@@ -180,16 +195,28 @@ def main():
     rows.append(("HTTP ingest into the durable log (fsync'd)", a.events / el, size / el / 1e6, s.peak_rss_mib()))
     s.stop()
 
-    # 2. End to end: HTTP -> log -> lake, until every event is queryable.
-    d = os.path.join(work, "e2e"); os.makedirs(d)
-    s = Sluice(a.bin, d, "stream_defaults:\n  partitions: 4\n")
-    t = time.monotonic(); send(a.bin, s.url, "events", data); wait_landed(s, "events", a.events); el = time.monotonic() - t
-    n = s.query("SELECT count(*) AS n FROM events")[0]["n"]
-    assert n == a.events, n
-    lake_bytes = du(os.path.join(d, "data", "lake", "events"))
-    e2e_rate = a.events / el
-    rows.append(("HTTP -> log -> Delta lake, all rows queryable", e2e_rate, size / el / 1e6, s.peak_rss_mib()))
-    s.stop()
+    # 2. End to end: HTTP -> log -> lake, until every event is queryable, against DuckDB
+    # converting the same NDJSON (4, below), in alternating rounds: single runs of either moved
+    # by up to a quarter on these machines. The median round's ratio is reported.
+    rounds = []
+    for r in range(a.rounds):
+        duck_rate, duck_bytes, duck_version = duckdb_round(data, os.path.join(work, f"duck{r}"), a.events)
+        d = os.path.join(work, f"e2e{r}"); os.makedirs(d)
+        s = Sluice(a.bin, d, "stream_defaults:\n  partitions: 4\n")
+        t = time.monotonic(); send(a.bin, s.url, "events", data); wait_landed(s, "events", a.events); el = time.monotonic() - t
+        n = s.query("SELECT count(*) AS n FROM events")[0]["n"]
+        assert n == a.events, n
+        lake_bytes = du(os.path.join(d, "data", "lake", "events"))
+        rss = s.peak_rss_mib()
+        s.stop()
+        shutil.rmtree(d, ignore_errors=True)
+        rounds.append((a.events / el / duck_rate, a.events / el, el, duck_rate, duck_bytes, lake_bytes, rss))
+        print(f"round {r + 1}: end to end {a.events / el:,.0f} events/s, DuckDB {duck_rate:,.0f}: {a.events / el / duck_rate:.2f}x", flush=True)
+    ratios = [x[0] for x in rounds]
+    rounds.sort()
+    ratio, e2e_rate, el, duck_rate, duck_bytes, lake_bytes, rss = rounds[len(rounds) // 2]
+    # Peak RSS: the highest of the rounds.
+    rows.append(("HTTP -> log -> Delta lake, all rows queryable (median round)", e2e_rate, size / el / 1e6, max(x[6] for x in rounds)))
 
     # 2b. The same with a 250 ms flush interval: the last partial flush of a bulk load waits
     # for the interval (1 s by default), which is a large part of a few-second run.
@@ -208,18 +235,6 @@ def main():
     fresh_rss = s.peak_rss_mib()
     s.stop()
 
-    # 4. Reference: DuckDB converting the same NDJSON into date-partitioned zstd Parquet.
-    import duckdb
-    out = os.path.join(work, "duck")
-    con = duckdb.connect()
-    t = time.monotonic()
-    con.execute(f"""COPY (SELECT *, strftime(CAST(ts AS TIMESTAMP), '%Y-%m-%d') AS event_date
-                   FROM read_json_auto('{data}', format='newline_delimited'))
-                   TO '{out}' (FORMAT PARQUET, PARTITION_BY (event_date), COMPRESSION ZSTD)""")
-    duck_el = time.monotonic() - t
-    duck_rate = a.events / duck_el
-    duck_bytes = du(out)
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -233,9 +248,10 @@ def main():
     md.append("| measurement | events/s | MB/s | peak RSS MiB |\n|---|---:|---:|---:|")
     for name, r, mbs, rss in rows:
         md.append(f"| {name} | {r:,.0f} | {mbs:,.1f} | {rss:,.0f} |")
-    md.append(f"| DuckDB {duckdb.__version__}: NDJSON -> date-partitioned zstd Parquet (offline, not durable) | {duck_rate:,.0f} | {size / duck_el / 1e6:,.1f} | |")
+    md.append(f"| DuckDB {duck_version}: NDJSON -> date-partitioned zstd Parquet (offline, not durable; the median round's) | {duck_rate:,.0f} | {size * duck_rate / a.events / 1e6:,.1f} | |")
     md.append("")
-    md.append(f"- **End-to-end vs DuckDB: {e2e_rate / duck_rate:.2f}x** (target >= 1.0); with flush_interval 250ms: {e2e_fast_rate / duck_rate:.2f}x")
+    md.append(f"- **End-to-end vs DuckDB: {ratio:.2f}x** (target >= 1.0), the median of {len(ratios)} alternating rounds "
+              f"({', '.join(f'{x:.2f}x' for x in ratios)}); with flush_interval 250ms: {e2e_fast_rate / duck_rate:.2f}x (one run, against the median round's DuckDB)")
     md.append(f"- Ingest into the log: {rows[0][1]:,.0f} events/s (target >= 1,000,000)")
     md.append(f"- Freshness at 50,000 events/s (HTTP 200 -> visible to SQL, flush_interval 250ms, {len(lat)} probes): "
               f"p50 {pct(lat, 0.5) * 1000:.0f} ms, p99 {pct(lat, 0.99) * 1000:.0f} ms (target p99 <= 1 s); peak RSS {fresh_rss:.0f} MiB")

@@ -263,19 +263,7 @@ impl LakeTable {
             return Ok(table);
         }
         let (location, url, struct_type) = new_table(root, name, schema, partition_columns)?;
-        let table = DeltaTableBuilder::from_url(url)
-            .map_err(LakeError::delta(name))?
-            .build()
-            .map_err(LakeError::delta(name))?;
-        let created = table
-            .create()
-            .with_table_name(name)
-            .with_columns(struct_type.fields().cloned())
-            .with_partition_columns(partition_columns.iter().cloned())
-            .with_configuration(TABLE_PROPERTIES.iter().map(|(k, v)| (*k, Some(*v))))
-            .with_save_mode(SaveMode::ErrorIfExists)
-            .await;
-        match created {
+        match create_version_zero(name, url, &struct_type, partition_columns, Vec::new(), &[]).await {
             Ok(table) => Ok(LakeTable {
                 name: name.to_string(),
                 location,
@@ -325,21 +313,8 @@ impl LakeTable {
         let (adds, _) = write_files(url.as_str(), batches.clone(), partition_columns, parallel_writers(rows))
             .await
             .map_err(LakeError::delta(name))?;
-        let table = DeltaTableBuilder::from_url(url)
-            .map_err(LakeError::delta(name))?
-            .build()
-            .map_err(LakeError::delta(name))?;
-        let created = table
-            .create()
-            .with_table_name(name)
-            .with_columns(struct_type.fields().cloned())
-            .with_partition_columns(partition_columns.iter().cloned())
-            .with_configuration(TABLE_PROPERTIES.iter().map(|(k, v)| (*k, Some(*v))))
-            .with_save_mode(SaveMode::ErrorIfExists)
-            .with_actions(adds.into_iter().map(deltalake::kernel::Action::Add))
-            .with_commit_properties(commit_properties(txns))
-            .await;
-        match created {
+        let adds = adds.into_iter().map(deltalake::kernel::Action::Add).collect();
+        match create_version_zero(name, url, &struct_type, partition_columns, adds, txns).await {
             Ok(table) => Ok(LakeTable { name: name.to_string(), location, table, txns: txns.iter().cloned().collect() }),
             Err(e) => match Self::open(root, name).await? {
                 // Lost the race: the files written stay unreferenced, as after a failed append.
@@ -846,6 +821,30 @@ fn new_table(root: &str, name: &str, schema: &Schema, partition_columns: &[Strin
         message: format!("schema cannot be stored in Delta: {e}"),
     })?;
     Ok((location, url, struct_type))
+}
+
+/// Commits version 0 of a new table at `url` (put-if-absent: fails if another creator got
+/// there first): its schema, partition columns and properties, with `actions` (the first
+/// rows' files, if any) and `txns`.
+async fn create_version_zero(
+    name: &str,
+    url: Url,
+    schema: &StructType,
+    partition_columns: &[String],
+    actions: Vec<deltalake::kernel::Action>,
+    txns: &[(String, i64)],
+) -> Result<DeltaTable, DeltaTableError> {
+    DeltaTableBuilder::from_url(url)?
+        .build()?
+        .create()
+        .with_table_name(name)
+        .with_columns(schema.fields().cloned())
+        .with_partition_columns(partition_columns.iter().cloned())
+        .with_configuration(TABLE_PROPERTIES.iter().map(|(k, v)| (*k, Some(*v))))
+        .with_save_mode(SaveMode::ErrorIfExists)
+        .with_actions(actions)
+        .with_commit_properties(commit_properties(txns))
+        .await
 }
 
 /// Writes `batches` (of one schema) as Parquet files under the table at `url` from `writers`

@@ -289,8 +289,9 @@ pub async fn read_chunk(
                 if rows.values.is_empty() {
                     // Room for a whole chunk of rows like the first (growing both by doubling
                     // reallocated and copied them ~twice per chunk); what is not used is not touched.
-                    rows.values.reserve(limit.saturating_mul(rows.columns));
-                    rows.text.reserve(data.len().saturating_mul(limit).saturating_add(limit * 2).min(32 << 20));
+                    // Both capped (32 MiB each) for very large chunks.
+                    rows.values.reserve(limit.saturating_mul(rows.columns).min((32 << 20) / std::mem::size_of::<(usize, usize)>()));
+                    rows.text.reserve(data.len().saturating_mul(limit).min(32 << 20));
                 }
                 if partial.is_empty() && data.ends_with(b"\n") {
                     rows.push_copy(&data).map_err(fail)?;

@@ -282,8 +282,10 @@ impl LakeTable {
 
     /// Creates the table with its first rows: version 0 holds the schema, the rows' files
     /// and `txns`, one commit (creating it empty and then appending took two commits and two
-    /// loads of the new table, ~0.15 s of a new stream's first flush). If the table exists,
-    /// or another creator wins the race for version 0, the rows are appended to it instead.
+    /// loads of the new table, ~0.15 s of a new stream's first flush). Its schema is `schema`
+    /// with the batches' other columns merged in, as an append would; batches that do not
+    /// fit it are a [`LakeError::Schema`] and nothing is created. If the table exists, or
+    /// another creator wins the race for version 0, the rows are appended to it instead.
     pub async fn create_with_rows(
         root: &str,
         name: &str,
@@ -302,13 +304,21 @@ impl LakeTable {
             table.append(batches, txns).await?;
             return Ok(table);
         }
-        let (location, url, struct_type) = new_table(root, name, schema, partition_columns)?;
-        let target = Arc::new(schema.clone());
+        // The schema with every batch's new columns (as an append to an existing table merges them).
+        let schema_err = |e: conform::ConformError| LakeError::Schema { table: name.to_string(), message: e.to_string() };
+        let mut merged = schema.clone();
+        for b in &batches {
+            if b.schema().as_ref() != &merged {
+                merged = conform::merge_schema(&merged, &b.schema()).map_err(schema_err)?;
+            }
+        }
+        let (location, url, struct_type) = new_table(root, name, &merged, partition_columns)?;
+        let target = Arc::new(merged);
         let batches = batches
             .iter()
             .map(|b| conform::conform_batch(b, &target))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| LakeError::Schema { table: name.to_string(), message: e.to_string() })?;
+            .map_err(schema_err)?;
         let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
         let (adds, _) = write_files(url.as_str(), batches.clone(), partition_columns, parallel_writers(rows))
             .await

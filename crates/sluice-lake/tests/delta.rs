@@ -749,6 +749,28 @@ async fn create_with_rows_is_one_commit_and_appends_once_the_table_exists() {
         .unwrap();
     assert_eq!((parted.version(), parted.file_stats().num_files), (0, 2));
     assert!(dir.path().join("parted/region=us").is_dir());
-    let err = LakeTable::create_with_rows(&root, "other", &schema, &["day".to_string()], vec![batch], &[]).await.err().unwrap();
+    let err = LakeTable::create_with_rows(&root, "other", &schema, &["day".to_string()], vec![batch.clone()], &[]).await.err().unwrap();
     assert!(err.to_string().contains("partition column `day`"), "{err}");
+
+    // Batches with more columns widen the new table's schema; batches that disagree on a
+    // column's type are a schema error and create nothing.
+    let wider = Schema::new(vec![
+        Field::new("region", DataType::Utf8, true),
+        Field::new("v", DataType::Int64, true),
+        Field::new("note", DataType::Utf8, true),
+    ]);
+    let noted = RecordBatch::try_new(
+        Arc::new(wider),
+        vec![Arc::new(StringArray::from(vec!["ap"])), Arc::new(Int64Array::from(vec![4])), Arc::new(StringArray::from(vec!["hi"]))],
+    )
+    .unwrap();
+    let t = LakeTable::create_with_rows(&root, "merged", &schema, &[], vec![batch.clone(), noted], &[]).await.unwrap();
+    assert!(t.arrow_schema().field_with_name("note").is_ok());
+    assert_eq!(i64s(&read_all(&t, "v").await, "v"), vec![Some(1), Some(2), Some(3), Some(4)]);
+    let texts = Schema::new(vec![Field::new("region", DataType::Utf8, true), Field::new("v", DataType::Utf8, true)]);
+    let conflicting =
+        RecordBatch::try_new(Arc::new(texts), vec![Arc::new(StringArray::from(vec!["eu"])), Arc::new(StringArray::from(vec!["x"]))]).unwrap();
+    let err = LakeTable::create_with_rows(&root, "conflict", &schema, &[], vec![batch, conflicting], &[]).await.err().unwrap();
+    assert!(matches!(err, LakeError::Schema { .. }), "{err}");
+    assert!(LakeTable::open(&root, "conflict").await.unwrap().is_none());
 }

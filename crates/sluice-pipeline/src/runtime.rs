@@ -714,7 +714,21 @@ impl Pipeline {
             let first = with_partition_columns(&fresh[0].1, &out.partition_by);
             let mut cols = vec![date_column.to_string()];
             cols.extend(out.partition_by.iter().cloned());
-            out.table = Some(LakeTable::create(&self.spec.lake_root, &out.table_name, &first.schema(), &cols).await?);
+            // A new table takes these rows in the commit that creates it. Rows that do not fit
+            // one schema take the path below (created from the first, widened, appended; what
+            // still does not fit becomes dead letters).
+            let plain: Vec<RecordBatch> = fresh.iter().map(|(_, b)| with_partition_columns(b, &out.partition_by)).collect();
+            match LakeTable::create_with_rows(&self.spec.lake_root, &out.table_name, &first.schema(), &cols, plain, txns).await {
+                Ok(table) => {
+                    out.table = Some(table);
+                    mark_done(out, txns, &self.spec.sources, &self.spec.name);
+                    return Ok(Some(rows));
+                }
+                Err(LakeError::Schema { .. }) => {
+                    out.table = Some(LakeTable::create(&self.spec.lake_root, &out.table_name, &first.schema(), &cols).await?);
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         let table = out.table.as_mut().expect("created above");
         widen_if_needed(table, &fresh).await?;

@@ -304,21 +304,9 @@ impl LakeTable {
             table.append(batches, txns).await?;
             return Ok(table);
         }
-        // The schema with every batch's new columns (as an append to an existing table merges them).
-        let schema_err = |e: conform::ConformError| LakeError::Schema { table: name.to_string(), message: e.to_string() };
-        let mut merged = schema.clone();
-        for b in &batches {
-            if b.schema().as_ref() != &merged {
-                merged = conform::merge_schema(&merged, &b.schema()).map_err(schema_err)?;
-            }
-        }
+        // The schema with every batch's new columns, as an append to an existing table merges them.
+        let (merged, batches) = conform_all(name, schema, &batches)?;
         let (location, url, struct_type) = new_table(root, name, &merged, partition_columns)?;
-        let target = Arc::new(merged);
-        let batches = batches
-            .iter()
-            .map(|b| conform::conform_batch(b, &target))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(schema_err)?;
         let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
         let (adds, _) = write_files(url.as_str(), batches.clone(), partition_columns, parallel_writers(rows))
             .await
@@ -648,23 +636,7 @@ impl LakeTable {
 
     /// Conforms `batches` to one schema: the table schema merged with theirs.
     fn conform(&self, batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>, LakeError> {
-        let schema_err = |e: conform::ConformError| LakeError::Schema {
-            table: self.name.clone(),
-            message: e.to_string(),
-        };
-        let table_schema = self.arrow_schema();
-        let mut target = table_schema.as_ref().clone();
-        for batch in &batches {
-            if batch.schema().as_ref() != &target {
-                target = conform::merge_schema(&target, &batch.schema()).map_err(schema_err)?;
-            }
-        }
-        let target = Arc::new(target);
-        batches
-            .iter()
-            .map(|b| conform::conform_batch(b, &target))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(schema_err)
+        conform_all(&self.name, &self.arrow_schema(), &batches).map(|(_, b)| b)
     }
 
     /// Writes `batches` (conformed to one schema) as Parquet files from `writers` tasks at
@@ -805,6 +777,21 @@ fn parallel_writers(rows: usize) -> usize {
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     cores.min(rows / (PARALLEL_WRITE_ROWS / 2)).max(1)
+}
+
+/// `schema` merged with the schemas of `batches` (new columns added, types kept; see
+/// [`conform::merge_schema`]), and the batches conformed to it. Err: a batch does not fit.
+fn conform_all(table: &str, schema: &Schema, batches: &[RecordBatch]) -> Result<(Schema, Vec<RecordBatch>), LakeError> {
+    let schema_err = |e: conform::ConformError| LakeError::Schema { table: table.to_string(), message: e.to_string() };
+    let mut merged = schema.clone();
+    for b in batches {
+        if b.schema().as_ref() != &merged {
+            merged = conform::merge_schema(&merged, &b.schema()).map_err(schema_err)?;
+        }
+    }
+    let target = Arc::new(merged.clone());
+    let conformed = batches.iter().map(|b| conform::conform_batch(b, &target)).collect::<Result<Vec<_>, _>>().map_err(schema_err)?;
+    Ok((merged, conformed))
 }
 
 /// Where a new table goes and its Delta schema: checks that the partition columns are in

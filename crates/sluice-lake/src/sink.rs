@@ -399,10 +399,8 @@ impl LakeSink {
                 t
             }
             None => {
-                let schema = match mirror {
-                    Some(_) => crate::mirror::table_schema(&converted.schema, &self.opts.date_column),
-                    None => converted.schema.clone(),
-                };
+                // A new mirror table (a new append table was created with its rows above).
+                let schema = crate::mirror::table_schema(&converted.schema, &self.opts.date_column);
                 let t = LakeTable::create(&self.opts.lake_root, self.table_name(), &schema, &self.partition_columns()).await?;
                 w.main.insert(t)
             }

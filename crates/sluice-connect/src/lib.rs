@@ -99,11 +99,37 @@ impl ReadEvents {
         ReadEvents { order, key_order, names, middle, tail }
     }
 
-    /// Writes one row: its key object to `key` and its event to `event` (both cleared
-    /// first). `value(i, out)` writes column `i`'s value as JSON.
+    /// `rows` rows as keyed records, sequence numbers from `first_seq`. `value(row, i, out)`
+    /// writes column `i` of row `row` as JSON. Every event goes into one buffer, every key
+    /// into another, and the records are slices of them: no allocation (and free) per record.
+    pub(crate) fn records(&self, rows: usize, first_seq: u64, ts_ms: i64, mut value: impl FnMut(usize, usize, &mut Vec<u8>)) -> Vec<sluice_log::Record> {
+        let (mut keys, mut events, mut key) = (Vec::new(), Vec::new(), Vec::with_capacity(64));
+        let mut ends = Vec::with_capacity(rows);
+        for row in 0..rows {
+            self.write(first_seq + row as u64, &mut key, &mut events, |i, out| value(row, i, out));
+            keys.extend_from_slice(&key);
+            ends.push((keys.len(), events.len()));
+            if row == 0 {
+                // Room for all rows like the first (growing by doubling copies them again).
+                events.reserve(events.len().saturating_mul(rows + rows / 8).min(256 << 20));
+                keys.reserve(keys.len().saturating_mul(rows));
+            }
+        }
+        let (keys, events) = (bytes::Bytes::from(keys), bytes::Bytes::from(events));
+        let mut start = (0, 0);
+        ends.into_iter()
+            .map(|end| {
+                let r = sluice_log::Record::with_key(keys.slice(start.0..end.0), events.slice(start.1..end.1), ts_ms);
+                start = end;
+                r
+            })
+            .collect()
+    }
+
+    /// Writes one row: its key object to `key` (cleared first) and its event after what
+    /// `event` holds. `value(i, out)` writes column `i`'s value as JSON.
     pub(crate) fn write(&self, seq: u64, key: &mut Vec<u8>, event: &mut Vec<u8>, mut value: impl FnMut(usize, &mut Vec<u8>)) {
         key.clear();
-        event.clear();
         self.object(&self.key_order, key, &mut value);
         event.extend_from_slice(b"{\"after\":");
         self.object(&self.order, event, &mut value);
@@ -200,8 +226,19 @@ mod tests {
             "op": "read", "before": null, "after": row, "key": k, "source": source,
             "transaction": {"id": null, "lsn": "0/16B3", "seq": 5}, "ts_ms": 1234,
         });
-        assert_eq!(String::from_utf8(event).unwrap(), want.to_string());
-        assert_eq!(String::from_utf8(key).unwrap(), Value::Object(k).to_string());
+        assert_eq!(String::from_utf8(event.clone()).unwrap(), want.to_string());
+        assert_eq!(String::from_utf8(key.clone()).unwrap(), Value::Object(k).to_string());
+
+        // As records: each the event and key `write` gives, numbered from the first.
+        let rows = [values.clone(), [json!("y"), json!(8), json!(1), json!([1])], values.clone()];
+        let records = w.records(rows.len(), 4, 99, |r, i, out| serde_json::to_writer(out, &rows[r][i]).unwrap());
+        assert_eq!(records.len(), 3);
+        for (r, rec) in records.iter().enumerate() {
+            let (mut key, mut event) = (Vec::new(), b"ignored".to_vec());
+            w.write(4 + r as u64, &mut key, &mut event, |i, out| serde_json::to_writer(out, &rows[r][i]).unwrap());
+            assert_eq!((rec.key.as_deref(), &rec.value[..], rec.timestamp_ms), (Some(&key[..]), &event[b"ignored".len()..], 99));
+        }
+        assert!(w.records(0, 0, 0, |_, _, _| unreachable!()).is_empty());
     }
 
     #[test]

@@ -788,15 +788,7 @@ fn read_events(source: &str, info: &snapshot::TableInfo, rows: &[Vec<mysql_async
                         "file": null, "pos": null, "gtid": null, "commit_time": null, "snapshot": true});
     let keys: Vec<bool> = (0..info.columns.len()).map(|i| info.keys.contains(&i)).collect();
     let events = crate::ReadEvents::new(info.columns.iter().zip(&keys).map(|((n, _), k)| (n.as_str(), *k)), &source, &lsn_text(at), now);
-    let mut size = 256;
-    let mut out = Vec::with_capacity(rows.len());
-    for (i, values) in rows.iter().enumerate() {
-        let (mut key, mut event) = (Vec::with_capacity(32), Vec::with_capacity(size + size / 8));
-        events.write(base + i as u64, &mut key, &mut event, |col, out| types::write_value(&info.columns[col].1, &values[col], out));
-        size = event.len();
-        out.push(Record::with_key(bytes::Bytes::from(key), bytes::Bytes::from(event), now));
-    }
-    out
+    events.records(rows.len(), base, now, |row, col, out| types::write_value(&info.columns[col].1, &rows[row][col], out))
 }
 
 /// One MySQL/MariaDB source. Run it with [`MysqlSource::run`] on its own task.

@@ -247,10 +247,13 @@ struct Reader {
     head: tokio::sync::oneshot::Receiver<Head>,
     rows: tokio::task::JoinHandle<anyhow::Result<ReadChunk>>,
     started: std::time::Instant,
-    /// Tells the task the loop has taken its chunk over: only then does it start the next,
-    /// so at most one chunk is read ahead.
-    adopt: tokio::sync::oneshot::Sender<()>,
+    /// The chain of chunks it belongs to: closed, no more of them are read.
+    chain: Arc<tokio::sync::Semaphore>,
 }
+
+/// Chunks read ahead of the one whose window the replication stream is in: the database
+/// reads on while the stream catches up with their watermarks, and their rows take room.
+const READ_AHEAD: usize = 3;
 
 /// What reading the chunks of one snapshot needs.
 #[derive(Clone)]
@@ -263,35 +266,47 @@ struct ReadSpec {
     limit: usize,
     /// Read the next chunk as soon as one is done (no throttle, whole table).
     chain: bool,
+    /// One permit per chunk read and not yet finished ([`READ_AHEAD`]); closed when the loop
+    /// drops the chain.
+    ahead: Arc<tokio::sync::Semaphore>,
 }
 
 /// Reads a chunk (after key `after`, or the rows with `keys`) between its watermarks on its
 /// own task and writes its rows as events (see [`ReadChunk`]). Unless it was the last (fewer
-/// rows than the limit) the task goes on with the next chunk when `spec.chain`, once the loop
-/// has taken this one over: the loop takes the next over at this chunk's high watermark, or
-/// drops it.
+/// rows than the limit) the task goes on with the next chunk when `spec.chain`, right after
+/// this one's high watermark, up to [`READ_AHEAD`] chunks ahead of the loop: the loop takes
+/// the next over at this chunk's high watermark, or drops the chain (closing `spec.ahead`).
 fn spawn_read(spec: ReadSpec, after: Option<Vec<String>>, keys: Option<Vec<Vec<String>>>) -> Reader {
     let marker = format!("{}:{}:{}", spec.source, spec.task, fastrand::u64(..));
     let (head_tx, head) = tokio::sync::oneshot::channel();
-    let (adopt, adopted) = tokio::sync::oneshot::channel();
     let m = marker.clone();
+    let chain = spec.ahead.clone();
     let rows = tokio::spawn(async move {
+        // Held until the loop is done with the chunk (it drops the ReadChunk).
+        let permit = spec.ahead.clone().acquire_owned().await.map_err(|_| anyhow::anyhow!("snapshot chunk dropped"))?;
         let (rows, high) = snapshot::read_chunk(&spec.client, &spec.info, &m, after.as_deref(), keys.as_deref(), spec.limit).await?;
         let last_key = (!rows.is_empty()).then(|| spec.info.keys_of(&rows, rows.len() - 1));
-        let more = spec.chain && keys.is_none() && rows.len() >= spec.limit && high.is_some();
-        let next = if more && adopted.await.is_ok() { Some(spawn_read(spec.clone(), last_key.clone(), None)) } else { None };
+        let more = spec.chain && keys.is_none() && rows.len() >= spec.limit && high.is_some() && !spec.ahead.is_closed();
+        let next = more.then(|| spawn_read(spec.clone(), last_key.clone(), None));
         let _ = head_tx.send(Head { last_key, read: rows.len(), next });
-        let Some(at) = high.map(|h| h.saturating_sub(1)) else { return Ok(ReadChunk { at: None, records: Vec::new(), rows }) };
+        let Some(at) = high.map(|h| h.saturating_sub(1)) else { return Ok(ReadChunk { at: None, records: Vec::new(), rows, _permit: permit }) };
         let (records, rows) = tokio::task::spawn_blocking(move || (read_events(&spec.source, &spec.database, &spec.info, &rows, at), rows)).await?;
-        Ok(ReadChunk { at: Some(at), records, rows })
+        Ok(ReadChunk { at: Some(at), records, rows, _permit: permit })
     });
-    Reader { marker, head, rows, started: std::time::Instant::now(), adopt }
+    Reader { marker, head, rows, started: std::time::Instant::now(), chain }
 }
 
 impl Chunk {
     fn new(r: Reader, task: u64, info: snapshot::TableInfo, limit: usize) -> Chunk {
-        let _ = r.adopt.send(());
         Chunk { marker: r.marker, task, info, open: false, changed: HashSet::new(), head: r.head, rows: r.rows, limit, started: r.started }
+    }
+}
+
+impl Reader {
+    /// Drops this chunk and every one read after it.
+    fn drop_chain(self) {
+        self.chain.close();
+        self.rows.abort();
     }
 }
 
@@ -306,6 +321,8 @@ struct ReadChunk {
     records: Vec<Record>,
     /// The rows themselves, for when the events must be written again at another position.
     rows: snapshot::Rows,
+    /// Its place among the chunks read ahead.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// The snapshot rows of a chunk as keyed `read` events at position `at`.
@@ -316,18 +333,10 @@ fn read_events(source_name: &str, database: &str, info: &snapshot::TableInfo, ro
                         "lsn": lsn, "txid": null, "commit_time": null, "snapshot": true});
     let events = crate::ReadEvents::new(info.columns.iter().map(|col| (col.0.as_str(), col.3)), &source, &lsn, now);
     let oids: Vec<u32> = info.columns.iter().map(|col| col.1).collect();
-    let mut size = 256;
-    let mut out = Vec::with_capacity(rows.len());
-    for seq in 0..rows.len() {
-        let (mut key, mut event) = (Vec::with_capacity(32), Vec::with_capacity(size + size / 8));
-        events.write(seq as u64, &mut key, &mut event, |i, out| match rows.get(seq, i) {
-            Some(text) => types::write_json(oids[i], text, out),
-            None => out.extend_from_slice(b"null"),
-        });
-        size = event.len();
-        out.push(Record::with_key(bytes::Bytes::from(key), bytes::Bytes::from(event), now));
-    }
-    out
+    events.records(rows.len(), 0, now, |row, i, out| match rows.get(row, i) {
+        Some(text) => types::write_json(oids[i], text, out),
+        None => out.extend_from_slice(b"null"),
+    })
 }
 
 /// The writes in flight while the stream is read on ([`Writes`]); each, once durable,
@@ -841,7 +850,7 @@ impl Session for PostgresSource {
                                             None => self.start_chunk(&client, &state, &database).await?,
                                         };
                                     } else if let Some(n) = next {
-                                        n.rows.abort();
+                                        n.drop_chain();
                                     }
                                     let done = self.finish_chunk(c, at, last_key, finished, &database, &mut state, &mut streams, &mut pending).await?;
                                     let built = t0.elapsed();
@@ -965,6 +974,7 @@ impl PostgresSource {
             task: task.id,
             limit,
             chain: self.cfg.snapshot_throttle.0.is_zero(),
+            ahead: Arc::new(tokio::sync::Semaphore::new(READ_AHEAD)),
         };
         Ok(Some(Chunk::new(spawn_read(spec, after, keys), task.id, info, limit)))
     }
@@ -981,7 +991,7 @@ impl PostgresSource {
         };
         if !c.open {
             if let Some(n) = next {
-                n.rows.abort();
+                n.drop_chain();
             }
             return Ok((None, false, None));
         }

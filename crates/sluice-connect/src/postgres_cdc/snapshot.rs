@@ -248,8 +248,12 @@ pub async fn read_chunk(
     keys: Option<&[Vec<String>]>,
     limit: usize,
 ) -> anyhow::Result<(Rows, Option<u64>)> {
-    let emit = "SELECT pg_logical_emit_message(false, $1::text, $2::text)";
-    client.execute(emit, &[&WATERMARK_PREFIX, &format!("low {marker}")]).await?;
+    // The low watermark and a new transaction id (see below) in one round trip: the id is
+    // taken after the watermark is written.
+    // (Simple queries with the values inline: one round trip each, where a prepared statement
+    // takes two.)
+    let low = format!("SELECT pg_logical_emit_message(false, {}, {})::text, pg_current_xact_id()::text", literal(WATERMARK_PREFIX), literal(&format!("low {marker}")));
+    let mark = first_value(client, &low, 1).await?.ok_or_else(|| anyhow::anyhow!("no transaction id"))?;
     // A transaction's commit record can precede the low watermark in the WAL while it is not
     // yet visible to new snapshots (PostgreSQL makes it visible just after). Its changes come
     // before the window, so the chunk must see them: wait until every transaction that had
@@ -258,9 +262,8 @@ pub async fn read_chunk(
     // (The snapshot's list of running transactions is not enough: a transaction whose id is
     // at or above the snapshot's xmax is running but not listed, and with one busy writer
     // that is usually the one committing. Both found by the convergence test.)
-    let mark: String = client.query_one("SELECT pg_current_xact_id()::text", &[]).await?.get(0);
-    let done = "SELECT pg_snapshot_xmin(pg_current_snapshot()) > $1::text::xid8";
-    while !client.query_one(done, &[&mark]).await?.get::<_, bool>(0) {
+    let done = format!("SELECT pg_snapshot_xmin(pg_current_snapshot()) > {}::xid8", literal(&mark));
+    while first_value(client, &done, 0).await?.as_deref() != Some("t") {
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
     let t = std::time::Instant::now();
@@ -309,14 +312,26 @@ pub async fn read_chunk(
         }
     }
     tracing::debug!(select = ?t.elapsed(), rows = rows.len(), "snapshot chunk read");
-    let high: String = client.query_one(&format!("{emit}::text"), &[&WATERMARK_PREFIX, &format!("high {marker}")]).await?.get(0);
-    // A non-transactional message waits in the WAL buffers until something flushes them (the
-    // WAL writer: up to wal_writer_delay later). A tiny synchronous commit flushes now, so the
-    // chunk does not wait: without it a quiet database reads ~5 chunks a second.
-    client
-        .batch_execute("BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_logical_emit_message(true, 'sluice-flush', ''); COMMIT;")
-        .await?;
-    Ok((rows, pgwire_replication::Lsn::parse(&high).ok().map(|l| l.0)))
+    // The high watermark, then a tiny synchronous commit, in one round trip. A
+    // non-transactional message waits in the WAL buffers until something flushes them (the
+    // WAL writer: up to wal_writer_delay later); the commit flushes them now, so the chunk
+    // does not wait: without it a quiet database reads ~5 chunks a second.
+    let high = format!(
+        "SELECT pg_logical_emit_message(false, {}, {})::text; BEGIN; SET LOCAL synchronous_commit = on; \
+         SELECT pg_logical_emit_message(true, 'sluice-flush', ''); COMMIT;",
+        literal(WATERMARK_PREFIX),
+        literal(&format!("high {marker}"))
+    );
+    let high = first_value(client, &high, 0).await?;
+    Ok((rows, high.and_then(|h| pgwire_replication::Lsn::parse(&h).ok()).map(|l| l.0)))
+}
+
+/// Column `col` of the first row `sql` (simple queries, maybe several) returns.
+async fn first_value(client: &tokio_postgres::Client, sql: &str, col: usize) -> Result<Option<String>, tokio_postgres::Error> {
+    Ok(client.simple_query(sql).await?.into_iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(col).map(str::to_string)),
+        _ => None,
+    }).flatten())
 }
 
 #[cfg(test)]

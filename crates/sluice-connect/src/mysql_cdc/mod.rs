@@ -389,8 +389,9 @@ impl Shape {
 
     /// The change event of one row as JSON text: the bytes [`MysqlSource::event`] gives
     /// (keys in serde_json's order) for rows that [`Shape::fits`], with `tail` from
-    /// [`Shape::tail`] for the row's event and transaction. Returns the key's text.
-    fn write_event<R: Image + ?Sized>(&self, before: Option<&R>, after: Option<&R>, tail: &[u8], seq: u64, ts_ms: i64, e: &mut Vec<u8>) -> Option<String> {
+    /// [`Shape::tail`] for the row's event and transaction, after what `e` holds. Returns
+    /// where in `e` the key's text is.
+    fn write_event<R: Image + ?Sized>(&self, before: Option<&R>, after: Option<&R>, tail: &[u8], seq: u64, ts_ms: i64, e: &mut Vec<u8>) -> Option<std::ops::Range<usize>> {
         e.extend_from_slice(b"{\"after\":");
         match after {
             Some(r) => self.write_row(r, false, e),
@@ -406,7 +407,7 @@ impl Shape {
             Some(r) if !self.keys.is_empty() => {
                 let start = e.len();
                 self.write_row(r, true, e);
-                Some(String::from_utf8(e[start..].to_vec()).expect("JSON text is UTF-8"))
+                Some(start..e.len())
             }
             _ => {
                 e.extend_from_slice(b"null");
@@ -532,9 +533,13 @@ struct Out<'a> {
     window: Option<&'a mut Window>,
     /// Scratch for comparing an update's old and new keys.
     keys: (Vec<u8>, Vec<u8>),
-    /// The last event's length: the next one's buffer is made this big (rows of one event
-    /// are alike), not grown to it.
-    size: usize,
+    /// Change events written and not yet queued, one after the other: queued together as
+    /// slices of one buffer (see [`Out::flush`]), not a buffer (and a key) each.
+    text: Vec<u8>,
+    /// Per event in `text`: its sequence number, its key's range and its own.
+    written: Vec<(u64, Option<std::ops::Range<usize>>, std::ops::Range<usize>)>,
+    /// The most text written between two flushes.
+    room: usize,
 }
 
 impl Out<'_> {
@@ -552,14 +557,46 @@ impl Out<'_> {
     }
 
     fn one<R: Image + ?Sized>(&mut self, t: &mut Txn, before: Option<&R>, after: Option<&R>, tail: &[u8]) {
-        let mut e = Vec::with_capacity(self.size + self.size / 8);
-        let key = self.shape.write_event(before, after, tail, t.seq, self.now, &mut e);
-        self.size = e.len();
-        self.push(t, bytes::Bytes::from(e), key);
+        let start = self.text.len();
+        let key = self.shape.write_event(before, after, tail, t.seq, self.now, &mut self.text);
+        if let (Some(w), Some(k)) = (self.window.as_mut(), &key) {
+            w.changed.insert(String::from_utf8(self.text[k.clone()].to_vec()).expect("JSON text is UTF-8"));
+        }
+        self.written.push((t.seq, key, start..self.text.len()));
+        t.seq += 1;
     }
 
-    /// Queues one change event (its key leaves a snapshot chunk whose window it falls in).
+    /// Queues the events written (in order): call at the end of the row event. Returns the
+    /// most text written between two flushes (a row event's are alike: the next one's room).
+    fn flush(&mut self, t: &Txn) -> usize {
+        if self.written.is_empty() {
+            return self.room;
+        }
+        let room = self.text.len();
+        self.room = self.room.max(room);
+        let text = bytes::Bytes::from(std::mem::replace(&mut self.text, Vec::with_capacity(room)));
+        for (seq, key, event) in self.written.drain(..) {
+            let value = text.slice(event);
+            match key {
+                Some(k) => {
+                    let k = text.slice(k);
+                    let p = self.stream.partition_for_key(&k);
+                    self.pending.push(self.stream, p, (t.pos, seq), Record::with_key(k, value, t.commit_time_ms));
+                }
+                None => {
+                    for p in 0..self.stream.partitions().len() as u32 {
+                        self.pending.push(self.stream, p, (t.pos, seq), Record::new(value.clone(), t.commit_time_ms));
+                    }
+                }
+            }
+        }
+        self.room
+    }
+
+    /// Queues one change event built on its own (after those written: order is kept; its key
+    /// leaves a snapshot chunk whose window it falls in).
     fn push(&mut self, t: &mut Txn, event: bytes::Bytes, key: Option<String>) {
+        self.flush(t);
         if let (Some(w), Some(k)) = (self.window.as_mut(), &key) {
             w.changed.insert(k.clone());
         }
@@ -1070,6 +1107,8 @@ impl Session for MysqlSource {
         let mut shapes: HashMap<u64, Arc<Shape>> = HashMap::new();
         let mut warned: std::collections::HashSet<(String, String)> = Default::default();
         let mut txn: Option<Txn> = None;
+        // Room for one row event's change events: as much as the last took (see `Out::flush`).
+        let mut event_room = 0usize;
         let mut pending = Pending::default();
         let mut last_commit: Option<(String, u64)> = None;
         let mut chunk: Option<Chunk> = None;
@@ -1358,7 +1397,7 @@ impl Session for MysqlSource {
                         // Shared by this row event's change events.
                         let now = sluice_core::time::now_ms();
                         let tails = Tails::new(&shape, &self.name, op, t, &cur_file, start);
-                        let mut out = Out { shape: &shape, tails: &tails, now, stream: &stream, pending: &mut pending, window: window.as_deref_mut(), keys: Default::default(), size: 256 };
+                        let mut out = Out { shape: &shape, tails: &tails, now, stream: &stream, pending: &mut pending, window: window.as_deref_mut(), keys: Default::default(), text: Vec::with_capacity(event_room), written: Vec::new(), room: 0 };
                         if shape.reads_directly(&r) {
                             let (has_before, has_after) = (r.columns_before_image().is_some(), r.columns_after_image().is_some());
                             let data: &[u8] = r.rows_data();
@@ -1404,6 +1443,7 @@ impl Session for MysqlSource {
                                 self.status.changes.fetch_add(1, Ordering::Relaxed);
                             }
                         }
+                        event_room = out.flush(t).max(event_room / 2);
                         if pending.records >= GROUP_RECORDS {
                             self.write(&mut pending, &mut written, &mut writes, &mut state, &last_commit).await?;
                         }
@@ -1683,8 +1723,8 @@ mod tests {
                 let (bj, aj) = (before.map(|r| shape.row(r)), after.map(|r| shape.row(r)));
                 let kj = shape.key(aj.as_ref().or(bj.as_ref()).unwrap());
                 let want = event("src", "shop", "t \"q\"", op, bj, aj, kj.clone(), &t, "mysql-bin.000003", 500, 99);
+                assert_eq!(key.map(|k| String::from_utf8(text[k].to_vec()).unwrap()), Some(kj.to_string()));
                 assert_eq!(String::from_utf8(text).unwrap(), want.to_string(), "{op}");
-                assert_eq!(key, Some(kj.to_string()));
             }
         }
         // A row of other columns (not a FULL row image) takes the value path.
@@ -1752,8 +1792,9 @@ mod tests {
         let tail = shape.tail("src", "update", &t, "f.000003", 500);
         let k1 = shape.write_event(Some(&before[..]), Some(&after[..]), &tail, t.seq, 9, &mut direct);
         let k2 = shape.write_event(Some(&row(&before)), Some(&row(&after)), &tail, t.seq, 9, &mut via_rows);
+        let key = |k: Option<std::ops::Range<usize>>, text: &[u8]| k.map(|k| String::from_utf8(text[k].to_vec()).unwrap());
+        assert_eq!((key(k1, &direct), key(k2, &via_rows)), (Some(r#"{"id":7}"#.to_string()), Some(r#"{"id":7}"#.to_string())));
         assert_eq!(String::from_utf8(direct).unwrap(), String::from_utf8(via_rows).unwrap());
-        assert_eq!((k1.as_deref(), k2.as_deref()), (Some(r#"{"id":7}"#), Some(r#"{"id":7}"#)));
         // A truncated image is an error, not a short row.
         let mut short = ParseBuf(&bytes[..7]);
         assert!(shape.read_image(&mut short, &mut before).is_err());

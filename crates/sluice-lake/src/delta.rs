@@ -460,7 +460,7 @@ impl LakeTable {
             .fields()
             .iter()
             .map(|f| f.name().clone())
-            .filter(|c| c != "__op" && c != "__unchanged")
+            .filter(|c| c != "__op" && c != "__unchanged" && c != "__seq")
             .collect();
         // Conform types to the table (lossless casts) but do not add the table's other columns:
         // an update sets only the columns it carries.

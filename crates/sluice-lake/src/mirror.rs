@@ -9,13 +9,17 @@
 //! - Every row carries `_lsn`, the commit position of its last change. A change applies only
 //!   if it is not older than the row (`LakeTable::merge_by_key`), so applying a flush again
 //!   after a crash, or a late change, never moves a row back in time.
-//! - A truncate at position T deletes the rows older than T and is remembered as the txn
-//!   `sluice:truncate:<stream>`; changes older than T arriving later (from other partitions)
-//!   are dropped. So truncates need no ordering across partitions.
+//! - A truncate at position T = (commit LSN, sequence in its transaction) deletes the rows
+//!   older than T and is remembered as the txns `sluice:truncate:<stream>` (the LSN) and
+//!   `sluice:truncate-seq:<stream>` (the sequence); changes not newer than T arriving later
+//!   (from other partitions) are dropped. So truncates need no ordering across partitions.
+//!   The changes after a truncate in its own transaction (`TRUNCATE; INSERT ...` reloading a
+//!   table) share its LSN and are kept: each row carries its change's sequence (`__seq`)
+//!   until the merge.
 //! - Events of tables without a primary key cannot be mirrored; they are counted and skipped
 //!   (the changelog, when enabled, still has them).
 
-use arrow_array::{cast::AsArray, types::Int64Type, BooleanArray, RecordBatch};
+use arrow_array::{cast::AsArray, types::Int64Type, Array, BooleanArray, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use deltalake::arrow::compute::{cast, concat_batches, filter_record_batch};
 use serde_json::{Map, Value};
@@ -30,6 +34,12 @@ pub fn truncate_app_id(stream: &str) -> String {
     format!("sluice:truncate:{stream}")
 }
 
+/// The txn app id that remembers the sequence of a mirror table's last truncate in its
+/// transaction (tables whose truncate predates it: every change of that transaction is older).
+pub fn truncate_seq_app_id(stream: &str) -> String {
+    format!("sluice:truncate-seq:{stream}")
+}
+
 /// One flush of change events, reduced.
 #[derive(Debug, Default)]
 pub struct Reduced {
@@ -38,8 +48,8 @@ pub struct Reduced {
     pub rows: Vec<(u32, u64, i64, Vec<u8>)>,
     /// The key columns (from the events' `key`).
     pub keys: Vec<String>,
-    /// The newest truncate in the flush.
-    pub truncate_lsn: Option<i64>,
+    /// The newest truncate in the flush: (commit LSN, sequence).
+    pub truncate: Option<(i64, i64)>,
     /// Events without a key, skipped.
     pub keyless: usize,
     /// Records that are not change events, skipped (with the first reason).
@@ -71,6 +81,7 @@ struct Event<'a> {
 #[derive(serde::Deserialize)]
 struct Transaction<'a> {
     lsn: Option<&'a str>,
+    seq: Option<i64>,
 }
 
 /// What the mirror reads of one change event.
@@ -83,6 +94,8 @@ struct Change<'a> {
     unchanged: Option<Vec<String>>,
     /// `transaction.lsn`
     lsn: Option<&'a str>,
+    /// `transaction.seq` (0 when absent).
+    seq: i64,
 }
 
 /// Reads a change event: by scanning its top level ([`scan_change`]), or, for an event that
@@ -102,7 +115,8 @@ fn parse_change(value: &[u8]) -> Result<Change<'_>, String> {
             after: ev.after.map(|a| a.get()),
             key: ev.key.map(|k| k.get()),
             unchanged: ev.unchanged,
-            lsn: ev.transaction.and_then(|t| t.lsn),
+            lsn: ev.transaction.as_ref().and_then(|t| t.lsn),
+            seq: ev.transaction.and_then(|t| t.seq).unwrap_or(0),
         }),
         Err(e) if serde_json::from_slice::<serde::de::IgnoredAny>(value).is_err() => Err(format!("not JSON: {e}")),
         Err(e) => Err(format!("not a change event: {e}")),
@@ -118,15 +132,22 @@ fn scan_change(v: &[u8]) -> Option<Change<'_>> {
     use sluice_core::json_scan::scan_object;
     let [op, after, key, unchanged, transaction] =
         scan_object(v, [Some(b"op"), Some(b"after"), Some(b"key"), Some(b"unchanged"), Some(b"transaction")])?;
-    let lsn = match transaction {
-        None | Some(b"null") => None,
-        Some(t) => scan_object(t, [Some(b"lsn")])?[0],
+    let (lsn, seq) = match transaction {
+        None | Some(b"null") => (None, 0),
+        Some(t) => {
+            let [lsn, seq] = scan_object(t, [Some(b"lsn"), Some(b"seq")])?;
+            let seq = match seq {
+                None | Some(b"null") => 0,
+                Some(n) => std::str::from_utf8(n).ok()?.parse().ok()?,
+            };
+            (lsn, seq)
+        }
     };
     let unchanged = match unchanged {
         None | Some(b"null") => None,
         Some(u) => Some(serde_json::from_slice::<Vec<String>>(u).ok()?),
     };
-    Some(Change { op: plain_string(op)?, after: json_text(after)?, key: json_text(key)?, unchanged, lsn: plain_string(lsn)? })
+    Some(Change { op: plain_string(op)?, after: json_text(after)?, key: json_text(key)?, unchanged, lsn: plain_string(lsn)?, seq })
 }
 
 /// A JSON value as its text; absent or `null` is `Some(None)`.
@@ -167,9 +188,9 @@ pub fn reduce<'a>(records: impl IntoIterator<Item = (u32, u64, i64, &'a [u8])>) 
             out.invalid.push((partition, offset, "not a change event (no op or transaction.lsn)".into()));
             continue;
         };
-        let lsn = lsn as i64;
+        let (lsn, seq) = (lsn as i64, ev.seq);
         if op == "truncate" {
-            out.truncate_lsn = Some(out.truncate_lsn.map_or(lsn, |t| t.max(lsn)));
+            out.truncate = Some(out.truncate.map_or((lsn, seq), |t| t.max((lsn, seq))));
             continue;
         }
         // The key object's text is the row's identity within the flush: the sources write
@@ -219,7 +240,9 @@ pub fn reduce<'a>(records: impl IntoIterator<Item = (u32, u64, i64, &'a [u8])>) 
             serde_json::to_writer(&mut row, u).expect("JSON to memory");
             row.push(b',');
         }
-        row.extend_from_slice(br#""_lsn":"#);
+        row.extend_from_slice(br#""__seq":"#);
+        row.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
+        row.extend_from_slice(br#","_lsn":"#);
         row.extend_from_slice(itoa::Buffer::new().format(lsn).as_bytes());
         row.push(b'}');
         match last.get(key) {
@@ -265,29 +288,47 @@ fn take_unsent_columns(prev: &[u8], row: &[u8]) -> Vec<u8> {
     Value::Object(row).to_string().into_bytes()
 }
 
-/// A mirror table's schema from converted change rows: without `__op`, `__unchanged` and the
-/// date column.
+/// A mirror table's schema from converted change rows: without `__op`, `__unchanged`, `__seq`
+/// and the date column.
 pub fn table_schema(schema: &Schema, date_column: &str) -> SchemaRef {
     let fields: Vec<Field> = schema
         .fields()
         .iter()
-        .filter(|f| !matches!(f.name().as_str(), "__op" | "__unchanged") && f.name() != date_column)
+        .filter(|f| !matches!(f.name().as_str(), "__op" | "__unchanged" | "__seq") && f.name() != date_column)
         .map(|f| f.as_ref().clone())
         .collect();
     Arc::new(Schema::new(fields))
 }
 
 /// The converted change rows as one batch for `LakeTable::merge_by_key`: without the date
-/// column, and without changes at or before the last truncate.
-pub fn changes_batch(schema: &SchemaRef, batches: &[RecordBatch], date_column: &str, truncated_at: Option<i64>) -> anyhow::Result<RecordBatch> {
+/// column and `__seq`, and without changes at or before the last truncate (a position:
+/// commit LSN, sequence).
+pub fn changes_batch(schema: &SchemaRef, batches: &[RecordBatch], date_column: &str, truncated_at: Option<(i64, i64)>) -> anyhow::Result<RecordBatch> {
     let all = concat_batches(schema, batches)?;
-    let keep: Vec<usize> = (0..all.num_columns()).filter(|i| schema.field(*i).name() != date_column).collect();
+    let newer = match (truncated_at, all.column_by_name(LSN_COLUMN)) {
+        (Some((t, t_seq)), Some(lsn)) => {
+            let lsn = cast(lsn, &DataType::Int64)?;
+            let seq = match all.column_by_name("__seq") {
+                Some(s) => Some(cast(s, &DataType::Int64)?),
+                None => None,
+            };
+            let seq = seq.as_ref().map(|s| s.as_primitive::<Int64Type>());
+            let newer: BooleanArray = lsn
+                .as_primitive::<Int64Type>()
+                .iter()
+                .enumerate()
+                .map(|(i, v)| Some(v.is_some_and(|v| v > t || (v == t && seq.is_some_and(|s| !s.is_null(i) && s.value(i) > t_seq)))))
+                .collect();
+            Some(newer)
+        }
+        _ => None,
+    };
+    let keep: Vec<usize> = (0..all.num_columns()).filter(|i| !matches!(schema.field(*i).name().as_str(), "__seq") && schema.field(*i).name() != date_column).collect();
     let all = all.project(&keep)?;
-    let Some(t) = truncated_at else { return Ok(all) };
-    let Some(lsn) = all.column_by_name(LSN_COLUMN) else { return Ok(all) };
-    let lsn = cast(lsn, &DataType::Int64)?;
-    let newer: BooleanArray = lsn.as_primitive::<Int64Type>().iter().map(|v| Some(v.is_some_and(|v| v > t))).collect();
-    Ok(filter_record_batch(&all, &newer)?)
+    Ok(match newer {
+        Some(newer) => filter_record_batch(&all, &newer)?,
+        None => all,
+    })
 }
 
 fn prev_unchanged(prev: &Map<String, Value>, name: &str) -> bool {
@@ -324,10 +365,41 @@ mod tests {
         let r = reduce(evs.iter().enumerate().map(|(i, e)| (0, i as u64, 0, e.as_slice())));
         assert_eq!(r.keys, ["id"]);
         let got = rows(&r);
-        assert_eq!(got[0], json!({"id": 1, "a": "z", "big": "B", "__op": "upsert", "_lsn": 0x20}));
-        assert_eq!(got[1], json!({"id": 2, "__op": "delete", "_lsn": 0x30}));
-        assert_eq!(got[2], json!({"id": 3, "a": "w", "__op": "upsert", "__unchanged": ["big"], "_lsn": 0x30}));
+        assert_eq!(got[0], json!({"id": 1, "a": "z", "big": "B", "__op": "upsert", "__seq": 0, "_lsn": 0x20}));
+        assert_eq!(got[1], json!({"id": 2, "__op": "delete", "__seq": 0, "_lsn": 0x30}));
+        assert_eq!(got[2], json!({"id": 3, "a": "w", "__op": "upsert", "__unchanged": ["big"], "__seq": 0, "_lsn": 0x30}));
         assert_eq!(r.rows[0].1, 2, "the row's position is its last change's");
+    }
+
+    /// `TRUNCATE; INSERT ...` in one transaction: the inserts share the truncate's LSN and
+    /// come after it; changes before it (same LSN, lower sequence, or older LSN) do not.
+    #[test]
+    fn changes_after_a_truncate_in_its_own_transaction_are_newer() {
+        let ev = |op: &str, id: i64, lsn: &str, seq: i64| json!({"op": op, "key": {"id": id}, "after": {"id": id}, "transaction": {"lsn": lsn, "seq": seq}}).to_string().into_bytes();
+        let evs = [ev("insert", 1, "0/10", 0), ev("insert", 2, "0/20", 0), ev("truncate", 0, "0/20", 1), ev("insert", 3, "0/20", 2)];
+        let r = reduce(evs.iter().enumerate().map(|(i, e)| (0, i as u64, 0, e.as_slice())));
+        assert_eq!(r.truncate, Some((0x20, 1)));
+        assert_eq!(rows(&r)[2], json!({"id": 3, "__op": "upsert", "__seq": 2, "_lsn": 0x20}));
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, true),
+            Field::new("__seq", DataType::Int64, true),
+            Field::new("_lsn", DataType::Int64, true),
+            Field::new("day", DataType::Utf8, true),
+        ]));
+        let int = |v: Vec<i64>| Arc::new(arrow_array::Int64Array::from(v)) as arrow_array::ArrayRef;
+        let b = RecordBatch::try_new(
+            schema.clone(),
+            vec![int(vec![1, 2, 3, 4]), int(vec![0, 0, 2, 1]), int(vec![0x10, 0x20, 0x20, 0x30]), Arc::new(arrow_array::StringArray::from(vec!["d"; 4]))],
+        )
+        .unwrap();
+        let kept = |t| {
+            let out = changes_batch(&schema, &[b.clone()], "day", t).unwrap();
+            assert_eq!(out.schema().fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>(), ["id", "_lsn"]);
+            out.column(0).as_primitive::<Int64Type>().values().to_vec()
+        };
+        assert_eq!(kept(Some((0x20, 1))), [3, 4]);
+        assert_eq!(kept(Some((0x20, i64::MAX))), [4], "a truncate remembered without its sequence: all of its transaction is older");
+        assert_eq!(kept(None), [1, 2, 3, 4]);
     }
 
     fn any_json() -> impl Strategy<Value = Value> {
@@ -382,7 +454,7 @@ mod tests {
         let t = json!({"op": "truncate", "key": null, "transaction": {"lsn": "1/0", "seq": 0}}).to_string().into_bytes();
         let keyless = json!({"op": "insert", "key": null, "after": {"a": 1}, "transaction": {"lsn": "0/5", "seq": 0}}).to_string().into_bytes();
         let r = reduce([(0, 0, 0, t.as_slice()), (0, 1, 0, keyless.as_slice()), (0, 2, 0, b"nope".as_slice())]);
-        assert_eq!(r.truncate_lsn, Some(1 << 32));
+        assert_eq!(r.truncate, Some((1 << 32, 0)));
         assert_eq!(r.keyless, 1);
         assert_eq!(r.invalid.len(), 1);
         assert!(r.rows.is_empty());

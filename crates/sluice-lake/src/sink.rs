@@ -94,15 +94,16 @@ struct Writer {
     dlq: Option<LakeTable>,
     /// Dead letters at or below these offsets are already in the dead-letter table.
     dlq_done: Vec<i64>,
-    /// Mirror tables: the last truncate applied (changes older than it are dropped).
-    truncated_at: Option<i64>,
+    /// Mirror tables: the last truncate applied, (commit LSN, sequence) (changes not newer
+    /// than it are dropped).
+    truncated_at: Option<(i64, i64)>,
 }
 
 /// One flush, converted and ready to commit.
 struct Prepared {
     converted: convert::Converted,
     /// Mirror tables: the key columns and the flush's newest truncate.
-    mirror: Option<(Vec<String>, Option<i64>)>,
+    mirror: Option<(Vec<String>, Option<(i64, i64)>)>,
     /// Per partition, the last offset in this flush.
     last: Vec<Option<u64>>,
     records: usize,
@@ -272,7 +273,11 @@ impl LakeSink {
             next.push(n);
             dlq_done.push(dlq.as_ref().and_then(|t| t.txn_version(&app)).unwrap_or(-1));
         }
-        let truncated_at = main.as_ref().and_then(|t| t.txn_version(&crate::mirror::truncate_app_id(self.stream.name())));
+        // A truncate remembered before its sequence was: all of its transaction is older.
+        let truncated_at = main.as_ref().and_then(|t| {
+            let lsn = t.txn_version(&crate::mirror::truncate_app_id(self.stream.name()))?;
+            Some((lsn, t.txn_version(&crate::mirror::truncate_seq_app_id(self.stream.name())).unwrap_or(i64::MAX)))
+        });
         Ok((next, Writer { main, dlq, dlq_done, truncated_at }))
     }
 
@@ -315,7 +320,7 @@ impl LakeSink {
                 let inputs: Vec<InputRecord> =
                     reduced.rows.iter().map(|(p, o, t, v)| InputRecord { partition: *p, offset: *o, timestamp_ms: *t, value: v }).collect();
                 let c = convert::convert_parallel(table_schema.as_deref(), &inputs, &copts, convert_threads(inputs.len()));
-                (c, Some((reduced.keys, reduced.truncate_lsn)))
+                (c, Some((reduced.keys, reduced.truncate)))
             } else {
                 let mut inputs: Vec<InputRecord> = records
                     .iter()
@@ -411,9 +416,13 @@ impl LakeSink {
             }
             Some((keys, truncate)) => {
                 let stream = self.stream.name();
-                if let Some(t) = truncate.filter(|t| w.truncated_at.is_none_or(|done| *t > done)) {
-                    main.delete_where(&format!("{} < {t}", crate::mirror::LSN_COLUMN), &[(crate::mirror::truncate_app_id(stream), t)]).await?;
-                    w.truncated_at = Some(t);
+                if let Some((t, seq)) = truncate.filter(|t| w.truncated_at.is_none_or(|done| *t > done)) {
+                    // The rows of the truncate's own transaction in the table are older than
+                    // it: a change after it in its partition comes after the truncate there, so
+                    // the flush that brought it brought (and applied) the truncate too.
+                    let remember = [(crate::mirror::truncate_app_id(stream), t), (crate::mirror::truncate_seq_app_id(stream), seq)];
+                    main.delete_where(&format!("{} <= {t}", crate::mirror::LSN_COLUMN), &remember).await?;
+                    w.truncated_at = Some((t, seq));
                 }
                 let batch = crate::mirror::changes_batch(&converted.schema, &converted.batches, &self.opts.date_column, w.truncated_at)?;
                 if batch.num_rows() > 0 && keys.is_empty() {

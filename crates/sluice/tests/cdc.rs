@@ -1,7 +1,8 @@
 //! Change data capture from PostgreSQL (a cluster the test starts with wal_level=logical)
 //! through the real binary: every DML kind and type into the changelog and the mirror table,
 //! kill -9 during writes with nothing lost or duplicated and the mirror equal to the source,
-//! a dropped slot stopping the source with an error, and an idle slot's position moving.
+//! snapshots converging through concurrent writes, a kill -9 and truncates, a dropped slot
+//! stopping the source with an error, and an idle slot's position moving.
 
 mod common;
 #[path = "../../sluice-connect/tests/support/servers.rs"]
@@ -559,6 +560,68 @@ async fn snapshot_during_writes_and_kill9_converges_to_the_source() {
     );
     eprintln!("snapshot convergence ok: {} rows, {statements} concurrent statements, killed mid-snapshot", want.len());
     let _ = s.stop();
+}
+
+/// Truncates (each with the table filled again in the same transaction) while a snapshot
+/// reads chunks ahead of the replication stream: a chunk whose window saw a truncate is read
+/// again, the chunks read ahead of it are dropped, and the mirror ends equal to the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncates_during_a_snapshot_drop_the_chunks_read_ahead_and_the_mirror_converges() {
+    let pg = servers::PgServer::start();
+    let db = pg_connect(&pg, "postgres").await;
+    db.batch_execute("CREATE TABLE big (id int PRIMARY KEY, round int NOT NULL); INSERT INTO big SELECT g, 0 FROM generate_series(0, 39999) g;")
+        .await
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = Server::new_in(tmp.path(), &source_cfg(&pg, "      snapshot: never\n      snapshot_chunk: 200\n"));
+    s.spawn().await;
+    wait_state(&s, "streaming").await;
+    let r = s.client.post(s.url("/v1/sources/shop/snapshot")).body(r#"{"table": "public.big"}"#).send().await.unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    let snapshot = |v: &Value| v["sources"][0]["snapshots"].as_array().and_then(|a| a.iter().find(|j| j["table"] == "public.big").cloned());
+    // Truncate and refill while the snapshot runs, a few times (each truncate in a chunk's
+    // window makes it read again: a truncate every chunk would never let it finish).
+    let mut during = 0;
+    for round in 1..=6 {
+        let running = snapshot(&sources(&s).await).is_some_and(|j| j["state"] != "done");
+        db.batch_execute(&format!(
+            "BEGIN; TRUNCATE big; INSERT INTO big SELECT g, {round} FROM generate_series({}, 39999, {}) g; COMMIT;",
+            round * 7,
+            round + 1
+        ))
+        .await
+        .unwrap();
+        during += running as u32;
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    eprintln!("{during} truncates while the snapshot was running");
+    assert!(during > 0, "the snapshot was done before the first truncate: make the table bigger");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !snapshot(&sources(&s).await).is_some_and(|j| j["state"] == "done") {
+        assert!(Instant::now() < deadline, "the snapshot did not finish: {}\n{}", sources(&s).await, s.server_log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    db.batch_execute("INSERT INTO big VALUES (-1, -1)").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        s.wait_landed("shop_big").await;
+        if s.lake().join("shop_big").join("_delta_log").is_dir() && s.scalar("SELECT count(*) FROM shop_big WHERE id = -1").await == 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the last change never reached the mirror\n{}", s.server_log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let want: Vec<(i64, i64)> = db.query("SELECT id::int8, round::int8 FROM big ORDER BY id", &[]).await.unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
+    let got: Vec<(i64, i64)> =
+        s.query("SELECT id, round FROM shop_big ORDER BY id").await.iter().map(|r| (r["id"].as_i64().unwrap(), r["round"].as_i64().unwrap())).collect();
+    let source_except_mirror: Vec<_> = want.iter().filter(|r| got.binary_search(r).is_err()).take(5).collect();
+    let mirror_except_source: Vec<_> = got.iter().filter(|r| want.binary_search(r).is_err()).take(5).collect();
+    assert!(
+        source_except_mirror.is_empty() && mirror_except_source.is_empty() && got.len() == want.len(),
+        "mirror != source: source EXCEPT mirror {source_except_mirror:?}, mirror EXCEPT source {mirror_except_source:?}, {} vs {} rows",
+        want.len(),
+        got.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@
 (b) initial snapshot of a 1,000,000-row table, against COPY (SELECT ...) TO STDOUT of it; three
     alternating rounds (--rounds), the median round's ratio reported.
 """
-import argparse, glob, json, os, shutil, subprocess, sys, tempfile, threading, time, urllib.request
+import argparse, glob, os, shutil, subprocess, sys, tempfile, threading, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ingest_bench import Sluice, free_port  # noqa: E402
@@ -86,6 +86,24 @@ def catch_up_round(a, d, cfg, ref):
     s.stop()
     shutil.rmtree(d, ignore_errors=True)
     return out
+
+
+def snapshot_round(a, d, cfg, table):
+    """One snapshot round of (b): Sluice started in `d` with `cfg` snapshots `table` (a.rows
+    rows, mirrored as snap_snap). (rows/s into the log, seconds from the snapshot done to the
+    mirror complete, peak RSS MiB); `d` is removed."""
+    t = time.monotonic()
+    s = Sluice(a.bin, d, cfg)
+    done = lambda: any(j.get("state") == "done" and j.get("table") == table for j in source(s).get("snapshots", []))
+    wait(done, "the snapshot")
+    snap_el = time.monotonic() - t
+    wait(lambda: (s.stream("snap_snap") or {}).get("lag", 1) == 0, "the snapshot's mirror")
+    mirror_el = time.monotonic() - t
+    assert s.query("SELECT count(*) AS n FROM snap_snap")[0]["n"] == a.rows
+    rss = s.peak_rss_mib()
+    s.stop()
+    shutil.rmtree(d, ignore_errors=True)
+    return a.rows / snap_el, mirror_el - snap_el, rss
 
 
 def pct(xs, q):
@@ -219,19 +237,9 @@ def main():
             d = os.path.join(work, f"snap{r}"); os.makedirs(d)
             cfg = (f"lake:\n  flush_interval: 1s\nsources:\n  snap:\n    postgres:\n      url: {pg.url}\n      slot: sluice_snap{r}\n"
                    "      publication: pub\n      snapshot_chunk: 16384\n      tables:\n        include: [public.snap]\n")
-            t = time.monotonic()
-            s = Sluice(a.bin, d, cfg)
-            done = lambda: any(j.get("state") == "done" and j.get("table") == "public.snap" for j in source(s).get("snapshots", []))
-            wait(done, "the snapshot")
-            snap_el = time.monotonic() - t
-            wait(lambda: (s.stream("snap_snap") or {}).get("lag", 1) == 0, "the snapshot's mirror")
-            snap_mirror_el = time.monotonic() - t
-            assert s.query("SELECT count(*) AS n FROM snap_snap")[0]["n"] == a.rows
-            snap_rss = s.peak_rss_mib()
-            s.stop()
+            snapped, mirror_after, rss = snapshot_round(a, d, cfg, "public.snap")
             pg.sql(f"SELECT pg_drop_replication_slot('sluice_snap{r}')")
-            shutil.rmtree(d, ignore_errors=True)
-            snap_rounds.append((a.rows / snap_el / copy, a.rows / snap_el, copy, snap_mirror_el - snap_el, snap_rss))
+            snap_rounds.append((snapped / copy, snapped, copy, mirror_after, rss))
         snap_rounds.sort()
         snap_ratio, snapped, copy, snap_mirror_after, snap_rss = snap_rounds[len(snap_rounds) // 2]
 

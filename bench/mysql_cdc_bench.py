@@ -13,8 +13,8 @@
 import argparse, os, shutil, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ingest_bench import Sluice, free_port  # noqa: E402
-from cdc_bench import wait, source, lag_run, pct, catch_up_round  # noqa: E402
+from ingest_bench import free_port  # noqa: E402
+from cdc_bench import wait, lag_run, pct, catch_up_round, snapshot_round  # noqa: E402
 
 SECTION = "## Change data capture from MariaDB (issue 4)"
 
@@ -122,17 +122,8 @@ def main():
                 d = os.path.join(work, f"snap_{method}{r}"); os.makedirs(d)
                 cfg = (f"lake:\n  flush_interval: 1s\nsources:\n  snap:\n    mysql:\n      url: {db.url}\n      snapshot_chunk: 16384\n"
                        f"      tables:\n        include: [bench.snap]\n{extra}")
-                t = time.monotonic()
-                s = Sluice(a.bin, d, cfg)
-                done = lambda: any(j.get("state") == "done" and j.get("table") == "bench.snap" for j in source(s).get("snapshots", []))
-                wait(done, "the snapshot")
-                snap_el = time.monotonic() - t
-                wait(lambda: (s.stream("snap_snap") or {}).get("lag", 1) == 0, "the snapshot's mirror")
-                snap_mirror_el = time.monotonic() - t
-                assert s.query("SELECT count(*) AS n FROM snap_snap")[0]["n"] == a.rows
-                snaps[method].append((a.rows / snap_el / copy, a.rows / snap_el, copy, snap_mirror_el - snap_el, s.peak_rss_mib()))
-                s.stop()
-                shutil.rmtree(d, ignore_errors=True)
+                snapped, mirror_after, rss = snapshot_round(a, d, cfg, "bench.snap")
+                snaps[method].append((snapped / copy, snapped, copy, mirror_after, rss))
         for v in snaps.values():
             v.sort()
         med = {m: v[len(v) // 2] for m, v in snaps.items()}

@@ -557,6 +557,10 @@ impl Out<'_> {
     }
 
     fn one<R: Image + ?Sized>(&mut self, t: &mut Txn, before: Option<&R>, after: Option<&R>, tail: &[u8]) {
+        if self.text.capacity() == 0 {
+            // After a flush in the middle of the row event (see `push`).
+            self.text.reserve(self.room);
+        }
         let start = self.text.len();
         let key = self.shape.write_event(before, after, tail, t.seq, self.now, &mut self.text);
         if let (Some(w), Some(k)) = (self.window.as_mut(), &key) {
@@ -574,7 +578,7 @@ impl Out<'_> {
         }
         let room = self.text.len();
         self.room = self.room.max(room);
-        let text = bytes::Bytes::from(std::mem::replace(&mut self.text, Vec::with_capacity(room)));
+        let text = bytes::Bytes::from(std::mem::take(&mut self.text));
         for (seq, key, event) in self.written.drain(..) {
             let value = text.slice(event);
             match key {

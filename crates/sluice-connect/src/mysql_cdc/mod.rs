@@ -660,20 +660,41 @@ struct Txn {
 }
 
 /// A snapshot chunk read, waiting for the stream to pass `place`, the position its events
-/// take: just before the binlog position of MariaDB's consistent read (see [`read_ahead`],
-/// which writes the events on the reading task), or the high watermark's transaction (see
-/// [`Window`]). Sequence numbers start at `base`.
+/// take: just before the binlog position of MariaDB's consistent read (see [`read_ahead`]),
+/// or the high watermark's transaction (see [`Window`]). Sequence numbers start at `base`.
 struct Chunk {
     task: u64,
-    info: snapshot::TableInfo,
     place: u64,
-    rows: Vec<Vec<mysql_async::Value>>,
     limit: usize,
     base: u64,
-    records: Vec<Record>,
+    /// How many rows it read, and the last one's key (one text per key column).
+    len: usize,
+    last_key: Option<Vec<String>>,
+    /// The rows as events, written on a blocking thread: the next chunk is read meanwhile.
+    built: tokio::task::JoinHandle<Built>,
     /// Keys changed between the chunk's watermarks (read with `watermark_table`): their rows
     /// are not written, the changes are as new or newer.
     changed: HashSet<String>,
+}
+
+/// A chunk's rows, and as keyed `read` events at its place, sequence numbers from its base.
+struct Built {
+    info: snapshot::TableInfo,
+    rows: Vec<Vec<mysql_async::Value>>,
+    records: Vec<Record>,
+}
+
+impl Chunk {
+    /// Chunk `task`'s rows, their events written at `place` from `base` on a blocking thread.
+    fn build(source: &str, task: u64, info: snapshot::TableInfo, rows: Vec<Vec<mysql_async::Value>>, (place, base): (u64, u64), limit: usize) -> Chunk {
+        let (len, last_key) = (rows.len(), last_key(&info, &rows));
+        let source = source.to_string();
+        let built = tokio::task::spawn_blocking(move || {
+            let records = read_events(&source, &info, &rows, place, base);
+            Built { info, rows, records }
+        });
+        Chunk { task, place, limit, base, len, last_key, built, changed: HashSet::new() }
+    }
 }
 
 /// A chunk read between watermarks (with `watermark_table`; see [`snapshot`]) while the
@@ -722,17 +743,13 @@ impl Window {
 
     /// Past its high watermark, read and between transactions: the chunk to land, with its
     /// events at the high watermark's position; None if a truncate made it stale.
-    async fn into_chunk(self, source: &str) -> Result<Option<Chunk>, Stop> {
+    fn into_chunk(self, source: &str) -> Option<Chunk> {
         let (Some(place), Some(Windowed { info, rows, limit })) = (self.high, self.done) else { unreachable!("checked by the caller") };
         if self.stale {
             tracing::debug!(source, table = self.table, "snapshot chunk read again: the table was truncated between its watermarks");
-            return Ok(None);
+            return None;
         }
-        let name = source.to_string();
-        let (records, info, rows) = tokio::task::spawn_blocking(move || (read_events(&name, &info, &rows, place, 0), info, rows))
-            .await
-            .map_err(|e| anyhow::anyhow!("snapshot chunk: {e}"))?;
-        Ok(Some(Chunk { task: self.task, info, place, rows, limit, base: 0, records, changed: self.changed }))
+        Some(Chunk { changed: self.changed, ..Chunk::build(source, self.task, info, rows, (place, 0), limit) })
     }
 }
 
@@ -749,9 +766,14 @@ struct ReadAhead {
 }
 
 impl ReadAhead {
-    /// Starts reading the next chunk of the first queued snapshot on its own task.
-    fn start(&self, state: &State, prev: Option<(u64, u64)>) -> Reading {
-        tokio::spawn(read_ahead(self.clone(), state.snapshots[0].clone(), prev))
+    /// Starts reading the next chunk of the first queued snapshot on its own task: after the
+    /// task's last key, or `after` when given (the last key of a chunk read but not landed yet).
+    fn start(&self, state: &State, prev: Option<(u64, u64)>, after: Option<Vec<String>>) -> Reading {
+        let mut task = state.snapshots[0].clone();
+        if after.is_some() {
+            task.after = after;
+        }
+        tokio::spawn(read_ahead(self.clone(), task, prev))
     }
 
     /// Starts reading the next chunk of the first queued snapshot between watermarks in
@@ -802,10 +824,7 @@ async fn read_ahead(r: ReadAhead, task: SnapshotTask, prev: Option<(u64, u64)>) 
     // ends at it at the latest), before every one after it.
     let place = position(file_no, read.pos).saturating_sub(1);
     let base = prev.filter(|(p, _)| *p == place).map_or(0, |(_, next)| next);
-    let (records, info, rows) = tokio::task::spawn_blocking(move || (read_events(&r.source, &info, &read.rows, place, base), info, read.rows))
-        .await
-        .map_err(|e| anyhow::anyhow!("snapshot chunk: {e}"))?;
-    Ok(Some(Chunk { task: task.id, info, place, rows, limit, base, records, changed: HashSet::new() }))
+    Ok(Some(Chunk::build(&r.source, task.id, info, read.rows, (place, base), limit)))
 }
 
 /// The key of a chunk's last row, as a snapshot task keeps it (one text per key column).
@@ -1146,23 +1165,26 @@ impl Session for MysqlSource {
                 if let Some((wm, d)) = next {
                     window = Some(reader.start_window(&state, wm, last_key(&d.info, &d.rows)));
                 }
-                chunk = w.into_chunk(&self.name).await?;
+                chunk = w.into_chunk(&self.name);
             }
             // A chunk lands when the stream passes its place, between transactions.
             if txn.is_none() && chunk.as_ref().is_some_and(|c| position(file_no, cur_pos) > c.place) {
                 // The writes before it land first: the chunk's progress (in `state` from
                 // here) is saved only once its rows are durable.
                 self.drain(&mut writes, &mut state).await?;
-                let c = chunk.take().expect("checked");
+                let mut c = chunk.take().expect("checked");
                 let place = c.place;
-                let (finished, next_seq) = self.land_chunk(c, &mut state, &mut streams, &written, &mut pending)?;
+                let finished = c.len < c.limit || state.snapshots[0].keys.is_some();
                 // (The next snapshot's chunks go to another stream: their numbers start at 0.)
-                last_read = (!finished).then_some((place, next_seq));
+                last_read = (!finished).then_some((place, c.base + c.len as u64));
                 if !finished && self.cfg.snapshot_throttle.0.is_zero() && watermarks.is_none() {
-                    // The next chunk is read while this one is written (a chunk between
-                    // watermarks started the next at its high watermark, above).
-                    reading = Some(reader.start(&state, last_read));
+                    // The next chunk is read while this one's events are finished and written
+                    // (a chunk between watermarks started the next at its high watermark, above).
+                    reading = Some(reader.start(&state, last_read, c.last_key.clone()));
                 }
+                let built = (&mut c.built).await.map_err(|e| anyhow::anyhow!("snapshot chunk: {e}"))?;
+                let next_seq = self.land_chunk(c, built, &mut state, &mut streams, &written, &mut pending)?;
+                last_read = last_read.map(|(place, _)| (place, next_seq));
                 self.write(&mut pending, &mut written, &mut writes, &mut state, &last_commit).await?;
                 self.drain(&mut writes, &mut state).await?;
                 self.chunk_done(&mut state, finished)?;
@@ -1171,7 +1193,7 @@ impl Session for MysqlSource {
             if chunk.is_none() && reading.is_none() && window.is_none() && txn.is_none() && !state.snapshots.is_empty() && last_chunk.elapsed() >= self.cfg.snapshot_throttle.0 {
                 match &watermarks {
                     Some(w) => window = Some(reader.start_window(&state, w, None)),
-                    None => reading = Some(reader.start(&state, last_read)),
+                    None => reading = Some(reader.start(&state, last_read, None)),
                 }
             }
             let throttled = chunk.is_none() && reading.is_none() && window.is_none() && !state.snapshots.is_empty();
@@ -1563,25 +1585,26 @@ impl MysqlSource {
 
     /// The chunk's rows as `read` events at its place (after every transaction before the
     /// position its rows are as of, before every one after it), but for keys changed
-    /// between its watermarks.
+    /// between its watermarks. Returns the sequence number after its rows.
     fn land_chunk(
         &self,
         c: Chunk,
+        Built { info, rows, records }: Built,
         state: &mut State,
         streams: &mut HashMap<String, Arc<Stream>>,
         written: &HashMap<(String, u32), Position>,
         pending: &mut Pending,
-    ) -> Result<(bool, u64), Stop> {
-        let stream = self.stream_for(&c.info.db, &c.info.name, streams, state)?;
+    ) -> Result<u64, Stop> {
+        let stream = self.stream_for(&info.db, &info.name, streams, state)?;
         let at = c.place;
         // Chunks read with no binlog event in between share their position: their sequence
         // numbers go on from the last chunk's, so the log's de-duplication keeps them apart.
         let base = written.iter().filter(|((s, _), (pos, _))| s == stream.name() && *pos == at).map(|(_, (_, seq))| seq + 1).max().unwrap_or(0);
         let records = if base == c.base {
-            c.records
+            records
         } else {
             tracing::debug!(source = self.name, base, read_with = c.base, "snapshot events written again with other sequence numbers");
-            read_events(&self.name, &c.info, &c.rows, c.place, base)
+            read_events(&self.name, &info, &rows, c.place, base)
         };
         for (i, r) in records.into_iter().enumerate() {
             let k = r.key.as_deref().expect("read events are keyed");
@@ -1592,16 +1615,14 @@ impl MysqlSource {
             let p = stream.partition_for_key(k);
             pending.push(&stream, p, (at, base + i as u64), r);
         }
-        let last_key = last_key(&c.info, &c.rows);
-        let finished = c.rows.len() < c.limit || state.snapshots[0].keys.is_some();
         let task = &mut state.snapshots[0];
         debug_assert_eq!(task.id, c.task);
-        task.rows += c.rows.len() as u64;
+        task.rows += rows.len() as u64;
         task.chunks += 1;
-        if let Some(k) = last_key {
+        if let Some(k) = c.last_key {
             task.after = Some(k);
         }
-        Ok((finished, base + c.rows.len() as u64))
+        Ok(base + rows.len() as u64)
     }
 
     fn chunk_done(&self, state: &mut State, finished: bool) -> Result<(), Stop> {

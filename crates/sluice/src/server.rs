@@ -878,14 +878,16 @@ async fn metrics_endpoint(State(app): State<Arc<App>>) -> Response {
 }
 
 /// The runtime the lake sinks of change-data-capture tables run on: as many threads as
-/// cores, each at a lower CPU priority (nice +10) than the rest of Sluice. When the cores are
-/// busy (a snapshot, a backlog of changes), the capture into the log runs first, so the
-/// database's WAL or binlog is released sooner, and the mirror lands from the log alongside
-/// with what is left: measured, snapshots and a MariaDB catch-up into the log 12–39% faster
-/// and the mirror complete no later; a PostgreSQL catch-up slower, as the walsender then
-/// sends each message with its own syscall (bench/RESULTS.md, session 22). With cores to
-/// spare, landing runs as soon as it is due. HTTP streams' sinks stay on the main runtime:
-/// their bulk landing measured ~5% slower this way.
+/// cores, each running only on CPU time no other thread wants (Linux's SCHED_IDLE; where
+/// that is refused, at nice +10). When the cores are busy (a snapshot, a backlog of changes),
+/// the capture into the log runs first, so the database's WAL or binlog is released sooner,
+/// and the mirror lands from the log with what is left. Nice +10 alone (session 22: snapshots
+/// and a MariaDB catch-up 12–39% faster than at the same priority) still left a core busy
+/// with landing looking taken to the scheduler, which then queued a waking capture thread
+/// behind the database's work on the other core; a core running only SCHED_IDLE threads
+/// counts as idle: snapshots another ~10% faster (bench/RESULTS.md, session 30). With cores
+/// to spare, landing runs as soon as it is due. HTTP streams' sinks stay on the main
+/// runtime: their bulk landing measured ~5% slower this way.
 fn cdc_landing() -> &'static tokio::runtime::Runtime {
     static CDC_LANDING: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
     CDC_LANDING.get_or_init(|| {
@@ -897,11 +899,16 @@ fn cdc_landing() -> &'static tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread()
             .thread_name("sluice-cdc-lake")
             .on_thread_start(move || {
-                // Linux: the calling thread's nice value, 10 above the server's.
-                // SAFETY: setpriority reads no memory of ours.
+                // Linux: the calling thread (pid 0) at SCHED_IDLE, or at a nice value 10 above
+                // the server's.
+                // SAFETY: sched_setscheduler reads the parameter we pass; setpriority reads no
+                // memory of ours.
                 #[cfg(target_os = "linux")]
                 unsafe {
-                    libc::setpriority(libc::PRIO_PROCESS, 0, (own + 10).min(19));
+                    let idle = libc::sched_param { sched_priority: 0 };
+                    if libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) != 0 {
+                        libc::setpriority(libc::PRIO_PROCESS, 0, (own + 10).min(19));
+                    }
                 }
             })
             .enable_all()

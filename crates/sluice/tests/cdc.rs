@@ -102,13 +102,13 @@ async fn every_dml_kind_and_type_lands_in_the_changelog() {
     assert_eq!(s.scalar("SELECT count(*) FROM shop_pre").await, 2500.0);
     assert_eq!(s.scalar("SELECT count(*) FROM shop_pre__changelog WHERE op = 'read' AND source.snapshot").await, 2500.0);
     assert_eq!(s.scalar("SELECT count(*) FROM shop_pre WHERE v = 'v' || CAST(id AS VARCHAR)").await, 2500.0);
-    // The tables land on threads of lower CPU priority than the capture (nice 10 above the
-    // server's own, at most 19); the rest of the server keeps its priority.
-    let nice = thread_nice(s.child.as_ref().unwrap().id());
-    let main: Vec<i64> = nice.iter().filter(|(n, _)| n == "tokio-rt-worker").map(|(_, v)| *v).collect();
-    let landing: Vec<i64> = nice.iter().filter(|(n, _)| n == "sluice-cdc-lake").map(|(_, v)| *v).collect();
-    assert!(!main.is_empty() && main.iter().all(|&v| v == main[0]), "{nice:?}");
-    assert!(!landing.is_empty() && landing.iter().all(|&v| v == (main[0] + 10).min(19)), "{nice:?}");
+    // The tables land on threads that run only on CPU time nothing else wants (SCHED_IDLE);
+    // the rest of the server keeps its scheduling (SCHED_OTHER, one nice value).
+    let threads = thread_sched(s.child.as_ref().unwrap().id());
+    let main: Vec<(i64, u32)> = threads.iter().filter(|(n, ..)| n == "tokio-rt-worker").map(|(_, nice, policy)| (*nice, *policy)).collect();
+    let landing: Vec<u32> = threads.iter().filter(|(n, ..)| n == "sluice-cdc-lake").map(|(_, _, policy)| *policy).collect();
+    assert!(!main.is_empty() && main.iter().all(|&t| t == (main[0].0, libc::SCHED_OTHER as u32)), "{threads:?}");
+    assert!(!landing.is_empty() && landing.iter().all(|&p| p == libc::SCHED_IDLE as u32), "{threads:?}");
 
     db.batch_execute(
         "INSERT INTO items VALUES (1, 'tea', 12345678901234.5678, '2026-01-05 10:00:00.123456+02', '2026-01-05', '2026-01-05 10:00:00',
@@ -675,15 +675,15 @@ async fn capture_and_sink_over_verified_tls() {
 }
 
 /// Each thread of a process: its name and nice value (from /proc).
-fn thread_nice(pid: u32) -> Vec<(String, i64)> {
+/// Each thread of process `pid`: its name, nice value and scheduling policy.
+fn thread_sched(pid: u32) -> Vec<(String, i64, u32)> {
     let mut out = Vec::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let dir = t.unwrap().path();
         let (Ok(comm), Ok(stat)) = (std::fs::read_to_string(dir.join("comm")), std::fs::read_to_string(dir.join("stat"))) else { continue };
-        // After the name in parentheses: state is field 3, nice field 19.
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        let nice = rest.split(' ').nth(16).unwrap().parse().unwrap();
-        out.push((comm.trim().to_string(), nice));
+        // After the name in parentheses: state is field 3, nice field 19, policy field 41.
+        let rest: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        out.push((comm.trim().to_string(), rest[16].parse().unwrap(), rest[38].parse().unwrap()));
     }
     out
 }

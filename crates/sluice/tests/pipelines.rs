@@ -451,6 +451,47 @@ async fn webhook_sink_posts_batches_retries_and_holds_on_refusal() {
     assert!(hook.largest.load(Ordering::SeqCst) <= 100);
 }
 
+/// A new lake table whose first flush fits no one schema: two streams into one table, `v` an
+/// integer in one and a double in the other. Their records were written before the pipeline
+/// existed, so its first flush takes both; the commit that would create the table with them
+/// is refused, so the table is created from the first stream's schema, widened to double, and
+/// takes every record: none lost, none a dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_flush_of_two_schemas_widens_the_new_table_and_loses_nothing() {
+    let base = "lake:\n  flush_interval: 100ms\nstreams:\n  ints: {}\n  doubles: {}\n";
+    let s = Server::start(base).await;
+    let rows = |prefix: &str, v: &dyn Fn(usize) -> String| -> String {
+        (0..50).map(|k| format!("{{\"event_id\":\"{prefix}{k}\",\"ts\":\"2026-01-05T10:00:00Z\",\"v\":{}}}\n", v(k))).collect()
+    };
+    assert_eq!(s.post("ints", rows("i", &|k| k.to_string())).await.0, 200);
+    assert_eq!(s.post("doubles", rows("d", &|k| format!("{k}.5"))).await.0, 200);
+    let pipeline = "pipelines:\n  both:\n    from: [ints, doubles]\n    to:\n      mixed:\n        lake: {}\n";
+    std::fs::write(&s.config, format!("listen: 127.0.0.1:{}\ndata_dir: {}\n{base}{pipeline}", s.port, s.dir.join("data").display())).unwrap();
+    let (code, out, err) = cli(&["reload", "--url", &s.url("")]);
+    assert_eq!(code, 0, "{out}{err}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let p = pipelines_json(&s).await;
+        let p = &p["pipelines"][0];
+        if p["records_in"] == 100 && p["lag"] == 0 && p["sinks"][0]["records"] == 100 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the pipeline did not land both streams: {p}\n{}", s.server_log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(s.scalar("SELECT count(*) FROM mixed").await, 100.0);
+    assert_eq!(s.scalar("SELECT count(DISTINCT event_id) FROM mixed").await, 100.0);
+    // 0..49 twice, and 50 halves.
+    assert_eq!(s.scalar("SELECT sum(v) FROM mixed").await, 2.0 * 1225.0 + 25.0);
+    assert_eq!(s.query("SELECT count(*) AS n FROM information_schema.tables WHERE table_name = 'mixed__dlq'").await[0]["n"], 0);
+    // The fallback, not a first flush of one stream and a second of the other: the table's
+    // first version was made empty (the first flush would have created it with its rows),
+    // and widened after.
+    let v0 = std::fs::read_to_string(s.lake().join("mixed").join("_delta_log").join("00000000000000000000.json")).unwrap();
+    assert!(!v0.contains("\"add\""), "{v0}");
+    assert!(s.server_log().contains("widening columns"), "{}", s.server_log());
+}
+
 fn pipelines_json(s: &Server) -> impl std::future::Future<Output = serde_json::Value> + '_ {
     async move { serde_json::from_str(&s.client.get(s.url("/v1/pipelines")).send().await.unwrap().text().await.unwrap()).unwrap() }
 }

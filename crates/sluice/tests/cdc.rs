@@ -674,7 +674,6 @@ async fn capture_and_sink_over_verified_tls() {
     assert!(ssl >= 2, "the replication and sink connections use TLS: {ssl}");
 }
 
-/// Each thread of a process: its name and nice value (from /proc).
 /// Each thread of process `pid`: its name, nice value and scheduling policy.
 fn thread_sched(pid: u32) -> Vec<(String, i64, u32)> {
     let mut out = Vec::new();

@@ -418,6 +418,50 @@ async fn snapshot_between_watermarks_during_writes_and_kill9_converges_to_the_so
     converges(&servers::MariaServer::start(), "      watermark_table: sluice_watermark\n").await;
 }
 
+/// A column added (with a default) while a snapshot reads its table. Rows read before the
+/// ALTER cannot have it (no row event tells of their new value), but every chunk read after
+/// it must: a chunk whose columns were known from before a DDL statement is read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_added_during_a_snapshot_is_in_every_row_read_after_it() {
+    let db = servers::MariaServer::start();
+    db.sql("CREATE TABLE wide (id INT PRIMARY KEY, v VARCHAR(10)) ENGINE=InnoDB");
+    let mut conn = connect(&db).await;
+    for start in (0..20_000).step_by(2_000) {
+        let values: Vec<String> = (start..start + 2_000).map(|n| format!("({n}, 'v')")).collect();
+        conn.query_drop(format!("INSERT INTO wide VALUES {}", values.join(","))).await.unwrap();
+    }
+    drop(conn);
+    let s = Server::start(&source_cfg(&db, "      snapshot: never\n      snapshot_chunk: 200\n")).await;
+    wait_state(&s, "streaming").await;
+    let r = s.client.post(s.url("/v1/sources/shop/snapshot")).body(r#"{"table": "shop.wide"}"#).send().await.unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    let progress = |src: &Value| src["snapshots"].as_array().and_then(|a| a.iter().find(|j| j["table"] == "shop.wide").cloned()).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while progress(&sources(&s).await["sources"][0])["rows"].as_u64().unwrap_or(0) < 1_000 {
+        assert!(Instant::now() < deadline, "the snapshot made no progress: {}\n{}", sources(&s).await, s.server_log());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    db.sql("ALTER TABLE wide ADD COLUMN c INT NOT NULL DEFAULT 7");
+    // Chunks landed by now were read before the ALTER, at the latest; a few more may have been.
+    let after_alter = progress(&sources(&s).await["sources"][0]);
+    assert_eq!(after_alter["state"], "running", "the ALTER came after the snapshot: {after_alter}");
+    let landed = after_alter["rows"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while progress(&sources(&s).await["sources"][0])["state"] != "done" {
+        assert!(Instant::now() < deadline, "the snapshot did not finish: {}\n{}", sources(&s).await, s.server_log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    db.sql("INSERT INTO wide VALUES (-1, 'end', 7)");
+    wait_marker(&s, "shop_wide").await;
+    assert_eq!(s.scalar("SELECT count(*) FROM shop_wide").await, 20_001.0);
+    // Ids are read in order, 200 per chunk: past what had landed plus the chunks read ahead
+    // of it (one being read, one landing), every row was read after the ALTER.
+    let later = landed + 3 * 200;
+    let missing = s.scalar(&format!("SELECT count(*) FROM shop_wide WHERE id >= {later} AND (c IS NULL OR c <> 7)")).await;
+    assert_eq!(missing, 0.0, "rows read after the ALTER without its column (ids from {later})\n{}", s.server_log());
+    assert!(s.scalar(&format!("SELECT count(*) FROM shop_wide WHERE id >= {later}")).await > 0.0, "the snapshot had nearly finished before the ALTER");
+}
+
 /// The convergence test against `db`, the source configured with `extra`.
 async fn converges(db: &servers::MariaServer, extra: &str) {
     db.sql("CREATE TABLE acct (id INT PRIMARY KEY, balance BIGINT NOT NULL, note VARCHAR(5)) ENGINE=InnoDB");

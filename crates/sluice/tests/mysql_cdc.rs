@@ -420,7 +420,8 @@ async fn snapshot_between_watermarks_during_writes_and_kill9_converges_to_the_so
 
 /// A column added (with a default) while a snapshot reads its table. Rows read before the
 /// ALTER cannot have it (no row event tells of their new value), but every chunk read after
-/// it must: a chunk whose columns were known from before a DDL statement is read again.
+/// it must (each chunk reads the table's columns anew; columns kept from before the ALTER
+/// fail this).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_column_added_during_a_snapshot_is_in_every_row_read_after_it() {
     let db = servers::MariaServer::start();

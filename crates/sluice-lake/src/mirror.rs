@@ -308,10 +308,7 @@ pub fn changes_batch(schema: &SchemaRef, batches: &[RecordBatch], date_column: &
     let newer = match (truncated_at, all.column_by_name(LSN_COLUMN)) {
         (Some((t, t_seq)), Some(lsn)) => {
             let lsn = cast(lsn, &DataType::Int64)?;
-            let seq = match all.column_by_name("__seq") {
-                Some(s) => Some(cast(s, &DataType::Int64)?),
-                None => None,
-            };
+            let seq = all.column_by_name("__seq").map(|s| cast(s, &DataType::Int64)).transpose()?;
             let seq = seq.as_ref().map(|s| s.as_primitive::<Int64Type>());
             let newer: BooleanArray = lsn
                 .as_primitive::<Int64Type>()
@@ -323,7 +320,7 @@ pub fn changes_batch(schema: &SchemaRef, batches: &[RecordBatch], date_column: &
         }
         _ => None,
     };
-    let keep: Vec<usize> = (0..all.num_columns()).filter(|i| !matches!(schema.field(*i).name().as_str(), "__seq") && schema.field(*i).name() != date_column).collect();
+    let keep: Vec<usize> = (0..all.num_columns()).filter(|i| ![date_column, "__seq"].contains(&schema.field(*i).name().as_str())).collect();
     let all = all.project(&keep)?;
     Ok(match newer {
         Some(newer) => filter_record_batch(&all, &newer)?,

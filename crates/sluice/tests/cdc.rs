@@ -518,15 +518,7 @@ async fn snapshot_during_writes_and_kill9_converges_to_the_source() {
     let statements = writer.await.unwrap();
     // A last change marks the end: once it is in the mirror, everything before it is.
     db.batch_execute("INSERT INTO acct VALUES (-1, 0, 'end')").await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        s.wait_landed("shop_acct").await;
-        if s.scalar("SELECT count(*) FROM shop_acct WHERE id = -1").await == 1.0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the last change never reached the mirror\n{}", s.server_log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    s.wait_marker("shop_acct").await;
     let want: Vec<(i64, i64, String)> = db
         .query("SELECT id::int8, balance, note FROM acct ORDER BY id", &[])
         .await
@@ -602,15 +594,7 @@ async fn truncates_during_a_snapshot_drop_the_chunks_read_ahead_and_the_mirror_c
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     db.batch_execute("INSERT INTO big VALUES (-1, -1)").await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        s.wait_landed("shop_big").await;
-        if s.lake().join("shop_big").join("_delta_log").is_dir() && s.scalar("SELECT count(*) FROM shop_big WHERE id = -1").await == 1.0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the last change never reached the mirror\n{}", s.server_log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    s.wait_marker("shop_big").await;
     // The mirror's own bookkeeping (`__seq`, `__op`) stays out of the table.
     let row = &s.query("SELECT * FROM shop_big LIMIT 1").await[0];
     let columns: Vec<&str> = row.as_object().unwrap().keys().map(String::as_str).collect();

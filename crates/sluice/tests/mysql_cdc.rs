@@ -56,21 +56,6 @@ async fn wait_rows(s: &Server, stream: &str, n: usize) {
     }
 }
 
-/// Waits until the mirror of `stream` has a row with `id = -1` (the test's last change).
-async fn wait_marker(s: &Server, stream: &str) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if s.lake().join(stream).join("_delta_log").is_dir() {
-            s.wait_landed(stream).await;
-            if s.scalar(&format!("SELECT count(*) FROM {stream} WHERE id = -1")).await == 1.0 {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "the last change never reached {stream}: {}\n{}", sources(s).await, s.server_log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dml_kind_and_type_lands_in_the_changelog_and_the_mirror() {
     let db = servers::MariaServer::start();
@@ -374,7 +359,7 @@ async fn crash_loop(mut db: servers::MariaServer) {
     db.restart();
     wait_state(&s, "streaming").await;
     db.sql("INSERT INTO ev VALUES (-1, 'last')");
-    wait_marker(&s, "shop_ev").await;
+    s.wait_marker("shop_ev").await;
 
     let ins = s.scalar("SELECT count(*) FROM shop_ev__changelog WHERE op = 'insert' AND key.id >= 0").await as usize;
     let distinct = s.scalar("SELECT count(DISTINCT key.id) FROM shop_ev__changelog WHERE op = 'insert' AND key.id >= 0").await as usize;
@@ -453,7 +438,7 @@ async fn a_column_added_during_a_snapshot_is_in_every_row_read_after_it() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     db.sql("INSERT INTO wide VALUES (-1, 'end', 7)");
-    wait_marker(&s, "shop_wide").await;
+    s.wait_marker("shop_wide").await;
     assert_eq!(s.scalar("SELECT count(*) FROM shop_wide").await, 20_001.0);
     // Ids are read in order, 200 per chunk: past what had landed plus the chunks read ahead
     // of it (one being read, one landing), every row was read after the ALTER.
@@ -530,7 +515,7 @@ async fn converges(db: &servers::MariaServer, extra: &str) {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let statements = writer.await.unwrap();
     db.sql("INSERT INTO acct VALUES (-1, 0, 'end')");
-    wait_marker(&s, "shop_acct").await;
+    s.wait_marker("shop_acct").await;
     let parse = |out: String| -> Vec<(i64, i64, String)> {
         out.lines()
             .map(|l| {
@@ -629,7 +614,7 @@ async fn compressed_binlog_events_are_read_as_the_events_they_compress() {
     for kind in ["Write_rows_compressed_v1", "Update_rows_compressed_v1", "Delete_rows_compressed_v1", "Query_compressed"] {
         assert!(kinds.contains(kind), "no {kind} event in the binlog:\n{kinds}");
     }
-    wait_marker(&s, "shop_t").await;
+    s.wait_marker("shop_t").await;
     let rows = s.query("SELECT id, v, n FROM shop_t ORDER BY id").await;
     let want = serde_json::json!([
         {"id": -1, "v": "last", "n": 0},
@@ -639,7 +624,7 @@ async fn compressed_binlog_events_are_read_as_the_events_they_compress() {
         {"id": 5, "v": "five", "n": 5},
     ]);
     assert_eq!(Value::Array(rows), want);
-    // The changelog lands on its own (`wait_marker` waits for the mirror).
+    // The changelog lands on its own (`Server::wait_marker` waits for the mirror).
     wait_rows(&s, "shop_t", 9).await;
     let ops = s.query("SELECT op, count(*) AS n FROM shop_t__changelog GROUP BY op ORDER BY op").await;
     assert_eq!(Value::Array(ops), serde_json::json!([{"op": "delete", "n": 1}, {"op": "insert", "n": 5}, {"op": "read", "n": 1}, {"op": "update", "n": 2}]));
@@ -661,11 +646,11 @@ async fn big_row_events_keep_their_changes_numbered_in_commit_order() {
          UPDATE big SET id = id + 5000, v = v + 1 WHERE id <= 1000;
          INSERT INTO big VALUES (-1, 0);",
     );
-    wait_marker(&s, "shop_big").await;
+    s.wait_marker("shop_big").await;
     assert_eq!(s.scalar("SELECT count(*) FROM shop_big").await, 1001.0);
     assert_eq!(s.scalar("SELECT count(*) FROM shop_big WHERE id > 5000 AND v = id - 4999").await, 1000.0);
     // Each transaction's changes in the log in the order of their `seq`, which runs 0, 1, 2 ...
-    // (the changelog lands on its own: `wait_marker` waits for the mirror).
+    // (the changelog lands on its own: `Server::wait_marker` waits for the mirror).
     wait_rows(&s, "shop_big", 3001).await;
     let rows = s.query("SELECT transaction.lsn AS lsn, transaction.seq AS seq, op, key.id AS id FROM shop_big__changelog ORDER BY _offset").await;
     let mut by_txn: Vec<(String, Vec<(u64, String, i64)>)> = Vec::new();

@@ -184,6 +184,22 @@ impl Server {
         s["streams"].as_array().unwrap().iter().find(|s| s["name"] == name).cloned()
     }
 
+    /// Waits until the mirror table of `stream` has a row with `id = -1`: the change data
+    /// capture tests' last change, so everything before it is in the mirror too.
+    pub async fn wait_marker(&self, stream: &str) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if self.lake().join(stream).join("_delta_log").is_dir() {
+                self.wait_landed(stream).await;
+                if self.scalar(&format!("SELECT count(*) FROM {stream} WHERE id = -1")).await == 1.0 {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "the last change never reached {stream}\n{}", self.server_log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits until everything durable in the stream's log is in the lake.
     pub async fn wait_landed(&self, stream: &str) {
         let deadline = Instant::now() + Duration::from_secs(120);

@@ -68,10 +68,9 @@ pub(crate) struct ReadEvents {
     key_order: Vec<usize>,
     /// Each column's name as JSON text followed by `:`.
     names: Vec<Vec<u8>>,
-    /// From after the key to `"seq":`.
-    middle: Vec<u8>,
-    /// After the sequence number.
-    tail: Vec<u8>,
+    /// The event around its fields (the values in `order`, the key, the sequence number),
+    /// as the log stores it: a snapshot's records carry only their fields.
+    template: std::sync::Arc<sluice_log::Template>,
 }
 
 impl ReadEvents {
@@ -82,7 +81,7 @@ impl ReadEvents {
         let sorted: serde_json::Map<String, serde_json::Value> = columns.iter().enumerate().map(|(i, (n, _))| (n.to_string(), i.into())).collect();
         let order: Vec<usize> = sorted.values().filter_map(|v| v.as_u64()).map(|i| i as usize).collect();
         let key_order = order.iter().copied().filter(|&i| columns[i].1).collect();
-        let names = columns
+        let names: Vec<Vec<u8>> = columns
             .iter()
             .map(|(n, _)| {
                 let mut b = serde_json::to_vec(n).expect("a string as JSON");
@@ -95,49 +94,56 @@ impl ReadEvents {
         middle.extend_from_slice(b",\"transaction\":{\"id\":null,\"lsn\":");
         serde_json::to_writer(&mut middle, lsn).expect("JSON to memory");
         middle.extend_from_slice(b",\"seq\":");
-        let tail = format!("}},\"ts_ms\":{ts_ms}}}").into_bytes();
-        ReadEvents { order, key_order, names, middle, tail }
+        // The event's text between its fields.
+        let mut pieces = Vec::with_capacity(order.len() + 3);
+        let mut piece = b"{\"after\":{".to_vec();
+        for (n, &i) in order.iter().enumerate() {
+            if n > 0 {
+                piece.push(b',');
+            }
+            piece.extend_from_slice(&names[i]);
+            pieces.push(bytes::Bytes::from(std::mem::take(&mut piece)));
+        }
+        piece.extend_from_slice(b"},\"before\":null,\"key\":");
+        pieces.push(bytes::Bytes::from(piece));
+        pieces.push(bytes::Bytes::from(middle));
+        pieces.push(bytes::Bytes::from(format!("}},\"ts_ms\":{ts_ms}}}")));
+        let template = std::sync::Arc::new(sluice_log::Template::new(pieces));
+        ReadEvents { order, key_order, names, template }
     }
 
     /// `rows` rows as keyed records, sequence numbers from `first_seq`. `value(row, i, out)`
-    /// writes column `i` of row `row` as JSON. Every event goes into one buffer, every key
+    /// writes column `i` of row `row` as JSON. The records fill the events' template (the
+    /// log stores the fields only); every record's fields go into one buffer, every key
     /// into another, and the records are slices of them: no allocation (and free) per record.
     pub(crate) fn records(&self, rows: usize, first_seq: u64, ts_ms: i64, mut value: impl FnMut(usize, usize, &mut Vec<u8>)) -> Vec<sluice_log::Record> {
-        let (mut keys, mut events, mut key) = (Vec::new(), Vec::new(), Vec::with_capacity(64));
+        let (mut keys, mut fields) = (Vec::new(), Vec::new());
         let mut ends = Vec::with_capacity(rows);
+        let mut seq = itoa::Buffer::new();
         for row in 0..rows {
-            self.write(first_seq + row as u64, &mut key, &mut events, |i, out| value(row, i, out));
-            keys.extend_from_slice(&key);
-            ends.push((keys.len(), events.len()));
+            let key_start = keys.len();
+            self.object(&self.key_order, &mut keys, &mut |i, out| value(row, i, out));
+            for &i in &self.order {
+                sluice_log::Template::field(&mut fields, |out| value(row, i, out));
+            }
+            sluice_log::Template::field(&mut fields, |out| out.extend_from_slice(&keys[key_start..]));
+            sluice_log::Template::field(&mut fields, |out| out.extend_from_slice(seq.format(first_seq + row as u64).as_bytes()));
+            ends.push((keys.len(), fields.len()));
             if row == 0 {
                 // Room for all rows like the first (growing by doubling copies them again).
-                events.reserve(events.len().saturating_mul(rows + rows / 8).min(256 << 20));
+                fields.reserve(fields.len().saturating_mul(rows + rows / 8).min(256 << 20));
                 keys.reserve(keys.len().saturating_mul(rows));
             }
         }
-        let (keys, events) = (bytes::Bytes::from(keys), bytes::Bytes::from(events));
+        let (keys, fields) = (bytes::Bytes::from(keys), bytes::Bytes::from(fields));
         let mut start = (0, 0);
         ends.into_iter()
             .map(|end| {
-                let r = sluice_log::Record::with_key(keys.slice(start.0..end.0), events.slice(start.1..end.1), ts_ms);
+                let r = sluice_log::Record::templated(keys.slice(start.0..end.0), fields.slice(start.1..end.1), ts_ms, self.template.clone());
                 start = end;
                 r
             })
             .collect()
-    }
-
-    /// Writes one row: its key object to `key` (cleared first) and its event after what
-    /// `event` holds. `value(i, out)` writes column `i`'s value as JSON.
-    pub(crate) fn write(&self, seq: u64, key: &mut Vec<u8>, event: &mut Vec<u8>, mut value: impl FnMut(usize, &mut Vec<u8>)) {
-        key.clear();
-        self.object(&self.key_order, key, &mut value);
-        event.extend_from_slice(b"{\"after\":");
-        self.object(&self.order, event, &mut value);
-        event.extend_from_slice(b",\"before\":null,\"key\":");
-        event.extend_from_slice(key);
-        event.extend_from_slice(&self.middle);
-        event.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
-        event.extend_from_slice(&self.tail);
     }
 
     /// The object of columns `cols` (names and values) into `out`.
@@ -194,6 +200,7 @@ pub(crate) fn snapshot_keys(table: &str, columns: &[&str], keys: &[String]) -> R
 #[cfg(test)]
 mod tests {
     use super::{snapshot_keys, ReadEvents};
+    use bytes::Bytes;
     use serde_json::{json, Map, Value};
 
     proptest::proptest! {
@@ -218,26 +225,37 @@ mod tests {
         let values = [json!("z\n"), json!(7), json!(2), Value::Null];
         let source = json!({"connector": "postgres", "table": "t", "snapshot": true, "txid": null});
         let w = ReadEvents::new(columns.iter().map(|(n, k)| (*n, *k)), &source, "0/16B3", 1234);
-        let (mut key, mut event) = (Vec::new(), Vec::new());
-        w.write(5, &mut key, &mut event, |i, out| serde_json::to_writer(out, &values[i]).unwrap());
+        let one = w.records(1, 5, 1234, |_, i, out| serde_json::to_writer(out, &values[i]).unwrap());
+        let (key, event) = (one[0].key.clone().unwrap(), one[0].full_value());
         let row: Map<String, Value> = columns.iter().zip(&values).map(|((n, _), v)| (n.to_string(), v.clone())).collect();
         let k: Map<String, Value> = columns.iter().zip(&values).filter(|((_, k), _)| *k).map(|((n, _), v)| (n.to_string(), v.clone())).collect();
         let want = json!({
             "op": "read", "before": null, "after": row, "key": k, "source": source,
             "transaction": {"id": null, "lsn": "0/16B3", "seq": 5}, "ts_ms": 1234,
         });
-        assert_eq!(String::from_utf8(event.clone()).unwrap(), want.to_string());
-        assert_eq!(String::from_utf8(key.clone()).unwrap(), Value::Object(k).to_string());
+        assert_eq!(String::from_utf8(event.to_vec()).unwrap(), want.to_string());
+        assert_eq!(String::from_utf8(key.to_vec()).unwrap(), Value::Object(k).to_string());
 
-        // As records: each the event and key `write` gives, numbered from the first.
-        let rows = [values.clone(), [json!("y"), json!(8), json!(1), json!([1])], values.clone()];
+        // Many rows: each its own event and key, numbered from the first; long values too
+        // (a field's length takes more than a byte from 128 bytes on).
+        let long = "x".repeat(300);
+        let rows = [values.clone(), [json!("y"), json!(8), json!(1), json!([1])], [json!(long), json!(9), json!(3), json!({"a": long})]];
         let records = w.records(rows.len(), 4, 99, |r, i, out| serde_json::to_writer(out, &rows[r][i]).unwrap());
         assert_eq!(records.len(), 3);
         for (r, rec) in records.iter().enumerate() {
-            let (mut key, mut event) = (Vec::new(), b"ignored".to_vec());
-            w.write(4 + r as u64, &mut key, &mut event, |i, out| serde_json::to_writer(out, &rows[r][i]).unwrap());
-            assert_eq!((rec.key.as_deref(), &rec.value[..], rec.timestamp_ms), (Some(&key[..]), &event[b"ignored".len()..], 99));
+            let row: Map<String, Value> = columns.iter().zip(&rows[r]).map(|((n, _), v)| (n.to_string(), v.clone())).collect();
+            let k: Map<String, Value> = columns.iter().zip(&rows[r]).filter(|((_, k), _)| *k).map(|((n, _), v)| (n.to_string(), v.clone())).collect();
+            let want = json!({
+                "op": "read", "before": null, "after": row, "key": k, "source": source,
+                "transaction": {"id": null, "lsn": "0/16B3", "seq": 4 + r}, "ts_ms": 1234,
+            });
+            assert_eq!(String::from_utf8(rec.full_value().to_vec()).unwrap(), want.to_string());
+            assert_eq!((rec.key.clone().unwrap(), rec.timestamp_ms), (Bytes::from(Value::Object(k).to_string()), 99));
         }
+        // In the log, as a batch: the values readers get are the events.
+        let batch = sluice_log::format::encode_batch(&records, 0, sluice_log::Codec::Lz4).unwrap();
+        let (_, read) = sluice_log::format::decode_batch(&batch).unwrap();
+        assert_eq!(read.iter().map(|r| r.value.clone()).collect::<Vec<_>>(), records.iter().map(|r| r.full_value()).collect::<Vec<_>>());
         assert!(w.records(0, 0, 0, |_, _, _| unreachable!()).is_empty());
     }
 

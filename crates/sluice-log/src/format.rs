@@ -17,7 +17,7 @@
 //!     21    8 min timestamp (ms)
 //!     29    8 max timestamp (ms)
 //!     37    1 codec                    (0 = none, 1 = zstd, 2 = lz4 block, 3 = zstd with a
-//!                                       trained dictionary)
+//!                                       trained dictionary; + 0x80: templated payload)
 //!     38    4 uncompressed payload length
 //!     42    . payload                  (compressed unless codec = 0; with codec 3 it
 //!                                       starts with the dictionary id, u32)
@@ -27,6 +27,11 @@
 //! `varint(key_len + 1, or 0 when there is no key) key-bytes
 //!  zigzag-varint(timestamp - min timestamp) varint(value_len) value-bytes`.
 //! Varints are unsigned LEB128; record offsets are implicit (base offset + index).
+//!
+//! A templated payload (codec byte + [`TEMPLATED`]) starts with the records' shared
+//! [`crate::Template`]: `varint(piece count) (varint(len) piece-bytes)*`; each record's
+//! value-bytes are then its fields, `(varint(len) field-bytes)*`, one fewer than the
+//! pieces, and the value readers get is the pieces with the fields between them.
 //!
 //! Decoding never panics on any input: every problem is a [`FormatError`].
 
@@ -52,6 +57,8 @@ pub const CODEC_LZ4: u8 = 2;
 /// Codec byte: payload = dictionary id (u32) + a zstd frame compressed with that
 /// stream dictionary (see [`crate::dict`]).
 pub const CODEC_ZSTD_DICT: u8 = 3;
+/// Added to the codec byte: the payload is templated (see the module documentation).
+pub const TEMPLATED: u8 = 0x80;
 /// Under [`Codec::Auto`], batches with less than this many bytes of records are
 /// compressed with zstd (and the stream's dictionary), larger ones with lz4.
 pub const AUTO_SMALL_BATCH_BYTES: usize = 64 << 10;
@@ -187,7 +194,10 @@ pub struct BatchHeader {
     pub record_count: u32,
     pub min_timestamp: i64,
     pub max_timestamp: i64,
+    /// The codec (without [`TEMPLATED`]).
     pub codec: u8,
+    /// Whether the payload is templated.
+    pub templated: bool,
     pub uncompressed_len: u32,
     /// Whole batch size in bytes (header + payload).
     pub total_len: usize,
@@ -231,12 +241,13 @@ pub fn parse_header(buf: &[u8]) -> Result<BatchHeader, FormatError> {
         record_count: u32_at(buf, COUNT_AT),
         min_timestamp: u64_at(buf, MIN_TS_AT) as i64,
         max_timestamp: u64_at(buf, MAX_TS_AT) as i64,
-        codec: buf[CODEC_AT],
+        codec: buf[CODEC_AT] & !TEMPLATED,
+        templated: buf[CODEC_AT] & TEMPLATED != 0,
         uncompressed_len: u32_at(buf, ULEN_AT),
         total_len: total as usize,
     };
     if !matches!(h.codec, CODEC_NONE | CODEC_ZSTD | CODEC_LZ4 | CODEC_ZSTD_DICT) {
-        return Err(FormatError::UnknownCodec(h.codec));
+        return Err(FormatError::UnknownCodec(buf[CODEC_AT]));
     }
     if h.record_count == 0 {
         return Err(FormatError::Empty);
@@ -380,21 +391,64 @@ fn check_frame_size(frame: &[u8], ulen: usize) -> Result<usize, FormatError> {
 
 fn parse_records(h: &BatchHeader, data: &Bytes, from: u64, out: &mut Vec<StoredRecord>) -> Result<usize, FormatError> {
     let start_len = out.len();
-    let r = parse_records_inner(h, data, from, out);
+    let r = if h.templated { parse_templated(h, data, from, out) } else { parse_records_inner(h, data, 0, from, out) };
     if r.is_err() {
         out.truncate(start_len);
     }
     r
 }
 
+/// The records of a templated payload, their values filled in (one buffer for them all).
+fn parse_templated(h: &BatchHeader, data: &Bytes, from: u64, out: &mut Vec<StoredRecord>) -> Result<usize, FormatError> {
+    let buf: &[u8] = data;
+    let mut pos = 0usize;
+    let count = get_varint(buf, &mut pos)?;
+    // Every piece takes at least a byte.
+    if count == 0 || count > (buf.len() - pos) as u64 {
+        return Err(FormatError::Payload("bad template piece count"));
+    }
+    let mut pieces = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let len = usize::try_from(get_varint(buf, &mut pos)?).map_err(|_| FormatError::Payload("piece length"))?;
+        let (a, b) = take(buf, &mut pos, len)?;
+        pieces.push(data.slice(a..b));
+    }
+    let template = crate::Template::new(pieces);
+    let first = out.len();
+    parse_records_inner(h, data, pos, from, out)?;
+    // The values' total size, known before anything is allocated for them (a small payload
+    // must not make a huge one).
+    let mut total = 0usize;
+    for r in &out[first..] {
+        total = total.saturating_add(r.value.len()).saturating_add(template.pieces_len());
+    }
+    if total > MAX_BATCH_BYTES {
+        return Err(FormatError::Payload("templated values too large"));
+    }
+    let mut values = Vec::with_capacity(total);
+    let mut ends = Vec::with_capacity(out.len() - first);
+    for r in &out[first..] {
+        template.expand(&r.value, &mut values).map_err(FormatError::Payload)?;
+        ends.push(values.len());
+    }
+    let values = Bytes::from(values);
+    let mut start = 0;
+    for (r, end) in out[first..].iter_mut().zip(ends) {
+        r.value = values.slice(start..end);
+        start = end;
+    }
+    Ok(values.len())
+}
+
+/// The records of an uncompressed payload from byte `pos` on.
 fn parse_records_inner(
     h: &BatchHeader,
     data: &Bytes,
+    mut pos: usize,
     from: u64,
     out: &mut Vec<StoredRecord>,
 ) -> Result<usize, FormatError> {
     let buf: &[u8] = data;
-    let mut pos = 0usize;
     let mut value_bytes = 0usize;
     // Every record takes at least 3 bytes, which bounds what a bad count can reserve.
     out.reserve((h.record_count as usize).min(buf.len() / 3));
@@ -438,7 +492,7 @@ fn take(buf: &[u8], pos: &mut usize, len: usize) -> Result<(usize, usize), Forma
 }
 
 #[inline]
-fn get_varint(buf: &[u8], pos: &mut usize) -> Result<u64, FormatError> {
+pub(crate) fn get_varint(buf: &[u8], pos: &mut usize) -> Result<u64, FormatError> {
     let mut v: u64 = 0;
     let mut shift = 0u32;
     loop {
@@ -459,7 +513,7 @@ fn get_varint(buf: &[u8], pos: &mut usize) -> Result<u64, FormatError> {
 }
 
 #[inline]
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;
@@ -546,6 +600,7 @@ fn encode_into(records: &[Record], plan: Plan<'_>, s: &mut EncodeScratch) -> Res
         return Err(FormatError::Empty);
     }
     let count = u32::try_from(records.len()).map_err(|_| FormatError::TooLarge(records.len() as u64))?;
+    let template = records[0].template.as_deref();
     let mut min_ts = i64::MAX;
     let mut max_ts = i64::MIN;
     let mut data_bytes = 0usize;
@@ -553,14 +608,30 @@ fn encode_into(records: &[Record], plan: Plan<'_>, s: &mut EncodeScratch) -> Res
         min_ts = min_ts.min(r.timestamp_ms);
         max_ts = max_ts.max(r.timestamp_ms);
         data_bytes = data_bytes.saturating_add(r.value.len()).saturating_add(r.key.as_ref().map_or(0, |k| k.len()));
+        let same = match (r.template.as_deref(), template) {
+            (Some(a), Some(b)) => std::ptr::eq(a, b) || a == b,
+            (a, b) => a.is_none() && b.is_none(),
+        };
+        if !same {
+            return Err(FormatError::Payload("the records of a batch have different templates"));
+        }
     }
-    if data_bytes > MAX_BATCH_BYTES {
-        return Err(FormatError::TooLarge(data_bytes as u64));
+    // The values as readers get them are what the limit is about.
+    let value_bytes = data_bytes.saturating_add(template.map_or(0, |t| t.pieces_len().saturating_mul(records.len())));
+    if value_bytes > MAX_BATCH_BYTES {
+        return Err(FormatError::TooLarge(value_bytes as u64));
     }
     let approx = data_bytes.saturating_add(records.len().saturating_mul(12));
     let raw = &mut s.raw;
     raw.clear();
     raw.reserve(approx);
+    if let Some(t) = template {
+        put_varint(raw, t.pieces().len() as u64);
+        for p in t.pieces() {
+            put_varint(raw, p.len() as u64);
+            raw.extend_from_slice(p);
+        }
+    }
     for r in records {
         frame_record(raw, r, min_ts);
     }
@@ -625,7 +696,7 @@ fn encode_into(records: &[Record], plan: Plan<'_>, s: &mut EncodeScratch) -> Res
     out[COUNT_AT..COUNT_AT + 4].copy_from_slice(&count.to_le_bytes());
     out[MIN_TS_AT..MIN_TS_AT + 8].copy_from_slice(&min_ts.to_le_bytes());
     out[MAX_TS_AT..MAX_TS_AT + 8].copy_from_slice(&max_ts.to_le_bytes());
-    out[CODEC_AT] = codec;
+    out[CODEC_AT] = codec | if template.is_some() { TEMPLATED } else { 0 };
     out[ULEN_AT..ULEN_AT + 4].copy_from_slice(&(raw.len() as u32).to_le_bytes());
     let mut payload_crc = crc32fast::Hasher::new();
     payload_crc.update(&out[HEADER_LEN..len]);
@@ -668,7 +739,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn rec(key: Option<&[u8]>, value: &[u8], ts: i64) -> Record {
-        Record { key: key.map(Bytes::copy_from_slice), value: Bytes::copy_from_slice(value), timestamp_ms: ts }
+        Record { key: key.map(Bytes::copy_from_slice), value: Bytes::copy_from_slice(value), timestamp_ms: ts, template: None }
     }
 
     #[test]
@@ -734,6 +805,98 @@ mod tests {
                 assert!(decode_batch(&b[..cut]).is_err());
             }
         }
+    }
+
+    /// Records of `template` with `fields` each (key `k<i>`).
+    fn templated(template: &Arc<crate::Template>, rows: &[Vec<Vec<u8>>]) -> Vec<Record> {
+        rows.iter()
+            .enumerate()
+            .map(|(i, fields)| {
+                let mut f = Vec::new();
+                for v in fields {
+                    crate::Template::field(&mut f, |out| out.extend_from_slice(v));
+                }
+                Record::templated(Bytes::from(format!("k{i}")), Bytes::from(f), i as i64, template.clone())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn templated_batches_give_whole_values() {
+        let t = Arc::new(crate::Template::new(vec![Bytes::from_static(b"{\"a\":"), Bytes::from_static(b",\"b\":"), Bytes::from_static(b"}")]));
+        let long = vec![b'x'; 300];
+        let rows = vec![vec![b"1".to_vec(), b"\"x\"".to_vec()], vec![b"".to_vec(), long.clone()], vec![b"3".to_vec(), b"null".to_vec()]];
+        let recs = templated(&t, &rows);
+        for codec in [Codec::None, Codec::Lz4, Codec::Zstd(1), Codec::Auto] {
+            let b = encode_batch(&recs, 10, codec).unwrap();
+            assert_eq!(b[CODEC_AT] & TEMPLATED, TEMPLATED, "{codec}");
+            let (h, out) = decode_batch(&b).unwrap();
+            assert!(h.templated);
+            assert_eq!(out.len(), 3);
+            assert_eq!(&out[0].value[..], b"{\"a\":1,\"b\":\"x\"}");
+            assert_eq!(out[1].value, [b"{\"a\":,\"b\":".as_slice(), &long, b"}"].concat());
+            assert_eq!(&out[2].value[..], b"{\"a\":3,\"b\":null}");
+            for (i, (o, r)) in out.iter().zip(&recs).enumerate() {
+                assert_eq!((o.offset, &o.key, o.timestamp_ms), (10 + i as u64, &r.key, r.timestamp_ms));
+                assert_eq!(o.value, r.full_value());
+            }
+            // Reading from inside the batch.
+            let mut from = Vec::new();
+            decode_payload(&h, &b[HEADER_LEN..], None, 12, &mut from, &NoDictionaries).unwrap();
+            assert_eq!(from.len(), 1);
+            assert_eq!(from[0].value, out[2].value);
+        }
+        // Per record, the pieces (11 bytes) are not stored; two lengths are.
+        let many: Vec<Vec<Vec<u8>>> = (0..1000).map(|i| vec![i.to_string().into_bytes(), b"1".to_vec()]).collect();
+        let plain: Vec<Record> = templated(&t, &many).iter().map(|r| Record::with_key(r.key.clone().unwrap(), r.full_value(), r.timestamp_ms)).collect();
+        let (a, b) = (encode_batch(&templated(&t, &many), 0, Codec::None).unwrap(), encode_batch(&plain, 0, Codec::None).unwrap());
+        assert!(a.len() + 1000 * 8 < b.len(), "{} vs {}", a.len(), b.len());
+        assert_eq!(decode_batch(&a).unwrap().1, decode_batch(&b).unwrap().1);
+    }
+
+    #[test]
+    fn a_batch_has_one_template_and_fields_that_fit_it() {
+        let t = Arc::new(crate::Template::new(vec![Bytes::from_static(b"<"), Bytes::from_static(b">")]));
+        let other = Arc::new(crate::Template::new(vec![Bytes::from_static(b"["), Bytes::from_static(b"]")]));
+        let mut recs = templated(&t, &[vec![b"1".to_vec()]]);
+        recs.extend(templated(&other, &[vec![b"2".to_vec()]]));
+        assert!(matches!(encode_batch(&recs, 0, Codec::None), Err(FormatError::Payload(_))));
+        recs.truncate(1);
+        recs.push(rec(Some(b"k"), b"plain", 0));
+        assert!(matches!(encode_batch(&recs, 0, Codec::None), Err(FormatError::Payload(_))));
+        // An equal template in another allocation is the same template.
+        let same = Arc::new(crate::Template::new(t.pieces().to_vec()));
+        let mut recs = templated(&t, &[vec![b"1".to_vec()]]);
+        recs.extend(templated(&same, &[vec![b"2".to_vec()]]));
+        assert_eq!(decode_batch(&encode_batch(&recs, 0, Codec::None).unwrap()).unwrap().1[1].value, Bytes::from_static(b"<2>"));
+        // Fields that are not the template's: too many, too few.
+        for fields in [vec![b"1".to_vec(), b"2".to_vec()], vec![]] {
+            let b = encode_batch(&templated(&t, &[fields]), 0, Codec::Lz4).unwrap();
+            assert!(matches!(decode_batch(&b), Err(FormatError::Payload(_))));
+        }
+    }
+
+    #[test]
+    fn templated_values_are_held_to_the_batch_limit() {
+        // Small fields, a big template: the values readers would get are too large.
+        let t = Arc::new(crate::Template::new(vec![Bytes::from(vec![b' '; 1 << 20]), Bytes::new()]));
+        let recs = templated(&t, &vec![vec![b"1".to_vec()]; 300]);
+        assert!(matches!(encode_batch(&recs, 0, Codec::Lz4), Err(FormatError::TooLarge(_))));
+        // The same written by hand is refused before its values are built.
+        let ok = encode_batch(&recs[..200], 0, Codec::Lz4).unwrap();
+        let (h, _) = decode_batch(&ok).unwrap();
+        let mut raw = Vec::new();
+        put_varint(&mut raw, 2);
+        for p in t.pieces() {
+            put_varint(&mut raw, p.len() as u64);
+            raw.extend_from_slice(p);
+        }
+        for r in &recs {
+            frame_record(&mut raw, r, 0);
+        }
+        let h = BatchHeader { record_count: 300, uncompressed_len: raw.len() as u32, codec: CODEC_NONE, ..h };
+        let e = decode_payload(&h, &raw, None, 0, &mut Vec::new(), &NoDictionaries).unwrap_err();
+        assert_eq!(e, FormatError::Payload("templated values too large"));
     }
 
     #[test]
@@ -828,6 +991,41 @@ mod tests {
             let _ = decode_batch_with(&b, &d);
         }
 
+        /// Any fields of any template read back as the values they make; flipped bytes
+        /// (with a valid CRC or not) are an error or some records, never a panic.
+        #[test]
+        fn templated_batches_round_trip_and_never_panic(
+            pieces in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..20), 1..5),
+            rows in proptest::collection::vec(proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 4), 1..8),
+            codec in prop_oneof![Just(Codec::None), Just(Codec::Lz4), Just(Codec::Zstd(1))],
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+            fix_crc in any::<bool>(),
+        ) {
+            let t = Arc::new(crate::Template::new(pieces.into_iter().map(Bytes::from).collect()));
+            let rows: Vec<Vec<Vec<u8>>> = rows.into_iter().map(|r| r.into_iter().take(t.fields()).collect()).collect();
+            let recs = templated(&t, &rows);
+            let mut b = encode_batch(&recs, 5, codec).unwrap();
+            let (_, out) = decode_batch(&b).unwrap();
+            prop_assert_eq!(out.len(), rows.len());
+            for (o, fields) in out.iter().zip(&rows) {
+                let mut want = t.pieces()[0].to_vec();
+                for (f, p) in fields.iter().zip(&t.pieces()[1..]) {
+                    want.extend_from_slice(f);
+                    want.extend_from_slice(p);
+                }
+                prop_assert_eq!(&o.value[..], &want[..]);
+            }
+            for (idx, x) in &flips {
+                let i = idx.index(b.len());
+                b[i] ^= x | 1;
+            }
+            if fix_crc { b = with_valid_crc(b); }
+            let r = decode_batch(&b);
+            if !flips.is_empty() && !fix_crc {
+                prop_assert!(r.is_err());
+            }
+        }
+
         #[test]
         fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
             let _ = decode_batch(&bytes);
@@ -837,7 +1035,7 @@ mod tests {
         #[test]
         fn decoding_arbitrary_payload_with_valid_crc_never_panics(
             bytes in proptest::collection::vec(any::<u8>(), HEADER_LEN..400),
-            codec in 0u8..5,
+            codec in prop_oneof![0u8..5, 0x80u8..0x85],
             count in 0u32..20,
             ulen in prop_oneof![Just(None), (0u32..1000).prop_map(Some)],
         ) {

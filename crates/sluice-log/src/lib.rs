@@ -158,18 +158,110 @@ impl Compression {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub key: Option<Bytes>,
+    /// The value; with a template, the record's fields (see [`Template`]).
     pub value: Bytes,
     pub timestamp_ms: i64,
+    /// The template the value fills in: readers get the template's pieces with the fields
+    /// between them. None: `value` is the value.
+    pub template: Option<Arc<Template>>,
 }
 
 impl Record {
     /// A record without key.
     pub fn new(value: Bytes, timestamp_ms: i64) -> Record {
-        Record { key: None, value, timestamp_ms }
+        Record { key: None, value, timestamp_ms, template: None }
     }
     /// A keyed record.
     pub fn with_key(key: Bytes, value: Bytes, timestamp_ms: i64) -> Record {
-        Record { key: Some(key), value, timestamp_ms }
+        Record { key: Some(key), value, timestamp_ms, template: None }
+    }
+    /// A keyed record whose value is `template` filled with `fields` (written with
+    /// [`Template::field`]).
+    pub fn templated(key: Bytes, fields: Bytes, timestamp_ms: i64, template: Arc<Template>) -> Record {
+        Record { key: Some(key), value: fields, timestamp_ms, template: Some(template) }
+    }
+    /// The value readers get.
+    pub fn full_value(&self) -> Bytes {
+        match &self.template {
+            None => self.value.clone(),
+            Some(t) => {
+                let mut out = Vec::new();
+                t.expand(&self.value, &mut out).expect("fields written for their template");
+                Bytes::from(out)
+            }
+        }
+    }
+}
+
+/// What the values of many records share. A value is the template's pieces with the
+/// record's fields between them: `piece 0, field 0, piece 1, ..., field n-1, piece n`.
+/// A batch of records with one template stores the pieces once and only the fields per
+/// record (a snapshot's JSON events: the column names, the source, the framing once per
+/// batch, the values per row), which is less to write, compress and copy; readers see
+/// whole values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    pieces: Vec<Bytes>,
+    /// The pieces' total length.
+    len: usize,
+}
+
+impl Template {
+    /// A template of `pieces` (one more than the fields each record has). Panics without
+    /// pieces.
+    pub fn new(pieces: Vec<Bytes>) -> Template {
+        assert!(!pieces.is_empty(), "a template has at least one piece");
+        Template { len: pieces.iter().map(Bytes::len).sum(), pieces }
+    }
+
+    pub fn pieces(&self) -> &[Bytes] {
+        &self.pieces
+    }
+
+    /// Fields per record.
+    pub fn fields(&self) -> usize {
+        self.pieces.len() - 1
+    }
+
+    /// The pieces' total length: what a value has beyond its fields.
+    pub fn pieces_len(&self) -> usize {
+        self.len
+    }
+
+    /// Appends one field to a record's fields: `write` appends the field's bytes to the
+    /// vector it is given.
+    pub fn field(fields: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
+        // The length goes first: one byte kept for it, more made room for when the field
+        // is 128 bytes or longer.
+        let at = fields.len();
+        fields.push(0);
+        write(fields);
+        let len = fields.len() - at - 1;
+        if len < 0x80 {
+            fields[at] = len as u8;
+        } else {
+            let mut v = Vec::with_capacity(10);
+            format::put_varint(&mut v, len as u64);
+            fields.splice(at..at + 1, v);
+        }
+    }
+
+    /// Appends the value of a record with these fields to `out`. Err: the fields are not
+    /// this template's (their count, or a length past the end).
+    pub fn expand(&self, fields: &[u8], out: &mut Vec<u8>) -> Result<(), &'static str> {
+        let mut pos = 0;
+        out.extend_from_slice(&self.pieces[0]);
+        for piece in &self.pieces[1..] {
+            let len = format::get_varint(fields, &mut pos).map_err(|_| "bad field length")?;
+            let end = usize::try_from(len).ok().and_then(|l| pos.checked_add(l)).filter(|&e| e <= fields.len()).ok_or("field runs past the record")?;
+            out.extend_from_slice(&fields[pos..end]);
+            out.extend_from_slice(piece);
+            pos = end;
+        }
+        if pos != fields.len() {
+            return Err("more fields than the template has");
+        }
+        Ok(())
     }
 }
 

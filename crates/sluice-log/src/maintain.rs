@@ -210,7 +210,7 @@ impl Stream {
                 let Some(last) = recs.last().map(|r| r.offset) else { break };
                 for r in recs.into_iter().filter(|r| r.offset >= next && r.offset < hw) {
                     let mut buf = Vec::with_capacity(r.value.len() + 16);
-                    let rec = Record { key: r.key, value: r.value, timestamp_ms: r.timestamp_ms };
+                    let rec = Record { key: r.key, value: r.value, timestamp_ms: r.timestamp_ms, template: None };
                     format::frame_record(&mut buf, &rec, rec.timestamp_ms);
                     out.push(buf);
                 }

@@ -230,9 +230,30 @@ impl Partition {
         Ok(())
     }
 
-    /// Writes one batch (all records get consecutive offsets) to the active segment.
+    /// Writes the records to the active segment, in order: one batch, or one per run of
+    /// records that share a template (each batch's records get consecutive offsets).
     /// Not yet durable nor visible to readers: call [`Partition::sync`].
     pub fn append(&self, records: &[Record]) -> Result<Appended, LogError> {
+        let same = |a: &Record, b: &Record| match (&a.template, &b.template) {
+            (None, None) => true,
+            (Some(x), Some(y)) => Arc::ptr_eq(x, y) || x == y,
+            _ => false,
+        };
+        if records.windows(2).all(|w| same(&w[0], &w[1])) {
+            return self.append_batch(records);
+        }
+        let mut first = None;
+        let mut last = None;
+        for run in records.chunk_by(same) {
+            let a = self.append_batch(run)?;
+            first.get_or_insert(a.first_offset);
+            last = Some(a.last_offset);
+        }
+        Ok(Appended { first_offset: first.unwrap_or_default(), last_offset: last.unwrap_or_default() })
+    }
+
+    /// Writes one batch (all records get consecutive offsets) to the active segment.
+    fn append_batch(&self, records: &[Record]) -> Result<Appended, LogError> {
         self.check_failed()?;
         if records.is_empty() {
             return Err(LogError::InvalidArgument {
@@ -783,7 +804,7 @@ impl Partition {
         let Some(first) = group.first().map(|r| r.offset) else { return Ok(()) };
         let records: Vec<Record> = group
             .iter()
-            .map(|r| Record { key: r.key.clone(), value: r.value.clone(), timestamp_ms: r.timestamp_ms })
+            .map(|r| Record { key: r.key.clone(), value: r.value.clone(), timestamp_ms: r.timestamp_ms, template: None })
             .collect();
         let bad = |message: String| LogError::InvalidArgument { stream: self.stream.clone(), partition: self.id, message };
         let bytes = format::encode_batch_with(&records, first, plan).map_err(|e| bad(format!("re-pack: {e}")))?;

@@ -36,7 +36,7 @@ fn event(i: usize, shape_b: bool) -> Record {
             i % 10
         )
     };
-    Record { key: Some(Bytes::from(format!("k{}", i % 97))), value: Bytes::from(v), timestamp_ms: 1_700_000_000_000 + i as i64 }
+    Record { key: Some(Bytes::from(format!("k{}", i % 97))), value: Bytes::from(v), timestamp_ms: 1_700_000_000_000 + i as i64, template: None }
 }
 
 fn settings(train_after: u64) -> DictionarySettings {

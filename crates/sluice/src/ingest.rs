@@ -120,6 +120,7 @@ async fn handle(app: &App, stream: &str, headers: &HeaderMap, body: Bytes) -> Re
             key: r.key.as_ref().map(|k| Bytes::copy_from_slice(k)),
             value: decoded.slice_ref(r.raw),
             timestamp_ms: r.time_ms.unwrap_or(now),
+            template: None,
         });
     }
     let records = parsed.len();

@@ -15,7 +15,7 @@ pub fn rt() -> tokio::runtime::Runtime {
 }
 
 pub fn rec(key: Option<&str>, value: &str, ts: i64) -> Record {
-    Record { key: key.map(|k| Bytes::copy_from_slice(k.as_bytes())), value: Bytes::copy_from_slice(value.as_bytes()), timestamp_ms: ts }
+    Record { key: key.map(|k| Bytes::copy_from_slice(k.as_bytes())), value: Bytes::copy_from_slice(value.as_bytes()), timestamp_ms: ts, template: None }
 }
 
 /// A batch of `n` JSON-ish records numbered from `start`.
@@ -60,5 +60,5 @@ pub fn batch_bounds(path: &Path) -> Vec<(usize, usize, u64, u32)> {
 }
 
 pub fn same(a: &Record, b: &StoredRecord) -> bool {
-    a.key == b.key && a.value == b.value && a.timestamp_ms == b.timestamp_ms
+    a.key == b.key && a.full_value() == b.value && a.timestamp_ms == b.timestamp_ms
 }

@@ -60,7 +60,7 @@ def wait(pred, what, timeout=1800):
     while not pred():
         if time.monotonic() - t > timeout:
             raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(0.01)
 
 
 def source(s):

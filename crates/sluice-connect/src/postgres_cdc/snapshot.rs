@@ -252,6 +252,7 @@ pub async fn read_chunk(
     // taken after the watermark is written.
     // (Simple queries with the values inline: one round trip each, where a prepared statement
     // takes two.)
+    let t0 = std::time::Instant::now();
     let low = format!("SELECT pg_logical_emit_message(false, {}, {})::text, pg_current_xact_id()::text", literal(WATERMARK_PREFIX), literal(&format!("low {marker}")));
     let mark = first_value(client, &low, 1).await?.ok_or_else(|| anyhow::anyhow!("no transaction id"))?;
     // A transaction's commit record can precede the low watermark in the WAL while it is not
@@ -262,11 +263,12 @@ pub async fn read_chunk(
     // (The snapshot's list of running transactions is not enough: a transaction whose id is
     // at or above the snapshot's xmax is running but not listed, and with one busy writer
     // that is usually the one committing. Both found by the convergence test.)
+    let low_took = t0.elapsed();
     let done = format!("SELECT pg_snapshot_xmin(pg_current_snapshot()) > {}::xid8", literal(&mark));
     while first_value(client, &done, 0).await?.as_deref() != Some("t") {
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
-    let t = std::time::Instant::now();
+    let (t, waited) = (std::time::Instant::now(), t0.elapsed() - low_took);
     let mut rows = Rows::new(info.columns.len());
     match keys {
         Some(k) => {
@@ -311,7 +313,7 @@ pub async fn read_chunk(
             }
         }
     }
-    tracing::debug!(select = ?t.elapsed(), rows = rows.len(), "snapshot chunk read");
+    let select = t.elapsed();
     // The high watermark, then a tiny synchronous commit, in one round trip. A
     // non-transactional message waits in the WAL buffers until something flushes them (the
     // WAL writer: up to wal_writer_delay later); the commit flushes them now, so the chunk
@@ -322,7 +324,9 @@ pub async fn read_chunk(
         literal(WATERMARK_PREFIX),
         literal(&format!("high {marker}"))
     );
+    let t = std::time::Instant::now();
     let high = first_value(client, &high, 0).await?;
+    tracing::debug!(low = ?low_took, waited = ?waited, select = ?select, high = ?t.elapsed(), rows = rows.len(), "snapshot chunk read");
     Ok((rows, high.and_then(|h| pgwire_replication::Lsn::parse(&h).ok()).map(|l| l.0)))
 }
 

@@ -276,24 +276,37 @@ struct ReadSpec {
 /// rows than the limit) the task goes on with the next chunk when `spec.chain`, right after
 /// this one's high watermark, up to [`READ_AHEAD`] chunks ahead of the loop: the loop takes
 /// the next over at this chunk's high watermark, or drops the chain (closing `spec.ahead`).
-fn spawn_read(spec: ReadSpec, after: Option<Vec<String>>, keys: Option<Vec<Vec<String>>>) -> Reader {
-    let marker = format!("{}:{}:{}", spec.source, spec.task, fastrand::u64(..));
+fn spawn_read(spec: ReadSpec, after: Option<Vec<String>>, keys: Option<Vec<Vec<String>>>, low: Option<snapshot::Low>) -> Reader {
+    let marker = match &low {
+        Some(l) => l.marker.clone(),
+        None => chunk_marker(&spec),
+    };
     let (head_tx, head) = tokio::sync::oneshot::channel();
     let m = marker.clone();
     let chain = spec.ahead.clone();
     let rows = tokio::spawn(async move {
         // Held until the loop is done with the chunk (it drops the ReadChunk).
         let permit = spec.ahead.clone().acquire_owned().await.map_err(|_| anyhow::anyhow!("snapshot chunk dropped"))?;
-        let (rows, high) = snapshot::read_chunk(&spec.client, &spec.info, &m, after.as_deref(), keys.as_deref(), spec.limit).await?;
+        // A full chunk of a chain writes the next one's low watermark with its high one (a
+        // round trip less per chunk).
+        let next_marker = (spec.chain && keys.is_none()).then(|| chunk_marker(&spec));
+        let low = low.ok_or(m.as_str());
+        let (rows, high, next_low) = snapshot::read_chunk(&spec.client, &spec.info, low, after.as_deref(), keys.as_deref(), spec.limit, next_marker.as_deref()).await?;
         let last_key = (!rows.is_empty()).then(|| spec.info.keys_of(&rows, rows.len() - 1));
         let more = spec.chain && keys.is_none() && rows.len() >= spec.limit && high.is_some() && !spec.ahead.is_closed();
-        let next = more.then(|| spawn_read(spec.clone(), last_key.clone(), None));
+        // (A low watermark written for a chunk then not read is no chunk's: the loop ignores it.)
+        let next = more.then(|| spawn_read(spec.clone(), last_key.clone(), None, next_low));
         let _ = head_tx.send(Head { last_key, read: rows.len(), next });
         let Some(at) = high.map(|h| h.saturating_sub(1)) else { return Ok(ReadChunk { at: None, records: Vec::new(), rows, _permit: permit }) };
         let (records, rows) = tokio::task::spawn_blocking(move || (read_events(&spec.source, &spec.database, &spec.info, &rows, at), rows)).await?;
         Ok(ReadChunk { at: Some(at), records, rows, _permit: permit })
     });
     Reader { marker, head, rows, started: std::time::Instant::now(), chain }
+}
+
+/// A new chunk's marker: its watermarks' text after `low ` / `high `.
+fn chunk_marker(spec: &ReadSpec) -> String {
+    format!("{}:{}:{}", spec.source, spec.task, fastrand::u64(..))
 }
 
 impl Chunk {
@@ -976,7 +989,7 @@ impl PostgresSource {
             chain: self.cfg.snapshot_throttle.0.is_zero(),
             ahead: Arc::new(tokio::sync::Semaphore::new(READ_AHEAD)),
         };
-        Ok(Some(Chunk::new(spawn_read(spec, after, keys), task.id, info, limit)))
+        Ok(Some(Chunk::new(spawn_read(spec, after, keys, None), task.id, info, limit)))
     }
 
     /// At the high watermark, before the chunk's events are ready: the key of its last row

@@ -236,25 +236,40 @@ pub async fn all_tables(client: &tokio_postgres::Client) -> Result<Vec<(String, 
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
-/// Writes the low watermark, selects one chunk, writes the high watermark. Returns the rows,
-/// each column as text (see [`TableInfo::chunk_copy`] and [`TableInfo::keys_sql`]), and the high watermark's LSN as the
-/// server returned it: the end of its record, which is also the LSN the replication stream
-/// gives the message.
+/// The low watermark of chunk `marker` and a new transaction id (see [`read_chunk`]) as SQL:
+/// the id is taken after the watermark is written, in a transaction of its own.
+/// (Simple queries with the values inline: one round trip each, where a prepared statement
+/// takes two.)
+fn low_watermark(marker: &str) -> String {
+    format!("SELECT pg_logical_emit_message(false, {}, {})::text, pg_current_xact_id()::text", literal(WATERMARK_PREFIX), literal(&format!("low {marker}")))
+}
+
+/// A chunk's low watermark, written: its marker and the transaction id taken after it.
+pub struct Low {
+    pub marker: String,
+    mark: String,
+}
+
+/// Writes the low watermark (unless `low` is one written), selects one chunk, writes the
+/// high watermark. Returns the rows, each column as text (see [`TableInfo::chunk_copy`] and
+/// [`TableInfo::keys_sql`]), the high watermark's LSN as the server returned it (the end of
+/// its record, which is also the LSN the replication stream gives the message) and, when
+/// the chunk is full and `next` names a next chunk, that chunk's low watermark, written in
+/// the same round trip as this one's high watermark, after it.
 pub async fn read_chunk(
     client: &tokio_postgres::Client,
     info: &TableInfo,
-    marker: &str,
+    low: Result<Low, &str>,
     after: Option<&[String]>,
     keys: Option<&[Vec<String>]>,
     limit: usize,
-) -> anyhow::Result<(Rows, Option<u64>)> {
-    // The low watermark and a new transaction id (see below) in one round trip: the id is
-    // taken after the watermark is written.
-    // (Simple queries with the values inline: one round trip each, where a prepared statement
-    // takes two.)
+    next: Option<&str>,
+) -> anyhow::Result<(Rows, Option<u64>, Option<Low>)> {
     let t0 = std::time::Instant::now();
-    let low = format!("SELECT pg_logical_emit_message(false, {}, {})::text, pg_current_xact_id()::text", literal(WATERMARK_PREFIX), literal(&format!("low {marker}")));
-    let mark = first_value(client, &low, 1).await?.ok_or_else(|| anyhow::anyhow!("no transaction id"))?;
+    let (marker, mark) = match low {
+        Ok(Low { marker, mark }) => (marker, mark),
+        Err(marker) => (marker.to_string(), first_value(client, &low_watermark(marker), 1).await?.ok_or_else(|| anyhow::anyhow!("no transaction id"))?),
+    };
     // A transaction's commit record can precede the low watermark in the WAL while it is not
     // yet visible to new snapshots (PostgreSQL makes it visible just after). Its changes come
     // before the window, so the chunk must see them: wait until every transaction that had
@@ -318,16 +333,35 @@ pub async fn read_chunk(
     // non-transactional message waits in the WAL buffers until something flushes them (the
     // WAL writer: up to wal_writer_delay later); the commit flushes them now, so the chunk
     // does not wait: without it a quiet database reads ~5 chunks a second.
-    let high = format!(
+    let mut high = format!(
         "SELECT pg_logical_emit_message(false, {}, {})::text; BEGIN; SET LOCAL synchronous_commit = on; \
          SELECT pg_logical_emit_message(true, 'sluice-flush', ''); COMMIT;",
         literal(WATERMARK_PREFIX),
         literal(&format!("high {marker}"))
     );
+    let next = next.filter(|_| rows.len() >= limit);
+    if let Some(n) = next {
+        high.push(' ');
+        high.push_str(&low_watermark(n));
+    }
     let t = std::time::Instant::now();
-    let high = first_value(client, &high, 0).await?;
+    // Rows: the high watermark's, the flush's, then the next low watermark's.
+    let answers: Vec<(Option<String>, Option<String>)> = client
+        .simple_query(&high)
+        .await?
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some((r.get(0).map(str::to_string), r.try_get(1).ok().flatten().map(str::to_string))),
+            _ => None,
+        })
+        .collect();
+    let lsn = answers.first().and_then(|(h, _)| h.as_deref()).and_then(|h| pgwire_replication::Lsn::parse(h).ok()).map(|l| l.0);
+    let next = match next {
+        Some(n) => Some(Low { marker: n.to_string(), mark: answers.last().and_then(|(_, id)| id.clone()).ok_or_else(|| anyhow::anyhow!("no transaction id"))? }),
+        None => None,
+    };
     tracing::debug!(low = ?low_took, waited = ?waited, select = ?select, high = ?t.elapsed(), rows = rows.len(), "snapshot chunk read");
-    Ok((rows, high.and_then(|h| pgwire_replication::Lsn::parse(&h).ok()).map(|l| l.0)))
+    Ok((rows, lsn, next))
 }
 
 /// Column `col` of the first row `sql` (simple queries, maybe several) returns.

@@ -807,9 +807,11 @@ impl ReadAhead {
 async fn read_ahead(r: ReadAhead, task: SnapshotTask, prev: Option<(u64, u64)>) -> Result<Option<Chunk>, Stop> {
     let mut conn = r.conn.lock().await;
     let (db, name) = task.table.split_once('.').unwrap_or((r.home.as_str(), task.table.as_str()));
+    let t = std::time::Instant::now();
     let Some(info) = snapshot::table_info(&mut conn, db, name).await? else {
         return Ok(None);
     };
+    tracing::debug!(took = ?t.elapsed(), "snapshot table columns read");
     let Some((limit, keys)) = task.chunk_plan(&r.source, &info.key_names(), r.chunk_rows) else { return Ok(None) };
     let read = snapshot::read_chunk(&mut conn, &info, task.after.as_deref(), keys.as_deref(), limit).await.map_err(|e| {
         if e.to_string().contains("binlog_snapshot_file") {

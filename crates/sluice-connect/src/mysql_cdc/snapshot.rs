@@ -128,19 +128,24 @@ fn chunk_query(info: &TableInfo, after: Option<&[String]>, keys: Option<&[Vec<St
 /// read position).
 pub async fn read_chunk(conn: &mut Conn, info: &TableInfo, after: Option<&[String]>, keys: Option<&[Vec<String>]>, limit: usize) -> anyhow::Result<ChunkRows> {
     let (sql, params) = chunk_query(info, after, keys, limit);
+    let t0 = std::time::Instant::now();
     conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY").await?;
+    let mut select = std::time::Duration::ZERO;
     let result = async {
         let status: Vec<(String, String)> = conn.query("SHOW SESSION STATUS LIKE 'binlog_snapshot_%'").await?;
         let get = |k: &str| status.iter().find(|(n, _)| n.eq_ignore_ascii_case(k)).map(|(_, v)| v.clone());
         let (Some(file), Some(pos)) = (get("binlog_snapshot_file"), get("binlog_snapshot_position")) else {
             anyhow::bail!("the server does not report a consistent snapshot's binlog position (binlog_snapshot_file): snapshots need MariaDB 10.5 or later");
         };
+        let t = std::time::Instant::now();
         let rows: Vec<mysql_async::Row> = conn.exec(sql.as_str(), params).await?;
+        select = t.elapsed();
         Ok(ChunkRows { file, pos: pos.parse()?, rows: rows.into_iter().map(|r| r.unwrap()).collect() })
     }
     .await;
     // Read only: a commit ends it either way.
     conn.query_drop("COMMIT").await?;
+    tracing::debug!(took = ?t0.elapsed(), ?select, "snapshot chunk read");
     result
 }
 

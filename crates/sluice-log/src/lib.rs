@@ -180,7 +180,8 @@ impl Record {
     pub fn templated(key: Bytes, fields: Bytes, timestamp_ms: i64, template: Arc<Template>) -> Record {
         Record { key: Some(key), value: fields, timestamp_ms, template: Some(template) }
     }
-    /// The value readers get.
+    /// The value readers get. Panics if the fields do not fit the template (a record made
+    /// with [`Template::field`] for its template always does).
     pub fn full_value(&self) -> Bytes {
         match &self.template {
             None => self.value.clone(),

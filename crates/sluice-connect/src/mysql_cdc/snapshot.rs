@@ -47,23 +47,25 @@ fn quote(ident: &str) -> String {
 
 /// The table's columns and primary key; None if it does not exist.
 pub async fn table_info(conn: &mut Conn, db: &str, table: &str) -> mysql_async::Result<Option<TableInfo>> {
-    let cols: Vec<(String, String, String)> = conn
+    // The columns (`c`, in order) and the primary key's (`k`, in key order) in one round trip
+    // (a snapshot reads them for every chunk).
+    let rows: Vec<(String, String, String, String)> = conn
         .exec(
-            "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
-            (db, table),
+            "SELECT * FROM (SELECT 'c' AS what, ORDINAL_POSITION AS n, COLUMN_NAME, DATA_TYPE, COLUMN_TYPE FROM information_schema.COLUMNS \
+             WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? \
+             UNION ALL SELECT 'k', SEQ_IN_INDEX, COLUMN_NAME, '', '' FROM information_schema.STATISTICS \
+             WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? AND INDEX_NAME = 'PRIMARY') t ORDER BY what, n",
+            (db, table, db, table),
         )
-        .await?;
-    if cols.is_empty() {
+        .await?
+        .into_iter()
+        .map(|(what, _n, name, dt, ct): (String, u64, String, String, String)| (what, name, dt, ct))
+        .collect();
+    let columns: Vec<(String, Kind)> = rows.iter().filter(|r| r.0 == "c").map(|(_, n, dt, ct)| (n.clone(), Kind::of_schema(dt, ct))).collect();
+    if columns.is_empty() {
         return Ok(None);
     }
-    let key_names: Vec<String> = conn
-        .exec(
-            "SELECT COLUMN_NAME FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? AND INDEX_NAME = 'PRIMARY' ORDER BY SEQ_IN_INDEX",
-            (db, table),
-        )
-        .await?;
-    let columns: Vec<(String, Kind)> = cols.into_iter().map(|(n, dt, ct)| (n, Kind::of_schema(&dt, &ct))).collect();
-    let keys = key_names.iter().filter_map(|k| columns.iter().position(|(n, _)| n == k)).collect();
+    let keys = rows.iter().filter(|r| r.0 == "k").filter_map(|(_, k, ..)| columns.iter().position(|(n, _)| n == k)).collect();
     Ok(Some(TableInfo { db: db.to_string(), name: table.to_string(), columns, keys }))
 }
 
@@ -129,10 +131,14 @@ fn chunk_query(info: &TableInfo, after: Option<&[String]>, keys: Option<&[Vec<St
 pub async fn read_chunk(conn: &mut Conn, info: &TableInfo, after: Option<&[String]>, keys: Option<&[Vec<String>]>, limit: usize) -> anyhow::Result<ChunkRows> {
     let (sql, params) = chunk_query(info, after, keys, limit);
     let t0 = std::time::Instant::now();
-    conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY").await?;
+    // The transaction and its binlog position in one round trip.
+    let mut begun = conn.query_iter("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY; SHOW SESSION STATUS LIKE 'binlog_snapshot_%'").await?;
+    let _: Vec<mysql_async::Row> = begun.collect().await?;
+    let status: mysql_async::Result<Vec<(String, String)>> = begun.collect().await;
+    begun.drop_result().await?;
     let mut select = std::time::Duration::ZERO;
     let result = async {
-        let status: Vec<(String, String)> = conn.query("SHOW SESSION STATUS LIKE 'binlog_snapshot_%'").await?;
+        let status = status?;
         let get = |k: &str| status.iter().find(|(n, _)| n.eq_ignore_ascii_case(k)).map(|(_, v)| v.clone());
         let (Some(file), Some(pos)) = (get("binlog_snapshot_file"), get("binlog_snapshot_position")) else {
             anyhow::bail!("the server does not report a consistent snapshot's binlog position (binlog_snapshot_file): snapshots need MariaDB 10.5 or later");

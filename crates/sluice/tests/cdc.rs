@@ -97,11 +97,16 @@ async fn every_dml_kind_and_type_lands_in_the_changelog() {
     .unwrap();
     let s = Server::start(&format!("{}{PIPELINE_OVER_CHANGES}", source_cfg(&pg, "      tables:\n        exclude: [public.skipped]\n"))).await;
     wait_state(&s, "streaming").await;
-    // The rows that were there before: the initial snapshot reads them (3 chunks of 1024).
+    // The rows that were there before: the initial snapshot reads them (one chunk of the
+    // default 8192 rows).
     wait_rows(&s, "shop_pre", 2500).await;
     assert_eq!(s.scalar("SELECT count(*) FROM shop_pre").await, 2500.0);
     assert_eq!(s.scalar("SELECT count(*) FROM shop_pre__changelog WHERE op = 'read' AND source.snapshot").await, 2500.0);
     assert_eq!(s.scalar("SELECT count(*) FROM shop_pre WHERE v = 'v' || CAST(id AS VARCHAR)").await, 2500.0);
+    // In the log, the snapshot's events are templated batches: the text they share once per
+    // batch, each row's fields (the values read back above are the whole events).
+    let (batches, records) = templated_in_log(&s.dir.join("data"), "shop_pre");
+    assert!(batches >= 1 && records == 2500, "{batches} templated batches of {records} records");
     // The tables land on threads that run only on CPU time nothing else wants (SCHED_IDLE);
     // the rest of the server keeps its scheduling (SCHED_OTHER, one nice value).
     let threads = thread_sched(s.child.as_ref().unwrap().id());
@@ -659,6 +664,35 @@ async fn capture_and_sink_over_verified_tls() {
 }
 
 /// Each thread of process `pid`: its name, nice value and scheduling policy.
+/// Templated batches, and their records, in the log segments of `stream` under `data`.
+fn templated_in_log(data: &std::path::Path, stream: &str) -> (usize, u64) {
+    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "log") {
+                out.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(data, &mut files);
+    let (mut batches, mut records) = (0, 0);
+    for f in files.iter().filter(|f| f.components().any(|c| c.as_os_str() == stream)) {
+        let bytes = std::fs::read(f).unwrap();
+        let mut pos = 0;
+        while let Ok(h) = sluice_log::format::parse_header(&bytes[pos..]) {
+            if h.templated {
+                batches += 1;
+                records += u64::from(h.record_count);
+            }
+            pos += h.total_len;
+        }
+    }
+    (batches, records)
+}
+
 fn thread_sched(pid: u32) -> Vec<(String, i64, u32)> {
     let mut out = Vec::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {

@@ -174,6 +174,11 @@ impl Partition {
                         segment = %w[0].path.display(), next = %w[1].path.display(),
                         "segment holds offsets beyond the next segment's base offset"
                     );
+                } else if end < w[1].base {
+                    tracing::warn!(
+                        segment = %w[0].path.display(), missing_from = end, missing_to = w[1].base,
+                        "segment ends before the next segment's base offset; reads reaching the missing offsets fail as corrupt"
+                    );
                 }
             }
         }
@@ -486,11 +491,12 @@ impl Partition {
     }
 
     fn read_segments(&self, segs: &[Arc<Segment>], ctx: &mut ReadCtx) -> Result<(), LogError> {
-        for seg in segs {
+        for (i, seg) in segs.iter().enumerate() {
             if seg.base >= ctx.hw {
                 break;
             }
-            match read_segment(seg, ctx, &self.comp.dicts).map_err(|e| self.dictionary_error(e)) {
+            let next_base = segs.get(i + 1).map(|s| s.base);
+            match read_segment(seg, next_base, ctx, &self.comp.dicts).map_err(|e| self.dictionary_error(e)) {
                 Ok(true) => break,
                 Ok(false) => {}
                 // Hand out the good records before the bad batch; the next read starting
@@ -873,7 +879,9 @@ impl From<LogError> for ReadError {
 }
 
 /// Reads batches of one segment into `ctx.out`. Returns true when the read is complete.
-fn read_segment(seg: &Segment, ctx: &mut ReadCtx, dicts: &dyn DictLookup) -> Result<bool, ReadError> {
+/// A segment that ends before `next_base` (the next segment's first offset) lost records
+/// (segments are written back to back): reaching its end is corruption, not a skip.
+fn read_segment(seg: &Segment, next_base: Option<u64>, ctx: &mut ReadCtx, dicts: &dyn DictLookup) -> Result<bool, ReadError> {
     let (from, hw) = (ctx.from, ctx.hw);
     let (entry, loaded) = seg.lookup(from)?;
     ctx.loaded |= loaded;
@@ -913,6 +921,9 @@ fn read_segment(seg: &Segment, ctx: &mut ReadCtx, dicts: &dyn DictLookup) -> Res
         if ctx.value_bytes >= ctx.max_bytes {
             return Ok(true);
         }
+    }
+    if next_base.is_some_and(|b| expected < b) && expected < hw {
+        return Err(corrupt(expected).into());
     }
     Ok(false)
 }

@@ -174,6 +174,41 @@ fn corrupt_batch_in_sealed_segment() {
 }
 
 #[test]
+fn sealed_segment_cut_at_a_batch_boundary_is_corrupt_not_a_gap() {
+    for drop_idx in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        // One batch per segment: emptying a sealed one loses a whole batch and leaves no
+        // torn bytes behind.
+        let config = cfg(1);
+        write_batches(dir.path(), config, 5);
+        let (log, p) = open_p(dir.path(), config);
+        let victim = p.segments()[2].clone();
+        drop(p);
+        drop(log);
+        OpenOptions::new().write(true).open(&victim.path).unwrap().set_len(0).unwrap();
+        if drop_idx {
+            std::fs::remove_file(victim.path.with_extension("idx")).unwrap();
+        }
+        let (_log, p) = open_p(dir.path(), config);
+        assert_eq!(p.high_watermark(), 25);
+        // The records before the loss come first; reading on reports the loss instead of
+        // skipping from offset 9 to 15.
+        let first = p.read(0, usize::MAX).unwrap();
+        assert_eq!(first.iter().map(|r| r.offset).collect::<Vec<_>>(), (0..10).collect::<Vec<_>>());
+        for from in 10..15 {
+            match p.read(from, usize::MAX) {
+                Err(LogError::Corrupt { segment, offset }) => {
+                    assert_eq!(segment, victim.path, "drop_idx {drop_idx}");
+                    assert_eq!(offset, 10, "drop_idx {drop_idx}");
+                }
+                other => panic!("drop_idx {drop_idx} from {from}: expected Corrupt, got {other:?}"),
+            }
+        }
+        assert_eq!(read_all(&p, 15, usize::MAX).len(), 10);
+    }
+}
+
+#[test]
 fn garbage_at_end_of_sealed_segment_is_not_truncated() {
     let dir = tempfile::tempdir().unwrap();
     let config = cfg(1);

@@ -418,9 +418,10 @@ fn parse_templated(h: &BatchHeader, data: &Bytes, from: u64, out: &mut Vec<Store
     parse_records_inner(h, data, pos, from, out)?;
     // The values' total size, known before anything is allocated for them (a small payload
     // must not make a huge one).
+    let shared = template.pieces_len();
     let mut total = 0usize;
     for r in &out[first..] {
-        total = total.saturating_add(r.value.len()).saturating_add(template.pieces_len());
+        total = total.saturating_add(r.value.len()).saturating_add(shared);
     }
     if total > MAX_BATCH_BYTES {
         return Err(FormatError::Payload("templated values too large"));
@@ -601,6 +602,9 @@ fn encode_into(records: &[Record], plan: Plan<'_>, s: &mut EncodeScratch) -> Res
     }
     let count = u32::try_from(records.len()).map_err(|_| FormatError::TooLarge(records.len() as u64))?;
     let template = records[0].template.as_deref();
+    if !records.iter().all(|r| r.same_template(&records[0])) {
+        return Err(FormatError::Payload("the records of a batch have different templates"));
+    }
     let mut min_ts = i64::MAX;
     let mut max_ts = i64::MIN;
     let mut data_bytes = 0usize;
@@ -608,13 +612,6 @@ fn encode_into(records: &[Record], plan: Plan<'_>, s: &mut EncodeScratch) -> Res
         min_ts = min_ts.min(r.timestamp_ms);
         max_ts = max_ts.max(r.timestamp_ms);
         data_bytes = data_bytes.saturating_add(r.value.len()).saturating_add(r.key.as_ref().map_or(0, |k| k.len()));
-        let same = match (r.template.as_deref(), template) {
-            (Some(a), Some(b)) => std::ptr::eq(a, b) || a == b,
-            (a, b) => a.is_none() && b.is_none(),
-        };
-        if !same {
-            return Err(FormatError::Payload("the records of a batch have different templates"));
-        }
     }
     // The values as readers get them are what the limit is about.
     let value_bytes = data_bytes.saturating_add(template.map_or(0, |t| t.pieces_len().saturating_mul(records.len())));

@@ -180,6 +180,15 @@ impl Record {
     pub fn templated(key: Bytes, fields: Bytes, timestamp_ms: i64, template: Arc<Template>) -> Record {
         Record { key: Some(key), value: fields, timestamp_ms, template: Some(template) }
     }
+    /// Whether two records have the same template (or none): they can share a batch.
+    pub fn same_template(&self, other: &Record) -> bool {
+        match (&self.template, &other.template) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+            _ => false,
+        }
+    }
+
     /// The value readers get. Panics if the fields do not fit the template (a record made
     /// with [`Template::field`] for its template always does).
     pub fn full_value(&self) -> Bytes {
@@ -203,8 +212,6 @@ impl Record {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template {
     pieces: Vec<Bytes>,
-    /// The pieces' total length.
-    len: usize,
 }
 
 impl Template {
@@ -212,7 +219,7 @@ impl Template {
     /// pieces.
     pub fn new(pieces: Vec<Bytes>) -> Template {
         assert!(!pieces.is_empty(), "a template has at least one piece");
-        Template { len: pieces.iter().map(Bytes::len).sum(), pieces }
+        Template { pieces }
     }
 
     pub fn pieces(&self) -> &[Bytes] {
@@ -226,7 +233,7 @@ impl Template {
 
     /// The pieces' total length: what a value has beyond its fields.
     pub fn pieces_len(&self) -> usize {
-        self.len
+        self.pieces.iter().map(Bytes::len).sum()
     }
 
     /// Appends one field to a record's fields: `write` appends the field's bytes to the

@@ -239,22 +239,14 @@ impl Partition {
     /// records that share a template (each batch's records get consecutive offsets).
     /// Not yet durable nor visible to readers: call [`Partition::sync`].
     pub fn append(&self, records: &[Record]) -> Result<Appended, LogError> {
-        let same = |a: &Record, b: &Record| match (&a.template, &b.template) {
-            (None, None) => true,
-            (Some(x), Some(y)) => Arc::ptr_eq(x, y) || x == y,
-            _ => false,
-        };
-        if records.windows(2).all(|w| same(&w[0], &w[1])) {
-            return self.append_batch(records);
+        let mut runs = records.chunk_by(Record::same_template);
+        // (No records: the batch writer refuses them.)
+        let first = self.append_batch(runs.next().unwrap_or(records))?;
+        let mut last = first.last_offset;
+        for run in runs {
+            last = self.append_batch(run)?.last_offset;
         }
-        let mut first = None;
-        let mut last = None;
-        for run in records.chunk_by(same) {
-            let a = self.append_batch(run)?;
-            first.get_or_insert(a.first_offset);
-            last = Some(a.last_offset);
-        }
-        Ok(Appended { first_offset: first.unwrap_or_default(), last_offset: last.unwrap_or_default() })
+        Ok(Appended { first_offset: first.first_offset, last_offset: last })
     }
 
     /// Writes one batch (all records get consecutive offsets) to the active segment.

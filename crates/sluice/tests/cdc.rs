@@ -663,36 +663,31 @@ async fn capture_and_sink_over_verified_tls() {
     assert!(ssl >= 2, "the replication and sink connections use TLS: {ssl}");
 }
 
-/// Each thread of process `pid`: its name, nice value and scheduling policy.
-/// Templated batches, and their records, in the log segments of `stream` under `data`.
+/// Templated batches, and their records, in the log segments of `stream` (the log keeps
+/// `<data>/log/<stream>/<partition>/<base offset>.log`).
 fn templated_in_log(data: &std::path::Path, stream: &str) -> (usize, u64) {
-    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
-        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(&p, out);
-            } else if p.extension().is_some_and(|x| x == "log") {
-                out.push(p);
-            }
-        }
-    }
-    let mut files = Vec::new();
-    walk(data, &mut files);
     let (mut batches, mut records) = (0, 0);
-    for f in files.iter().filter(|f| f.components().any(|c| c.as_os_str() == stream)) {
-        let bytes = std::fs::read(f).unwrap();
-        let mut pos = 0;
-        while let Ok(h) = sluice_log::format::parse_header(&bytes[pos..]) {
-            if h.templated {
-                batches += 1;
-                records += u64::from(h.record_count);
+    for partition in std::fs::read_dir(data.join("log").join(stream)).unwrap().flatten() {
+        // (Files beside the partitions' directories are not read as one.)
+        for segment in std::fs::read_dir(partition.path()).into_iter().flatten().flatten() {
+            if segment.path().extension().is_none_or(|x| x != "log") {
+                continue;
             }
-            pos += h.total_len;
+            let bytes = std::fs::read(segment.path()).unwrap();
+            let mut pos = 0;
+            while let Ok(h) = sluice_log::format::parse_header(&bytes[pos..]) {
+                if h.templated {
+                    batches += 1;
+                    records += u64::from(h.record_count);
+                }
+                pos += h.total_len;
+            }
         }
     }
     (batches, records)
 }
 
+/// Each thread of process `pid`: its name, nice value and scheduling policy.
 fn thread_sched(pid: u32) -> Vec<(String, i64, u32)> {
     let mut out = Vec::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {

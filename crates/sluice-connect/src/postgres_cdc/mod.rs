@@ -290,7 +290,10 @@ fn spawn_read(spec: ReadSpec, after: Option<Vec<String>>, keys: Option<Vec<Vec<S
         // A full chunk of a chain writes the next one's low watermark with its high one (a
         // round trip less per chunk).
         let next_marker = (spec.chain && keys.is_none()).then(|| chunk_marker(&spec));
-        let low = low.ok_or(m.as_str());
+        let low = match low {
+            Some(l) => l,
+            None => snapshot::Low::write(&spec.client, m).await?,
+        };
         let (rows, high, next_low) = snapshot::read_chunk(&spec.client, &spec.info, low, after.as_deref(), keys.as_deref(), spec.limit, next_marker.as_deref()).await?;
         let last_key = (!rows.is_empty()).then(|| spec.info.keys_of(&rows, rows.len() - 1));
         let more = spec.chain && keys.is_none() && rows.len() >= spec.limit && high.is_some() && !spec.ahead.is_closed();

@@ -250,8 +250,16 @@ pub struct Low {
     mark: String,
 }
 
-/// Writes the low watermark (unless `low` is one written), selects one chunk, writes the
-/// high watermark. Returns the rows, each column as text (see [`TableInfo::chunk_copy`] and
+impl Low {
+    /// Writes the low watermark of chunk `marker`.
+    pub async fn write(client: &tokio_postgres::Client, marker: String) -> anyhow::Result<Low> {
+        let mark = first_value(client, &low_watermark(&marker), 1).await?.ok_or_else(|| anyhow::anyhow!("no transaction id"))?;
+        Ok(Low { marker, mark })
+    }
+}
+
+/// After the chunk's low watermark (`low`), selects the chunk and writes its high watermark.
+/// Returns the rows, each column as text (see [`TableInfo::chunk_copy`] and
 /// [`TableInfo::keys_sql`]), the high watermark's LSN as the server returned it (the end of
 /// its record, which is also the LSN the replication stream gives the message) and, when
 /// the chunk is full and `next` names a next chunk, that chunk's low watermark, written in
@@ -259,17 +267,13 @@ pub struct Low {
 pub async fn read_chunk(
     client: &tokio_postgres::Client,
     info: &TableInfo,
-    low: Result<Low, &str>,
+    low: Low,
     after: Option<&[String]>,
     keys: Option<&[Vec<String>]>,
     limit: usize,
     next: Option<&str>,
 ) -> anyhow::Result<(Rows, Option<u64>, Option<Low>)> {
-    let t0 = std::time::Instant::now();
-    let (marker, mark) = match low {
-        Ok(Low { marker, mark }) => (marker, mark),
-        Err(marker) => (marker.to_string(), first_value(client, &low_watermark(marker), 1).await?.ok_or_else(|| anyhow::anyhow!("no transaction id"))?),
-    };
+    let Low { marker, mark } = low;
     // A transaction's commit record can precede the low watermark in the WAL while it is not
     // yet visible to new snapshots (PostgreSQL makes it visible just after). Its changes come
     // before the window, so the chunk must see them: wait until every transaction that had
@@ -278,12 +282,12 @@ pub async fn read_chunk(
     // (The snapshot's list of running transactions is not enough: a transaction whose id is
     // at or above the snapshot's xmax is running but not listed, and with one busy writer
     // that is usually the one committing. Both found by the convergence test.)
-    let low_took = t0.elapsed();
+    let t = std::time::Instant::now();
     let done = format!("SELECT pg_snapshot_xmin(pg_current_snapshot()) > {}::xid8", literal(&mark));
     while first_value(client, &done, 0).await?.as_deref() != Some("t") {
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
-    let (t, waited) = (std::time::Instant::now(), t0.elapsed() - low_took);
+    let (t, waited) = (std::time::Instant::now(), t.elapsed());
     let mut rows = Rows::new(info.columns.len());
     match keys {
         Some(k) => {
@@ -360,7 +364,7 @@ pub async fn read_chunk(
         Some(n) => Some(Low { marker: n.to_string(), mark: answers.last().and_then(|(_, id)| id.clone()).ok_or_else(|| anyhow::anyhow!("no transaction id"))? }),
         None => None,
     };
-    tracing::debug!(low = ?low_took, waited = ?waited, select = ?select, high = ?t.elapsed(), rows = rows.len(), "snapshot chunk read");
+    tracing::debug!(waited = ?waited, select = ?select, high = ?t.elapsed(), rows = rows.len(), "snapshot chunk read");
     Ok((rows, lsn, next))
 }
 

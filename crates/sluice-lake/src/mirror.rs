@@ -18,6 +18,9 @@
 //!   until the merge.
 //! - Events of tables without a primary key cannot be mirrored; they are counted and skipped
 //!   (the changelog, when enabled, still has them).
+//! - Snapshot events are stored as template fields (`sluice_log::Template`); the mirror reads
+//!   them that way and makes their rows from the fields by a [`RowPlan`] found once per
+//!   template, without scanning each event's JSON.
 
 use arrow_array::{cast::AsArray, types::Int64Type, Array, BooleanArray, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
@@ -167,28 +170,193 @@ fn plain_string(v: Option<&[u8]>) -> Option<Option<&str>> {
     }
 }
 
-/// Reduces a flush: `records` are (partition, offset, log time, value) in log order per
+/// A change event as the mirror gets it: its JSON text, or the fields of a templated record
+/// (a snapshot's `read` events, see [`sluice_log::Template`]) with the plan for its row.
+#[derive(Clone, Copy)]
+pub enum Input<'a> {
+    Whole(&'a [u8]),
+    Fields(&'a [u8], &'a RowPlan),
+}
+
+impl<'a> From<&'a [u8]> for Input<'a> {
+    fn from(v: &'a [u8]) -> Self {
+        Input::Whole(v)
+    }
+}
+
+/// How the mirror makes the row of an event from a template's fields without reading the
+/// event's JSON (whose scan was most of landing a snapshot): found once per template, by
+/// filling every field with a one-byte placeholder and seeing where they land. The event's
+/// `op`, `transaction.lsn` and `unchanged` must be in the template, its key one field and its
+/// `after` an object (the fields in it are spliced into the row as they are: the capture
+/// writes each field as one JSON value); [`RowPlan::new`] declines other templates and the
+/// mirror reads their events whole.
+#[derive(Debug)]
+pub struct RowPlan {
+    template: Arc<sluice_log::Template>,
+    op: String,
+    lsn: i64,
+    /// `transaction.seq`: a constant, or a field.
+    seq: Result<i64, usize>,
+    /// The key object's field.
+    key: usize,
+    /// `after` without its closing brace.
+    after: Vec<Part>,
+    /// `after` has no members.
+    after_empty: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Part {
+    Text(Vec<u8>),
+    Field(usize),
+}
+
+impl RowPlan {
+    pub fn new(template: &Arc<sluice_log::Template>) -> Option<RowPlan> {
+        use sluice_core::json_scan::scan_object;
+        let mut filled = Vec::new();
+        let mut at = Vec::with_capacity(template.fields());
+        for (i, piece) in template.pieces().iter().enumerate() {
+            if i > 0 {
+                at.push(filled.len());
+                filled.push(b'0');
+            }
+            filled.extend_from_slice(piece);
+        }
+        let filled = filled.as_slice();
+        let offset = |v: &[u8]| v.as_ptr() as usize - filled.as_ptr() as usize;
+        // Which field a value is (exactly a placeholder), and whether it holds any.
+        let field = |v: &[u8]| (v.len() == 1).then(|| at.binary_search(&offset(v)).ok()).flatten();
+        let has_field = |v: &[u8]| at.iter().any(|&a| (offset(v)..offset(v) + v.len()).contains(&a));
+        let [op, after, key, unchanged, transaction] =
+            scan_object(filled, [Some(b"op"), Some(b"after"), Some(b"key"), Some(b"unchanged"), Some(b"transaction")])?;
+        let [lsn, seq] = scan_object(transaction?, [Some(b"lsn"), Some(b"seq")])?;
+        if op.is_some_and(has_field) || lsn.is_some_and(has_field) || !matches!(unchanged, None | Some(b"null")) {
+            return None;
+        }
+        let op = plain_string(op)??;
+        if matches!(op, "delete" | "truncate") {
+            return None;
+        }
+        let lsn = parse_lsn(plain_string(lsn)??)? as i64;
+        let seq = match seq {
+            None | Some(b"null") => Ok(0),
+            Some(s) => match field(s) {
+                Some(i) => Err(i),
+                None if !has_field(s) => Ok(std::str::from_utf8(s).ok()?.parse::<i64>().ok()?),
+                None => return None,
+            },
+        };
+        let key = field(key?)?;
+        let after = after.filter(|a| a.len() >= 2 && a[0] == b'{' && a[a.len() - 1] == b'}')?;
+        let (start, end) = (offset(after), offset(after) + after.len() - 1);
+        let mut parts = Vec::new();
+        let mut pos = start;
+        for (i, &a) in at.iter().enumerate().filter(|(_, &a)| (start..end).contains(&a)) {
+            if a > pos {
+                parts.push(Part::Text(filled[pos..a].to_vec()));
+            }
+            parts.push(Part::Field(i));
+            pos = a + 1;
+        }
+        if end > pos {
+            parts.push(Part::Text(filled[pos..end].to_vec()));
+        }
+        Some(RowPlan {
+            template: template.clone(),
+            op: op.to_string(),
+            lsn,
+            seq,
+            key,
+            after: parts,
+            after_empty: !filled[start..end].iter().any(|b| !b.is_ascii_whitespace() && *b != b'{'),
+        })
+    }
+}
+
+/// The row plans of a flush's templates (a few: one per snapshot chunk).
+#[derive(Default)]
+pub struct Plans(Vec<(Arc<sluice_log::Template>, Option<RowPlan>)>);
+
+impl Plans {
+    /// The plan for `t` (made on first use); None: its events are read whole.
+    pub fn plan(&mut self, t: &Arc<sluice_log::Template>) -> Option<&RowPlan> {
+        let i = match self.0.iter().position(|(u, _)| Arc::ptr_eq(u, t) || u == t) {
+            Some(i) => i,
+            None => {
+                self.0.push((t.clone(), RowPlan::new(t)));
+                self.0.len() - 1
+            }
+        };
+        self.0[i].1.as_ref()
+    }
+
+    /// The plan made for `t` by [`Plans::plan`].
+    pub fn get(&self, t: &Arc<sluice_log::Template>) -> Option<&RowPlan> {
+        self.0.iter().find(|(u, _)| Arc::ptr_eq(u, t) || u == t).and_then(|(_, p)| p.as_ref())
+    }
+}
+
+/// What the mirror takes from one event, whole or planned.
+struct Taken<'a> {
+    op: &'a str,
+    lsn: i64,
+    seq: i64,
+    key: Option<&'a str>,
+    unchanged: Option<Vec<String>>,
+    /// `after` as JSON text (whole events).
+    after: Option<&'a str>,
+}
+
+/// Reduces a flush: `records` are (partition, offset, log time, event) in log order per
 /// partition.
-pub fn reduce<'a>(records: impl IntoIterator<Item = (u32, u64, i64, &'a [u8])>) -> Reduced {
+pub fn reduce<'a, E: Into<Input<'a>>>(records: impl IntoIterator<Item = (u32, u64, i64, E)>) -> Reduced {
     let mut out = Reduced::default();
     let records = records.into_iter();
     // key text -> index in rows (foldhash: SipHash showed in snapshot profiles, and the keys
     // come from the flush itself, hashed with a random seed all the same)
     let mut last: HashMap<&'a str, usize, foldhash::fast::RandomState> =
         HashMap::with_capacity_and_hasher(records.size_hint().0, foldhash::fast::RandomState::default());
-    for (partition, offset, time, value) in records {
-        let ev = match read_change(value) {
-            Ok(c) => c,
-            Err(why) => {
-                out.invalid.push((partition, offset, why));
-                continue;
+    // A planned event's fields.
+    let mut fields: Vec<&'a [u8]> = Vec::new();
+    for (partition, offset, time, event) in records {
+        let event = event.into();
+        let ev = match event {
+            Input::Whole(value) => {
+                let ev = match read_change(value) {
+                    Ok(c) => c,
+                    Err(why) => {
+                        out.invalid.push((partition, offset, why));
+                        continue;
+                    }
+                };
+                let (Some(op), Some(lsn)) = (ev.op, ev.lsn.and_then(parse_lsn)) else {
+                    out.invalid.push((partition, offset, "not a change event (no op or transaction.lsn)".into()));
+                    continue;
+                };
+                Taken { op, lsn: lsn as i64, seq: ev.seq, key: ev.key, unchanged: ev.unchanged, after: ev.after }
+            }
+            Input::Fields(value, plan) => {
+                fields.clear();
+                let seq = match plan.template.each_field(value, |_, f| fields.push(f)) {
+                    Err(why) => Err(why.to_string()),
+                    Ok(()) => match plan.seq {
+                        Ok(seq) => Ok(seq),
+                        Err(i) => std::str::from_utf8(fields[i]).ok().and_then(|t| t.parse().ok()).ok_or_else(|| "transaction.seq is not a number".to_string()),
+                    },
+                };
+                let seq = match seq {
+                    Ok(s) => s,
+                    Err(why) => {
+                        out.invalid.push((partition, offset, why));
+                        continue;
+                    }
+                };
+                Taken { op: &plan.op, lsn: plan.lsn, seq, key: std::str::from_utf8(fields[plan.key]).ok(), unchanged: None, after: None }
             }
         };
-        let (Some(op), Some(lsn)) = (ev.op, ev.lsn.and_then(parse_lsn)) else {
-            out.invalid.push((partition, offset, "not a change event (no op or transaction.lsn)".into()));
-            continue;
-        };
-        let (lsn, seq) = (lsn as i64, ev.seq);
+        let (op, lsn, seq) = (ev.op, ev.lsn, ev.seq);
         if op == "truncate" {
             out.truncate = Some(out.truncate.map_or((lsn, seq), |t| t.max((lsn, seq))));
             continue;
@@ -212,17 +380,31 @@ pub fn reduce<'a>(records: impl IntoIterator<Item = (u32, u64, i64, &'a [u8])>) 
         // The row as JSON text: the columns (the key's for a delete, else `after`'s) and the
         // mirror's own fields, spliced in as text: the values are not parsed here.
         let unchanged = ev.unchanged.filter(|u| !u.is_empty());
-        let mut row = match op {
-            "delete" => {
-                let mut r = Vec::with_capacity(key.len() + 64);
-                r.extend_from_slice(key.as_bytes());
-                r
+        let mut row;
+        let has_columns = match (event, op) {
+            (Input::Fields(_, plan), _) => {
+                let len: usize = plan.after.iter().map(|p| if let Part::Text(t) = p { t.len() } else { 0 }).sum();
+                row = Vec::with_capacity(len + fields.iter().map(|f| f.len()).sum::<usize>() + 64);
+                for p in &plan.after {
+                    match p {
+                        Part::Text(t) => row.extend_from_slice(t),
+                        Part::Field(i) => row.extend_from_slice(fields[*i]),
+                    }
+                }
+                !plan.after_empty
             }
-            _ => match ev.after.map(str::trim).filter(|a| a.starts_with('{')) {
+            (Input::Whole(_), "delete") => {
+                row = Vec::with_capacity(key.len() + 64);
+                row.extend_from_slice(key.as_bytes());
+                row.pop(); // the closing brace
+                true
+            }
+            (Input::Whole(_), _) => match ev.after.map(str::trim).filter(|a| a.starts_with('{')) {
                 Some(after) => {
-                    let mut r = Vec::with_capacity(after.len() + 64);
-                    r.extend_from_slice(after.as_bytes());
-                    r
+                    row = Vec::with_capacity(after.len() + 64);
+                    row.extend_from_slice(after.as_bytes());
+                    row.pop(); // the closing brace
+                    row.iter().any(|b| !b.is_ascii_whitespace() && *b != b'{')
                 }
                 None => {
                     out.invalid.push((partition, offset, format!("{op} without `after`")));
@@ -230,8 +412,7 @@ pub fn reduce<'a>(records: impl IntoIterator<Item = (u32, u64, i64, &'a [u8])>) 
                 }
             },
         };
-        row.pop(); // the closing brace
-        if row.iter().any(|b| !b.is_ascii_whitespace() && *b != b'{') {
+        if has_columns {
             row.push(b',');
         }
         row.extend_from_slice(if op == "delete" { br#""__op":"delete","# } else { br#""__op":"upsert","# });
@@ -437,6 +618,106 @@ mod tests {
                 None => prop_assert!(text.contains(r#"in\"sert"#) || text.contains(r#"0/\\1"#)),
             }
         }
+    }
+
+    /// A snapshot-like event as a template and its records' fields: `after`'s columns (those
+    /// marked true are fields, the rest part of the template), the key and `transaction.seq`.
+    fn templated_events(op: &str, columns: &[(String, Value, bool)], source: &Value, rows: &[(i64, i64)]) -> (Arc<sluice_log::Template>, Vec<Vec<u8>>) {
+        let mut pieces = Vec::new();
+        let mut piece = b"{\"after\":{".to_vec();
+        for (i, (name, v, field)) in columns.iter().enumerate() {
+            if i > 0 {
+                piece.push(b',');
+            }
+            piece.extend_from_slice(serde_json::to_string(name).unwrap().as_bytes());
+            piece.push(b':');
+            if *field {
+                pieces.push(bytes::Bytes::from(std::mem::take(&mut piece)));
+            } else {
+                piece.extend_from_slice(v.to_string().as_bytes());
+            }
+        }
+        piece.extend_from_slice(b"},\"before\":null,\"key\":");
+        pieces.push(bytes::Bytes::from(piece));
+        pieces.push(bytes::Bytes::from(format!(",\"op\":{},\"source\":{source},\"transaction\":{{\"id\":null,\"lsn\":\"0/1A\",\"seq\":", json!(op))));
+        pieces.push(bytes::Bytes::from_static(b"},\"ts_ms\":1}"));
+        let t = Arc::new(sluice_log::Template::new(pieces));
+        let records = rows
+            .iter()
+            .map(|(id, seq)| {
+                let mut f = Vec::new();
+                for (_, v, field) in columns {
+                    if *field {
+                        sluice_log::Template::field(&mut f, |o| o.extend_from_slice(v.to_string().as_bytes()));
+                    }
+                }
+                sluice_log::Template::field(&mut f, |o| o.extend_from_slice(json!({"id": id}).to_string().as_bytes()));
+                sluice_log::Template::field(&mut f, |o| o.extend_from_slice(seq.to_string().as_bytes()));
+                f
+            })
+            .collect();
+        (t, records)
+    }
+
+    proptest! {
+        /// Rows made from a template's fields are the rows of the whole events.
+        #[test]
+        fn planned_rows_are_the_whole_events_rows(
+            columns in prop::collection::vec(("[a-z_\"]{1,6}", any_json(), any::<bool>()), 0..5),
+            source in any_json(),
+            op in prop_oneof![Just("read"), Just("insert")],
+            rows in prop::collection::vec((0i64..4, 0i64..1000), 1..6),
+        ) {
+            let mut seen = std::collections::HashSet::new();
+            let columns: Vec<_> = columns.into_iter().filter(|(n, _, _)| seen.insert(n.clone())).collect();
+            let (t, fields) = templated_events(op, &columns, &source, &rows);
+            let plan = RowPlan::new(&t).expect("a plan for a snapshot-like template");
+            let whole: Vec<Vec<u8>> = fields.iter().map(|f| { let mut v = Vec::new(); t.expand(f, &mut v).unwrap(); v }).collect();
+            let a = reduce(whole.iter().enumerate().map(|(i, e)| (0, i as u64, 0, e.as_slice())));
+            let b = reduce(fields.iter().enumerate().map(|(i, f)| (0, i as u64, 0, Input::Fields(f, &plan))));
+            prop_assert_eq!(&a.keys, &b.keys);
+            prop_assert_eq!(a.rows.len(), b.rows.len());
+            for (x, y) in a.rows.iter().zip(&b.rows) {
+                prop_assert_eq!(&x.3, &y.3, "{} vs {}", String::from_utf8_lossy(&x.3), String::from_utf8_lossy(&y.3));
+                prop_assert_eq!(x.1, y.1);
+            }
+            prop_assert!(a.invalid.is_empty() && b.invalid.is_empty());
+        }
+    }
+
+    #[test]
+    fn templates_without_a_plan_and_bad_fields() {
+        let piece = |s: &str| bytes::Bytes::from(s.to_string());
+        let t = |p: &[&str]| Arc::new(sluice_log::Template::new(p.iter().map(|s| piece(s)).collect()));
+        let ok = t(&[r#"{"after":{"a":"#, r#"},"key":"#, r#","op":"read","transaction":{"lsn":"0/1","seq":"#, "}}"]);
+        assert!(RowPlan::new(&ok).is_some());
+        for bad in [
+            // op, lsn or unchanged in a field; a key that is not exactly a field; deletes
+            t(&[r#"{"after":{"a":1},"key":"#, r#","op":"#, r#","transaction":{"lsn":"0/1"}}"#]),
+            t(&[r#"{"after":{"a":1},"key":"#, r#","op":"read","transaction":{"lsn":"#, "}}"]),
+            t(&[r#"{"after":{"a":1},"key":"#, r#","op":"read","unchanged":"#, r#","transaction":{"lsn":"0/1"}}"#]),
+            t(&[r#"{"after":{"a":1},"key":{"id":"#, r#"},"op":"read","transaction":{"lsn":"0/1"}}"#]),
+            t(&[r#"{"after":{"a":1},"key":"#, r#","op":"delete","transaction":{"lsn":"0/1"}}"#]),
+            t(&[r#"{"after":"#, r#","key":{"id":1},"op":"read","transaction":{"lsn":"0/1"}}"#]),
+            t(&[r#"{"after":[1],"key":"#, r#","op":"read","transaction":{"lsn":"0/1"}}"#]),
+            t(&["not json", ""]),
+        ] {
+            assert!(RowPlan::new(&bad).is_none(), "{:?}", bad.pieces());
+        }
+        // Fields that do not fit the template, or a sequence that is not a number: skipped
+        // as invalid, not a panic.
+        let plan = RowPlan::new(&ok).unwrap();
+        let mut good = Vec::new();
+        for f in ["1", r#"{"id":1}"#, "7"] {
+            sluice_log::Template::field(&mut good, |o| o.extend_from_slice(f.as_bytes()));
+        }
+        let mut nan = Vec::new();
+        for f in ["1", r#"{"id":2}"#, "x"] {
+            sluice_log::Template::field(&mut nan, |o| o.extend_from_slice(f.as_bytes()));
+        }
+        let r = reduce([(0, 0, 0, Input::Fields(&good, &plan)), (0, 1, 0, Input::Fields(&good[..3], &plan)), (0, 2, 0, Input::Fields(&nan, &plan))]);
+        assert_eq!(rows(&r), [json!({"a": 1, "__op": "upsert", "__seq": 7, "_lsn": 1})]);
+        assert_eq!(r.invalid.iter().map(|i| i.1).collect::<Vec<_>>(), [1, 2]);
     }
 
     #[test]

@@ -284,7 +284,7 @@ impl LakeSink {
     /// Reads durable records until flush_bytes are buffered or flush_interval has passed
     /// since the first one arrived (or, when stopping, until the log is drained).
     async fn collect(&self, next: &mut Vec<u64>, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<Vec<Collected>> {
-        let policy = FlushPolicy { bytes: self.opts.flush_bytes, interval: self.opts.flush_interval };
+        let policy = FlushPolicy { bytes: self.opts.flush_bytes, interval: self.opts.flush_interval, fields: self.opts.mirror };
         let mut positions = [std::mem::take(next)];
         let got = sluice_log::collect(std::slice::from_ref(&self.stream), &mut positions, policy, shutdown).await;
         *next = std::mem::take(&mut positions[0]);
@@ -294,7 +294,7 @@ impl LakeSink {
     }
 
     /// Converts one flush (CPU work, on the blocking pool, split over the cores).
-    async fn prepare(&self, records: Vec<Collected>, table_schema: Option<SchemaRef>) -> anyhow::Result<Prepared> {
+    async fn prepare(&self, mut records: Vec<Collected>, table_schema: Option<SchemaRef>) -> anyhow::Result<Prepared> {
         let started = Instant::now();
         let mut last: Vec<Option<u64>> = vec![None; self.stream.partitions().len()];
         for c in &records {
@@ -310,7 +310,24 @@ impl LakeSink {
         let stream = self.stream.name().to_string();
         let (mut converted, plan) = tokio::task::spawn_blocking(move || {
             if mirror {
-                let reduced = crate::mirror::reduce(records.iter().map(|c| (c.partition, c.record.offset, c.record.timestamp_ms, c.record.value.as_ref())));
+                // Snapshot events come as template fields; those of a template the mirror
+                // cannot plan are read whole.
+                let mut plans = crate::mirror::Plans::default();
+                for c in records.iter_mut() {
+                    if let Some(t) = &c.record.template {
+                        if plans.plan(t).is_none() {
+                            c.record.value = c.record.full_value();
+                            c.record.template = None;
+                        }
+                    }
+                }
+                let reduced = crate::mirror::reduce(records.iter().map(|c| {
+                    let input = match &c.record.template {
+                        Some(t) => crate::mirror::Input::Fields(&c.record.value, plans.get(t).expect("planned above")),
+                        None => crate::mirror::Input::Whole(&c.record.value),
+                    };
+                    (c.partition, c.record.offset, c.record.timestamp_ms, input)
+                }));
                 if reduced.keyless > 0 {
                     tracing::warn!(stream, events = reduced.keyless, "changes of a table without a primary key cannot be mirrored: skipped");
                 }

@@ -22,6 +22,9 @@ pub struct FlushPolicy {
     pub bytes: u64,
     /// ... or this long after the first record arrived ...
     pub interval: Duration,
+    /// Templated records as their fields and template ([`Partition::read_fields`]) instead
+    /// of whole values.
+    pub fields: bool,
 }
 
 impl FlushPolicy {
@@ -65,7 +68,7 @@ pub async fn collect(
                     continue;
                 }
                 let budget = (policy.bytes - bytes).clamp(64 << 10, 8 << 20) as usize;
-                let recs = p.read(next[s][i], budget)?;
+                let recs = if policy.fields { p.read_fields(next[s][i], budget)? } else { p.read(next[s][i], budget)? };
                 if let (Some(first), Some(last)) = (recs.first(), recs.last()) {
                     let arrived = p.arrived(first.offset);
                     oldest = Some(match oldest {
@@ -82,11 +85,11 @@ pub async fn collect(
                     // its bytes by up to a read (whole batches), hence the read's count on top:
                     // without it the last read of a full flush doubled the vector (13% of a
                     // bulk load's page faults).
-                    let avg = recs.iter().map(|r| r.value.len() as u64).sum::<u64>() / recs.len() as u64;
+                    let avg = recs.iter().map(|r| r.value_len() as u64).sum::<u64>() / recs.len() as u64;
                     out.reserve((policy.bytes / avg.max(1)).min(1 << 20) as usize + recs.len());
                 }
                 for r in recs {
-                    bytes += r.value.len() as u64;
+                    bytes += r.value_len() as u64;
                     out.push(Collected { stream: s, partition: p.id(), record: r });
                 }
             }
@@ -191,7 +194,7 @@ mod tests {
         drop(stream_with(dir.path(), b"{}", 1).await);
         let log = crate::Log::open(dir.path(), crate::LogConfig::default()).unwrap();
         let stream = log.stream("s").unwrap();
-        let policy = FlushPolicy { bytes: 1 << 30, interval: Duration::from_secs(3600) };
+        let policy = FlushPolicy { bytes: 1 << 30, interval: Duration::from_secs(3600), fields: false };
         let (_tx, mut shutdown) = watch::channel(false);
         let mut next = vec![vec![0]];
         let got = tokio::time::timeout(Duration::from_secs(60), collect(&[stream.clone()], &mut next, policy, &mut shutdown)).await;
@@ -216,7 +219,7 @@ mod tests {
     async fn a_new_record_waits_for_the_interval() {
         let dir = tempfile::tempdir().unwrap();
         let (_log, stream) = stream_with(dir.path(), b"{}", 1).await;
-        let policy = FlushPolicy { bytes: 1 << 30, interval: Duration::from_secs(2) };
+        let policy = FlushPolicy { bytes: 1 << 30, interval: Duration::from_secs(2), fields: false };
         let (_tx, mut shutdown) = watch::channel(false);
         let mut next = vec![vec![0]];
         let got = tokio::time::timeout(Duration::from_millis(1000), collect(&[stream.clone()], &mut next, policy, &mut shutdown)).await;
@@ -230,7 +233,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (_log, stream) = stream_with(dir.path(), b"{\"a\":1}", 3).await;
         // 21 bytes buffered: over an eighth of 160, under a full flush.
-        let policy = FlushPolicy { bytes: 160, interval: Duration::from_secs(10) };
+        let policy = FlushPolicy { bytes: 160, interval: Duration::from_secs(10), fields: false };
         let (_tx, mut shutdown) = watch::channel(false);
         let mut next = vec![vec![0]];
         let got = tokio::time::timeout(Duration::from_secs(8), collect(&[stream.clone()], &mut next, policy, &mut shutdown)).await;

@@ -289,7 +289,7 @@ pub fn decode_batch_with(buf: &[u8], dicts: &dyn DictLookup) -> Result<(BatchHea
     verify_crc(&h, batch)?;
     let mut out = Vec::with_capacity((h.record_count as usize).min(4096));
     let payload = &batch[HEADER_LEN..];
-    decode_payload(&h, payload, None, 0, &mut out, dicts)?;
+    decode_payload(&h, payload, None, 0, &mut out, dicts, true)?;
     Ok((h, out))
 }
 
@@ -301,7 +301,9 @@ thread_local! {
 /// Decodes the records of a CRC-verified batch, appending those with offset >= `from`
 /// to `out`. `owned` may carry the same payload bytes as a `Bytes` (for an uncompressed
 /// payload it lets values share that buffer instead of being copied).
-/// Returns the sum of the returned values' lengths.
+/// With `expand` false, the records of a templated batch keep their fields and template
+/// (see [`StoredRecord::template`]). Returns the sum of the returned values' lengths (as
+/// expanded).
 pub(crate) fn decode_payload(
     h: &BatchHeader,
     payload: &[u8],
@@ -309,6 +311,7 @@ pub(crate) fn decode_payload(
     from: u64,
     out: &mut Vec<StoredRecord>,
     dicts: &dyn DictLookup,
+    expand: bool,
 ) -> Result<usize, FormatError> {
     let data: Bytes = match h.codec {
         CODEC_NONE => {
@@ -376,7 +379,7 @@ pub(crate) fn decode_payload(
         }
         c => return Err(FormatError::UnknownCodec(c)),
     };
-    parse_records(h, &data, from, out)
+    parse_records(h, &data, from, out, expand)
 }
 
 /// Refuses a zstd frame before allocating when it announces another size than the header.
@@ -389,17 +392,18 @@ fn check_frame_size(frame: &[u8], ulen: usize) -> Result<usize, FormatError> {
     }
 }
 
-fn parse_records(h: &BatchHeader, data: &Bytes, from: u64, out: &mut Vec<StoredRecord>) -> Result<usize, FormatError> {
+fn parse_records(h: &BatchHeader, data: &Bytes, from: u64, out: &mut Vec<StoredRecord>, expand: bool) -> Result<usize, FormatError> {
     let start_len = out.len();
-    let r = if h.templated { parse_templated(h, data, from, out) } else { parse_records_inner(h, data, 0, from, out) };
+    let r = if h.templated { parse_templated(h, data, from, out, expand) } else { parse_records_inner(h, data, 0, from, out) };
     if r.is_err() {
         out.truncate(start_len);
     }
     r
 }
 
-/// The records of a templated payload, their values filled in (one buffer for them all).
-fn parse_templated(h: &BatchHeader, data: &Bytes, from: u64, out: &mut Vec<StoredRecord>) -> Result<usize, FormatError> {
+/// The records of a templated payload, their values filled in (one buffer for them all),
+/// or, without `expand`, as their checked fields with the template.
+fn parse_templated(h: &BatchHeader, data: &Bytes, from: u64, out: &mut Vec<StoredRecord>, expand: bool) -> Result<usize, FormatError> {
     let buf: &[u8] = data;
     let mut pos = 0usize;
     let count = get_varint(buf, &mut pos)?;
@@ -425,6 +429,14 @@ fn parse_templated(h: &BatchHeader, data: &Bytes, from: u64, out: &mut Vec<Store
     }
     if total > MAX_BATCH_BYTES {
         return Err(FormatError::Payload("templated values too large"));
+    }
+    if !expand {
+        let template = std::sync::Arc::new(template);
+        for r in &mut out[first..] {
+            template.check(&r.value).map_err(FormatError::Payload)?;
+            r.template = Some(template.clone());
+        }
+        return Ok(total);
     }
     let mut values = Vec::with_capacity(total);
     let mut ends = Vec::with_capacity(out.len() - first);
@@ -473,6 +485,7 @@ fn parse_records_inner(
                 key: key.map(|(a, b)| data.slice(a..b)),
                 value: data.slice(value.0..value.1),
                 timestamp_ms,
+                template: None,
             });
         }
     }
@@ -805,6 +818,16 @@ mod tests {
     }
 
     /// Records of `template` with `fields` each (key `k<i>`).
+    /// A batch's records as [`crate::Partition::read_fields`] reads them.
+    fn decode_fields(b: &[u8]) -> Result<Vec<StoredRecord>, FormatError> {
+        let h = parse_header(b)?;
+        let batch = b.get(..h.total_len).ok_or(FormatError::Payload("short"))?;
+        verify_crc(&h, batch)?;
+        let mut out = Vec::new();
+        decode_payload(&h, &batch[HEADER_LEN..], None, 0, &mut out, &NoDictionaries, false)?;
+        Ok(out)
+    }
+
     fn templated(template: &Arc<crate::Template>, rows: &[Vec<Vec<u8>>]) -> Vec<Record> {
         rows.iter()
             .enumerate()
@@ -839,7 +862,7 @@ mod tests {
             }
             // Reading from inside the batch.
             let mut from = Vec::new();
-            decode_payload(&h, &b[HEADER_LEN..], None, 12, &mut from, &NoDictionaries).unwrap();
+            decode_payload(&h, &b[HEADER_LEN..], None, 12, &mut from, &NoDictionaries, true).unwrap();
             assert_eq!(from.len(), 1);
             assert_eq!(from[0].value, out[2].value);
         }
@@ -892,7 +915,7 @@ mod tests {
             frame_record(&mut raw, r, 0);
         }
         let h = BatchHeader { record_count: 300, uncompressed_len: raw.len() as u32, codec: CODEC_NONE, ..h };
-        let e = decode_payload(&h, &raw, None, 0, &mut Vec::new(), &NoDictionaries).unwrap_err();
+        let e = decode_payload(&h, &raw, None, 0, &mut Vec::new(), &NoDictionaries, true).unwrap_err();
         assert_eq!(e, FormatError::Payload("templated values too large"));
     }
 
@@ -1012,6 +1035,14 @@ mod tests {
                 }
                 prop_assert_eq!(&o.value[..], &want[..]);
             }
+            // Read as fields: the same values once filled in.
+            let fields = decode_fields(&b).unwrap();
+            prop_assert_eq!(fields.len(), out.len());
+            for (f, o) in fields.iter().zip(&out) {
+                prop_assert!(f.template.as_ref().is_some_and(|u| **u == *t));
+                prop_assert!((o.value.len()..=o.value.len() + f.value.len()).contains(&f.value_len()));
+                prop_assert_eq!(f.full_value(), o.value.clone());
+            }
             for (idx, x) in &flips {
                 let i = idx.index(b.len());
                 b[i] ^= x | 1;
@@ -1020,6 +1051,12 @@ mod tests {
             let r = decode_batch(&b);
             if !flips.is_empty() && !fix_crc {
                 prop_assert!(r.is_err());
+            }
+            // Whatever is read as fields fits its template.
+            if let Ok(recs) = decode_fields(&b) {
+                for f in recs {
+                    let _ = f.full_value();
+                }
             }
         }
 

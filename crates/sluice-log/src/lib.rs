@@ -257,13 +257,26 @@ impl Template {
     /// Appends the value of a record with these fields to `out`. Err: the fields are not
     /// this template's (their count, or a length past the end).
     pub fn expand(&self, fields: &[u8], out: &mut Vec<u8>) -> Result<(), &'static str> {
-        let mut pos = 0;
         out.extend_from_slice(&self.pieces[0]);
-        for piece in &self.pieces[1..] {
+        self.each_field(fields, |i, f| {
+            out.extend_from_slice(f);
+            out.extend_from_slice(&self.pieces[i + 1]);
+        })
+    }
+
+    /// Checks that `fields` are this template's: as many as it has, each within the record.
+    pub fn check(&self, fields: &[u8]) -> Result<(), &'static str> {
+        self.each_field(fields, |_, _| {})
+    }
+
+    /// Calls `f` with each field of a record (its index, its bytes). Err (possibly after
+    /// some calls): the fields are not this template's.
+    pub fn each_field<'a>(&self, fields: &'a [u8], mut f: impl FnMut(usize, &'a [u8])) -> Result<(), &'static str> {
+        let mut pos = 0;
+        for i in 0..self.fields() {
             let len = format::get_varint(fields, &mut pos).map_err(|_| "bad field length")?;
             let end = usize::try_from(len).ok().and_then(|l| pos.checked_add(l)).filter(|&e| e <= fields.len()).ok_or("field runs past the record")?;
-            out.extend_from_slice(&fields[pos..end]);
-            out.extend_from_slice(piece);
+            f(i, &fields[pos..end]);
             pos = end;
         }
         if pos != fields.len() {
@@ -278,8 +291,32 @@ impl Template {
 pub struct StoredRecord {
     pub offset: u64,
     pub key: Option<Bytes>,
+    /// The value; with a template, the record's fields (only from
+    /// [`Partition::read_fields`]).
     pub value: Bytes,
     pub timestamp_ms: i64,
+    /// The template `value`'s fields fill in (checked to fit it when read).
+    pub template: Option<Arc<Template>>,
+}
+
+impl StoredRecord {
+    /// The value's length as readers of whole values get it (for templated records a bound:
+    /// the fields' length prefixes count too).
+    pub fn value_len(&self) -> usize {
+        self.value.len() + self.template.as_ref().map_or(0, |t| t.pieces_len())
+    }
+
+    /// The whole value (the template filled in, when there is one).
+    pub fn full_value(&self) -> Bytes {
+        match &self.template {
+            None => self.value.clone(),
+            Some(t) => {
+                let mut out = Vec::with_capacity(self.value_len());
+                t.expand(&self.value, &mut out).expect("fields checked against their template when read");
+                Bytes::from(out)
+            }
+        }
+    }
 }
 
 /// Errors of the log. Messages name the stream, partition or file concerned.

@@ -448,6 +448,16 @@ impl Partition {
     /// [`LogError::Corrupt`] (when records before it were collected, those are returned
     /// first and the next read, starting at the bad batch, gets the error).
     pub fn read(&self, from: u64, max_bytes: usize) -> Result<Vec<StoredRecord>, LogError> {
+        self.read_with(from, max_bytes, true)
+    }
+
+    /// [`Partition::read`], templated records as their fields and template (see
+    /// [`StoredRecord::template`]): for readers that use the fields themselves.
+    pub fn read_fields(&self, from: u64, max_bytes: usize) -> Result<Vec<StoredRecord>, LogError> {
+        self.read_with(from, max_bytes, false)
+    }
+
+    fn read_with(&self, from: u64, max_bytes: usize, expand: bool) -> Result<Vec<StoredRecord>, LogError> {
         let hw = self.hw.load(Ordering::Acquire);
         let segs: Vec<Arc<Segment>> = {
             let segs = self.segments.read();
@@ -473,6 +483,7 @@ impl Partition {
             chunk: (max_bytes / 2).clamp(64 << 10, 4 << 20),
             out: Vec::new(),
             value_bytes: 0,
+            expand,
             loaded: false,
         };
         let res = self.read_segments(&segs, &mut ctx);
@@ -755,7 +766,7 @@ impl Partition {
                 return skip("CRC mismatch");
             }
             let mut recs = Vec::with_capacity(h.record_count as usize);
-            if let Err(e) = format::decode_payload(&h, &batch[HEADER_LEN..], None, 0, &mut recs, dicts) {
+            if let Err(e) = format::decode_payload(&h, &batch[HEADER_LEN..], None, 0, &mut recs, dicts, true) {
                 return skip(&e.to_string());
             }
             for r in recs {
@@ -853,6 +864,8 @@ struct ReadCtx {
     chunk: usize,
     out: Vec<StoredRecord>,
     value_bytes: usize,
+    /// Templated records' values filled in (else they keep fields and template).
+    expand: bool,
     /// Some segment index was loaded from disk.
     loaded: bool,
 }
@@ -904,7 +917,7 @@ fn read_segment(seg: &Segment, next_base: Option<u64>, ctx: &mut ReadCtx, dicts:
         format::verify_crc(&h, batch).map_err(|_| corrupt(expected))?;
         let payload = &batch[HEADER_LEN..];
         let owned = (h.codec == format::CODEC_NONE).then(|| Bytes::copy_from_slice(payload));
-        ctx.value_bytes += format::decode_payload(&h, payload, owned, from, &mut ctx.out, dicts).map_err(|e| match e {
+        ctx.value_bytes += format::decode_payload(&h, payload, owned, from, &mut ctx.out, dicts, ctx.expand).map_err(|e| match e {
             format::FormatError::Dictionary { id, reason } => ReadError::Dictionary { id, reason },
             _ => ReadError::Log(corrupt(expected)),
         })?;

@@ -342,7 +342,7 @@ impl App {
             lookups,
             lake_root: cfg.lake_root(),
             state_dir: cfg.data_dir.join("pipelines").join(name),
-            flush: FlushPolicy { bytes: cfg.lake.flush_bytes, interval: cfg.lake.flush_interval },
+            flush: FlushPolicy { bytes: cfg.lake.flush_bytes, interval: cfg.lake.flush_interval, fields: false },
             date_column: cfg.lake.date_column.clone(),
         });
         let status = pipeline.status();

@@ -7,14 +7,20 @@
 //! only needs to be saved eventually — a restart from an older position reads again what
 //! the log already holds, and the log's de-duplication drops it — so such saves are handed
 //! to a background thread ([`StateFile::save_later`]) that always writes the newest state
-//! queued, never an older one after a newer one. Saves that must be on disk before the
-//! source goes on (a table's stream, a queued or finished snapshot) use [`StateFile::save`],
-//! which also waits for the background saves queued before it.
+//! queued, never an older one after a newer one, and at most one every [`SAVE_INTERVAL`]
+//! (written back to back, the saves of a snapshot's chunks or a binlog's positions kept a
+//! core ~14% busy in the file system). Saves that must be on disk before the source goes on
+//! (a table's stream, a queued or finished snapshot) use [`StateFile::save`], which also
+//! waits for the background saves queued before it, without waiting out the interval.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
+
+/// Background saves are this far apart at least: a restart reads again at most what the
+/// source read in this time.
+pub(crate) const SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 
 pub(crate) struct StateFile {
     path: PathBuf,
@@ -25,6 +31,8 @@ pub(crate) struct StateFile {
 struct Shared {
     slot: Mutex<Slot>,
     saved: Condvar,
+    /// Wakes the saver waiting out the interval: someone waits for a save.
+    wanted: Condvar,
 }
 
 #[derive(Default)]
@@ -35,6 +43,10 @@ struct Slot {
     queued: u64,
     /// Number of the last state written (or whose write failed, see `error`).
     saved: u64,
+    /// The newest state number someone waits to be written.
+    waited_for: u64,
+    /// States written (for tests).
+    writes: u64,
     /// Whether a saver thread is running.
     writing: bool,
     /// A background save that failed, reported by the next call.
@@ -103,6 +115,10 @@ impl StateFile {
 
     fn wait(&self, n: u64) -> anyhow::Result<()> {
         let mut slot = self.shared.slot.lock();
+        if slot.saved < n {
+            slot.waited_for = slot.waited_for.max(n);
+            self.shared.wanted.notify_all();
+        }
         while slot.saved < n {
             self.shared.saved.wait(&mut slot);
         }
@@ -113,9 +129,20 @@ impl StateFile {
     }
 }
 
-/// The saver thread: writes the newest queued state until none is left.
+/// The saver thread: writes the newest queued state until none is left, waiting
+/// [`SAVE_INTERVAL`] after each write unless someone waits for a save.
 fn write_queued(path: &Path, shared: &Shared) {
+    let mut last_write: Option<std::time::Instant> = None;
     loop {
+        if let Some(at) = last_write {
+            let until = at + SAVE_INTERVAL;
+            let mut slot = shared.slot.lock();
+            while slot.waited_for <= slot.saved {
+                if shared.wanted.wait_until(&mut slot, until).timed_out() {
+                    break;
+                }
+            }
+        }
         let (n, bytes) = {
             let mut slot = shared.slot.lock();
             match slot.next.take() {
@@ -127,7 +154,9 @@ fn write_queued(path: &Path, shared: &Shared) {
             }
         };
         let res = sluice_core::fs::write_durably(path, &bytes);
+        last_write = Some(std::time::Instant::now());
         let mut slot = shared.slot.lock();
+        slot.writes += 1;
         if let Err(e) = res {
             slot.error = Some(format!("save source state: {e}"));
         }
@@ -154,6 +183,27 @@ mod tests {
         // Read without the StateFile: `save` returned only once the file held it.
         let on_disk: Vec<u32> = serde_json::from_slice(&std::fs::read(f.path()).unwrap()).unwrap();
         assert_eq!(on_disk, vec![1001]);
+    }
+
+    #[test]
+    fn background_saves_are_spaced_and_waiting_for_one_does_not_wait_the_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = StateFile::new(dir.path());
+        // Saves 5 ms apart for ~100 ms (written as they came, that was one write each):
+        // the first at once, the rest coalesced into the one `flush` asks for.
+        for i in 0..20u32 {
+            f.save_later(&vec![i]).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        f.flush().unwrap();
+        let writes = f.shared.slot.lock().writes;
+        assert!((2..=5).contains(&writes), "{writes} writes");
+        assert_eq!(serde_json::from_slice::<Vec<u32>>(&std::fs::read(f.path()).unwrap()).unwrap(), vec![19]);
+        // A save right after a background one is written when asked, not an interval later
+        // (`save` returns only once it is on disk either way).
+        f.save_later(&vec![20]).unwrap();
+        f.save(&vec![21]).unwrap();
+        assert_eq!(serde_json::from_slice::<Vec<u32>>(&std::fs::read(f.path()).unwrap()).unwrap(), vec![21]);
     }
 
     #[test]

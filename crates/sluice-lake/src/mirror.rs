@@ -275,26 +275,40 @@ impl RowPlan {
     }
 }
 
-/// The row plans of a flush's templates (a few: one per snapshot chunk).
+/// The row plans of a flush's templates (one per snapshot chunk). Records of one batch
+/// share their template by pointer, so a record's plan is found by pointer, newest first
+/// (records come in runs of a batch); templates are compared by content only when a new
+/// pointer is seen.
 #[derive(Default)]
-pub struct Plans(Vec<(Arc<sluice_log::Template>, Option<RowPlan>)>);
+pub struct Plans {
+    /// Every template seen, by pointer, with the index of its plan.
+    seen: Vec<(Arc<sluice_log::Template>, usize)>,
+    plans: Vec<Option<RowPlan>>,
+}
 
 impl Plans {
     /// The plan for `t` (made on first use); None: its events are read whole.
     pub fn plan(&mut self, t: &Arc<sluice_log::Template>) -> Option<&RowPlan> {
-        let i = match self.0.iter().position(|(u, _)| Arc::ptr_eq(u, t) || u == t) {
-            Some(i) => i,
+        let i = match self.seen.iter().rev().find(|(u, _)| Arc::ptr_eq(u, t)) {
+            Some((_, i)) => *i,
             None => {
-                self.0.push((t.clone(), RowPlan::new(t)));
-                self.0.len() - 1
+                let i = match self.seen.iter().find(|(u, _)| u == t) {
+                    Some((_, i)) => *i,
+                    None => {
+                        self.plans.push(RowPlan::new(t));
+                        self.plans.len() - 1
+                    }
+                };
+                self.seen.push((t.clone(), i));
+                i
             }
         };
-        self.0[i].1.as_ref()
+        self.plans[i].as_ref()
     }
 
     /// The plan made for `t` by [`Plans::plan`].
     pub fn get(&self, t: &Arc<sluice_log::Template>) -> Option<&RowPlan> {
-        self.0.iter().find(|(u, _)| Arc::ptr_eq(u, t) || u == t).and_then(|(_, p)| p.as_ref())
+        self.seen.iter().rev().find(|(u, _)| Arc::ptr_eq(u, t)).and_then(|(_, i)| self.plans[*i].as_ref())
     }
 }
 
@@ -683,6 +697,21 @@ mod tests {
             }
             prop_assert!(a.invalid.is_empty() && b.invalid.is_empty());
         }
+    }
+
+    #[test]
+    fn plans_are_made_once_per_template_content() {
+        let (a, _) = templated_events("read", &[("x".into(), json!(1), true)], &json!({}), &[]);
+        let (no, _) = templated_events("delete", &[], &json!({}), &[]);
+        let a2 = Arc::new((*a).clone());
+        let mut plans = Plans::default();
+        assert!(plans.plan(&a).is_some());
+        assert!(plans.plan(&no).is_none());
+        assert!(plans.plan(&a2).is_some(), "an equal template by content");
+        assert_eq!((plans.seen.len(), plans.plans.len()), (3, 2));
+        assert!(plans.get(&a2).is_some() && plans.get(&a).is_some() && plans.get(&no).is_none());
+        let unseen = Arc::new((*a).clone());
+        assert!(plans.get(&unseen).is_none(), "get finds only templates planned");
     }
 
     #[test]

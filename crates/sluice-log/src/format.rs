@@ -817,7 +817,6 @@ mod tests {
         }
     }
 
-    /// Records of `template` with `fields` each (key `k<i>`).
     /// A batch's records as [`crate::Partition::read_fields`] reads them.
     fn decode_fields(b: &[u8]) -> Result<Vec<StoredRecord>, FormatError> {
         let h = parse_header(b)?;
@@ -828,6 +827,7 @@ mod tests {
         Ok(out)
     }
 
+    /// Records of `template` with `fields` each (key `k<i>`).
     fn templated(template: &Arc<crate::Template>, rows: &[Vec<Vec<u8>>]) -> Vec<Record> {
         rows.iter()
             .enumerate()

@@ -369,16 +369,23 @@ impl App {
                 }
             }
             let min = min.unwrap_or(0);
-            // A table's change stream also has its mirror to land.
-            return match self.sink_status(stream.name()) {
-                Some(s) => min.min(s.landed(partition as usize)),
+            // A table's change stream also has its mirror (and changelog) to land.
+            return match self.sinks_landed(stream.name(), partition) {
+                Some(l) => min.min(l),
                 None => min,
             };
         }
         if !cfg.lake.enabled {
             return stream.partition(partition).map_or(0, |p| p.high_watermark());
         }
-        self.sink_status(stream.name()).map_or(0, |s| s.landed(partition as usize))
+        self.sinks_landed(stream.name(), partition).unwrap_or(0)
+    }
+
+    /// How far the lake sinks of `stream` have all landed `partition`: its table's, and for a
+    /// table's change stream also its changelog's. None: no sink.
+    fn sinks_landed(&self, stream: &str, partition: u32) -> Option<u64> {
+        let changelog = format!("{stream}{}", sluice_core::CHANGELOG_SUFFIX);
+        [self.sink_status(stream), self.sink_status(&changelog)].into_iter().flatten().map(|s| s.landed(partition as usize)).min()
     }
 
     /// 429 when a partition's log is over its size limit; 503 when the lake is too far behind.

@@ -269,6 +269,9 @@ struct ReadSpec {
     /// One permit per chunk read and not yet finished ([`READ_AHEAD`]); closed when the loop
     /// drops the chain.
     ahead: Arc<tokio::sync::Semaphore>,
+    /// A chain's high watermarks are flushed on this connection (None: each with its
+    /// chunk's read).
+    flusher: Option<Arc<snapshot::Flusher>>,
 }
 
 /// Reads a chunk (after key `after`, or the rows with `keys`) between its watermarks on its
@@ -294,15 +297,23 @@ fn spawn_read(spec: ReadSpec, after: Option<Vec<String>>, keys: Option<Vec<Vec<S
             Some(l) => l,
             None => snapshot::Low::write(&spec.client, m).await?,
         };
-        let (rows, high, next_low) = snapshot::read_chunk(&spec.client, &spec.info, low, after.as_deref(), keys.as_deref(), spec.limit, next_marker.as_deref()).await?;
-        let last_key = (!rows.is_empty()).then(|| spec.info.keys_of(&rows, rows.len() - 1));
-        let more = spec.chain && keys.is_none() && rows.len() >= spec.limit && high.is_some() && !spec.ahead.is_closed();
+        let (read, high, next_low) = snapshot::read_chunk(&spec.client, &spec.info, low, after.as_deref(), keys.as_deref(), spec.limit, next_marker.as_deref(), spec.flusher.as_deref()).await?;
+        let fail = |e: String| anyhow::anyhow!("snapshot of {}: {e}", spec.info.qualified());
+        let last_key = read.last_key(&spec.info).map_err(fail)?;
+        let more = spec.chain && keys.is_none() && read.len() >= spec.limit && high.is_some() && !spec.ahead.is_closed();
         // (A low watermark written for a chunk then not read is no chunk's: the loop ignores it.)
         let next = more.then(|| spawn_read(spec.clone(), last_key.clone(), None, next_low));
-        let _ = head_tx.send(Head { last_key, read: rows.len(), next });
-        let Some(at) = high.map(|h| h.saturating_sub(1)) else { return Ok(ReadChunk { at: None, records: Vec::new(), rows, _permit: permit }) };
-        let (records, rows) = tokio::task::spawn_blocking(move || (read_events(&spec.source, &spec.database, &spec.info, &rows, at), rows)).await?;
-        Ok(ReadChunk { at: Some(at), records, rows, _permit: permit })
+        let _ = head_tx.send(Head { last_key, read: read.len(), next });
+        // The rows split and written as events on a thread of their own: this task's part
+        // is done, the next chunk is on its way.
+        let at = high.map(|h| h.saturating_sub(1));
+        let (records, rows) = tokio::task::spawn_blocking(move || {
+            let rows = read.rows().map_err(|e| anyhow::anyhow!("snapshot of {}: {e}", spec.info.qualified()))?;
+            let records = at.map(|at| read_events(&spec.source, &spec.database, &spec.info, &rows, at)).unwrap_or_default();
+            anyhow::Ok((records, rows))
+        })
+        .await??;
+        Ok(ReadChunk { at, records, rows, _permit: permit })
     });
     Reader { marker, head, rows, started: std::time::Instant::now(), chain }
 }
@@ -982,6 +993,18 @@ impl PostgresSource {
         let Some(info) = snapshot::table_info(client, schema, name).await? else { return Ok(None) };
         let Some((limit, keys)) = task.chunk_plan(&self.name, &info.key_names(), self.cfg.snapshot_chunk) else { return Ok(None) };
         let after = task.cursor.clone().or(task.after.clone());
+        let chain = self.cfg.snapshot_throttle.0.is_zero();
+        let flusher = if chain && keys.is_none() {
+            match async { crate::pg_tls::parse(&self.cfg.url)?.connect("snapshot WAL flush").await }.await {
+                Ok((client, conn)) => Some(Arc::new(snapshot::Flusher::new(client, conn))),
+                Err(e) => {
+                    tracing::warn!(source = self.name, error = %e, "snapshot: no second connection to flush the WAL on; each chunk flushes it itself");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let spec = ReadSpec {
             client: client.clone(),
             info: info.clone(),
@@ -989,8 +1012,9 @@ impl PostgresSource {
             database: database.to_string(),
             task: task.id,
             limit,
-            chain: self.cfg.snapshot_throttle.0.is_zero(),
+            chain,
             ahead: Arc::new(tokio::sync::Semaphore::new(READ_AHEAD)),
+            flusher,
         };
         Ok(Some(Chunk::new(spawn_read(spec, after, keys, None), task.id, info, limit)))
     }

@@ -132,6 +132,54 @@ impl Rows {
     }
 }
 
+/// A chunk's rows as read: split already (a snapshot of some keys), or still the COPY text
+/// of whole rows, split by [`Copied::rows`].
+#[derive(Debug)]
+pub struct Copied {
+    rows: Rows,
+    /// COPY text, whole rows.
+    text: Vec<u8>,
+    len: usize,
+}
+
+impl Copied {
+    fn new(rows: Rows, text: Vec<u8>) -> Copied {
+        // A newline ends each row: one inside a value is escaped (`\n`).
+        let len = rows.len() + memchr::memchr_iter(b'\n', &text).count();
+        Copied { rows, text, len }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The last row's primary key values (see [`TableInfo::keys_of`]); None: no rows. Err:
+    /// the COPY text is not that format.
+    pub fn last_key(&self, info: &TableInfo) -> Result<Option<Vec<String>>, String> {
+        if self.text.is_empty() {
+            return Ok((!self.rows.is_empty()).then(|| info.keys_of(&self.rows, self.rows.len() - 1)));
+        }
+        let from = memchr::memrchr(b'\n', &self.text[..self.text.len() - 1]).map_or(0, |i| i + 1);
+        let mut last = Rows::new(self.rows.columns);
+        last.push_copy(&self.text[from..])?;
+        Ok(Some(info.keys_of(&last, 0)))
+    }
+
+    /// The rows, split. Err: the COPY text is not that format.
+    pub fn rows(self) -> Result<Rows, String> {
+        let Copied { mut rows, text, len } = self;
+        if !text.is_empty() {
+            rows.values.reserve(rows.columns * (len - rows.len()));
+            rows.push_copy(&text)?;
+        }
+        Ok(rows)
+    }
+}
+
 /// The line of `text` that starts at `at`.
 fn line(text: &str, at: usize) -> &str {
     text[at..].split('\n').next().unwrap_or_default()
@@ -272,7 +320,8 @@ pub async fn read_chunk(
     keys: Option<&[Vec<String>]>,
     limit: usize,
     next: Option<&str>,
-) -> anyhow::Result<(Rows, Option<u64>, Option<Low>)> {
+    flusher: Option<&Flusher>,
+) -> anyhow::Result<(Copied, Option<u64>, Option<Low>)> {
     let Low { marker, mark } = low;
     // A transaction's commit record can precede the low watermark in the WAL while it is not
     // yet visible to new snapshots (PostgreSQL makes it visible just after). Its changes come
@@ -289,6 +338,7 @@ pub async fn read_chunk(
     }
     let (t, waited) = (std::time::Instant::now(), t.elapsed());
     let mut rows = Rows::new(info.columns.len());
+    let mut text = Vec::new();
     match keys {
         Some(k) => {
             // Column-major: one array per key column.
@@ -302,48 +352,41 @@ pub async fn read_chunk(
             }
         }
         None => {
-            // COPY: the server's cheapest way out, and no row objects here.
+            // COPY: the server's cheapest way out, and no row objects here. The text is only
+            // gathered here: the server sends each row as a message and waits whenever
+            // this task falls behind, so splitting the rows (in `Copied::rows`) is left to
+            // the caller, off the connection's path, while the next chunk is read.
             let copy = client.copy_out(&info.chunk_copy(after, limit)).await?;
             futures::pin_mut!(copy);
-            let fail = |e: String| anyhow::anyhow!("snapshot of {}: {e}", info.qualified());
-            // The server sends a row per message; whole rows are parsed, a partial one kept.
-            let mut partial: Vec<u8> = Vec::new();
             while let Some(data) = copy.next().await {
                 let data = data?;
-                if rows.values.is_empty() {
-                    // Room for a whole chunk of rows like the first (growing both by doubling
-                    // reallocated and copied them ~twice per chunk); what is not used is not touched.
-                    // Both capped (32 MiB each) for very large chunks.
-                    rows.values.reserve(limit.saturating_mul(rows.columns).min((32 << 20) / std::mem::size_of::<(usize, usize)>()));
-                    rows.text.reserve(data.len().saturating_mul(limit).min(32 << 20));
+                if text.is_empty() {
+                    // Room for a whole chunk of rows like the first (growing by doubling
+                    // reallocated and copied it ~twice per chunk); capped for very large chunks.
+                    text.reserve(data.len().saturating_mul(limit).min(32 << 20));
                 }
-                if partial.is_empty() && data.ends_with(b"\n") {
-                    rows.push_copy(&data).map_err(fail)?;
-                    continue;
-                }
-                partial.extend_from_slice(&data);
-                if let Some(end) = partial.iter().rposition(|&b| b == b'\n') {
-                    rows.push_copy(&partial[..=end]).map_err(fail)?;
-                    partial.drain(..=end);
-                }
-            }
-            if !partial.is_empty() {
-                return Err(fail(format!("COPY output ends inside a row: {:?}", String::from_utf8_lossy(&partial))));
+                text.extend_from_slice(&data);
             }
         }
     }
+    if !text.is_empty() && !text.ends_with(b"\n") {
+        let from = memchr::memrchr(b'\n', &text).map_or(0, |i| i + 1);
+        anyhow::bail!("snapshot of {}: COPY output ends inside a row: {:?}", info.qualified(), String::from_utf8_lossy(&text[from..]));
+    }
+    let rows = Copied::new(rows, text);
     let select = t.elapsed();
     // The high watermark, then a tiny synchronous commit, in one round trip. A
     // non-transactional message waits in the WAL buffers until something flushes them (the
     // WAL writer: up to wal_writer_delay later); the commit flushes them now, so the chunk
-    // does not wait: without it a quiet database reads ~5 chunks a second.
-    let mut high = format!(
-        "SELECT pg_logical_emit_message(false, {}, {})::text; BEGIN; SET LOCAL synchronous_commit = on; \
-         SELECT pg_logical_emit_message(true, 'sluice-flush', ''); COMMIT;",
-        literal(WATERMARK_PREFIX),
-        literal(&format!("high {marker}"))
-    );
+    // does not wait: without it a quiet database reads ~5 chunks a second. When the next
+    // chunk follows, the flusher's connection commits instead, while that chunk is read.
+    let mut high = format!("SELECT pg_logical_emit_message(false, {}, {})::text;", literal(WATERMARK_PREFIX), literal(&format!("high {marker}")));
     let next = next.filter(|_| rows.len() >= limit);
+    let flusher = flusher.filter(|_| next.is_some());
+    if flusher.is_none() {
+        high.push(' ');
+        high.push_str(FLUSH);
+    }
     if let Some(n) = next {
         high.push(' ');
         high.push_str(&low_watermark(n));
@@ -359,6 +402,9 @@ pub async fn read_chunk(
             _ => None,
         })
         .collect();
+    if let Some(f) = flusher {
+        f.flush();
+    }
     let lsn = answers.first().and_then(|(h, _)| h.as_deref()).and_then(|h| pgwire_replication::Lsn::parse(h).ok()).map(|l| l.0);
     let next = match next {
         Some(n) => Some(Low { marker: n.to_string(), mark: answers.last().and_then(|(_, id)| id.clone()).ok_or_else(|| anyhow::anyhow!("no transaction id"))? }),
@@ -366,6 +412,42 @@ pub async fn read_chunk(
     };
     tracing::debug!(waited = ?waited, select = ?select, high = ?t.elapsed(), rows = rows.len(), "snapshot chunk read");
     Ok((rows, lsn, next))
+}
+
+/// A tiny transaction committed synchronously: it flushes the WAL before it (the watermarks).
+const FLUSH: &str = "BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_logical_emit_message(true, 'sluice-flush', ''); COMMIT;";
+
+/// Flushes the WAL on a connection of its own when asked (a chain of chunks' high
+/// watermarks): the chunk reader goes on with the next chunk without waiting for the disk.
+/// Requests made while a flush runs are served by one more.
+pub struct Flusher {
+    wake: std::sync::Arc<tokio::sync::Notify>,
+    _task: super::AbortOnDrop,
+}
+
+impl Flusher {
+    /// Flushes through `client` (its connection's task `conn`, stopped with the flusher).
+    pub fn new(client: tokio_postgres::Client, conn: tokio::task::JoinHandle<()>) -> Flusher {
+        let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+        let w = wake.clone();
+        let task = tokio::spawn(async move {
+            let _conn = super::AbortOnDrop(conn);
+            loop {
+                w.notified().await;
+                if let Err(e) = client.batch_execute(FLUSH).await {
+                    // The WAL writer still flushes the watermarks, only later.
+                    tracing::warn!(error = %e, "snapshot WAL flush failed");
+                    return;
+                }
+            }
+        });
+        Flusher { wake, _task: super::AbortOnDrop(task) }
+    }
+
+    /// Flushes what the WAL holds now, soon.
+    pub fn flush(&self) {
+        self.wake.notify_one();
+    }
 }
 
 /// Column `col` of the first row `sql` (simple queries, maybe several) returns.
@@ -390,6 +472,31 @@ mod tests {
         assert!(rows.push_copy(b"1\t2\n").unwrap_err().contains("2 values, not 3"));
         assert!(rows.push_copy(b"1\t2\t3\\\n").unwrap_err().contains("backslash"));
         assert!(rows.push_copy(b"1\t2\t\xff\n").unwrap_err().contains("UTF-8"));
+    }
+
+    #[test]
+    fn copied_text_is_split_when_asked() {
+        let info = TableInfo {
+            schema: "public".into(),
+            name: "t".into(),
+            columns: vec![("note".into(), 25, "text".into(), false), ("id".into(), 20, "bigint".into(), true)],
+        };
+        let copied = Copied::new(Rows::new(2), b"a\\nb\t1\n\\N\t22\n".to_vec());
+        assert_eq!(copied.len(), 2);
+        assert_eq!(copied.last_key(&info).unwrap(), Some(vec!["22".to_string()]));
+        let rows = copied.rows().unwrap();
+        assert_eq!((rows.len(), rows.get(0, 0), rows.get(0, 1), rows.get(1, 0), rows.get(1, 1)), (2, Some("a\nb"), Some("1"), None, Some("22")));
+        // Rows read as rows (a snapshot of some keys).
+        let mut keyed = Rows::new(2);
+        keyed.push(Some("x"));
+        keyed.push(Some("7"));
+        let copied = Copied::new(keyed, Vec::new());
+        assert_eq!((copied.len(), copied.last_key(&info).unwrap()), (1, Some(vec!["7".to_string()])));
+        let empty = Copied::new(Rows::new(2), Vec::new());
+        assert!(empty.is_empty() && empty.last_key(&info).unwrap().is_none());
+        // Not COPY text: found when split, not taken for rows.
+        assert!(Copied::new(Rows::new(2), b"1\t2\t3\n".to_vec()).rows().unwrap_err().contains("3 values, not 2"));
+        assert!(Copied::new(Rows::new(2), b"1\t2\t3\n".to_vec()).last_key(&info).is_err());
     }
 
     proptest::proptest! {

@@ -38,7 +38,7 @@ pub struct Rows {
 }
 
 impl Rows {
-    fn new(columns: usize) -> Rows {
+    pub fn new(columns: usize) -> Rows {
         Rows { columns: columns.max(1), ..Rows::default() }
     }
 
@@ -107,6 +107,25 @@ impl Rows {
         Ok(())
     }
 
+    /// Appends the tuples of COPY's binary format (`body`: after its header), each value as
+    /// the text PostgreSQL prints for it (see [`binary::text`]).
+    fn push_binary(&mut self, types: &[u32], body: &[u8]) -> Result<(), String> {
+        let text = &mut self.text;
+        let values = &mut self.values;
+        binary::tuples(body, types.len(), |col, v| {
+            match v {
+                None => values.push((usize::MAX, 0)),
+                Some(v) => {
+                    let start = text.len();
+                    binary::text(types[col], v, text)?;
+                    values.push((start, text.len()));
+                }
+            }
+            Ok(())
+        })?;
+        Ok(())
+    }
+
     /// A value with backslash escapes, undone.
     fn push_escaped(&mut self, v: &str) -> Result<(), &'static str> {
         let start = self.text.len();
@@ -132,21 +151,29 @@ impl Rows {
     }
 }
 
-/// A chunk's rows as read: split already (a snapshot of some keys), or still the COPY text
+/// A chunk's rows as read: split already (a snapshot of some keys), or still the COPY output
 /// of whole rows, split by [`Copied::rows`].
 #[derive(Debug)]
 pub struct Copied {
     rows: Rows,
-    /// COPY text, whole rows.
-    text: Vec<u8>,
+    /// COPY output, whole rows: text, or binary (see [`binary`]) with these column types.
+    data: Vec<u8>,
+    binary: Option<Vec<u32>>,
     len: usize,
 }
 
 impl Copied {
-    fn new(rows: Rows, text: Vec<u8>) -> Copied {
-        // A newline ends each row: one inside a value is escaped (`\n`).
-        let len = rows.len() + memchr::memchr_iter(b'\n', &text).count();
-        Copied { rows, text, len }
+    /// `data`: COPY text, or with `binary` (the columns' type oids) COPY's binary format.
+    /// Err: binary output that is not that format.
+    pub fn new(rows: Rows, data: Vec<u8>, binary: Option<Vec<u32>>) -> Result<Copied, String> {
+        let len = rows.len()
+            + match &binary {
+                // A newline ends each row: one inside a value is escaped (`\n`).
+                None => memchr::memchr_iter(b'\n', &data).count(),
+                Some(types) if !data.is_empty() => binary::tuples(binary::body(&data)?, types.len(), |_, _| Ok(()))?.0,
+                Some(_) => 0,
+            };
+        Ok(Copied { rows, data, binary, len })
     }
 
     pub fn len(&self) -> usize {
@@ -158,23 +185,38 @@ impl Copied {
     }
 
     /// The last row's primary key values (see [`TableInfo::keys_of`]); None: no rows. Err:
-    /// the COPY text is not that format.
+    /// the COPY output is not that format.
     pub fn last_key(&self, info: &TableInfo) -> Result<Option<Vec<String>>, String> {
-        if self.text.is_empty() {
+        if self.data.is_empty() || self.len == self.rows.len() {
             return Ok((!self.rows.is_empty()).then(|| info.keys_of(&self.rows, self.rows.len() - 1)));
         }
-        let from = memchr::memrchr(b'\n', &self.text[..self.text.len() - 1]).map_or(0, |i| i + 1);
         let mut last = Rows::new(self.rows.columns);
-        last.push_copy(&self.text[from..])?;
+        match &self.binary {
+            None => {
+                let from = memchr::memrchr(b'\n', &self.data[..self.data.len() - 1]).map_or(0, |i| i + 1);
+                last.push_copy(&self.data[from..])?;
+            }
+            Some(types) => {
+                let body = binary::body(&self.data)?;
+                let (_, from) = binary::tuples(body, types.len(), |_, _| Ok(()))?;
+                last.push_binary(types, &body[from..])?;
+            }
+        }
         Ok(Some(info.keys_of(&last, 0)))
     }
 
-    /// The rows, split. Err: the COPY text is not that format.
+    /// The rows, split. Err: the COPY output is not that format.
     pub fn rows(self) -> Result<Rows, String> {
-        let Copied { mut rows, text, len } = self;
-        if !text.is_empty() {
+        let Copied { mut rows, data, binary, len } = self;
+        if !data.is_empty() {
             rows.values.reserve(rows.columns * (len - rows.len()));
-            rows.push_copy(&text)?;
+            match binary {
+                None => rows.push_copy(&data)?,
+                Some(types) => {
+                    rows.text.reserve(data.len());
+                    rows.push_binary(&types, binary::body(&data)?)?;
+                }
+            }
         }
         Ok(rows)
     }
@@ -213,10 +255,16 @@ impl TableInfo {
         self.columns.iter().enumerate().filter(|(_, c)| c.3).map(|(i, _)| rows.get(row, i).unwrap_or_default().to_string()).collect()
     }
 
-    /// The chunk read as `COPY (SELECT ...) TO STDOUT`: the columns as the server prints them
-    /// (the text `pgoutput` sends), keys after `after` (given inline: COPY takes no
-    /// parameters), in key order.
-    pub fn chunk_copy(&self, after: Option<&[String]>, limit: usize) -> String {
+    /// The columns' type oids when every one of them can be read in COPY's binary format
+    /// and printed here as the server prints it (see [`binary::text`]): cheaper for the
+    /// server than printing them itself. None: read as text.
+    pub fn binary(&self) -> Option<Vec<u32>> {
+        self.columns.iter().all(|c| binary::SUPPORTED.contains(&c.1)).then(|| self.columns.iter().map(|c| c.1).collect())
+    }
+
+    /// The chunk read as `COPY (SELECT ...) TO STDOUT`: keys after `after` (given inline:
+    /// COPY takes no parameters), in key order; in the binary format with `binary`.
+    pub fn chunk_copy(&self, after: Option<&[String]>, limit: usize, binary: bool) -> String {
         let cols = self.columns.iter().map(|(n, ..)| format!("t.{}", ident(n))).collect::<Vec<_>>().join(", ");
         let keys: Vec<&(String, u32, String, bool)> = self.keys().collect();
         let order = keys.iter().map(|k| format!("t.{}", ident(&k.0))).collect::<Vec<_>>().join(", ");
@@ -227,7 +275,8 @@ impl TableInfo {
             }
             None => String::new(),
         };
-        format!("COPY (SELECT {cols} FROM {} t{cond} ORDER BY {order} LIMIT {limit}) TO STDOUT", self.qualified())
+        let format = if binary { " (FORMAT binary)" } else { "" };
+        format!("COPY (SELECT {cols} FROM {} t{cond} ORDER BY {order} LIMIT {limit}) TO STDOUT{format}", self.qualified())
     }
 
     /// The query of a snapshot of some keys: every column as text (`::text`), the rows whose
@@ -339,6 +388,7 @@ pub async fn read_chunk(
     let (t, waited) = (std::time::Instant::now(), t.elapsed());
     let mut rows = Rows::new(info.columns.len());
     let mut text = Vec::new();
+    let binary = info.binary().filter(|_| keys.is_none());
     match keys {
         Some(k) => {
             // Column-major: one array per key column.
@@ -356,7 +406,7 @@ pub async fn read_chunk(
             // gathered here: the server sends each row as a message and waits whenever
             // this task falls behind, so splitting the rows (in `Copied::rows`) is left to
             // the caller, off the connection's path, while the next chunk is read.
-            let copy = client.copy_out(&info.chunk_copy(after, limit)).await?;
+            let copy = client.copy_out(&info.chunk_copy(after, limit, binary.is_some())).await?;
             futures::pin_mut!(copy);
             while let Some(data) = copy.next().await {
                 let data = data?;
@@ -369,11 +419,11 @@ pub async fn read_chunk(
             }
         }
     }
-    if !text.is_empty() && !text.ends_with(b"\n") {
+    if binary.is_none() && !text.is_empty() && !text.ends_with(b"\n") {
         let from = memchr::memrchr(b'\n', &text).map_or(0, |i| i + 1);
         anyhow::bail!("snapshot of {}: COPY output ends inside a row: {:?}", info.qualified(), String::from_utf8_lossy(&text[from..]));
     }
-    let rows = Copied::new(rows, text);
+    let rows = Copied::new(rows, text, binary).map_err(|e| anyhow::anyhow!("snapshot of {}: {e}", info.qualified()))?;
     let select = t.elapsed();
     // The high watermark, then a tiny synchronous commit, in one round trip. A
     // non-transactional message waits in the WAL buffers until something flushes them (the
@@ -458,6 +508,173 @@ async fn first_value(client: &tokio_postgres::Client, sql: &str, col: usize) -> 
     }).flatten())
 }
 
+/// COPY's binary format, for the types whose text Sluice prints exactly as PostgreSQL does
+/// (with the session's `DateStyle = ISO`, `TimeZone = UTC`): printing timestamps is a good
+/// part of the server's work in a text COPY.
+pub mod binary {
+    use super::super::types::oid;
+
+    /// Type oids read in binary: bool, int2/4/8, text, varchar, bpchar, uuid, date,
+    /// timestamp, timestamptz.
+    pub const SUPPORTED: [u32; 11] = [oid::BOOL, oid::INT2, oid::INT4, oid::INT8, oid::TEXT, oid::VARCHAR, BPCHAR, oid::UUID, oid::DATE, oid::TIMESTAMP, oid::TIMESTAMPTZ];
+    const BPCHAR: u32 = 1042;
+    const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+
+    /// The tuples of a COPY's binary output: after its header (signature, flags, header
+    /// extension). Err: no such header.
+    pub fn body(data: &[u8]) -> Result<&[u8], String> {
+        let bad = || "COPY output has no binary header".to_string();
+        let rest = data.strip_prefix(SIGNATURE).ok_or_else(bad)?;
+        let ext = rest.get(4..8).ok_or_else(bad)?;
+        let ext = u32::from_be_bytes(ext.try_into().expect("4 bytes")) as usize;
+        rest.get(8 + ext..).ok_or_else(bad)
+    }
+
+    /// Calls `value(column, bytes or None for NULL)` for each value of the tuples in `body`,
+    /// which must end with the trailer. Returns the number of tuples and where the last
+    /// one starts. Err: not that format, or what `value` returns.
+    pub fn tuples(body: &[u8], columns: usize, mut value: impl FnMut(usize, Option<&[u8]>) -> Result<(), String>) -> Result<(usize, usize), String> {
+        let (mut at, mut n, mut last) = (0, 0, 0);
+        let take = |at: &mut usize, len: usize| -> Result<&[u8], String> {
+            let v = body.get(*at..*at + len).ok_or_else(|| format!("binary COPY output ends inside a row (at byte {at})"))?;
+            *at += len;
+            Ok(v)
+        };
+        loop {
+            let start = at;
+            let count = i16::from_be_bytes(take(&mut at, 2)?.try_into().expect("2 bytes"));
+            if count == -1 {
+                return match at == body.len() {
+                    true => Ok((n, last)),
+                    false => Err(format!("binary COPY output goes on after its trailer ({} bytes)", body.len() - at)),
+                };
+            }
+            if count as usize != columns {
+                return Err(format!("binary COPY row has {count} values, not {columns}"));
+            }
+            for col in 0..columns {
+                let len = i32::from_be_bytes(take(&mut at, 4)?.try_into().expect("4 bytes"));
+                match len {
+                    -1 => value(col, None)?,
+                    len if len < 0 => return Err(format!("binary COPY value of length {len}")),
+                    len => value(col, Some(take(&mut at, len as usize)?))?,
+                }
+            }
+            (n, last) = (n + 1, start);
+        }
+    }
+
+    /// Writes value `v` of type `type_oid` (one of [`SUPPORTED`]) in the binary format as the
+    /// text PostgreSQL prints for it. Err: not a value of that type.
+    pub fn text(type_oid: u32, v: &[u8], out: &mut String) -> Result<(), String> {
+        let bad = || format!("binary COPY value of type {type_oid} is {} bytes", v.len());
+        let mut num = itoa::Buffer::new();
+        match type_oid {
+            oid::BOOL => out.push(match v {
+                [0] => 'f',
+                [_] => 't',
+                _ => return Err(bad()),
+            }),
+            oid::INT2 => out.push_str(num.format(i16::from_be_bytes(v.try_into().map_err(|_| bad())?))),
+            oid::INT4 => out.push_str(num.format(i32::from_be_bytes(v.try_into().map_err(|_| bad())?))),
+            oid::INT8 => out.push_str(num.format(i64::from_be_bytes(v.try_into().map_err(|_| bad())?))),
+            oid::TEXT | oid::VARCHAR | BPCHAR => out.push_str(std::str::from_utf8(v).map_err(|e| format!("COPY value is not UTF-8: {e}"))?),
+            oid::UUID => {
+                let v: &[u8; 16] = v.try_into().map_err(|_| bad())?;
+                for (i, b) in v.iter().enumerate() {
+                    if matches!(i, 4 | 6 | 8 | 10) {
+                        out.push('-');
+                    }
+                    out.push(char::from(b"0123456789abcdef"[(b >> 4) as usize]));
+                    out.push(char::from(b"0123456789abcdef"[(b & 15) as usize]));
+                }
+            }
+            oid::DATE => match i32::from_be_bytes(v.try_into().map_err(|_| bad())?) {
+                i32::MAX => out.push_str("infinity"),
+                i32::MIN => out.push_str("-infinity"),
+                days => {
+                    let year = date(days as i64, out);
+                    bc(year, out);
+                }
+            },
+            oid::TIMESTAMP | oid::TIMESTAMPTZ => match i64::from_be_bytes(v.try_into().map_err(|_| bad())?) {
+                i64::MAX => out.push_str("infinity"),
+                i64::MIN => out.push_str("-infinity"),
+                us => {
+                    // Microseconds since 2000-01-01 00:00 (UTC for timestamptz).
+                    const DAY: i64 = 86_400_000_000;
+                    let (days, time) = (us.div_euclid(DAY), us.rem_euclid(DAY));
+                    let year = date(days, out);
+                    let (secs, frac) = (time / 1_000_000, time % 1_000_000);
+                    out.push(' ');
+                    two(out, secs / 3600);
+                    out.push(':');
+                    two(out, secs / 60 % 60);
+                    out.push(':');
+                    two(out, secs % 60);
+                    if frac != 0 {
+                        // Six digits, the trailing zeros left out.
+                        let (mut digits, mut f) = ([b'0'; 6], frac);
+                        for d in digits.iter_mut().rev() {
+                            *d = b'0' + (f % 10) as u8;
+                            f /= 10;
+                        }
+                        let end = 6 - (0..6).take_while(|i| frac % 10i64.pow(i + 1) == 0).count();
+                        out.push('.');
+                        out.push_str(std::str::from_utf8(&digits[..end]).expect("digits"));
+                    }
+                    if type_oid == oid::TIMESTAMPTZ {
+                        out.push_str("+00");
+                    }
+                    bc(year, out);
+                }
+            },
+            _ => return Err(format!("type {type_oid} is not read in binary")),
+        }
+        Ok(())
+    }
+
+    /// Writes day `days` since 2000-01-01 (proleptic Gregorian) as `YYYY-MM-DD` (at least
+    /// four digits of year; years before 1 as 1 BC, 2 BC, ...: the caller adds ` BC`).
+    /// Returns the astronomical year (0 = 1 BC).
+    fn date(days: i64, out: &mut String) -> i64 {
+        // Howard Hinnant's days-to-civil, from 1970-01-01 (10,957 days before 2000-01-01).
+        let z = days + 10_957 + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        let shown = if year > 0 { year } else { 1 - year };
+        let mut num = itoa::Buffer::new();
+        let shown = num.format(shown);
+        for _ in shown.len()..4 {
+            out.push('0');
+        }
+        out.push_str(shown);
+        out.push('-');
+        two(out, month);
+        out.push('-');
+        two(out, day);
+        year
+    }
+
+    /// `n` (0 to 99) as two digits.
+    fn two(out: &mut String, n: i64) {
+        out.push(char::from(b'0' + (n / 10) as u8));
+        out.push(char::from(b'0' + (n % 10) as u8));
+    }
+
+    fn bc(year: i64, out: &mut String) {
+        if year <= 0 {
+            out.push_str(" BC");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,7 +698,7 @@ mod tests {
             name: "t".into(),
             columns: vec![("note".into(), 25, "text".into(), false), ("id".into(), 20, "bigint".into(), true)],
         };
-        let copied = Copied::new(Rows::new(2), b"a\\nb\t1\n\\N\t22\n".to_vec());
+        let copied = Copied::new(Rows::new(2), b"a\\nb\t1\n\\N\t22\n".to_vec(), None).unwrap();
         assert_eq!(copied.len(), 2);
         assert_eq!(copied.last_key(&info).unwrap(), Some(vec!["22".to_string()]));
         let rows = copied.rows().unwrap();
@@ -490,16 +707,66 @@ mod tests {
         let mut keyed = Rows::new(2);
         keyed.push(Some("x"));
         keyed.push(Some("7"));
-        let copied = Copied::new(keyed, Vec::new());
+        let copied = Copied::new(keyed, Vec::new(), None).unwrap();
         assert_eq!((copied.len(), copied.last_key(&info).unwrap()), (1, Some(vec!["7".to_string()])));
-        let empty = Copied::new(Rows::new(2), Vec::new());
+        let empty = Copied::new(Rows::new(2), Vec::new(), None).unwrap();
         assert!(empty.is_empty() && empty.last_key(&info).unwrap().is_none());
         // Not COPY text: found when split, not taken for rows.
-        assert!(Copied::new(Rows::new(2), b"1\t2\t3\n".to_vec()).rows().unwrap_err().contains("3 values, not 2"));
-        assert!(Copied::new(Rows::new(2), b"1\t2\t3\n".to_vec()).last_key(&info).is_err());
+        assert!(Copied::new(Rows::new(2), b"1\t2\t3\n".to_vec(), None).unwrap().rows().unwrap_err().contains("3 values, not 2"));
+        assert!(Copied::new(Rows::new(2), b"1\t2\t3\n".to_vec(), None).unwrap().last_key(&info).is_err());
+    }
+
+    #[test]
+    fn binary_copy_output_is_read_or_refused() {
+        let info = TableInfo {
+            schema: "public".into(),
+            name: "t".into(),
+            columns: vec![("id".into(), 20, "bigint".into(), true), ("note".into(), 25, "text".into(), false)],
+        };
+        let types = info.binary().unwrap();
+        let mut data = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\x02ab".to_vec(); // header, 2 bytes of extension
+        for (id, note) in [(7i64, Some("x\ty")), (-1, None)] {
+            data.extend_from_slice(&2i16.to_be_bytes());
+            data.extend_from_slice(&8i32.to_be_bytes());
+            data.extend_from_slice(&id.to_be_bytes());
+            match note {
+                Some(n) => {
+                    data.extend_from_slice(&(n.len() as i32).to_be_bytes());
+                    data.extend_from_slice(n.as_bytes());
+                }
+                None => data.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        data.extend_from_slice(&(-1i16).to_be_bytes());
+        let copied = Copied::new(Rows::new(2), data.clone(), Some(types.clone())).unwrap();
+        assert_eq!((copied.len(), copied.last_key(&info).unwrap()), (2, Some(vec!["-1".to_string()])));
+        let rows = copied.rows().unwrap();
+        assert_eq!((rows.get(0, 0), rows.get(0, 1), rows.get(1, 0), rows.get(1, 1)), (Some("7"), Some("x\ty"), Some("-1"), None));
+        // Cut short, gone on after the trailer, a row of another width, no header.
+        assert!(Copied::new(Rows::new(2), data[..data.len() - 3].to_vec(), Some(types.clone())).unwrap_err().contains("ends inside a row"));
+        assert!(Copied::new(Rows::new(2), [&data[..], b"x"].concat(), Some(types.clone())).unwrap_err().contains("after its trailer"));
+        assert!(Copied::new(Rows::new(3), data.clone(), Some(vec![20, 25, 25])).unwrap_err().contains("2 values, not 3"));
+        assert!(Copied::new(Rows::new(2), data[1..].to_vec(), Some(types.clone())).unwrap_err().contains("no binary header"));
+        // A value of the wrong size for its type.
+        assert!(Copied::new(Rows::new(2), data, Some(vec![23, 25])).unwrap().rows().unwrap_err().contains("type 23 is 8 bytes"));
     }
 
     proptest::proptest! {
+        /// Binary COPY output: any bytes are read or refused, never a panic, and so is any
+        /// value of any type read in binary.
+        #[test]
+        fn binary_copy_any_bytes(noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..96), t in 0..binary::SUPPORTED.len()) {
+            let mut text = String::new();
+            let _ = binary::text(binary::SUPPORTED[t], &noise, &mut text);
+            let with_header = [&b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0"[..], &noise].concat();
+            for data in [noise.clone(), with_header] {
+                if let Ok(c) = Copied::new(Rows::new(2), data, Some(vec![binary::SUPPORTED[t], binary::SUPPORTED[(t + 1) % binary::SUPPORTED.len()]])) {
+                    let _ = c.last_key(&TableInfo { schema: "s".into(), name: "t".into(), columns: vec![("a".into(), 0, String::new(), true), ("b".into(), 0, String::new(), false)] });
+                    let _ = c.rows();
+                }
+            }
+        }
+
         /// Any values, written as COPY writes them, read back as they were; any bytes read
         /// as rows or refused, never a panic.
         #[test]
@@ -541,11 +808,13 @@ mod tests {
             ],
         };
         assert_eq!(
-            t.chunk_copy(Some(&["it's".into(), "a\\b".into()]), 100),
+            t.chunk_copy(Some(&["it's".into(), "a\\b".into()]), 100, false),
             "COPY (SELECT t.\"order_id\", t.\"line\", t.\"note\" FROM \"public\".\"Order Items\" t \
              WHERE (t.\"order_id\", t.\"line\") > (E'it''s'::bigint, E'a\\\\b'::integer) ORDER BY t.\"order_id\", t.\"line\" LIMIT 100) TO STDOUT"
         );
-        assert!(t.chunk_copy(None, 5).ends_with("t ORDER BY t.\"order_id\", t.\"line\" LIMIT 5) TO STDOUT"));
+        assert!(t.chunk_copy(None, 5, false).ends_with("t ORDER BY t.\"order_id\", t.\"line\" LIMIT 5) TO STDOUT"));
+        assert!(t.chunk_copy(None, 5, true).ends_with("LIMIT 5) TO STDOUT (FORMAT binary)"));
+        assert_eq!(t.binary(), Some(vec![20, 23, 25]));
         assert_eq!(
             t.keys_sql(5),
             "SELECT t.\"order_id\"::text AS c0, t.\"line\"::text AS c1, t.\"note\"::text AS c2 FROM \"public\".\"Order Items\" t \

@@ -1,0 +1,74 @@
+//! Snapshot chunks read in COPY's binary format print every value exactly as the server's
+//! text COPY does (which is also what `pgoutput` streams), against a cluster this test
+//! starts: edge values of every type read in binary, and many random ones.
+
+#[path = "support/servers.rs"]
+mod servers;
+use futures::StreamExt;
+use servers::PgServer;
+use sluice_connect::postgres_cdc::snapshot::{self, Copied, Rows};
+
+async fn copy(c: &tokio_postgres::Client, sql: &str) -> Vec<u8> {
+    let stream = c.copy_out(sql).await.unwrap();
+    futures::pin_mut!(stream);
+    let mut data = Vec::new();
+    while let Some(d) = stream.next().await {
+        data.extend_from_slice(&d.unwrap());
+    }
+    data
+}
+
+#[tokio::test]
+async fn binary_copy_prints_every_value_as_the_server_does() {
+    let pg = PgServer::start();
+    let (c, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    // The snapshot session's settings (see postgres_cdc), under another server time zone.
+    c.batch_execute(
+        "SET TimeZone = 'Asia/Kolkata';
+         CREATE TABLE t (id bigint PRIMARY KEY, b bool, s smallint, i int, tx text, vc varchar(20), c char(5), u uuid,
+                         d date, ts timestamp, tz timestamptz);
+         INSERT INTO t VALUES
+           (1, true, -32768, -2147483648, '', '', '', '00000000-0000-0000-0000-000000000000', 'infinity', 'infinity', 'infinity'),
+           (2, false, 32767, 2147483647, E'tab\\there\\nnew line \\\\ back\\\\slash \"quoted\" ü €', 'x', 'ab', 'ffffffff-ffff-ffff-ffff-ffffffffffff',
+            '-infinity', '-infinity', '-infinity'),
+           (-9223372036854775808, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+           (9223372036854775807, true, 0, 0, '\\N', 'é', 'abcde', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '4713-01-01 BC', '4713-01-01 00:00:00 BC', '4713-01-01 00:00:00+00 BC'),
+           (3, true, 1, 1, 'x', 'y', 'z', NULL, '0001-01-01 BC', '0001-12-31 23:59:59.999999 BC', '0001-01-01 00:00:00.5 BC'),
+           (4, true, 1, 1, 'x', 'y', 'z', NULL, '0001-01-01', '0001-01-01 00:00:00', '0001-01-01 00:00:00.000001+00'),
+           (5, true, 1, 1, 'x', 'y', 'z', NULL, '1999-12-31', '1999-12-31 23:59:59.5', '1999-12-31 23:59:59.999999+00'),
+           (6, true, 1, 1, 'x', 'y', 'z', NULL, '2000-01-01', '2000-01-01 00:00:00', '2000-01-01 00:00:00+00'),
+           (7, true, 1, 1, 'x', 'y', 'z', NULL, '2000-02-29', '2000-02-29 12:00:00.000001', '2020-06-01 12:00:00.12+05:30'),
+           (8, true, 1, 1, 'x', 'y', 'z', NULL, '1970-01-01', '1970-01-01 00:00:00.12', '1969-12-31 23:59:59.9+00'),
+           (9, true, 1, 1, 'x', 'y', 'z', NULL, '9999-12-31', '9999-12-31 23:59:59.99', '9999-12-31 23:59:59.999+00'),
+           (10, true, 1, 1, 'x', 'y', 'z', NULL, '10000-01-01', '10000-01-01 00:00:00', '10000-01-01 00:00:00+00'),
+           (11, true, 1, 1, 'x', 'y', 'z', NULL, '5874897-12-31', '294276-12-31 23:59:59.999999', '294276-12-31 23:59:59.999999+00'),
+           (12, true, 1, 1, 'x', 'y', 'z', NULL, '1900-03-01', '1900-02-28 23:59:59', '2100-03-01 00:00:00.000010+00');
+         INSERT INTO t SELECT 1000 + g, g % 2 = 0, (g % 65536 - 32768), (random() * 4e9 - 2e9)::int, md5(g::text) || chr(9 + g % 200),
+                              left(md5(g::text), g % 20), left(md5(g::text), g % 6), gen_random_uuid(),
+                              date '4713-01-01 BC' + (random() * 2147483000)::int,
+                              timestamp '4713-01-01 00:00 BC' + make_interval(secs => random() * 9.2e12),
+                              timestamptz '1900-01-01 00:00+00' + random() * interval '200 years'
+                       FROM generate_series(1, 20000) g;
+         SET DateStyle = ISO; SET TimeZone = 'UTC'; SET extra_float_digits = 3; SET IntervalStyle = iso_8601;",
+    )
+    .await
+    .unwrap();
+    let info = snapshot::table_info(&c, "public", "t").await.unwrap().unwrap();
+    let types = info.binary().expect("every column is read in binary");
+    let text = Copied::new(Rows::new(types.len()), copy(&c, &info.chunk_copy(None, 100_000, false)).await, None).unwrap();
+    let binary = Copied::new(Rows::new(types.len()), copy(&c, &info.chunk_copy(None, 100_000, true)).await, Some(types.clone())).unwrap();
+    assert_eq!((text.len(), binary.len()), (20_014, 20_014));
+    assert_eq!(text.last_key(&info).unwrap(), binary.last_key(&info).unwrap());
+    assert_eq!(binary.last_key(&info).unwrap(), Some(vec!["9223372036854775807".to_string()]));
+    let (text, binary) = (text.rows().unwrap(), binary.rows().unwrap());
+    for row in 0..text.len() {
+        for col in 0..types.len() {
+            assert_eq!(binary.get(row, col), text.get(row, col), "row {row} column {} ({})", info.columns[col].0, info.columns[col].2);
+        }
+    }
+    // Spot checks of the text itself (the server's, so also the binary reading's).
+    assert_eq!((text.get(0, 10), text.get(1, 10), text.get(2, 10)), (None, Some("infinity"), Some("-infinity")));
+    let all: Vec<Option<&str>> = (0..text.len()).map(|r| text.get(r, 10)).collect();
+    assert!(all.contains(&Some("4713-01-01 00:00:00+00 BC")) && all.contains(&Some("2020-06-01 06:30:00.12+00")), "{:?}", &all[..16]);
+}

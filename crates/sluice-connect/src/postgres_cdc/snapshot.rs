@@ -160,20 +160,25 @@ pub struct Copied {
     data: Vec<u8>,
     binary: Option<Vec<u32>>,
     len: usize,
+    /// Where the last row of `data` starts.
+    last: usize,
 }
 
 impl Copied {
     /// `data`: COPY text, or with `binary` (the columns' type oids) COPY's binary format.
     /// Err: binary output that is not that format.
     pub fn new(rows: Rows, data: Vec<u8>, binary: Option<Vec<u32>>) -> Result<Copied, String> {
-        let len = rows.len()
-            + match &binary {
-                // A newline ends each row: one inside a value is escaped (`\n`).
-                None => memchr::memchr_iter(b'\n', &data).count(),
-                Some(types) if !data.is_empty() => binary::tuples(binary::body(&data)?, types.len(), |_, _| Ok(()))?.0,
-                Some(_) => 0,
-            };
-        Ok(Copied { rows, data, binary, len })
+        let (n, last) = match &binary {
+            // A newline ends each row: one inside a value is escaped (`\n`).
+            None => (memchr::memchr_iter(b'\n', &data).count(), data.len().checked_sub(1).and_then(|end| memchr::memrchr(b'\n', &data[..end])).map_or(0, |i| i + 1)),
+            Some(types) if !data.is_empty() => {
+                let body = binary::body(&data)?;
+                let (n, last) = binary::tuples(body, types.len(), |_, _| Ok(()))?;
+                (n, data.len() - body.len() + last)
+            }
+            Some(_) => (0, 0),
+        };
+        Ok(Copied { len: rows.len() + n, rows, data, binary, last })
     }
 
     pub fn len(&self) -> usize {
@@ -192,22 +197,15 @@ impl Copied {
         }
         let mut last = Rows::new(self.rows.columns);
         match &self.binary {
-            None => {
-                let from = memchr::memrchr(b'\n', &self.data[..self.data.len() - 1]).map_or(0, |i| i + 1);
-                last.push_copy(&self.data[from..])?;
-            }
-            Some(types) => {
-                let body = binary::body(&self.data)?;
-                let (_, from) = binary::tuples(body, types.len(), |_, _| Ok(()))?;
-                last.push_binary(types, &body[from..])?;
-            }
+            None => last.push_copy(&self.data[self.last..])?,
+            Some(types) => last.push_binary(types, &self.data[self.last..])?,
         }
         Ok(Some(info.keys_of(&last, 0)))
     }
 
     /// The rows, split. Err: the COPY output is not that format.
     pub fn rows(self) -> Result<Rows, String> {
-        let Copied { mut rows, data, binary, len } = self;
+        let Copied { mut rows, data, binary, len, .. } = self;
         if !data.is_empty() {
             rows.values.reserve(rows.columns * (len - rows.len()));
             match binary {

@@ -8,14 +8,18 @@ use futures::StreamExt;
 use servers::PgServer;
 use sluice_connect::postgres_cdc::snapshot::{self, Copied, Rows};
 
-async fn copy(c: &tokio_postgres::Client, sql: &str) -> Vec<u8> {
-    let stream = c.copy_out(sql).await.unwrap();
+async fn try_copy(c: &tokio_postgres::Client, sql: &str) -> Result<Vec<u8>, tokio_postgres::Error> {
+    let stream = c.copy_out(sql).await?;
     futures::pin_mut!(stream);
     let mut data = Vec::new();
     while let Some(d) = stream.next().await {
-        data.extend_from_slice(&d.unwrap());
+        data.extend_from_slice(&d?);
     }
-    data
+    Ok(data)
+}
+
+async fn copy(c: &tokio_postgres::Client, sql: &str) -> Vec<u8> {
+    try_copy(c, sql).await.unwrap()
 }
 
 #[tokio::test]
@@ -71,4 +75,23 @@ async fn binary_copy_prints_every_value_as_the_server_does() {
     assert_eq!((text.get(0, 10), text.get(1, 10), text.get(2, 10)), (None, Some("infinity"), Some("-infinity")));
     let all: Vec<Option<&str>> = (0..text.len()).map(|r| text.get(r, 10)).collect();
     assert!(all.contains(&Some("4713-01-01 00:00:00+00 BC")) && all.contains(&Some("2020-06-01 06:30:00.12+00")), "{:?}", &all[..16]);
+}
+
+#[tokio::test]
+async fn a_column_retyped_after_its_type_was_read_is_not_misread() {
+    let pg = PgServer::start();
+    let (c, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    c.batch_execute("CREATE TABLE r (id int PRIMARY KEY, n int, s varchar(3)); INSERT INTO r VALUES (1, 5, 'abc')").await.unwrap();
+    let info = snapshot::table_info(&c, "public", "r").await.unwrap().unwrap();
+    let types = info.binary().unwrap();
+    // Four bytes of text where four bytes of int4 were: without the casts they would read as
+    // the number 1633837924.
+    c.batch_execute("ALTER TABLE r ALTER n TYPE text; UPDATE r SET n = 'abcd'").await.unwrap();
+    let e = try_copy(&c, &info.chunk_copy(None, 10, true)).await.unwrap_err();
+    assert!(e.as_db_error().is_some_and(|e| e.message().contains("invalid input syntax for type integer")), "{e:?}");
+    // A value the old type can hold converts; a longer varchar stays whole.
+    c.batch_execute("UPDATE r SET n = '42'; ALTER TABLE r ALTER s TYPE varchar(10); UPDATE r SET s = 'abcdefgh'").await.unwrap();
+    let rows = Copied::new(Rows::new(3), copy(&c, &info.chunk_copy(None, 10, true)).await, Some(types)).unwrap().rows().unwrap();
+    assert_eq!((rows.get(0, 1), rows.get(0, 2)), (Some("42"), Some("abcdefgh")));
 }

@@ -257,13 +257,24 @@ impl TableInfo {
     /// and printed here as the server prints it (see [`binary::text`]): cheaper for the
     /// server than printing them itself. None: read as text.
     pub fn binary(&self) -> Option<Vec<u32>> {
-        self.columns.iter().all(|c| binary::SUPPORTED.contains(&c.1)).then(|| self.columns.iter().map(|c| c.1).collect())
+        self.columns.iter().all(|c| binary::cast(c.1).is_some()).then(|| self.columns.iter().map(|c| c.1).collect())
     }
 
     /// The chunk read as `COPY (SELECT ...) TO STDOUT`: keys after `after` (given inline:
     /// COPY takes no parameters), in key order; in the binary format with `binary`.
     pub fn chunk_copy(&self, after: Option<&[String]>, limit: usize, binary: bool) -> String {
-        let cols = self.columns.iter().map(|(n, ..)| format!("t.{}", ident(n))).collect::<Vec<_>>().join(", ");
+        // In binary, each column cast to the type read (free when it still is): a column
+        // retyped since then fails or converts, where its bytes would be taken for the old
+        // type's.
+        let cols = self
+            .columns
+            .iter()
+            .map(|(n, t, ..)| match binary::cast(*t).filter(|_| binary) {
+                Some(cast) => format!("t.{}::pg_catalog.{cast}", ident(n)),
+                None => format!("t.{}", ident(n)),
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
         let keys: Vec<&(String, u32, String, bool)> = self.keys().collect();
         let order = keys.iter().map(|k| format!("t.{}", ident(&k.0))).collect::<Vec<_>>().join(", ");
         let cond = match after {
@@ -512,10 +523,28 @@ async fn first_value(client: &tokio_postgres::Client, sql: &str, col: usize) -> 
 pub mod binary {
     use super::super::types::oid;
 
-    /// Type oids read in binary: bool, int2/4/8, text, varchar, bpchar, uuid, date,
-    /// timestamp, timestamptz.
-    pub const SUPPORTED: [u32; 11] = [oid::BOOL, oid::INT2, oid::INT4, oid::INT8, oid::TEXT, oid::VARCHAR, BPCHAR, oid::UUID, oid::DATE, oid::TIMESTAMP, oid::TIMESTAMPTZ];
     const BPCHAR: u32 = 1042;
+
+    /// The types read in binary, each with its name without a modifier (a cast to it keeps
+    /// the value).
+    pub const TYPES: [(u32, &str); 11] = [
+        (oid::BOOL, "bool"),
+        (oid::INT2, "int2"),
+        (oid::INT4, "int4"),
+        (oid::INT8, "int8"),
+        (oid::TEXT, "text"),
+        (oid::VARCHAR, "varchar"),
+        (BPCHAR, "bpchar"),
+        (oid::UUID, "uuid"),
+        (oid::DATE, "date"),
+        (oid::TIMESTAMP, "timestamp"),
+        (oid::TIMESTAMPTZ, "timestamptz"),
+    ];
+
+    /// The name of `type_oid` if it is read in binary (see [`TYPES`]).
+    pub fn cast(type_oid: u32) -> Option<&'static str> {
+        TYPES.iter().find(|t| t.0 == type_oid).map(|t| t.1)
+    }
     const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
 
     /// The tuples of a COPY's binary output: after its header (signature, flags, header
@@ -562,7 +591,7 @@ pub mod binary {
         }
     }
 
-    /// Writes value `v` of type `type_oid` (one of [`SUPPORTED`]) in the binary format as the
+    /// Writes value `v` of type `type_oid` (one of [`TYPES`]) in the binary format as the
     /// text PostgreSQL prints for it. Err: not a value of that type.
     pub fn text(type_oid: u32, v: &[u8], out: &mut String) -> Result<(), String> {
         let bad = || format!("binary COPY value of type {type_oid} is {} bytes", v.len());
@@ -753,12 +782,12 @@ mod tests {
         /// Binary COPY output: any bytes are read or refused, never a panic, and so is any
         /// value of any type read in binary.
         #[test]
-        fn binary_copy_any_bytes(noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..96), t in 0..binary::SUPPORTED.len()) {
+        fn binary_copy_any_bytes(noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..96), t in 0..binary::TYPES.len()) {
             let mut text = String::new();
-            let _ = binary::text(binary::SUPPORTED[t], &noise, &mut text);
+            let _ = binary::text(binary::TYPES[t].0, &noise, &mut text);
             let with_header = [&b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0"[..], &noise].concat();
             for data in [noise.clone(), with_header] {
-                if let Ok(c) = Copied::new(Rows::new(2), data, Some(vec![binary::SUPPORTED[t], binary::SUPPORTED[(t + 1) % binary::SUPPORTED.len()]])) {
+                if let Ok(c) = Copied::new(Rows::new(2), data, Some(vec![binary::TYPES[t].0, binary::TYPES[(t + 1) % binary::TYPES.len()].0])) {
                     let _ = c.last_key(&TableInfo { schema: "s".into(), name: "t".into(), columns: vec![("a".into(), 0, String::new(), true), ("b".into(), 0, String::new(), false)] });
                     let _ = c.rows();
                 }
@@ -811,7 +840,11 @@ mod tests {
              WHERE (t.\"order_id\", t.\"line\") > (E'it''s'::bigint, E'a\\\\b'::integer) ORDER BY t.\"order_id\", t.\"line\" LIMIT 100) TO STDOUT"
         );
         assert!(t.chunk_copy(None, 5, false).ends_with("t ORDER BY t.\"order_id\", t.\"line\" LIMIT 5) TO STDOUT"));
-        assert!(t.chunk_copy(None, 5, true).ends_with("LIMIT 5) TO STDOUT (FORMAT binary)"));
+        assert_eq!(
+            t.chunk_copy(None, 5, true),
+            "COPY (SELECT t.\"order_id\"::pg_catalog.int8, t.\"line\"::pg_catalog.int4, t.\"note\"::pg_catalog.text FROM \"public\".\"Order Items\" t \
+             ORDER BY t.\"order_id\", t.\"line\" LIMIT 5) TO STDOUT (FORMAT binary)"
+        );
         assert_eq!(t.binary(), Some(vec![20, 23, 25]));
         assert_eq!(
             t.keys_sql(5),

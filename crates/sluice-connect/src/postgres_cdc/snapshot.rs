@@ -396,7 +396,7 @@ pub async fn read_chunk(
     }
     let (t, waited) = (std::time::Instant::now(), t.elapsed());
     let mut rows = Rows::new(info.columns.len());
-    let mut text = Vec::new();
+    let mut text = Vec::new(); // COPY output
     let binary = info.binary().filter(|_| keys.is_none());
     match keys {
         Some(k) => {
@@ -411,8 +411,8 @@ pub async fn read_chunk(
             }
         }
         None => {
-            // COPY: the server's cheapest way out, and no row objects here. The text is only
-            // gathered here: the server sends each row as a message and waits whenever
+            // COPY: the server's cheapest way out, and no row objects here. The output is
+            // only gathered here: the server sends each row as a message and waits whenever
             // this task falls behind, so splitting the rows (in `Copied::rows`) is left to
             // the caller, off the connection's path, while the next chunk is read.
             let copy = client.copy_out(&info.chunk_copy(after, limit, binary.is_some())).await?;
@@ -545,6 +545,7 @@ pub mod binary {
     pub fn cast(type_oid: u32) -> Option<&'static str> {
         TYPES.iter().find(|t| t.0 == type_oid).map(|t| t.1)
     }
+
     const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
 
     /// The tuples of a COPY's binary output: after its header (signature, flags, header
@@ -718,13 +719,15 @@ mod tests {
         assert!(rows.push_copy(b"1\t2\t\xff\n").unwrap_err().contains("UTF-8"));
     }
 
+    /// Table `public.t` with these columns (name, type oid, type, part of the key).
+    fn table(columns: &[(&str, u32, &str, bool)]) -> TableInfo {
+        let columns = columns.iter().map(|&(n, oid, t, key)| (n.to_string(), oid, t.to_string(), key)).collect();
+        TableInfo { schema: "public".into(), name: "t".into(), columns }
+    }
+
     #[test]
     fn copied_text_is_split_when_asked() {
-        let info = TableInfo {
-            schema: "public".into(),
-            name: "t".into(),
-            columns: vec![("note".into(), 25, "text".into(), false), ("id".into(), 20, "bigint".into(), true)],
-        };
+        let info = table(&[("note", 25, "text", false), ("id", 20, "bigint", true)]);
         let copied = Copied::new(Rows::new(2), b"a\\nb\t1\n\\N\t22\n".to_vec(), None).unwrap();
         assert_eq!(copied.len(), 2);
         assert_eq!(copied.last_key(&info).unwrap(), Some(vec!["22".to_string()]));
@@ -745,11 +748,7 @@ mod tests {
 
     #[test]
     fn binary_copy_output_is_read_or_refused() {
-        let info = TableInfo {
-            schema: "public".into(),
-            name: "t".into(),
-            columns: vec![("id".into(), 20, "bigint".into(), true), ("note".into(), 25, "text".into(), false)],
-        };
+        let info = table(&[("id", 20, "bigint", true), ("note", 25, "text", false)]);
         let types = info.binary().unwrap();
         let mut data = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\x02ab".to_vec(); // header, 2 bytes of extension
         for (id, note) in [(7i64, Some("x\ty")), (-1, None)] {
@@ -788,7 +787,7 @@ mod tests {
             let with_header = [&b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0"[..], &noise].concat();
             for data in [noise.clone(), with_header] {
                 if let Ok(c) = Copied::new(Rows::new(2), data, Some(vec![binary::TYPES[t].0, binary::TYPES[(t + 1) % binary::TYPES.len()].0])) {
-                    let _ = c.last_key(&TableInfo { schema: "s".into(), name: "t".into(), columns: vec![("a".into(), 0, String::new(), true), ("b".into(), 0, String::new(), false)] });
+                    let _ = c.last_key(&table(&[("a", 0, "", true), ("b", 0, "", false)]));
                     let _ = c.rows();
                 }
             }

@@ -60,8 +60,8 @@ async fn binary_copy_prints_every_value_as_the_server_does() {
     .unwrap();
     let info = snapshot::table_info(&c, "public", "t").await.unwrap().unwrap();
     let types = info.binary().expect("every column is read in binary");
-    let text = Copied::new(Rows::new(types.len()), copy(&c, &info.chunk_copy(None, 100_000, false)).await, None).unwrap();
-    let binary = Copied::new(Rows::new(types.len()), copy(&c, &info.chunk_copy(None, 100_000, true)).await, Some(types.clone())).unwrap();
+    let text = Copied::new(Rows::new(types.len()), copy(&c, &info.chunk_copy(None, 100_000, false, None)).await, None).unwrap();
+    let binary = Copied::new(Rows::new(types.len()), copy(&c, &info.chunk_copy(None, 100_000, true, None)).await, Some(types.clone())).unwrap();
     assert_eq!((text.len(), binary.len()), (20_014, 20_014));
     assert_eq!(text.last_key(&info).unwrap(), binary.last_key(&info).unwrap());
     assert_eq!(binary.last_key(&info).unwrap(), Some(vec!["9223372036854775807".to_string()]));
@@ -88,10 +88,33 @@ async fn a_column_retyped_after_its_type_was_read_is_not_misread() {
     // Four bytes of text where four bytes of int4 were: without the casts they would read as
     // the number 1633837924.
     c.batch_execute("ALTER TABLE r ALTER n TYPE text; UPDATE r SET n = 'abcd'").await.unwrap();
-    let e = try_copy(&c, &info.chunk_copy(None, 10, true)).await.unwrap_err();
+    let e = try_copy(&c, &info.chunk_copy(None, 10, true, None)).await.unwrap_err();
     assert!(e.as_db_error().is_some_and(|e| e.message().contains("invalid input syntax for type integer")), "{e:?}");
     // A value the old type can hold converts; a longer varchar stays whole.
     c.batch_execute("UPDATE r SET n = '42'; ALTER TABLE r ALTER s TYPE varchar(10); UPDATE r SET s = 'abcdefgh'").await.unwrap();
-    let rows = Copied::new(Rows::new(3), copy(&c, &info.chunk_copy(None, 10, true)).await, Some(types)).unwrap().rows().unwrap();
+    let rows = Copied::new(Rows::new(3), copy(&c, &info.chunk_copy(None, 10, true, None)).await, Some(types)).unwrap().rows().unwrap();
     assert_eq!((rows.get(0, 1), rows.get(0, 2)), (Some("42"), Some("abcdefgh")));
+}
+
+#[tokio::test]
+async fn a_chunk_waits_for_transactions_older_than_its_low_watermark_and_sees_them() {
+    let pg = PgServer::start();
+    let connect = || async {
+        let (c, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        c
+    };
+    let (a, b) = (connect().await, connect().await);
+    a.batch_execute("CREATE TABLE w (id bigint PRIMARY KEY, v text); INSERT INTO w SELECT g, 'v' FROM generate_series(1, 10) g").await.unwrap();
+    let info = snapshot::table_info(&a, "public", "w").await.unwrap().unwrap();
+    // A transaction with an id, open when the low watermark is written.
+    b.batch_execute("BEGIN; INSERT INTO w VALUES (11, 'older')").await.unwrap();
+    let low = snapshot::Low::write(&a, "m".into()).await.unwrap();
+    let read = tokio::spawn(async move { snapshot::read_chunk(&a, &info, low, None, None, 100, None, None).await.map(|(rows, ..)| rows.rows().unwrap()) });
+    // The chunk's COPY runs while it is open, finds the condition false, and waits.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!read.is_finished(), "the chunk was read while a transaction older than its low watermark was running");
+    b.batch_execute("COMMIT").await.unwrap();
+    let rows = read.await.unwrap().unwrap();
+    assert_eq!((rows.len(), rows.get(10, 0), rows.get(10, 1)), (11, Some("11"), Some("older")));
 }

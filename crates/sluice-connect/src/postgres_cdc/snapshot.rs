@@ -261,8 +261,9 @@ impl TableInfo {
     }
 
     /// The chunk read as `COPY (SELECT ...) TO STDOUT`: keys after `after` (given inline:
-    /// COPY takes no parameters), in key order; in the binary format with `binary`.
-    pub fn chunk_copy(&self, after: Option<&[String]>, limit: usize, binary: bool) -> String {
+    /// COPY takes no parameters), in key order; in the binary format with `binary`; no rows
+    /// unless SQL condition `guard` holds.
+    pub fn chunk_copy(&self, after: Option<&[String]>, limit: usize, binary: bool, guard: Option<&str>) -> String {
         // In binary, each column cast to the type read (free when it still is): a column
         // retyped since then fails or converts, where its bytes would be taken for the old
         // type's.
@@ -277,13 +278,12 @@ impl TableInfo {
             .join(", ");
         let keys: Vec<&(String, u32, String, bool)> = self.keys().collect();
         let order = keys.iter().map(|k| format!("t.{}", ident(&k.0))).collect::<Vec<_>>().join(", ");
-        let cond = match after {
-            Some(a) => {
-                let values = keys.iter().zip(a).map(|(k, v)| format!("{}::{}", literal(v), k.2)).collect::<Vec<_>>().join(", ");
-                format!(" WHERE ({order}) > ({values})")
-            }
-            None => String::new(),
-        };
+        let mut conds: Vec<String> = guard.map(str::to_string).into_iter().collect();
+        if let Some(a) = after {
+            let values = keys.iter().zip(a).map(|(k, v)| format!("{}::{}", literal(v), k.2)).collect::<Vec<_>>().join(", ");
+            conds.insert(0, format!("({order}) > ({values})"));
+        }
+        let cond = if conds.is_empty() { String::new() } else { format!(" WHERE {}", conds.join(" AND ")) };
         let format = if binary { " (FORMAT binary)" } else { "" };
         format!("COPY (SELECT {cols} FROM {} t{cond} ORDER BY {order} LIMIT {limit}) TO STDOUT{format}", self.qualified())
     }
@@ -388,13 +388,23 @@ pub async fn read_chunk(
     // theirs; once the oldest transaction still running is newer than it, they are done.
     // (The snapshot's list of running transactions is not enough: a transaction whose id is
     // at or above the snapshot's xmax is running but not listed, and with one busy writer
-    // that is usually the one committing. Both found by the convergence test.)
+    // that is usually the one committing. Both found by the convergence test.) A chunk of
+    // the whole table checks that in its COPY's own snapshot (a condition on no row, which
+    // the server tests once) and reads as empty when it fails: then, as before a snapshot
+    // of some keys, the source waits for a snapshot that passes and reads.
     let t = std::time::Instant::now();
-    let done = format!("SELECT pg_snapshot_xmin(pg_current_snapshot()) > {}::xid8", literal(&mark));
-    while first_value(client, &done, 0).await?.as_deref() != Some("t") {
-        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    let done = format!("pg_snapshot_xmin(pg_current_snapshot()) > {}::xid8", literal(&mark));
+    let wait = || async {
+        while first_value(client, &format!("SELECT {done}"), 0).await?.as_deref() != Some("t") {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        Ok::<_, tokio_postgres::Error>(())
+    };
+    if keys.is_some() {
+        wait().await?;
     }
-    let (t, waited) = (std::time::Instant::now(), t.elapsed());
+    let mut waited = t.elapsed();
+    let t = std::time::Instant::now();
     let mut rows = Rows::new(info.columns.len());
     let mut text = Vec::new(); // COPY output
     let binary = info.binary().filter(|_| keys.is_none());
@@ -415,16 +425,15 @@ pub async fn read_chunk(
             // only gathered here: the server sends each row as a message and waits whenever
             // this task falls behind, so splitting the rows (in `Copied::rows`) is left to
             // the caller, off the connection's path, while the next chunk is read.
-            let copy = client.copy_out(&info.chunk_copy(after, limit, binary.is_some())).await?;
-            futures::pin_mut!(copy);
-            while let Some(data) = copy.next().await {
-                let data = data?;
-                if text.is_empty() {
-                    // Room for a whole chunk of rows like the first (growing by doubling
-                    // reallocated and copied it ~twice per chunk); capped for very large chunks.
-                    text.reserve(data.len().saturating_mul(limit).min(32 << 20));
-                }
-                text.extend_from_slice(&data);
+            let binary = binary.is_some();
+            text = copy_out(client, &info.chunk_copy(after, limit, binary, Some(&done)), limit).await?;
+            if no_rows(&text, binary) {
+                // The end of the table, or transactions older than the low watermark still
+                // running when the COPY took its snapshot.
+                let w = std::time::Instant::now();
+                wait().await?;
+                waited += w.elapsed();
+                text = copy_out(client, &info.chunk_copy(after, limit, binary, None), limit).await?;
             }
         }
     }
@@ -506,6 +515,31 @@ impl Flusher {
     /// Flushes what the WAL holds now, soon.
     pub fn flush(&self) {
         self.wake.notify_one();
+    }
+}
+
+/// The output of COPY statement `sql` (of a chunk of up to `limit` rows).
+async fn copy_out(client: &tokio_postgres::Client, sql: &str, limit: usize) -> Result<Vec<u8>, tokio_postgres::Error> {
+    let copy = client.copy_out(sql).await?;
+    futures::pin_mut!(copy);
+    let mut out = Vec::new();
+    while let Some(data) = copy.next().await {
+        let data = data?;
+        if out.is_empty() {
+            // Room for a whole chunk of rows like the first (growing by doubling reallocated
+            // and copied it ~twice per chunk); capped for very large chunks.
+            out.reserve(data.len().saturating_mul(limit).min(32 << 20));
+        }
+        out.extend_from_slice(&data);
+    }
+    Ok(out)
+}
+
+/// COPY output (text, or `binary`) without a row.
+fn no_rows(data: &[u8], binary: bool) -> bool {
+    match binary {
+        true => binary::body(data).is_ok_and(|b| b == (-1i16).to_be_bytes()),
+        false => data.is_empty(),
     }
 }
 
@@ -834,13 +868,14 @@ mod tests {
             ],
         };
         assert_eq!(
-            t.chunk_copy(Some(&["it's".into(), "a\\b".into()]), 100, false),
+            t.chunk_copy(Some(&["it's".into(), "a\\b".into()]), 100, false, None),
             "COPY (SELECT t.\"order_id\", t.\"line\", t.\"note\" FROM \"public\".\"Order Items\" t \
              WHERE (t.\"order_id\", t.\"line\") > (E'it''s'::bigint, E'a\\\\b'::integer) ORDER BY t.\"order_id\", t.\"line\" LIMIT 100) TO STDOUT"
         );
-        assert!(t.chunk_copy(None, 5, false).ends_with("t ORDER BY t.\"order_id\", t.\"line\" LIMIT 5) TO STDOUT"));
+        assert!(t.chunk_copy(None, 5, false, Some("g")).ends_with("t WHERE g ORDER BY t.\"order_id\", t.\"line\" LIMIT 5) TO STDOUT"));
+        assert!(t.chunk_copy(Some(&["1".into(), "2".into()]), 5, false, Some("g")).contains("(E'1'::bigint, E'2'::integer) AND g ORDER BY"));
         assert_eq!(
-            t.chunk_copy(None, 5, true),
+            t.chunk_copy(None, 5, true, None),
             "COPY (SELECT t.\"order_id\"::pg_catalog.int8, t.\"line\"::pg_catalog.int4, t.\"note\"::pg_catalog.text FROM \"public\".\"Order Items\" t \
              ORDER BY t.\"order_id\", t.\"line\" LIMIT 5) TO STDOUT (FORMAT binary)"
         );

@@ -253,7 +253,9 @@ struct Reader {
 
 /// Chunks read ahead of the one whose window the replication stream is in: the database
 /// reads on while the stream catches up with their watermarks, and their rows take room.
-const READ_AHEAD: usize = 3;
+/// (3 held the reader back whenever the loop fell behind for a moment: 6 took a snapshot
+/// from 0.77 to 0.66 s in alternating rounds.)
+const READ_AHEAD: usize = 6;
 
 /// What reading the chunks of one snapshot needs.
 #[derive(Clone)]

@@ -111,8 +111,20 @@ async fn a_chunk_waits_for_transactions_older_than_its_low_watermark_and_sees_th
     b.batch_execute("BEGIN; INSERT INTO w VALUES (11, 'older')").await.unwrap();
     let low = snapshot::Low::write(&a, "m".into()).await.unwrap();
     let read = tokio::spawn(async move { snapshot::read_chunk(&a, &info, low, None, None, 100, None, None).await.map(|(rows, ..)| rows.rows().unwrap()) });
-    // The chunk's COPY runs while it is open, finds the condition false, and waits.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The chunk's COPY runs while it is open, finds the condition false, and waits: seen as
+    // the reader's check in pg_stat_activity (unless the read ends without waiting).
+    let c = connect().await;
+    while !read.is_finished() {
+        let waiting: i64 = c
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND query LIKE 'SELECT pg_snapshot_xmin%'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     assert!(!read.is_finished(), "the chunk was read while a transaction older than its low watermark was running");
     b.batch_execute("COMMIT").await.unwrap();
     let rows = read.await.unwrap().unwrap();

@@ -310,9 +310,10 @@ fn spawn_read(spec: ReadSpec, after: Option<Vec<String>>, keys: Option<Vec<Vec<S
         // is done, the next chunk is on its way.
         let at = high.map(|h| h.saturating_sub(1));
         let (records, rows) = tokio::task::spawn_blocking(move || {
-            let rows = read.rows().map_err(|e| anyhow::anyhow!("snapshot of {}: {e}", spec.info.qualified()))?;
-            let records = at.map(|at| read_events(&spec.source, &spec.database, &spec.info, &rows, at)).unwrap_or_default();
-            anyhow::Ok((records, rows))
+            let fail = |e: String| anyhow::anyhow!("snapshot of {}: {e}", spec.info.qualified());
+            let rows = read.rows().map_err(fail)?;
+            let records = at.map(|at| read_events(&spec.source, &spec.database, &spec.info, &rows, at)).transpose().map_err(fail)?;
+            anyhow::Ok((records.unwrap_or_default(), rows))
         })
         .await??;
         Ok(ReadChunk { at, records, rows, _permit: permit })
@@ -354,18 +355,22 @@ struct ReadChunk {
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-/// The snapshot rows of a chunk as keyed `read` events at position `at`.
-fn read_events(source_name: &str, database: &str, info: &snapshot::TableInfo, rows: &snapshot::Rows, at: u64) -> Vec<Record> {
+/// The snapshot rows of a chunk as keyed `read` events at position `at`. Err: a value read
+/// in binary that is not one of its type.
+fn read_events(source_name: &str, database: &str, info: &snapshot::TableInfo, rows: &snapshot::Rows, at: u64) -> Result<Vec<Record>, String> {
     let now = sluice_core::time::now_ms();
     let lsn = Lsn(at).to_string();
     let source = json!({"connector": "postgres", "name": source_name, "db": database, "schema": info.schema, "table": info.name,
                         "lsn": lsn, "txid": null, "commit_time": null, "snapshot": true});
     let events = crate::ReadEvents::new(info.columns.iter().map(|col| (col.0.as_str(), col.3)), &source, &lsn, now);
     let oids: Vec<u32> = info.columns.iter().map(|col| col.1).collect();
-    events.records(rows.len(), 0, now, |row, i, out| match rows.get(row, i) {
-        Some(text) => types::write_json(oids[i], text, out),
-        None => out.extend_from_slice(b"null"),
-    })
+    let (mut scratch, mut bad) = (String::new(), None);
+    let records = events.records(rows.len(), 0, now, |row, i, out| {
+        if let Err(e) = rows.write_json(row, i, oids[i], out, &mut scratch) {
+            bad.get_or_insert(e);
+        }
+    });
+    bad.map_or(Ok(records), Err)
 }
 
 /// The writes in flight while the stream is read on ([`Writes`]); each, once durable,
@@ -1071,7 +1076,7 @@ impl PostgresSource {
             Some(at) if at == lsn => read.records,
             ahead => {
                 tracing::debug!(source = self.name, ?ahead, lsn, "snapshot events written again: the high watermark's LSN is not the one its insert returned");
-                read_events(&self.name, database, &c.info, &read.rows, lsn)
+                read_events(&self.name, database, &c.info, &read.rows, lsn).map_err(|e| anyhow::anyhow!("snapshot of {}: {e}", c.info.qualified()))?
             }
         };
         let mut emitted = 0u64;

@@ -28,13 +28,16 @@ pub struct TableInfo {
     pub columns: Vec<(String, u32, String, bool)>,
 }
 
-/// A chunk's rows, every value as the text PostgreSQL prints, in one buffer.
+/// A chunk's rows: every value as the text PostgreSQL prints, in one buffer, or as read
+/// in COPY's binary format (see [`binary`]), whose JSON is written from the bytes.
 #[derive(Debug, Default)]
 pub struct Rows {
     columns: usize,
     text: String,
-    /// Per value, its range in `text`; NULL is `(usize::MAX, 0)`.
+    /// Per value, its range in `text` (or in `binary`'s output); NULL is `(usize::MAX, 0)`.
     values: Vec<(usize, usize)>,
+    /// Binary COPY output and its columns' type oids: the values are still in it.
+    binary: Option<(Vec<u8>, Vec<u32>)>,
 }
 
 impl Rows {
@@ -50,10 +53,40 @@ impl Rows {
         self.values.is_empty()
     }
 
-    /// Row `row`'s value of column `col`; None: NULL.
+    /// Row `row`'s value of column `col`; None: NULL. Rows read as text only (see
+    /// [`Rows::text`]).
     pub fn get(&self, row: usize, col: usize) -> Option<&str> {
+        debug_assert!(self.binary.is_none(), "binary rows have no text: Rows::text");
         let (start, end) = self.values[row * self.columns + col];
         (start != usize::MAX).then(|| &self.text[start..end])
+    }
+
+    /// Row `row`'s value of column `col` as the text PostgreSQL prints; None: NULL. Err: a
+    /// binary value that is not one of its type.
+    pub fn text(&self, row: usize, col: usize) -> Result<Option<std::borrow::Cow<'_, str>>, String> {
+        let (start, end) = self.values[row * self.columns + col];
+        match &self.binary {
+            _ if start == usize::MAX => Ok(None),
+            None => Ok(Some(self.text[start..end].into())),
+            Some((data, types)) => {
+                let mut text = String::new();
+                binary::text(types[col], &data[start..end], &mut text)?;
+                Ok(Some(text.into()))
+            }
+        }
+    }
+
+    /// Writes row `row`'s value of column `col` (of type `type_oid`) as JSON, as
+    /// [`super::types::write_json`] writes its text (`scratch`: room for a value's text).
+    /// Err: a binary value that is not one of its type.
+    pub fn write_json(&self, row: usize, col: usize, type_oid: u32, out: &mut Vec<u8>, scratch: &mut String) -> Result<(), String> {
+        let (start, end) = self.values[row * self.columns + col];
+        match &self.binary {
+            _ if start == usize::MAX => out.extend_from_slice(b"null"),
+            None => super::types::write_json(type_oid, &self.text[start..end], out),
+            Some((data, types)) => binary::json(types[col], &data[start..end], out, scratch)?,
+        }
+        Ok(())
     }
 
     fn push(&mut self, v: Option<&str>) {
@@ -203,13 +236,24 @@ impl Copied {
         Ok(Some(info.keys_of(&last, 0)))
     }
 
-    /// The rows, split. Err: the COPY output is not that format.
+    /// The rows, split (binary values are left where they are, their JSON written from
+    /// them: see [`Rows::write_json`]). Err: the COPY output is not that format.
     pub fn rows(self) -> Result<Rows, String> {
         let Copied { mut rows, data, binary, len, .. } = self;
         if !data.is_empty() {
             rows.values.reserve(rows.columns * (len - rows.len()));
             match binary {
                 None => rows.push_copy(&data)?,
+                Some(types) if rows.is_empty() => {
+                    // Each value's range in `data` (found from where its slice starts).
+                    let base = data.as_ptr() as usize;
+                    let values = &mut rows.values;
+                    binary::tuples(binary::body(&data)?, types.len(), |_, v| {
+                        values.push(v.map_or((usize::MAX, 0), |v| (v.as_ptr() as usize - base, v.as_ptr() as usize - base + v.len())));
+                        Ok(())
+                    })?;
+                    rows.binary = Some((data, types));
+                }
                 Some(types) => {
                     rows.text.reserve(data.len());
                     rows.push_binary(&types, binary::body(&data)?)?;
@@ -626,6 +670,78 @@ pub mod binary {
         }
     }
 
+    /// Writes value `v` of type `type_oid` (one of [`TYPES`]) in the binary format as JSON:
+    /// what [`super::super::types::write_json`] writes for its text ([`text`]), without the
+    /// text for the common types (`scratch`: room for the others' text). Err: not a value
+    /// of that type.
+    pub fn json(type_oid: u32, v: &[u8], out: &mut Vec<u8>, scratch: &mut String) -> Result<(), String> {
+        let bad = || format!("binary COPY value of type {type_oid} is {} bytes", v.len());
+        let mut num = itoa::Buffer::new();
+        match type_oid {
+            oid::BOOL => out.extend_from_slice(match v {
+                [0] => b"false",
+                [_] => b"true",
+                _ => return Err(bad()),
+            }),
+            oid::INT2 => out.extend_from_slice(num.format(i16::from_be_bytes(v.try_into().map_err(|_| bad())?)).as_bytes()),
+            oid::INT4 => out.extend_from_slice(num.format(i32::from_be_bytes(v.try_into().map_err(|_| bad())?)).as_bytes()),
+            oid::INT8 => out.extend_from_slice(num.format(i64::from_be_bytes(v.try_into().map_err(|_| bad())?)).as_bytes()),
+            oid::TEXT | oid::VARCHAR | BPCHAR => {
+                if !crate::write_json_str(v, out) {
+                    return Err(format!("COPY value is not UTF-8: {:?}", String::from_utf8_lossy(v)));
+                }
+            }
+            oid::TIMESTAMPTZ if timestamptz_json(v, out) => {}
+            _ => {
+                scratch.clear();
+                text(type_oid, v, scratch)?;
+                super::super::types::write_json(type_oid, scratch, out);
+            }
+        }
+        Ok(())
+    }
+
+    /// A `timestamptz` in years 1 to 9999 as JSON (`"2026-01-05T10:00:00.120Z"`: the
+    /// fraction in 3 or 6 digits, as chrono's `AutoSi` and `types::write_json` write it).
+    /// False, writing nothing, for anything else.
+    fn timestamptz_json(v: &[u8], out: &mut Vec<u8>) -> bool {
+        let Ok(v) = <[u8; 8]>::try_from(v) else { return false };
+        let us = i64::from_be_bytes(v);
+        const DAY: i64 = 86_400_000_000;
+        let (days, time) = (us.div_euclid(DAY), us.rem_euclid(DAY));
+        let (year, month, day) = civil(days);
+        // (Also refuses ±infinity, i64::MAX and MIN: years past 290,000.)
+        if !(1..=9999).contains(&year) {
+            return false;
+        }
+        let (secs, frac) = (time / 1_000_000, time % 1_000_000);
+        out.push(b'"');
+        for (n, width, sep) in [(year, 4, b'-'), (month, 2, b'-'), (day, 2, b'T'), (secs / 3600, 2, b':'), (secs / 60 % 60, 2, b':'), (secs % 60, 2, b'.')] {
+            push_digits(out, n, width);
+            out.push(sep);
+        }
+        match frac {
+            0 => {
+                out.pop(); // the '.'
+            }
+            f if f % 1000 == 0 => push_digits(out, f / 1000, 3),
+            f => push_digits(out, f, 6),
+        }
+        out.extend_from_slice(b"Z\"");
+        true
+    }
+
+    /// `n` (0 to 10^width - 1) in `width` digits.
+    fn push_digits(out: &mut Vec<u8>, n: i64, width: usize) {
+        let at = out.len();
+        out.resize(at + width, b'0');
+        let mut n = n;
+        for d in out[at..].iter_mut().rev() {
+            *d = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+    }
+
     /// Writes value `v` of type `type_oid` (one of [`TYPES`]) in the binary format as the
     /// text PostgreSQL prints for it. Err: not a value of that type.
     pub fn text(type_oid: u32, v: &[u8], out: &mut String) -> Result<(), String> {
@@ -700,16 +816,7 @@ pub mod binary {
     /// four digits of year; years before 1 as 1 BC, 2 BC, ...: the caller adds ` BC`).
     /// Returns the astronomical year (0 = 1 BC).
     fn date(days: i64, out: &mut String) -> i64 {
-        // Howard Hinnant's days-to-civil, from 1970-01-01 (10,957 days before 2000-01-01).
-        let z = days + 10_957 + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z.rem_euclid(146_097);
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = doy - (153 * mp + 2) / 5 + 1;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 };
-        let year = yoe + era * 400 + i64::from(month <= 2);
+        let (year, month, day) = civil(days);
         let shown = if year > 0 { year } else { 1 - year };
         let mut num = itoa::Buffer::new();
         let shown = num.format(shown);
@@ -722,6 +829,20 @@ pub mod binary {
         out.push('-');
         two(out, day);
         year
+    }
+
+    /// Day `days` since 2000-01-01 (proleptic Gregorian) as (astronomical year, month, day).
+    fn civil(days: i64) -> (i64, i64, i64) {
+        // Howard Hinnant's days-to-civil, from 1970-01-01 (10,957 days before 2000-01-01).
+        let z = days + 10_957 + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        (yoe + era * 400 + i64::from(month <= 2), month, day)
     }
 
     /// `n` (0 to 99) as two digits.
@@ -801,14 +922,23 @@ mod tests {
         let copied = Copied::new(Rows::new(2), data.clone(), Some(types.clone())).unwrap();
         assert_eq!((copied.len(), copied.last_key(&info).unwrap()), (2, Some(vec!["-1".to_string()])));
         let rows = copied.rows().unwrap();
-        assert_eq!((rows.get(0, 0), rows.get(0, 1), rows.get(1, 0), rows.get(1, 1)), (Some("7"), Some("x\ty"), Some("-1"), None));
+        let text = |r, c| rows.text(r, c).unwrap().map(|t| t.into_owned());
+        assert_eq!((text(0, 0), text(0, 1), text(1, 0), text(1, 1)), (Some("7".into()), Some("x\ty".into()), Some("-1".into()), None));
+        let mut json = Vec::new();
+        for (r, c) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+            rows.write_json(r, c, types[c], &mut json, &mut String::new()).unwrap();
+            json.push(b' ');
+        }
+        assert_eq!(String::from_utf8(json).unwrap(), "7 \"x\\ty\" -1 null ");
         // Cut short, gone on after the trailer, a row of another width, no header.
         assert!(Copied::new(Rows::new(2), data[..data.len() - 3].to_vec(), Some(types.clone())).unwrap_err().contains("ends inside a row"));
         assert!(Copied::new(Rows::new(2), [&data[..], b"x"].concat(), Some(types.clone())).unwrap_err().contains("after its trailer"));
         assert!(Copied::new(Rows::new(3), data.clone(), Some(vec![20, 25, 25])).unwrap_err().contains("2 values, not 3"));
         assert!(Copied::new(Rows::new(2), data[1..].to_vec(), Some(types.clone())).unwrap_err().contains("no binary header"));
-        // A value of the wrong size for its type.
-        assert!(Copied::new(Rows::new(2), data, Some(vec![23, 25])).unwrap().rows().unwrap_err().contains("type 23 is 8 bytes"));
+        // A value of the wrong size for its type: refused when written.
+        let rows = Copied::new(Rows::new(2), data, Some(vec![23, 25])).unwrap().rows().unwrap();
+        assert!(rows.write_json(0, 0, 23, &mut Vec::new(), &mut String::new()).unwrap_err().contains("type 23 is 8 bytes"));
+        assert!(rows.text(0, 0).unwrap_err().contains("type 23 is 8 bytes"));
     }
 
     proptest::proptest! {
@@ -820,9 +950,44 @@ mod tests {
             let _ = binary::text(binary::TYPES[t].0, &noise, &mut text);
             let with_header = [&b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0"[..], &noise].concat();
             for data in [noise.clone(), with_header] {
-                if let Ok(c) = Copied::new(Rows::new(2), data, Some(vec![binary::TYPES[t].0, binary::TYPES[(t + 1) % binary::TYPES.len()].0])) {
+                let types = vec![binary::TYPES[t].0, binary::TYPES[(t + 1) % binary::TYPES.len()].0];
+                if let Ok(c) = Copied::new(Rows::new(2), data, Some(types.clone())) {
                     let _ = c.last_key(&table(&[("a", 0, "", true), ("b", 0, "", false)]));
-                    let _ = c.rows();
+                    if let Ok(rows) = c.rows() {
+                        for r in 0..rows.len() {
+                            for c in 0..2 {
+                                let _ = rows.write_json(r, c, types[c], &mut Vec::new(), &mut String::new());
+                                let _ = rows.text(r, c);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        /// A binary value's JSON is what the JSON of its text would be (the events written
+        /// from binary COPY are those written from text COPY), and refused alike.
+        #[test]
+        fn binary_json_is_the_json_of_the_text(t in 0..binary::TYPES.len(), n in proptest::prelude::any::<i64>(),
+                                               near in -200_000i64 * 86_400_000_000..3_000_000 * 86_400_000_000,
+                                               ms in proptest::prelude::any::<bool>(), s in "(?s).{0,8}", noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..17)) {
+            let ty = binary::TYPES[t].0;
+            // A timestamp within years ~1450 to ~10200 (some on whole milliseconds), or any.
+            let near = if ms { near - near % 1000 } else { near };
+            let values: Vec<Vec<u8>> = vec![n.to_be_bytes().to_vec(), near.to_be_bytes().to_vec(), (n as i32).to_be_bytes().to_vec(),
+                                             (n as i16).to_be_bytes().to_vec(), vec![n as u8], s.clone().into_bytes(), noise.clone(),
+                                             i64::MAX.to_be_bytes().to_vec(), i64::MIN.to_be_bytes().to_vec(), i32::MAX.to_be_bytes().to_vec()];
+            for v in values {
+                let mut text = String::new();
+                let (mut json, mut scratch) = (Vec::new(), String::new());
+                match binary::text(ty, &v, &mut text) {
+                    Ok(()) => {
+                        binary::json(ty, &v, &mut json, &mut scratch).unwrap();
+                        let mut want = Vec::new();
+                        super::super::types::write_json(ty, &text, &mut want);
+                        proptest::prop_assert_eq!(String::from_utf8(json).unwrap(), String::from_utf8(want).unwrap(), "{} {:?}", ty, text);
+                    }
+                    Err(_) => proptest::prop_assert!(binary::json(ty, &v, &mut json, &mut scratch).is_err()),
                 }
             }
         }

@@ -437,10 +437,11 @@ struct Txn {
     text: events::TxnText,
 }
 
-/// Changes waiting to be written, per (stream, partition), in order.
+/// Changes waiting to be written, per (stream, partition), in order: their positions and,
+/// apart, the records (handed to the log as they are, without a copy to drop positions).
 #[derive(Default)]
 pub(crate) struct Pending {
-    pub(crate) groups: Vec<(Arc<Stream>, u32, Vec<(Position, Record)>)>,
+    pub(crate) groups: Vec<(Arc<Stream>, u32, Vec<Position>, Vec<Record>)>,
     pub(crate) records: usize,
     /// The end LSN of the last whole transaction in the group: confirmed once written.
     pub(crate) commit_end: Option<u64>,
@@ -452,14 +453,17 @@ pub(crate) struct Pending {
 impl Pending {
     pub(crate) fn push(&mut self, stream: &Arc<Stream>, partition: u32, pos: Position, r: Record) {
         // Few groups (streams × partitions written together): a scan beats hashing a name.
-        let i = match self.groups.iter().position(|(s, p, _)| *p == partition && Arc::ptr_eq(s, stream)) {
+        let i = match self.groups.iter().position(|(s, p, ..)| *p == partition && Arc::ptr_eq(s, stream)) {
             Some(i) => i,
             None => {
-                self.groups.push((stream.clone(), partition, Vec::with_capacity(self.hint + self.hint / 8)));
+                let room = self.hint + self.hint / 8;
+                self.groups.push((stream.clone(), partition, Vec::with_capacity(room), Vec::with_capacity(room)));
                 self.groups.len() - 1
             }
         };
-        self.groups[i].2.push((pos, r));
+        let g = &mut self.groups[i];
+        g.2.push(pos);
+        g.3.push(r);
         self.records += 1;
     }
 
@@ -1236,16 +1240,18 @@ fn fresh_batches(
     let p = std::mem::take(pending);
     pending.hint = if p.groups.is_empty() { p.hint } else { p.records / p.groups.len() };
     let mut batches = Vec::new();
-    for (stream, partition, recs) in p.groups {
+    for (stream, partition, positions, mut records) in p.groups {
         let k = (stream.name().to_string(), partition);
         let done = written.get(&k).copied();
-        let n = recs.len();
-        let fresh: Vec<(Position, Record)> = recs.into_iter().filter(|(pos, _)| done.is_none_or(|d| *pos > d)).collect();
-        if fresh.len() < n {
-            tracing::info!(source, stream = stream.name(), partition, "dropped {} re-sent changes the log already holds", n - fresh.len());
+        let fresh = |pos: &Position| done.is_none_or(|d| *pos > d);
+        let n = records.len();
+        // Usually every one is fresh (re-sent changes follow a reconnect): nothing moves then.
+        let mut at = positions.iter();
+        records.retain(|_| at.next().is_some_and(fresh));
+        if records.len() < n {
+            tracing::info!(source, stream = stream.name(), partition, "dropped {} re-sent changes the log already holds", n - records.len());
         }
-        let Some(last) = fresh.last().map(|(pos, _)| *pos) else { continue };
-        let records: Vec<Record> = fresh.into_iter().map(|(_, r)| r).collect();
+        let Some(&last) = positions.iter().rev().find(|pos| fresh(pos)) else { continue };
         let part = stream.partition(partition).ok_or_else(|| anyhow::anyhow!("stream {} has no partition {partition}", stream.name()))?.clone();
         batches.push((part, records));
         written.insert(k, last);
@@ -1329,5 +1335,32 @@ mod tests {
         assert!(matches!(first.next().await, Some(Err(_))));
         assert_eq!(part.next_offset(), 3);
         drop(second);
+    }
+
+    #[test]
+    fn changes_at_or_below_what_the_log_holds_are_dropped_per_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = sluice_log::Log::open(dir.path(), Default::default()).unwrap();
+        let stream = log.create_stream("src_t", sluice_log::StreamOptions { partitions: 2, ..Default::default() }).unwrap();
+        let mut written = HashMap::from([(("src_t".to_string(), 0), (0x20, 1))]);
+        let mut pending = Pending::default();
+        for (p, lsn, seq) in [(0, 0x20, 0), (1, 0x20, 0), (0, 0x20, 1), (0, 0x20, 2), (1, 0x30, 0), (0, 0x30, 0)] {
+            pending.push(&stream, p, (lsn, seq), change(lsn, seq));
+        }
+        pending.commit_end = Some(0x40);
+        let (batches, end) = fresh_batches("src", &mut pending, &mut written).unwrap_or_else(|_| panic!("fresh batches"));
+        let seen: Vec<(u32, Vec<String>)> = batches
+            .iter()
+            .map(|(part, records)| (part.id(), records.iter().map(|r| serde_json::from_slice::<Json>(&r.value).unwrap()["transaction"].to_string()).collect()))
+            .collect();
+        let t = |lsn: u64, seq: u64| json!({"lsn": Lsn(lsn).to_string(), "seq": seq}).to_string();
+        // Partition 0 holds (0x20, 1): its first two changes are dropped; partition 1 holds nothing.
+        assert_eq!(seen, vec![(0, vec![t(0x20, 2), t(0x30, 0)]), (1, vec![t(0x20, 0), t(0x30, 0)])]);
+        assert_eq!((end, written[&("src_t".to_string(), 0)], written[&("src_t".to_string(), 1)]), (Some(0x40), (0x30, 0), (0x30, 0)));
+        assert!(pending.is_empty());
+        // All of a partition's changes already held: no batch for it, its position unchanged.
+        pending.push(&stream, 0, (0x30, 0), change(0x30, 0));
+        let (batches, _) = fresh_batches("src", &mut pending, &mut written).unwrap_or_else(|_| panic!("fresh batches"));
+        assert!(batches.is_empty() && written[&("src_t".to_string(), 0)] == (0x30, 0));
     }
 }

@@ -675,17 +675,9 @@ pub mod binary {
     /// text for the common types (`scratch`: room for the others' text). Err: not a value
     /// of that type.
     pub fn json(type_oid: u32, v: &[u8], out: &mut Vec<u8>, scratch: &mut String) -> Result<(), String> {
-        let bad = || format!("binary COPY value of type {type_oid} is {} bytes", v.len());
-        let mut num = itoa::Buffer::new();
         match type_oid {
-            oid::BOOL => out.extend_from_slice(match v {
-                [0] => b"false",
-                [_] => b"true",
-                _ => return Err(bad()),
-            }),
-            oid::INT2 => out.extend_from_slice(num.format(i16::from_be_bytes(v.try_into().map_err(|_| bad())?)).as_bytes()),
-            oid::INT4 => out.extend_from_slice(num.format(i32::from_be_bytes(v.try_into().map_err(|_| bad())?)).as_bytes()),
-            oid::INT8 => out.extend_from_slice(num.format(i64::from_be_bytes(v.try_into().map_err(|_| bad())?)).as_bytes()),
+            oid::BOOL => out.extend_from_slice(if boolean(type_oid, v)? { b"true" } else { b"false" }),
+            oid::INT2 | oid::INT4 | oid::INT8 => out.extend_from_slice(itoa::Buffer::new().format(integer(type_oid, v)?).as_bytes()),
             oid::TEXT | oid::VARCHAR | BPCHAR => {
                 if !crate::write_json_str(v, out) {
                     return Err(format!("COPY value is not UTF-8: {:?}", String::from_utf8_lossy(v)));
@@ -706,15 +698,12 @@ pub mod binary {
     /// False, writing nothing, for anything else.
     fn timestamptz_json(v: &[u8], out: &mut Vec<u8>) -> bool {
         let Ok(v) = <[u8; 8]>::try_from(v) else { return false };
-        let us = i64::from_be_bytes(v);
-        const DAY: i64 = 86_400_000_000;
-        let (days, time) = (us.div_euclid(DAY), us.rem_euclid(DAY));
+        let (days, secs, frac) = split_micros(i64::from_be_bytes(v));
         let (year, month, day) = civil(days);
         // (Also refuses ±infinity, i64::MAX and MIN: years past 290,000.)
         if !(1..=9999).contains(&year) {
             return false;
         }
-        let (secs, frac) = (time / 1_000_000, time % 1_000_000);
         out.push(b'"');
         for (n, width, sep) in [(year, 4, b'-'), (month, 2, b'-'), (day, 2, b'T'), (secs / 3600, 2, b':'), (secs / 60 % 60, 2, b':'), (secs % 60, 2, b'.')] {
             push_digits(out, n, width);
@@ -745,17 +734,10 @@ pub mod binary {
     /// Writes value `v` of type `type_oid` (one of [`TYPES`]) in the binary format as the
     /// text PostgreSQL prints for it. Err: not a value of that type.
     pub fn text(type_oid: u32, v: &[u8], out: &mut String) -> Result<(), String> {
-        let bad = || format!("binary COPY value of type {type_oid} is {} bytes", v.len());
-        let mut num = itoa::Buffer::new();
+        let bad = || wrong_size(type_oid, v);
         match type_oid {
-            oid::BOOL => out.push(match v {
-                [0] => 'f',
-                [_] => 't',
-                _ => return Err(bad()),
-            }),
-            oid::INT2 => out.push_str(num.format(i16::from_be_bytes(v.try_into().map_err(|_| bad())?))),
-            oid::INT4 => out.push_str(num.format(i32::from_be_bytes(v.try_into().map_err(|_| bad())?))),
-            oid::INT8 => out.push_str(num.format(i64::from_be_bytes(v.try_into().map_err(|_| bad())?))),
+            oid::BOOL => out.push(if boolean(type_oid, v)? { 't' } else { 'f' }),
+            oid::INT2 | oid::INT4 | oid::INT8 => out.push_str(itoa::Buffer::new().format(integer(type_oid, v)?)),
             oid::TEXT | oid::VARCHAR | BPCHAR => out.push_str(std::str::from_utf8(v).map_err(|e| format!("COPY value is not UTF-8: {e}"))?),
             oid::UUID => {
                 let v: &[u8; 16] = v.try_into().map_err(|_| bad())?;
@@ -779,11 +761,8 @@ pub mod binary {
                 i64::MAX => out.push_str("infinity"),
                 i64::MIN => out.push_str("-infinity"),
                 us => {
-                    // Microseconds since 2000-01-01 00:00 (UTC for timestamptz).
-                    const DAY: i64 = 86_400_000_000;
-                    let (days, time) = (us.div_euclid(DAY), us.rem_euclid(DAY));
+                    let (days, secs, frac) = split_micros(us);
                     let year = date(days, out);
-                    let (secs, frac) = (time / 1_000_000, time % 1_000_000);
                     out.push(' ');
                     two(out, secs / 3600);
                     out.push(':');
@@ -829,6 +808,36 @@ pub mod binary {
         out.push('-');
         two(out, day);
         year
+    }
+
+    fn wrong_size(type_oid: u32, v: &[u8]) -> String {
+        format!("binary COPY value of type {type_oid} is {} bytes", v.len())
+    }
+
+    /// A `bool` value. Err: not one byte.
+    fn boolean(type_oid: u32, v: &[u8]) -> Result<bool, String> {
+        match v {
+            [b] => Ok(*b != 0),
+            _ => Err(wrong_size(type_oid, v)),
+        }
+    }
+
+    /// A value of integer type `type_oid` (int2, int4 or int8). Err: not of its width.
+    fn integer(type_oid: u32, v: &[u8]) -> Result<i64, String> {
+        let bad = |_| wrong_size(type_oid, v);
+        Ok(match type_oid {
+            oid::INT2 => i16::from_be_bytes(v.try_into().map_err(bad)?).into(),
+            oid::INT4 => i32::from_be_bytes(v.try_into().map_err(bad)?).into(),
+            _ => i64::from_be_bytes(v.try_into().map_err(bad)?),
+        })
+    }
+
+    /// A timestamp's microseconds since 2000-01-01 00:00 (UTC for timestamptz) as (days since
+    /// then, seconds into the day, microseconds into the second).
+    fn split_micros(us: i64) -> (i64, i64, i64) {
+        const DAY: i64 = 86_400_000_000;
+        let (days, time) = (us.div_euclid(DAY), us.rem_euclid(DAY));
+        (days, time / 1_000_000, time % 1_000_000)
     }
 
     /// Day `days` since 2000-01-01 (proleptic Gregorian) as (astronomical year, month, day).

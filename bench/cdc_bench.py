@@ -55,6 +55,32 @@ class Pg:
         subprocess.run(as_pg([f"{self.bin}/pg_ctl", "-m", "immediate", "-D", self.data, "stop"]), stdout=subprocess.DEVNULL)
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid):
+    """CPU seconds (user + system) process `pid` has used so far; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICK
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def named_cpu_s(comm):
+    """{pid: CPU seconds used so far} of the live processes named `comm` (a server's)."""
+    out = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() == comm:
+                    out[pid] = cpu_s(pid)
+        except OSError:
+            pass
+    return out
+
+
 def wait(pred, what, timeout=1800):
     t = time.monotonic()
     while not pred():
@@ -88,22 +114,26 @@ def catch_up_round(a, d, cfg, ref):
     return out
 
 
-def snapshot_round(a, d, cfg, table):
+def snapshot_round(a, d, cfg, table, db_cpu):
     """One snapshot round of (b): Sluice started in `d` with `cfg` snapshots `table` (a.rows
     rows, mirrored as snap_snap). (rows/s into the log, seconds from the snapshot done to the
-    mirror complete, peak RSS MiB); `d` is removed."""
+    mirror complete, peak RSS MiB, CPU seconds Sluice used until the snapshot was done and
+    the database server's processes meanwhile (`db_cpu()`: {pid: CPU seconds so far}));
+    `d` is removed."""
     t = time.monotonic()
+    db0 = db_cpu()
     s = Sluice(a.bin, d, cfg)
     done = lambda: any(j.get("state") == "done" and j.get("table") == table for j in source(s).get("snapshots", []))
     wait(done, "the snapshot")
     snap_el = time.monotonic() - t
+    cpu, db = cpu_s(s.proc.pid), sum(c - db0.get(pid, 0.0) for pid, c in db_cpu().items())
     wait(lambda: (s.stream("snap_snap") or {}).get("lag", 1) == 0, "the snapshot's mirror")
     mirror_el = time.monotonic() - t
     assert s.query("SELECT count(*) AS n FROM snap_snap")[0]["n"] == a.rows
     rss = s.peak_rss_mib()
     s.stop()
     shutil.rmtree(d, ignore_errors=True)
-    return a.rows / snap_el, mirror_el - snap_el, rss
+    return a.rows / snap_el, mirror_el - snap_el, rss, cpu, db
 
 
 def pct(xs, q):
@@ -226,28 +256,37 @@ def main():
         pg.sql("CREATE TABLE snap (id bigint PRIMARY KEY, v text, n int, at timestamptz)")
         pg.sql(f"INSERT INTO snap SELECT g, 'value ' || g, g % 1000, now() FROM generate_series(1, {a.rows}) g")
         pg.sql("VACUUM ANALYZE snap")
+        # The server's own part of a snapshot: the COPY of each chunk Sluice reads (binary, in
+        # key order after the last chunk's key; the ids are 1..rows), sent by psql to /dev/null.
+        chunks = os.path.join(work, "chunks.sql")
+        with open(chunks, "w") as f:
+            for k in range(0, a.rows, 16384):
+                f.write("\\copy (SELECT t.id::pg_catalog.int8, t.v::pg_catalog.text, t.n::pg_catalog.int4, t.at::pg_catalog.timestamptz "
+                        f"FROM public.snap t WHERE (t.id) > ({k}) ORDER BY t.id LIMIT 16384) TO '/dev/null' (FORMAT binary)\n")
+        psql = [f"{pg.bin}/psql", "-X", "-q", "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres", "-d", "postgres"]
         # Alternating rounds, as in (a): a snapshot takes ~2 s, and single runs of either side
         # moved by a third on the shared machine. Each Sluice round makes its own slot.
         snap_rounds = []
         for r in range(a.rounds):
             t = time.monotonic()
-            subprocess.run([f"{pg.bin}/psql", "-X", "-q", "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres", "-d", "postgres",
-                            "-c", "\\copy (SELECT * FROM snap) TO '/dev/null'"], check=True)
+            subprocess.run(psql + ["-c", "\\copy (SELECT * FROM snap) TO '/dev/null'"], check=True)
             copy = a.rows / (time.monotonic() - t)
+            t = time.monotonic()
+            subprocess.run(psql + ["-f", chunks], check=True)
+            floor = a.rows / (time.monotonic() - t)
             d = os.path.join(work, f"snap{r}"); os.makedirs(d)
             cfg = (f"lake:\n  flush_interval: 1s\nsources:\n  snap:\n    postgres:\n      url: {pg.url}\n      slot: sluice_snap{r}\n"
                    "      publication: pub\n      snapshot_chunk: 16384\n      tables:\n        include: [public.snap]\n")
-            snapped, mirror_after, rss = snapshot_round(a, d, cfg, "public.snap")
+            snapped, mirror_after, rss, cpu, db = snapshot_round(a, d, cfg, "public.snap", lambda: named_cpu_s("postgres"))
             pg.sql(f"SELECT pg_drop_replication_slot('sluice_snap{r}')")
-            snap_rounds.append((snapped / copy, snapped, copy, mirror_after, rss))
+            snap_rounds.append((snapped / copy, snapped, copy, mirror_after, rss, floor, cpu, db))
         snap_rounds.sort()
-        snap_ratio, snapped, copy, snap_mirror_after, snap_rss = snap_rounds[len(snap_rounds) // 2]
+        snap_ratio, snapped, copy, snap_mirror_after, snap_rss, floor, snap_cpu, snap_db = snap_rounds[len(snap_rounds) // 2]
 
         # (c) mirror lag at a steady change rate
         pg.sql("CREATE TABLE lag (id bigint PRIMARY KEY, v text, n int)")
         cfg = (f"    postgres:\n      url: {pg.url}\n      slot: sluice_lag\n"
                "      publication: pub\n      snapshot: never\n      tables:\n        include: [public.lag]\n")
-        psql = [f"{pg.bin}/psql", "-X", "-q", "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres", "-d", "postgres"]
         tick = lambda lo, n, old: (f"BEGIN; INSERT INTO lag SELECT g, 'v' || g, 0 FROM generate_series({lo}, {lo + n - 1}) g; "
                                    f"UPDATE lag SET n = n + 1 WHERE id >= {old} AND id < {old + n}; COMMIT;")
         lags, lag_rate, lag_rss = lag_run(a, work, cfg, psql, tick, "lag_lag")
@@ -273,7 +312,10 @@ def main():
              f"({mirror_el:.1f} s from start); peak RSS {stream_rss:,.0f} MiB. This is catch-up of a backlog; (c) is the lag of a steady stream.",
              f"- (b) the median of {len(snap_rounds)} alternating rounds (COPY, then Sluice with a new slot); the rounds' ratios: "
              + ", ".join(f"{r[0]:.2f}x ({r[1]:,.0f} vs {r[2]:,.0f})" for r in snap_rounds)
-             + f". In the median round the mirror held all rows {snap_mirror_after:.1f} s after the snapshot finished; peak RSS {snap_rss:,.0f} MiB.",
+             + f". In the median round the mirror held all rows {snap_mirror_after:.1f} s after the snapshot finished; peak RSS {snap_rss:,.0f} MiB. "
+             f"Until the snapshot was done Sluice used {snap_cpu:.2f} CPU-s (capture, and landing in the mirror on what CPU was left) and "
+             f"PostgreSQL's processes {snap_db:.2f} CPU-s, on 2 cores. The server's own part, the same {-(-a.rows // 16384)} chunk COPYs "
+             f"(binary, by key) sent by psql to /dev/null, ran at {floor:,.0f} rows/s ({floor / copy:.2f}x of COPY) in that round.",
              f"- (c) lag of each inserted row, from handing its transaction to psql to the end of the first query (polling every 50 ms) "
              f"that saw it in the mirror; {len(lags):,} rows; peak RSS {lag_rss:,.0f} MiB.",
              ""]

@@ -115,7 +115,7 @@ def main():
         # What MariaDB's own client gets reading the table over the wire and discarding the
         # rows (--quick: row by row, as Sluice reads): the whole table in one SELECT, and in
         # the chunks Sluice reads (16,384 rows in key order after the last chunk's key; the
-        # ids are 1..rows). The bound on any client of one connection.
+        # ids are 1..rows): what a client on one connection gets before any work on the rows.
         reader = ["mariadb", "-u", "root", "-h", "127.0.0.1", f"--port={db.port}", "--quick", "-N", "-B", "-e"]
         chunked = "; ".join(f"SELECT * FROM bench.snap WHERE (id) > ({k}) ORDER BY id LIMIT 16384" for k in range(0, a.rows, 16384))
         floors = []

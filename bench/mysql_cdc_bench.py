@@ -115,21 +115,25 @@ def main():
         # What MariaDB's own client gets reading the table over the wire and discarding the
         # rows (--quick: row by row, as Sluice reads): the whole table in one SELECT, and in
         # the chunks Sluice reads (16,384 rows in key order after the last chunk's key; the
-        # ids are 1..rows): what a client on one connection gets before any work on the rows.
+        # ids are 1..rows), with the CPU seconds the client and the server spent on it.
         reader = ["mariadb", "-u", "root", "-h", "127.0.0.1", f"--port={db.port}", "--quick", "-N", "-B", "-e"]
         chunked = "; ".join(f"SELECT * FROM bench.snap WHERE (id) > ({k}) ORDER BY id LIMIT 16384" for k in range(0, a.rows, 16384))
-        floors = []
+        floors, outfile_s = [], []
         for r in range(a.rounds):
             out = os.path.join(work, f"outfile{r}.tsv")
             t = time.monotonic()
             db.sql(f"SELECT * INTO OUTFILE '{out}' FROM bench.snap")
             copy = a.rows / (time.monotonic() - t)
+            outfile_s.append(a.rows / copy)
             os.remove(out)
             floor = []
             for q in ("SELECT * FROM bench.snap", chunked):
-                t = time.monotonic()
-                subprocess.run(reader + [q], check=True, stdout=subprocess.DEVNULL)
-                floor.append(a.rows / (time.monotonic() - t) / copy)
+                t, server = time.monotonic(), cpu_s(db.proc.pid)
+                p = subprocess.Popen(reader + [q], stdout=subprocess.DEVNULL)
+                _, status, usage = os.wait4(p.pid, 0)
+                if status != 0:
+                    raise SystemExit(f"mariadb exited with status {status} reading the table")
+                floor.append((a.rows / (time.monotonic() - t) / copy, usage.ru_utime + usage.ru_stime, cpu_s(db.proc.pid) - server))
             floors.append(floor)
             for method, extra in [("position", ""), ("watermarks", "      watermark_table: bench.sluice_watermark\n")]:
                 d = os.path.join(work, f"snap_{method}{r}"); os.makedirs(d)
@@ -177,8 +181,10 @@ def main():
              f"snapshot finished; peak RSS {med['position'][4]:,.0f} MiB ((b') {med['watermarks'][4]:,.0f} MiB). Until (b) was done "
              f"Sluice used {med['position'][5]:.2f} CPU-s (capture, and landing in the mirror on what CPU was left) and mariadbd "
              f"{med['position'][6]:.2f} CPU-s, on 2 cores. MariaDB's own client (mariadb --quick, rows to /dev/null) read the table "
-             "over the wire at " + ", ".join(f"{f[0]:.2f}x" for f in floors) + " of the round's OUTFILE in one SELECT, and at "
-             + ", ".join(f"{f[1]:.2f}x" for f in floors) + " in Sluice's chunks: what its own client reaches on one connection, before any work on the rows.",
+             "over the wire at " + ", ".join(f"{f[0][0]:.2f}x" for f in floors) + " of the round's OUTFILE in one SELECT, and at "
+             + ", ".join(f"{f[1][0]:.2f}x" for f in floors) + " in Sluice's chunks; for the chunks the client used "
+             + ", ".join(f"{f[1][1]:.2f}" for f in floors) + " CPU-s and mariadbd " + ", ".join(f"{f[1][2]:.2f}" for f in floors)
+             + " CPU-s (its OUTFILE: " + ", ".join(f"{c:.2f} s" for c in outfile_s) + ").",
              f"- (c) lag of each inserted row, from handing its transaction to the mariadb client to the end of the first query "
              f"(polling every 50 ms) that saw it in the mirror; {len(lags):,} rows; peak RSS {lag_rss:,.0f} MiB.",
              ""]

@@ -24,7 +24,7 @@ import argparse, os, shutil, statistics, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ingest_bench import Sluice  # noqa: E402
-from cdc_bench import Pg, wait, source, cpu_s, named_cpu_s  # noqa: E402
+from cdc_bench import Pg, wait, source, cpu_s, named_cpu_s, write_chunk_copies  # noqa: E402
 
 CHUNK = 16384
 
@@ -99,10 +99,7 @@ def main():
         pg.sql(f"INSERT INTO snap SELECT g, 'value ' || g, g % 1000, now() FROM generate_series(1, {a.rows}) g")
         pg.sql("VACUUM ANALYZE snap")
         chunks = os.path.join(work, "chunks.sql")
-        with open(chunks, "w") as f:
-            for k in range(0, a.rows, CHUNK):
-                f.write("\\copy (SELECT t.id::pg_catalog.int8, t.v::pg_catalog.text, t.n::pg_catalog.int4, t.at::pg_catalog.timestamptz "
-                        f"FROM public.snap t WHERE (t.id) > ({k}) ORDER BY t.id LIMIT {CHUNK}) TO '/dev/null' (FORMAT binary)\n")
+        write_chunk_copies(chunks, a.rows, CHUNK)
         psql = [f"{pg.bin}/psql", "-X", "-q", "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres", "-d", "postgres"]
         results = {name: [] for name, _, _ in a.variant}
         copies, floors = [], []

@@ -81,11 +81,14 @@ def named_cpu_s(comm):
     return out
 
 
-def write_chunk_copies(path, rows, chunk=16384):
-    """The psql script of the COPYs a snapshot of (b)'s table reads (binary, `chunk` rows in
-    key order after the last chunk's key; the ids are 1..rows), each to /dev/null: the
-    database's own part of the snapshot."""
-    with open(path, "w") as f:
+def snap_table(pg, rows, chunks, chunk=16384):
+    """Creates (b)'s table `snap` of `rows` rows (ids 1..rows) and writes to file `chunks` the
+    psql script of the COPYs a snapshot of it reads (binary, `chunk` rows in key order after
+    the last chunk's key), each to /dev/null: the database's own part of the snapshot."""
+    pg.sql("CREATE TABLE snap (id bigint PRIMARY KEY, v text, n int, at timestamptz)")
+    pg.sql(f"INSERT INTO snap SELECT g, 'value ' || g, g % 1000, now() FROM generate_series(1, {rows}) g")
+    pg.sql("VACUUM ANALYZE snap")
+    with open(chunks, "w") as f:
         for k in range(0, rows, chunk):
             f.write("\\copy (SELECT t.id::pg_catalog.int8, t.v::pg_catalog.text, t.n::pg_catalog.int4, t.at::pg_catalog.timestamptz "
                     f"FROM public.snap t WHERE (t.id) > ({k}) ORDER BY t.id LIMIT {chunk}) TO '/dev/null' (FORMAT binary)\n")
@@ -263,12 +266,9 @@ def main():
         ratio, streamed, ref, catch_up, mirror_el, stream_rss = rounds[len(rounds) // 2]
 
         # (b) snapshot
-        pg.sql("CREATE TABLE snap (id bigint PRIMARY KEY, v text, n int, at timestamptz)")
-        pg.sql(f"INSERT INTO snap SELECT g, 'value ' || g, g % 1000, now() FROM generate_series(1, {a.rows}) g")
-        pg.sql("VACUUM ANALYZE snap")
-        # The server's own part of a snapshot: the COPY of each chunk Sluice reads, sent by psql.
+        # With the server's own part of a snapshot: the COPY of each chunk Sluice reads, from psql.
         chunks = os.path.join(work, "chunks.sql")
-        write_chunk_copies(chunks, a.rows)
+        snap_table(pg, a.rows, chunks)
         psql = [f"{pg.bin}/psql", "-X", "-q", "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres", "-d", "postgres"]
         # Alternating rounds, as in (a): a snapshot takes ~2 s, and single runs of either side
         # moved by a third on the shared machine. Each Sluice round makes its own slot.

@@ -24,7 +24,7 @@ import argparse, os, shutil, statistics, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ingest_bench import Sluice  # noqa: E402
-from cdc_bench import Pg, wait, source, cpu_s, named_cpu_s, write_chunk_copies  # noqa: E402
+from cdc_bench import Pg, wait, source, cpu_s, named_cpu_s, snap_table  # noqa: E402
 
 CHUNK = 16384
 
@@ -95,11 +95,8 @@ def main():
     pg = Pg(work)
     try:
         pg.sql("CREATE PUBLICATION pub FOR ALL TABLES")
-        pg.sql("CREATE TABLE snap (id bigint PRIMARY KEY, v text, n int, at timestamptz)")
-        pg.sql(f"INSERT INTO snap SELECT g, 'value ' || g, g % 1000, now() FROM generate_series(1, {a.rows}) g")
-        pg.sql("VACUUM ANALYZE snap")
         chunks = os.path.join(work, "chunks.sql")
-        write_chunk_copies(chunks, a.rows, CHUNK)
+        snap_table(pg, a.rows, chunks, CHUNK)
         psql = [f"{pg.bin}/psql", "-X", "-q", "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres", "-d", "postgres"]
         results = {name: [] for name, _, _ in a.variant}
         copies, floors = [], []

@@ -8,7 +8,7 @@ timestamptz; --rows rows). Each round runs psql's whole-table COPY (the referenc
 chunk COPYs Sluice sends from psql (the database's own part), then every variant in turn,
 each with a new slot: a snapshot in chunks of 16,384 rows with the lake flushing every
 second, as in (b). Per variant and round it prints the seconds from start to the snapshot
-done, Sluice's CPU seconds then and PostgreSQL's meanwhile, the seconds until the mirror held
+done (and by the snapshot's own clock, queued to done), Sluice's CPU seconds then and PostgreSQL's meanwhile, the seconds until the mirror held
 every row and Sluice's CPU seconds then; at the end the medians.
 
     python3 bench/snapshot_ab.py --variant old=/tmp/bins/old --variant new=/tmp/bins/new \\
@@ -17,14 +17,15 @@ every row and Sluice's CPU seconds then; at the end the medians.
 A variant is NAME=BINARY, optionally followed by @ and comma-separated settings:
 `nolake` (`lake: enabled: false`), `flush=DURATION` (the lake's flush_interval),
 `codec=CODEC` (the table stream's codec), `malloc=OPTS` (jemalloc options for that process,
-`+` between them, e.g. `malloc=narenas:1+dirty_decay_ms:-1`). --log DIR keeps each run's
+`+` between them, e.g. `malloc=narenas:1+dirty_decay_ms:-1`), `env=NAME:VALUE` (environment
+variables for that process, `+` between them). --log DIR keeps each run's
 server log with the sources' debug logging (per chunk: read, select, high watermark).
 """
 import argparse, os, shutil, statistics, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ingest_bench import Sluice  # noqa: E402
-from cdc_bench import Pg, wait, source, cpu_s, named_cpu_s, snap_table  # noqa: E402
+from cdc_bench import Pg, wait, source, cpu_s, named_cpu_s, snap_table, snapshot_seconds  # noqa: E402
 
 CHUNK = 16384
 
@@ -37,7 +38,7 @@ def variant(spec):
     settings = {}
     for o in filter(None, opts.split(",")):
         k, _, v = o.partition("=")
-        if k not in ("nolake", "flush", "codec", "malloc"):
+        if k not in ("nolake", "flush", "codec", "malloc", "env"):
             raise argparse.ArgumentTypeError(f"{spec!r}: unknown setting {k!r}")
         settings[k] = v
     return name, binary, settings
@@ -56,9 +57,14 @@ def run(a, pg, work, name, binary, settings, r):
     env_before = dict(os.environ)
     if "malloc" in settings:
         os.environ["_RJEM_MALLOC_CONF"] = settings["malloc"].replace("+", ",")
+    if "env" in settings:
+        for kv in settings["env"].split("+"):
+            k, _, v = kv.partition(":")
+            os.environ[k] = v
     if a.log:
         os.environ["SLUICE_LOG"] = "info,sluice_connect=debug"
     try:
+        time.sleep(0.3)  # earlier connections' server processes gone, counted in named_cpu_s
         t, pg0 = time.monotonic(), named_cpu_s("postgres")
         s = Sluice(binary, d, config(pg, f"ab_{name}{r}", settings))
     finally:
@@ -67,6 +73,7 @@ def run(a, pg, work, name, binary, settings, r):
     done = lambda: any(j.get("state") == "done" for j in source(s).get("snapshots", []))
     wait(done, "the snapshot")
     snap = time.monotonic() - t
+    own = snapshot_seconds(s, "public.snap")
     cpu = cpu_s(s.proc.pid)
     pgc = sum(c - pg0.get(pid, 0.0) for pid, c in named_cpu_s("postgres").items())
     mirror, total = float("nan"), cpu
@@ -81,7 +88,7 @@ def run(a, pg, work, name, binary, settings, r):
         shutil.copy(os.path.join(d, "server.log"), os.path.join(a.log, f"{name}-{r}.log"))
     pg.sql(f"SELECT pg_drop_replication_slot('ab_{name}{r}')")
     shutil.rmtree(d, ignore_errors=True)
-    return snap, cpu, pgc, mirror, total
+    return snap, own, cpu, pgc, mirror, total
 
 
 def main():
@@ -109,15 +116,16 @@ def main():
             floors.append(time.monotonic() - t)
             print(f"round {r}: COPY {copies[-1]:.3f} s, the chunk COPYs from psql {floors[-1]:.3f} s", flush=True)
             for name, binary, settings in a.variant:
-                snap, cpu, pgc, mirror, total = run(a, pg, work, name, binary, settings, r)
-                results[name].append((snap, cpu, pgc, mirror, total))
-                print(f"round {r} {name}: snapshot {snap:.3f} s ({copies[-1] / snap:.2f}x COPY), CPU {cpu:.2f} s, PostgreSQL "
+                snap, own, cpu, pgc, mirror, total = run(a, pg, work, name, binary, settings, r)
+                results[name].append((snap, cpu, pgc, mirror, total, own))
+                print(f"round {r} {name}: snapshot {snap:.3f} s ({copies[-1] / snap:.2f}x COPY; by its own clock {own:.3f} s, "
+                      f"{copies[-1] / own:.2f}x), CPU {cpu:.2f} s, PostgreSQL "
                       f"{pgc:.2f} s; mirror {mirror:.2f} s later, CPU {total:.2f} s", flush=True)
         med = statistics.median
         print(f"median COPY {med(copies):.3f} s, chunk COPYs {med(floors):.3f} s")
         for name, rs in results.items():
             col = lambda i: med(x[i] for x in rs)
-            print(f"median {name}: snapshot {col(0):.3f} s, CPU {col(1):.2f} s, PostgreSQL {col(2):.2f} s; "
+            print(f"median {name}: snapshot {col(0):.3f} s (own clock {col(5):.3f} s), CPU {col(1):.2f} s, PostgreSQL {col(2):.2f} s; "
                   f"mirror {col(3):.2f} s later, CPU {col(4):.2f} s")
     finally:
         pg.stop()

@@ -481,7 +481,7 @@ async fn snapshot_during_writes_and_kill9_converges_to_the_source() {
     let r = s.client.post(s.url("/v1/sources/shop/snapshot")).body(r#"{"table": "public.acct"}"#).send().await.unwrap();
     assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
     let deadline = Instant::now() + Duration::from_secs(120);
-    let mut locks_seen = 0;
+    let (mut locks_seen, mut connections) = (0, 0);
     loop {
         let src = &sources(&s).await["sources"][0];
         let rows = src["snapshots"].as_array().and_then(|a| a.first()).and_then(|j| j["rows"].as_u64()).unwrap_or(0);
@@ -499,13 +499,16 @@ async fn snapshot_during_writes_and_kill9_converges_to_the_source() {
             assert_eq!(mode, "AccessShareLock", "the snapshot holds {mode} on {rel:?}");
             locks_seen += 1;
         }
+        let n: i64 = db.query_one("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'sluice-shop-snapshot'", &[]).await.unwrap().get(0);
+        connections = connections.max(n);
         if rows >= 3000 {
             break;
         }
         assert!(Instant::now() < deadline, "the snapshot made no progress: {src}\n{}", s.server_log());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    eprintln!("snapshot convergence: {locks_seen} relation locks of the snapshot session seen, all AccessShareLock");
+    eprintln!("snapshot convergence: {locks_seen} relation locks of the snapshot sessions seen, all AccessShareLock");
+    assert_eq!(connections, 2, "the chunks are read on a connection of their own, beside the source's");
     s.kill9();
     tokio::time::sleep(Duration::from_millis(300)).await;
     s.spawn().await;
@@ -518,6 +521,17 @@ async fn snapshot_during_writes_and_kill9_converges_to_the_source() {
         }
         assert!(Instant::now() < deadline, "the snapshot did not finish: {src}\n{}", s.server_log());
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The chunks were read on a connection of their own, closed once the snapshot is done:
+    // the source's own connection is the one left.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n: i64 = db.query_one("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'sluice-shop-snapshot'", &[]).await.unwrap().get(0);
+        if n == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{n} snapshot connections left open after the snapshot\n{}", s.server_log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let statements = writer.await.unwrap();

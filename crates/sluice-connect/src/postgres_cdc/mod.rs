@@ -336,9 +336,12 @@ fn spawn_read(spec: ReadSpec, after: Option<Vec<String>>, keys: Option<Vec<Vec<S
 /// tokio-postgres hands a COPY's rows from its connection's task to the reading task ~8 KiB
 /// at a time, through a channel of one; on the source's runtime those two tasks ran on two
 /// threads, each hand-off a wake-up of the other, while the server waited for the client to
-/// read on. Alone (`examples/copy_probe.rs`, a snapshot's 62 chunk COPYs of 16,384 rows):
-/// 0.47–0.50 s on a two-thread runtime, 0.40–0.42 s on one thread, psql 0.36–0.41 s. Closed
-/// when dropped: once the last chunk holding it is done, or the session ends.
+/// read on. On an idle machine that costs nothing (`examples/copy_probe.rs`, a snapshot's 62
+/// chunk COPYs of 16,384 rows: 0.35 s either way, psql 0.37 s); with the cores busy, as in a
+/// snapshot, it does (0.47–0.50 s on two threads, 0.40–0.42 s on one, with another process
+/// taking a fifth of the CPU), and snapshots took 0.56 instead of 0.63 s (bench/RESULTS.md,
+/// session 36). Closed when dropped: once the last chunk holding it is done, or the session
+/// ends.
 struct ReadConn {
     client: Arc<tokio_postgres::Client>,
     rt: tokio::runtime::Handle,

@@ -1056,8 +1056,6 @@ impl PostgresSource {
         Ok(())
     }
 
-    /// Starts the next chunk of the first queued snapshot: watermarks and the read run on
-    /// their own task while the replication stream is processed. None: the table is gone.
     /// The settings of a connection snapshots read on: values printed like the replication
     /// session's (see `types`).
     fn snapshot_settings(&self) -> String {
@@ -1067,6 +1065,8 @@ impl PostgresSource {
         )
     }
 
+    /// Starts the next chunk of the first queued snapshot: watermarks and the read run on
+    /// their own task while the replication stream is processed. None: the table is gone.
     async fn start_chunk(&self, client: &Arc<tokio_postgres::Client>, state: &State, database: &str) -> Result<Option<Chunk>, Stop> {
         let task = state.snapshots[0].clone();
         let (schema, name) = task.table.split_once('.').unwrap_or(("public", task.table.as_str()));
@@ -1074,26 +1074,22 @@ impl PostgresSource {
         let Some((limit, keys)) = task.chunk_plan(&self.name, &info.key_names(), self.cfg.snapshot_chunk) else { return Ok(None) };
         let after = task.cursor.clone().or(task.after.clone());
         let chain = self.cfg.snapshot_throttle.0.is_zero();
-        let flusher = if chain && keys.is_none() {
-            match async { crate::pg_tls::parse(&self.cfg.url)?.connect("snapshot WAL flush").await }.await {
-                Ok((client, conn)) => Some(Arc::new(snapshot::Flusher::new(client, conn))),
-                Err(e) => {
-                    tracing::warn!(source = self.name, error = %e, "snapshot: no second connection to flush the WAL on; each chunk flushes it itself");
-                    None
-                }
-            }
+        // A chain of chunks flushes its watermarks on a connection of its own and reads on
+        // another, both opened at once.
+        let (flusher, read) = if chain && keys.is_none() {
+            let (flusher, read) = tokio::join!(
+                async { crate::pg_tls::parse(&self.cfg.url)?.connect("snapshot WAL flush").await },
+                ReadConn::open(&self.cfg.url, self.snapshot_settings())
+            );
+            let flusher = flusher
+                .map(|(client, conn)| Arc::new(snapshot::Flusher::new(client, conn)))
+                .inspect_err(|e| tracing::warn!(source = self.name, error = %e, "snapshot: no second connection to flush the WAL on; each chunk flushes it itself"));
+            let read = read
+                .map(Arc::new)
+                .inspect_err(|e| tracing::warn!(source = self.name, error = %e, "snapshot: no connection of its own to read on; reading on the source's"));
+            (flusher.ok(), read.ok())
         } else {
-            None
-        };
-        let read = match chain && keys.is_none() {
-            true => match ReadConn::open(&self.cfg.url, self.snapshot_settings()).await {
-                Ok(r) => Some(Arc::new(r)),
-                Err(e) => {
-                    tracing::warn!(source = self.name, error = %e, "snapshot: no connection of its own to read on; reading on the source's");
-                    None
-                }
-            },
-            false => None,
+            (None, None)
         };
         let spec = ReadSpec {
             client: read.as_ref().map_or_else(|| client.clone(), |r| r.client.clone()),

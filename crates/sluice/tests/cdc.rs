@@ -518,7 +518,7 @@ async fn snapshot_during_writes_and_kill9_converges_to_the_source() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     eprintln!("snapshot convergence: {locks_seen} relation locks of the snapshot sessions seen, all AccessShareLock");
-    assert_eq!(connections, 2, "the chunks are read on a connection of their own, beside the source's");
+    assert!(connections >= 2, "the chunks are read on a connection of their own, beside the source's ({connections} seen)");
     s.kill9();
     tokio::time::sleep(Duration::from_millis(300)).await;
     s.spawn().await;

@@ -83,6 +83,13 @@ def named_cpu_s(comm):
     return out
 
 
+def cpu_since(now, before):
+    """CPU seconds used between two `named_cpu_s`-like samples: a process that ended in
+    between is counted in its parent's ended children (PostgreSQL's postmaster), so the
+    totals are compared, not process by process."""
+    return sum(now.values()) - sum(before.values())
+
+
 def snap_table(pg, rows, chunks, chunk=16384):
     """Creates (b)'s table `snap` of `rows` rows (ids 1..rows) and writes to file `chunks` the
     psql script of the COPYs a snapshot of it reads (binary, `chunk` rows in key order after
@@ -136,14 +143,13 @@ def snapshot_round(a, d, cfg, table, db_cpu):
     snapshot was done and the database server's processes meanwhile (`db_cpu()`: {pid: CPU
     seconds so far}), rows/s by the snapshot's own clock (`snapshot_seconds`)); `d` is
     removed."""
-    time.sleep(0.3)  # the reference's connections' server processes gone, counted in db_cpu
     t = time.monotonic()
     db0 = db_cpu()
     s = Sluice(a.bin, d, cfg)
     done = lambda: any(j.get("state") == "done" and j.get("table") == table for j in source(s).get("snapshots", []))
     wait(done, "the snapshot")
     snap_el = time.monotonic() - t
-    cpu, db = cpu_s(s.proc.pid), sum(c - db0.get(pid, 0.0) for pid, c in db_cpu().items())
+    cpu, db = cpu_s(s.proc.pid), cpu_since(db_cpu(), db0)
     own = snapshot_seconds(s, table)
     wait(lambda: (s.stream("snap_snap") or {}).get("lag", 1) == 0, "the snapshot's mirror")
     mirror_el = time.monotonic() - t

@@ -25,7 +25,7 @@ import argparse, os, shutil, statistics, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ingest_bench import Sluice  # noqa: E402
-from cdc_bench import Pg, wait, source, cpu_s, named_cpu_s, snap_table, snapshot_seconds  # noqa: E402
+from cdc_bench import Pg, wait, source, cpu_s, cpu_since, named_cpu_s, snap_table, snapshot_seconds  # noqa: E402
 
 CHUNK = 16384
 
@@ -64,7 +64,6 @@ def run(a, pg, work, name, binary, settings, r):
     if a.log:
         os.environ["SLUICE_LOG"] = "info,sluice_connect=debug"
     try:
-        time.sleep(0.3)  # earlier connections' server processes gone, counted in named_cpu_s
         t, pg0 = time.monotonic(), named_cpu_s("postgres")
         s = Sluice(binary, d, config(pg, f"ab_{name}{r}", settings))
     finally:
@@ -75,7 +74,7 @@ def run(a, pg, work, name, binary, settings, r):
     snap = time.monotonic() - t
     own = snapshot_seconds(s, "public.snap")
     cpu = cpu_s(s.proc.pid)
-    pgc = sum(c - pg0.get(pid, 0.0) for pid, c in named_cpu_s("postgres").items())
+    pgc = cpu_since(named_cpu_s("postgres"), pg0)
     mirror, total = float("nan"), cpu
     if "nolake" not in settings:
         wait(lambda: (s.stream("snap_snap") or {}).get("lag", 1) == 0, "the mirror")
